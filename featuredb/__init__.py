@@ -1,0 +1,3 @@
+"""featuredb: a feature database and search index for sparse-autoencoder features."""
+
+__version__ = "0.1.0"

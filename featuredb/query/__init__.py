@@ -1,0 +1,1 @@
+"""Query layer: search features by concept, by activation and by similarity."""
