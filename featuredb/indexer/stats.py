@@ -1,0 +1,312 @@
+"""Streaming, mergeable per-feature statistics for one sparse coder.
+
+For every feature we keep, over all counted tokens (BOS and padding are zeroed by the caller):
+
+- count, sum and sum of squares of positive activations (density, mean, std), and the max;
+- a histogram of positive activations with equal-width bins on [0, scale], where `scale` is the
+  smallest power of two above the running max. When the max crosses the scale, the scale doubles
+  and pairs of bins merge: exact, and independent of the order the data came in;
+- the top-K contexts ranked by the feature's max activation inside the context (ties: earlier
+  context first), with the per-token values of each — exact, equal to a brute-force ranking;
+- interval samples: for each of `interval_bins` equal-width bins of [0, scale], the
+  `interval_per_bin` active contexts with the lowest hash priority hash(context, feature). A
+  bottom-k by a fixed hash is a uniform random sample that merges exactly, so the samples equal a
+  brute-force computation too, however the stream was cut, checkpointed or split.
+
+Nothing here grows with the number of tokens: the state is O(features * (K + interval slots) * T).
+The hot path exploits sparsity: statistics come from the nonzero activations only, and the top-K
+and interval merges touch only the features that have a candidate able to enter them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EMPTY_PRIORITY = torch.iinfo(torch.int64).max
+PRIORITY_BITS = 40  # the bin index is packed above the priority in one int64 sort key
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    top_k: int = 32
+    hist_bins: int = 64  # power of two: bins then nest exactly when the scale doubles
+    interval_bins: int = 16  # power of two, same reason
+    interval_per_bin: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("hist_bins", "interval_bins"):
+            n = getattr(self, name)
+            if n < 1 or n & (n - 1):
+                raise ValueError(f"{name} must be a power of two, got {n}")
+        if self.top_k < 1 or self.interval_per_bin < 0:
+            raise ValueError("top_k must be >= 1 and interval_per_bin >= 0")
+
+    @property
+    def interval_slots(self) -> int:
+        return self.interval_bins * self.interval_per_bin
+
+
+def scale_for(max_value: Tensor) -> Tensor:
+    """Smallest power of two strictly above max_value (0 where nothing was active)."""
+    _, exponent = torch.frexp(max_value.float())  # max = m * 2**e with m in [0.5, 1)
+    return torch.where(max_value > 0, torch.ldexp(torch.ones_like(max_value, dtype=torch.float32), exponent), 0.0)
+
+
+def value_bin(values: Tensor, scale: Tensor, bins: int) -> Tensor:
+    """Equal-width bin of each value on [0, scale]. Scale and bins are powers of two, so
+    values * bins / scale is exact and a bin at scale 2s is exactly the bin at scale s halved."""
+    safe_scale = torch.where(scale > 0, scale, 1.0)
+    return (values.float() * bins / safe_scale).floor().long().clamp_(0, bins - 1)
+
+
+def _int64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# splitmix64-style constants, as signed int64 so torch accepts them
+_MIX_IN = tuple(map(_int64, (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)))
+_MIX_ROUNDS = tuple(map(_int64, (0x2545F4914F6CDD1D, 0x5851F42D4C957F2D)))
+
+
+def hash_priority(context: Tensor, feature: Tensor, seed: int) -> Tensor:
+    """A fixed pseudo-random priority in [0, 2**PRIORITY_BITS) per (context, feature) pair.
+    Integer arithmetic wraps identically on CPU and CUDA, so samples do not depend on the device."""
+    x = context.long() * _MIX_IN[0] + feature.long() * _MIX_IN[1] + _int64((seed * _MIX_IN[2]) % (1 << 64))
+    for mult in _MIX_ROUNDS:
+        x = x ^ ((x >> 31) & ((1 << 33) - 1))  # logical shift: mask off the sign extension
+        x = x * mult
+    x = x ^ ((x >> 29) & ((1 << 35) - 1))
+    return x & ((1 << PRIORITY_BITS) - 1)
+
+
+class FeatureStats:
+    """Mergeable statistics of one coder's features. See the module docstring."""
+
+    def __init__(self, width: int, context: int, config: StatsConfig = StatsConfig(),
+                 device: str | torch.device = "cpu", value_dtype: torch.dtype = torch.float32):
+        self.width, self.context, self.config = width, context, config
+        self.device, self.value_dtype = torch.device(device), value_dtype
+        F, T, K, S = width, context, config.top_k, config.interval_slots
+        z = dict(device=self.device)
+        self.tokens_counted = 0
+        self.active_count = torch.zeros(F, dtype=torch.int64, **z)
+        self.act_sum = torch.zeros(F, dtype=torch.float64, **z)
+        self.act_sumsq = torch.zeros(F, dtype=torch.float64, **z)
+        self.act_max = torch.zeros(F, dtype=torch.float32, **z)
+        self.scale = torch.zeros(F, dtype=torch.float32, **z)
+        self.hist = torch.zeros(F, config.hist_bins, dtype=torch.int64, **z)
+        # top-K contexts by in-context max; empty slots have value 0 and context -1
+        self.top_value = torch.zeros(F, K, dtype=torch.float32, **z)
+        self.top_context = torch.full((F, K), -1, dtype=torch.int64, **z)
+        self.top_token_values = torch.zeros(F, K, T, dtype=value_dtype, **z)
+        # interval samples: slot = bin * interval_per_bin + rank within bin (lowest priority first)
+        self.interval_value = torch.zeros(F, S, dtype=torch.float32, **z)
+        self.interval_context = torch.full((F, S), -1, dtype=torch.int64, **z)
+        self.interval_priority = torch.full((F, S), EMPTY_PRIORITY, dtype=torch.int64, **z)
+        self.interval_token_values = torch.zeros(F, S, T, dtype=value_dtype, **z)
+
+    # ------------------------------------------------------------------ streaming update
+    @torch.no_grad()
+    def update(self, acts: Tensor, context_ids: Tensor, counted_tokens: int) -> None:
+        """Add one batch. acts: [B, T, F] feature activations with BOS and padding already zeroed;
+        context_ids: [B] global context indices, increasing along the stream."""
+        B, T, F = acts.shape
+        assert F == self.width and T == self.context, (acts.shape, self.width, self.context)
+        context_ids = context_ids.to(self.device)
+        self.tokens_counted += int(counted_tokens)
+
+        old_scale = self.scale
+        self.act_max = torch.maximum(self.act_max, acts.amax(dim=(0, 1)).float())
+        self.scale = scale_for(self.act_max)
+        self.hist = _rescale_hist(self.hist, old_scale, self.scale)
+
+        # token-level statistics from the nonzero activations only
+        flat = acts.reshape(-1, F)
+        token_idx, feature_idx = flat.nonzero(as_tuple=True)
+        values = flat[token_idx, feature_idx].float()
+        self.active_count += torch.bincount(feature_idx, minlength=F)
+        self.act_sum.index_add_(0, feature_idx, values.double())
+        self.act_sumsq.index_add_(0, feature_idx, values.double().square())
+        bins = value_bin(values, self.scale[feature_idx], self.config.hist_bins)
+        self.hist.view(-1).index_add_(0, feature_idx * self.config.hist_bins + bins, torch.ones_like(bins))
+
+        # context-level candidates: [F, B] max activation of each feature in each context
+        context_max = acts.amax(dim=1).float().T
+        self._update_top(context_max, context_ids, acts)
+        if self.config.interval_slots:
+            self._update_intervals(context_max, context_ids, acts, rescaled=self.scale != old_scale)
+
+    def _update_top(self, context_max: Tensor, context_ids: Tensor, acts: Tensor) -> None:
+        K = self.config.top_k
+        # Only features with a context beating their current K-th value can change; later
+        # contexts lose ties, so "strictly greater" keeps the ranking exact.
+        rows = (context_max > self.top_value[:, K - 1:K]).any(dim=1).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            return
+        cand_value = context_max[rows]
+        cand_context = context_ids.expand(rows.numel(), -1)
+        self._merge_top_rows(rows, cand_value, cand_context, _BatchValues(acts, rows))
+
+    def _update_intervals(self, context_max: Tensor, context_ids: Tensor, acts: Tensor, rescaled: Tensor) -> None:
+        cfg = self.config
+        F, B = context_max.shape
+        active = context_max > 0
+        features = torch.arange(F, device=self.device)[:, None]
+        priority = hash_priority(context_ids[None, :], features, cfg.seed)
+        # A candidate matters only if it beats the worst kept priority of its bin. Rows whose
+        # scale changed are merged in full (their stored slots must be re-binned).
+        bins = value_bin(context_max, self.scale[:, None], cfg.interval_bins)
+        worst_in_bin = self.interval_priority.view(F, cfg.interval_bins, cfg.interval_per_bin)[..., -1]
+        beats = active & (priority < worst_in_bin.gather(1, bins))
+        rows = (beats.any(dim=1) | (rescaled & (self.interval_context >= 0).any(dim=1))).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            return
+        cand_value = torch.where(active[rows], context_max[rows], 0.0)
+        cand_context = context_ids.expand(rows.numel(), -1)
+        self._merge_interval_rows(rows, cand_value, cand_context, priority[rows], _BatchValues(acts, rows))
+
+    # ------------------------------------------------------------------ merges (shared by update and merge)
+    def _merge_top_rows(self, rows: Tensor, cand_value: Tensor, cand_context: Tensor, cand_tokens) -> None:
+        K = self.config.top_k
+        value = torch.cat([self.top_value[rows], cand_value], dim=1)
+        context = torch.cat([self.top_context[rows], cand_context], dim=1)
+        # rank by value descending, ties by context ascending: sort by context, then stable by value
+        by_context = torch.where(value > 0, context, torch.iinfo(torch.int64).max).argsort(dim=1, stable=True)
+        by_value = value.gather(1, by_context).argsort(dim=1, descending=True, stable=True)
+        order = by_context.gather(1, by_value)[:, :K]
+        new_value = value.gather(1, order)
+        keep = new_value > 0
+        self.top_value[rows] = torch.where(keep, new_value, 0.0)
+        self.top_context[rows] = torch.where(keep, context.gather(1, order), -1)
+        self.top_token_values[rows] = _gather_token_values(self.top_token_values[rows], order, keep, cand_tokens)
+
+    def _merge_interval_rows(self, rows: Tensor, cand_value: Tensor, cand_context: Tensor,
+                             cand_priority: Tensor, cand_tokens) -> None:
+        cfg = self.config
+        S, per_bin = cfg.interval_slots, cfg.interval_per_bin
+        value = torch.cat([self.interval_value[rows], cand_value], dim=1)
+        context = torch.cat([self.interval_context[rows], cand_context], dim=1)
+        priority = torch.cat([self.interval_priority[rows], cand_priority], dim=1)
+        valid = (value > 0) & (context >= 0)
+        bins = torch.where(valid, value_bin(value, self.scale[rows, None], cfg.interval_bins), cfg.interval_bins)
+        # one sort on (bin, priority, context) packed in int64 keys, then rank within each bin
+        key = (bins << PRIORITY_BITS) | priority.clamp(max=(1 << PRIORITY_BITS) - 1)
+        by_context = context.argsort(dim=1, stable=True)
+        order = by_context.gather(1, key.gather(1, by_context).argsort(dim=1, stable=True))
+        sorted_bins = bins.gather(1, order)
+        position = torch.arange(order.shape[1], device=self.device).expand_as(order)
+        is_first = torch.ones_like(sorted_bins, dtype=torch.bool)
+        is_first[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
+        rank = position - torch.where(is_first, position, 0).cummax(dim=1).values
+        keep = (rank < per_bin) & (sorted_bins < cfg.interval_bins)
+        # scatter the kept entries to slot bin * per_bin + rank; everything else lands in a spare slot S
+        slot = torch.where(keep, sorted_bins * per_bin + rank, S)
+        n = rows.numel()
+        source = torch.full((n, S + 1), -1, dtype=torch.int64, device=self.device)
+        source.scatter_(1, slot, torch.where(keep, order, -1))
+        source = source[:, :S]
+        filled = source >= 0
+        src = source.clamp(min=0)
+        self.interval_value[rows] = torch.where(filled, value.gather(1, src), 0.0)
+        self.interval_context[rows] = torch.where(filled, context.gather(1, src), -1)
+        self.interval_priority[rows] = torch.where(filled, priority.gather(1, src), EMPTY_PRIORITY)
+        self.interval_token_values[rows] = _gather_token_values(self.interval_token_values[rows], src, filled, cand_tokens)
+
+    # ------------------------------------------------------------------ merging two states
+    @torch.no_grad()
+    def merge(self, other: "FeatureStats") -> None:
+        """Fold another state over the same coder (another corpus shard) into this one."""
+        if (other.width, other.context, other.config) != (self.width, self.context, self.config):
+            raise ValueError("can only merge statistics of the same coder, context and config")
+        self.tokens_counted += other.tokens_counted
+        self.active_count += other.active_count.to(self.device)
+        self.act_sum += other.act_sum.to(self.device)
+        self.act_sumsq += other.act_sumsq.to(self.device)
+        self.act_max = torch.maximum(self.act_max, other.act_max.to(self.device))
+        new_scale = scale_for(self.act_max)
+        self.hist = _rescale_hist(self.hist, self.scale, new_scale) + _rescale_hist(
+            other.hist.to(self.device), other.scale.to(self.device), new_scale)
+        self.scale = new_scale
+        rows = torch.arange(self.width, device=self.device)
+        self._merge_top_rows(rows, other.top_value.to(self.device), other.top_context.to(self.device),
+                             other.top_token_values.to(self.device, self.value_dtype))
+        if self.config.interval_slots:
+            self._merge_interval_rows(rows, other.interval_value.to(self.device), other.interval_context.to(self.device),
+                                      other.interval_priority.to(self.device),
+                                      other.interval_token_values.to(self.device, self.value_dtype))
+
+    # ------------------------------------------------------------------ checkpoints
+    TENSORS = ("active_count", "act_sum", "act_sumsq", "act_max", "scale", "hist",
+               "top_value", "top_context", "top_token_values",
+               "interval_value", "interval_context", "interval_priority", "interval_token_values")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {name: getattr(self, name).contiguous().cpu() for name in self.TENSORS}
+        state["tokens_counted"] = torch.tensor([self.tokens_counted], dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name in self.TENSORS:
+            current = getattr(self, name)
+            loaded = state[name]
+            if loaded.shape != current.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(loaded.shape)}, expected {tuple(current.shape)}")
+            setattr(self, name, loaded.to(self.device, current.dtype))
+        self.tokens_counted = int(state["tokens_counted"][0])
+
+    # ------------------------------------------------------------------ results
+    def density(self) -> Tensor:
+        return self.active_count.double() / max(self.tokens_counted, 1)
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        n = self.active_count.double().clamp(min=1)
+        mean = self.act_sum / n
+        var = (self.act_sumsq / n - mean.square()).clamp(min=0)
+        return mean, var.sqrt()
+
+
+class _BatchValues:
+    """Lazy access to per-token values of batch contexts: only admitted candidates are gathered."""
+
+    def __init__(self, acts: Tensor, rows: Tensor):
+        self.acts, self.rows = acts, rows  # acts [B, T, F]; rows: feature of each merged row
+
+    def gather(self, row_idx: Tensor, cand_idx: Tensor) -> Tensor:
+        return self.acts[cand_idx, :, self.rows[row_idx]]  # [n, T]
+
+
+def _gather_token_values(old: Tensor, order: Tensor, keep: Tensor, candidates) -> Tensor:
+    """Per-token values for merged slots: from the old slots (order < old width) or the candidates."""
+    n_old = old.shape[1]
+    from_old = order < n_old
+    result = old.gather(1, order.clamp(max=n_old - 1)[..., None].expand(-1, -1, old.shape[2])).clone()
+    new_r, new_k = (keep & ~from_old).nonzero(as_tuple=True)
+    if new_r.numel():
+        cand_idx = order[new_r, new_k] - n_old
+        if isinstance(candidates, _BatchValues):
+            values = candidates.gather(new_r, cand_idx)
+        else:  # a full [rows, n, T] tensor of another state's slots
+            values = candidates[new_r, cand_idx]
+        result[new_r, new_k] = values.to(result.dtype)
+    result[~keep] = 0
+    return result
+
+
+def _rescale_hist(hist: Tensor, old_scale: Tensor, new_scale: Tensor) -> Tensor:
+    """Re-express histograms at a larger power-of-two scale: bin i moves to bin i >> doublings."""
+    grown = (new_scale > old_scale) & (old_scale > 0)
+    if not grown.any():
+        return hist
+    rows = grown.nonzero(as_tuple=True)[0]
+    doublings = torch.log2(new_scale[rows] / old_scale[rows]).round().long()
+    bins = hist.shape[1]
+    target = (torch.arange(bins, device=hist.device)[None, :] >> doublings[:, None]).clamp(max=bins - 1)
+    hist = hist.clone()
+    rescaled = torch.zeros_like(hist[rows])
+    rescaled.scatter_add_(1, target, hist[rows])
+    hist[rows] = rescaled
+    return hist
