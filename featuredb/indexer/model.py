@@ -187,7 +187,10 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from transformers.utils import logging as hf_logging
+
     source, extra = _locate(spec)
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown our own output
     try:
         config = AutoConfig.from_pretrained(source, **extra)
         # Gemma 3 4b-27b are multimodal: load the whole model, read the text decoder inside it.
@@ -201,6 +204,8 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
         raise ModelError(
             f"cannot load model {spec!r}: not a local path and the hub is unreachable ({reason})"
         ) from error
+    finally:
+        hf_logging.enable_progress_bar()
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -1,0 +1,87 @@
+"""The `featuredb` command line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from . import __version__
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by input, shown as one line rather than a traceback."""
+    from .indexer.coders import CoderError
+    from .indexer.corpus import CorpusError
+    from .indexer.hooks import HookError
+    from .indexer.model import ModelError
+    from .indexer.run import IndexingError
+    from .store import StoreError
+
+    return CoderError, CorpusError, HookError, ModelError, IndexingError, StoreError
+
+
+def one_line_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except _user_errors() as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="featuredb")
+def main() -> None:
+    """featuredb: a feature database and search index for sparse-autoencoder features."""
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Subject model: local directory, .gguf file, or hub id.")
+@click.option("--coder", "-c", "coders", multiple=True, required=True,
+              help="Sparse coder: [ID=]PATH_OR_HUB_REF[@HOOK]. Repeat for several coders (one pass).")
+@click.option("--corpus", required=True, help="Corpus: .jsonl (text field), .parquet, text file, or hf:DATASET.")
+@click.option("--db", required=True, help="Catalogue directory (or s3:// URI).")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Stop after this many tokens.")
+@click.option("--context", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per context window, BOS included.")
+@click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True, help="Top activating contexts kept per feature.")
+@click.option("--interval-samples", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Random contexts kept per activation interval (16 equal-width intervals).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Contexts per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Model dtype (default: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Seconds between checkpoints.")
+@click.option("--work-dir", default=None, help="Checkpoint directory (default: DB/_index_work).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@one_line_errors
+def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
+          resume, checkpoint_seconds, work_dir, quiet):
+    """Run a corpus through a model and its coders; store per-feature statistics and examples."""
+    from .indexer.run import IndexConfig, run_index
+    from .indexer.stats import StatsConfig
+
+    config = IndexConfig(
+        model=model, coders=list(coders), corpus=corpus, db=db, tokens=tokens, context=context,
+        batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
+        device=device, dtype=dtype, resume=resume, work_dir=work_dir,
+        checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+    )
+    result = run_index(config)
+    rate = result.tokens / max(result.seconds, 1e-9)
+    click.echo(f"indexed {result.tokens:,} tokens ({result.contexts:,} contexts) through "
+               f"{len(result.sae_ids)} coder(s) in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
+    for sae_id in result.sae_ids:
+        click.echo(f"  {sae_id}")
+
+
+if __name__ == "__main__":
+    main()

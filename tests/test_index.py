@@ -1,0 +1,308 @@
+"""End to end: corpus -> tiny Gemma model -> coders in every upstream format -> LanceDB.
+
+Every stored number is checked against a brute-force recomputation that runs each context through
+the model on its own and keeps the dense activations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featuredb.cli import main
+from featuredb.indexer.coders import load_coder
+from featuredb.indexer.corpus import iter_windows
+from featuredb.indexer.model import load_model
+from featuredb.indexer.run import IndexConfig, run_index
+from featuredb.indexer.stats import StatsConfig
+from featuredb.store import FeatureStore
+
+from coder_formats import write_gemma_scope_1, write_gemma_scope_2, write_saelens
+
+CONTEXT = 16
+STATS = StatsConfig(top_k=4, hist_bins=16, interval_bins=4, interval_per_bin=2)
+
+
+@pytest.fixture()
+def gemma2_coders(tmp_path):
+    root = tmp_path / "coders"
+    return [
+        str(write_gemma_scope_1(root, "res", 1, 64, 48, fire_rate=0.1, seed=1)),
+        str(write_gemma_scope_1(root, "transcoders", 0, 64, 40, fire_rate=0.1, seed=2)),
+        str(write_gemma_scope_1(root, "att", 2, 64, 32, fire_rate=0.5, seed=3)),  # small inputs: z-scale
+        str(write_saelens(root / "saelens_topk", "topk", 64, 36, "blocks.2.hook_resid_post", k=5)),
+    ]
+
+
+@pytest.fixture()
+def gemma3_coders(tmp_path):
+    root = tmp_path / "coders3"
+    return [
+        str(write_gemma_scope_2(root, "resid_post", 1, 64, 40, fire_rate=0.1, seed=4)),
+        str(write_gemma_scope_2(root, "transcoder", 2, 64, 32, kind="transcoder", affine=True, fire_rate=0.1, seed=5)),
+        str(write_gemma_scope_2(root, "mlp_out", 0, 64, 24, fire_rate=0.1, seed=6)),
+    ]
+
+
+def index(model_dir, coders, corpus, db, **kw):
+    config = IndexConfig(model=str(model_dir), coders=coders, corpus=str(corpus), db=str(db), context=CONTEXT,
+                         batch_size=3, stats=STATS, progress=False, **kw)
+    return run_index(config)
+
+
+def brute_force(model_dir, coder_spec, corpus):
+    """Dense activations of every context, each run through the model alone (no padding)."""
+    model = load_model(str(model_dir))
+    coder = load_coder(coder_spec, model_is_gemma=True)
+    acts = []
+    for w in iter_windows(str(corpus), model.tokenizer, model.bos_token_id, CONTEXT):
+        ids = torch.as_tensor(w.token_ids)[None]
+        x = model.capture(ids, torch.ones_like(ids), [coder.hook])[coder.hook]
+        a = coder.encode(x.float())[0]
+        a[0] = 0  # BOS never counts
+        padded = torch.zeros(CONTEXT, coder.width)
+        padded[: len(a)] = a
+        acts.append(padded)
+    return model, coder, torch.stack(acts)  # [N, T, F]
+
+
+def check_coder(db, model_dir, coder_spec, corpus):
+    model, coder, dense = brute_force(model_dir, coder_spec, corpus)
+    store = FeatureStore(str(db))
+    features = store.features(coder.sae_id).sort("feature")
+    examples = store.examples(coder.sae_id)
+    n_tokens = sum(len(w.token_ids) - 1 for w in iter_windows(str(corpus), model.tokenizer, model.bos_token_id, CONTEXT))
+    flat = dense.reshape(-1, coder.width)
+
+    # density and max match
+    density = (flat > 0).sum(0).double() / n_tokens
+    assert np.allclose(features["density"].to_numpy(), density.numpy())
+    assert np.allclose(features["max_activation"].to_numpy(), flat.max(0).values.numpy(), rtol=1e-5, atol=1e-6)
+    assert (density > 0).sum() >= coder.width // 2, "test coders should make most features fire"
+    assert (density < 0.9).all()
+
+    # stored top-K examples equal a brute-force ranking (max in context desc, earlier context first)
+    context_max = dense.amax(dim=1)
+    for f in range(coder.width):
+        order = sorted((-float(context_max[c, f]), c) for c in range(len(dense)) if context_max[c, f] > 0)
+        expected = [c for _, c in order[: STATS.top_k]]
+        got = examples.filter((pl.col("feature") == f) & (pl.col("kind") == "top")).sort("rank")
+        assert got["context_index"].to_list() == expected, f
+        for row in got.iter_rows(named=True):
+            c = row["context_index"]
+            n = len(row["token_ids"])
+            assert np.allclose(row["values"], dense[c, :n, f].numpy(), rtol=1e-4, atol=1e-5)
+            assert row["max_value"] == pytest.approx(float(context_max[c, f]), rel=1e-5)
+            assert row["tokens"][row["max_position"]] == model.tokenizer.decode([row["token_ids"][row["max_position"]]])
+    return model, coder, features, examples
+
+
+def fresh_forward_matches(model, coder, examples, n=6):
+    """Per-token values stored for an example equal a fresh forward pass on its stored tokens."""
+    for row in examples.head(n).iter_rows(named=True):
+        ids = torch.tensor(row["token_ids"])[None]
+        x = model.capture(ids, torch.ones_like(ids), [coder.hook])[coder.hook]
+        values = coder.encode(x.float())[0, :, row["feature"]]
+        values[0] = 0
+        assert np.allclose(row["values"], values.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_index_gemma2_all_formats(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    db = tmp_path / "db"
+    result = index(tiny_gemma2, gemma2_coders, corpus_jsonl, db)
+    assert len(result.sae_ids) == 4 and result.tokens > 0
+    store = FeatureStore(str(db))
+    saes = store.saes()
+    assert sorted(saes["sae_id"].to_list()) == sorted(result.sae_ids)
+    assert set(saes["site"].to_list()) == {"res", "transcoder", "att"}
+    for spec in gemma2_coders:
+        model, coder, features, examples = check_coder(db, tiny_gemma2, spec, corpus_jsonl)
+        fresh_forward_matches(model, coder, examples.filter(pl.col("kind") == "interval"))
+        fresh_forward_matches(model, coder, examples.filter(pl.col("kind") == "top"))
+        assert (features["hist_counts"].list.sum() == features["active_count"]).all()
+        assert features["top_logit_ids"].list.len().max() == 10
+        assert features["neighbours"].list.len().min() == 10
+    # doc ids come from the corpus
+    assert set(store.examples(result.sae_ids[0])["doc_id"].unique().to_list()) <= {f"doc{i}" for i in range(8)}
+
+
+def test_index_gemma3_transcoders(tiny_gemma3, gemma3_coders, corpus_jsonl, tmp_path):
+    db = tmp_path / "db"
+    index(tiny_gemma3, gemma3_coders, corpus_jsonl, db)
+    for spec in gemma3_coders:
+        model, coder, features, examples = check_coder(db, tiny_gemma3, spec, corpus_jsonl)
+        fresh_forward_matches(model, coder, examples)
+
+
+def test_interval_samples_sit_in_their_bins(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    db = tmp_path / "db"
+    index(tiny_gemma2, gemma2_coders[:1], corpus_jsonl, db)
+    store = FeatureStore(str(db))
+    sae_id = store.saes()["sae_id"][0]
+    intervals = store.examples(sae_id, kind="interval")
+    assert len(intervals) > 0
+    assert (intervals["max_value"] >= intervals["bin_min"]).all() and (intervals["max_value"] < intervals["bin_max"]).all()
+    hist_max = dict(store.features(sae_id).select("feature", "hist_max").iter_rows())
+    assert all(row["bin_max"] <= hist_max[row["feature"]] for row in intervals.iter_rows(named=True))
+
+
+def test_reindex_replaces_rows(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    db = tmp_path / "db"
+    index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db)
+    before = FeatureStore(str(db)).examples(FeatureStore(str(db)).saes()["sae_id"][0])
+    index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db)
+    store = FeatureStore(str(db))
+    assert len(store.saes()) == 2
+    assert store.examples(store.saes()["sae_id"][0]).equals(before)
+
+
+def test_token_budget(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    result = index(tiny_gemma2, gemma2_coders[:1], corpus_jsonl, tmp_path / "db", tokens=20)
+    assert 20 <= result.tokens < 20 + CONTEXT * 3
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    whole_db, resumed_db = tmp_path / "whole", tmp_path / "resumed"
+    index(tiny_gemma2, gemma2_coders, corpus_jsonl, whole_db)
+
+    def interrupt_after(n):
+        def on_batch(i):
+            if i == n:
+                raise Interrupt
+
+        return on_batch
+
+    config = IndexConfig(model=str(tiny_gemma2), coders=gemma2_coders, corpus=str(corpus_jsonl), db=str(resumed_db),
+                         context=CONTEXT, batch_size=3, stats=STATS, progress=False, checkpoint_seconds=0)
+    with pytest.raises(Interrupt):
+        run_index(config, on_batch=interrupt_after(2))
+    config.resume = True
+    with pytest.raises(Interrupt):  # interrupted a second time, later on
+        run_index(config, on_batch=interrupt_after(1))
+    assert FeatureStore(str(resumed_db)).saes().is_empty()
+    run_index(config)
+    assert_same_catalogue(whole_db, resumed_db)
+
+
+def assert_same_catalogue(db_a, db_b):
+    a, b = FeatureStore(str(db_a)), FeatureStore(str(db_b))
+    assert a.saes().drop("created_at").sort("sae_id").equals(b.saes().drop("created_at").sort("sae_id"))
+    for sae_id in a.saes()["sae_id"]:
+        assert a.features(sae_id).sort("feature").equals(b.features(sae_id).sort("feature"))
+        assert a.examples(sae_id).equals(b.examples(sae_id))
+
+
+def test_resume_after_sigkill(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    """A real kill -9 in the middle of a run, then `featuredb index --resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # a longer corpus so the run is still going when we kill it
+    long_corpus = tmp_path / "long.jsonl"
+    lines = corpus_jsonl.read_text().splitlines()
+    long_corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": json.loads(l)["text"] * 3})
+                                     for i, l in enumerate(lines * 6)) + "\n")
+    args = ["index", "--model", str(tiny_gemma2), "--corpus", str(long_corpus), "--context", str(CONTEXT),
+            "--batch-size", "2", "--top-k", "4", "--quiet", "--checkpoint-seconds", "0"]
+    for c in gemma2_coders[:2]:
+        args += ["--coder", c]
+    whole = CliRunner().invoke(main, args + ["--db", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+
+    killed_db = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "featuredb.cli", *args, "--db", str(killed_db)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    live = killed_db / "_index_work" / "checkpoint" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if live.exists() and json.loads(live.read_text())["contexts"] >= 6:
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = CliRunner().invoke(main, args + ["--db", str(killed_db), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_catalogue(tmp_path / "whole", killed_db)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def populated_db(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    db = tmp_path / "db"
+    index(tiny_gemma2, gemma2_coders[:1], corpus_jsonl, db)
+    return db
+
+
+def snapshot(db):
+    store = FeatureStore(str(db))
+    return {sae_id: (store.features(sae_id).sort("feature"), store.examples(sae_id)) for sae_id in store.saes()["sae_id"]}
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["index", "--quiet", "--context", str(CONTEXT), *args])
+
+
+@pytest.mark.parametrize("case", ["missing_coder", "corrupt_coder", "d_in_mismatch", "unknown_hook",
+                                  "empty_corpus", "binary_corpus", "missing_model", "missing_corpus"])
+def test_bad_input_one_line_error_and_db_untouched(case, populated_db, tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    before = snapshot(populated_db)
+    model, coder, corpus = str(tiny_gemma2), gemma2_coders[0], str(corpus_jsonl)
+    if case == "missing_coder":
+        coder = str(tmp_path / "nope")
+    elif case == "corrupt_coder":
+        bad = tmp_path / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_5"
+        bad.mkdir(parents=True)
+        (bad / "params.npz").write_bytes(b"PK\x03\x04 not really a zip")
+        coder = str(bad)
+    elif case == "d_in_mismatch":
+        coder = str(write_gemma_scope_1(tmp_path / "c", "res", 1, 32, 16))
+    elif case == "unknown_hook":
+        coder = coder + "@model.layers.9.output"
+    elif case == "empty_corpus":
+        corpus = str(tmp_path / "empty.jsonl")
+        open(corpus, "w").close()
+    elif case == "binary_corpus":
+        corpus = str(tmp_path / "blob.txt")
+        open(corpus, "wb").write(bytes(range(256)) * 10)
+    elif case == "missing_model":
+        model = str(tmp_path / "no-model")
+    elif case == "missing_corpus":
+        corpus = str(tmp_path / "nothing.jsonl")
+    result = run_cli("--model", model, "--coder", coder, "--corpus", corpus, "--db", str(populated_db))
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    after = snapshot(populated_db)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert before[key][0].equals(after[key][0]) and before[key][1].equals(after[key][1])
+
+
+def test_db_path_is_a_file(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    db = tmp_path / "db.txt"
+    db.write_text("precious")
+    result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl), "--db", str(db))
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert db.read_text() == "precious"
+
+
+def test_help_on_every_command():
+    for args in (["--help"], ["index", "--help"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "Usage" in result.output

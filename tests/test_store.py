@@ -1,0 +1,479 @@
+"""Tests of featuredb.store: schemas, safe filters, and FeatureStore write/read/replace semantics."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from featuredb.store import (
+    FeatureStore,
+    Filter,
+    StoreError,
+    examples_schema,
+    features_schema,
+    saes_schema,
+    sql_literal,
+)
+from featuredb.store import feature_store as feature_store_module
+
+DIM = 4
+CREATED = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+TRICKY_IDS = [
+    "it's",
+    "' OR 1=1 --",
+    "x' OR 'a'='a",
+    '"; DROP TABLE features; --',
+    "back\\slash\\",
+    "back\\' quote",
+    "ünïcødé/😀",
+    "%_*",
+]
+
+
+# --- builders of small coders ------------------------------------------------------------------
+
+
+def make_sae(sae_id: str, width: int = 4, **overrides) -> dict:
+    sae = dict(
+        sae_id=sae_id, model="tiny-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
+        site="res", layer=1, architecture="jumprelu", kind="sae", d_in=8, d_out=8, width=width,
+        source="local:test", tokens_indexed=1000, contexts_indexed=50, context=3, top_k=2, created_at=CREATED,
+    )
+    sae.update(overrides)
+    return sae
+
+
+def make_features(sae_id: str, indices: list[int], *, seed: int = 0) -> dict:
+    n = len(indices)
+    # Values are multiples of 1/8 so they survive float32 storage exactly.
+    v = [((i + seed) % 8) / 8 for i in indices]
+    return {
+        "sae_id": [sae_id] * n, "feature": indices, "model": ["tiny-model"] * n, "layer": [1] * n,
+        "hook": ["blocks.1.hook_resid_post"] * n, "site": ["res"] * n,
+        "active_count": [10 * i for i in indices], "density": [x / 2 for x in v],
+        "max_activation": [x + 1 for x in v], "mean_activation": v, "std_activation": v,
+        "hist_counts": [[i, 1, 0] for i in indices], "hist_max": [x + 1 for x in v],
+        "top_logit_tokens": [["a", "b"]] * n, "top_logit_ids": [[1, 2]] * n, "top_logit_values": [[0.5, 0.25]] * n,
+        "bottom_logit_tokens": [["z"]] * n, "bottom_logit_ids": [[9]] * n, "bottom_logit_values": [[-0.5]] * n,
+        "neighbours": [[(i + 1) % 4] for i in indices], "neighbour_cosines": [[0.75]] * n,
+        "top_tokens": [["the", "cat"]] * n, "top_token_counts": [[3, 1]] * n,
+        "description": [f"feature {i} (seed {seed})" if i % 2 == 0 else None for i in indices],
+        "description_method": ["test" if i % 2 == 0 else None for i in indices],
+        "description_model": [None] * n,
+        "embedding_model": ["emb" if i % 2 == 0 else None for i in indices],
+        "vector": [[x, 0.0, 1.0, -x] if i % 2 == 0 else None for i, x in zip(indices, v)],
+    }
+
+
+def make_examples(sae_id: str, indices: list[int], *, top: int = 2, interval: int = 1) -> dict:
+    rows: dict[str, list] = {name: [] for name in examples_schema().names}
+    for i in indices:
+        for kind, count in (("top", top), ("interval", interval)):
+            for rank in range(count):
+                rows["sae_id"].append(sae_id)
+                rows["feature"].append(i)
+                rows["kind"].append(kind)
+                rows["rank"].append(rank)
+                rows["bin_min"].append(None if kind == "top" else 0.25)
+                rows["bin_max"].append(None if kind == "top" else 0.5)
+                rows["tokens"].append(["the", "cat", f"t{rank}"])
+                rows["token_ids"].append([5, 6, 7 + rank])
+                rows["values"].append([0.0, 0.5, 1.0 + rank])
+                rows["max_value"].append(1.0 + rank)
+                rows["max_position"].append(2)
+                rows["doc_id"].append(f"doc{i}-{kind}-{rank}")
+                rows["context_index"].append(100 * i + rank)
+    return rows
+
+
+def write(store: FeatureStore, sae_id: str, indices=(0, 1, 2, 3), *, top: int = 2, interval: int = 1, seed: int = 0):
+    indices = list(indices)
+    store.write_coder(
+        make_sae(sae_id), make_features(sae_id, indices, seed=seed), make_examples(sae_id, indices, top=top, interval=interval)
+    )
+
+
+def expected_frame(columns: dict, schema: pa.Schema, sort_by: list[str]) -> pl.DataFrame:
+    return pl.from_arrow(pa.table(columns).select(schema.names).cast(schema)).sort(sort_by)
+
+
+def db_snapshot(path: Path) -> dict[str, str]:
+    """Every file under the database directory with a hash of its bytes."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture()
+def store(tmp_path) -> FeatureStore:
+    return FeatureStore(tmp_path / "db", vector_dim=DIM)
+
+
+# --- schemas ---------------------------------------------------------------------------------
+
+
+def test_tables_are_created_with_exact_schemas(store):
+    assert store.table_names() == []
+    write(store, "sae-a")
+    assert store.table_names() == ["examples", "features", "saes"]
+    assert store.table("saes").schema.equals(saes_schema())
+    assert store.table("features").schema.equals(features_schema(DIM))
+    assert store.table("examples").schema.equals(examples_schema())
+    assert features_schema().field("vector").type == pa.list_(pa.float32(), 384)
+    assert saes_schema().field("created_at").type == pa.timestamp("us", tz="UTC")
+
+
+def test_empty_store_reads_return_typed_empty_frames(store):
+    assert store.saes().shape == (0, len(saes_schema()))
+    assert store.saes().schema == pl.from_arrow(saes_schema().empty_table()).schema
+    assert store.features().columns == features_schema(DIM).names
+    assert store.examples("nope").is_empty()
+    assert store.feature("nope", 0) is None
+    with pytest.raises(StoreError, match="no table named"):
+        store.table("features")
+
+
+# --- round trips -----------------------------------------------------------------------------
+
+
+def test_write_then_read_back_equal(store):
+    indices = [0, 1, 2, 3]
+    features, examples = make_features("sae-a", indices), make_examples("sae-a", indices)
+    store.write_coder(make_sae("sae-a"), features, examples)
+
+    saes = store.saes()
+    assert saes.to_dicts() == [make_sae("sae-a")]
+    assert store.features("sae-a").equals(expected_frame(features, features_schema(DIM), ["feature"]))
+    assert store.examples("sae-a").equals(
+        expected_frame(examples, examples_schema(), ["feature", "kind", "rank"])
+    )
+    row = store.feature("sae-a", 2)
+    assert row == {name: values[2] for name, values in features.items()}
+    assert store.feature("sae-a", 1)["vector"] is None and store.feature("sae-a", 1)["description"] is None
+    assert store.feature("sae-a", 7) is None
+
+    only = store.examples("sae-a", feature=1, kind="interval")
+    assert only.select("feature", "kind", "rank").rows() == [(1, "interval", 0)]
+    assert store.features("sae-a", columns=["density", "feature"]).columns == ["density", "feature"]
+
+
+def test_accepts_arrow_tables_and_numpy_vector_matrix(store):
+    indices = [0, 1, 2]
+    features = make_features("sae-a", indices)
+    features["vector"] = np.arange(3 * DIM, dtype=np.float64).reshape(3, DIM)  # cast to float32
+    features["feature"] = np.array(indices, dtype=np.int32)  # widened to int64
+    examples = pa.table(make_examples("sae-a", indices))
+    store.write_coder(make_sae("sae-a", width=3), features, examples)
+    assert store.feature("sae-a", 1)["vector"] == [4.0, 5.0, 6.0, 7.0]
+    assert store.examples("sae-a").height == examples.num_rows
+
+
+def test_created_at_defaults_to_now(store):
+    sae = make_sae("sae-a")
+    del sae["created_at"]
+    store.write_coder(sae, make_features("sae-a", [0]), make_examples("sae-a", [0]))
+    created = store.saes()["created_at"][0]
+    assert abs(created - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
+
+
+# --- replacing a coder -----------------------------------------------------------------------
+
+
+def test_rewrite_with_fewer_rows_leaves_no_stale_rows_or_duplicates(store):
+    write(store, "sae-a", [0, 1, 2, 3], top=3, interval=2)
+    assert store.examples("sae-a").height == 4 * 5
+
+    write(store, "sae-a", [0, 2], top=1, interval=0, seed=5)
+    examples = store.examples("sae-a")
+    assert examples.select("feature", "kind", "rank").rows() == [(0, "top", 0), (2, "top", 0)]
+    assert store.features("sae-a")["feature"].to_list() == [0, 2]
+    assert store.features("sae-a")["description"].to_list() == ["feature 0 (seed 5)", "feature 2 (seed 5)"]
+    assert store.saes().height == 1
+    assert store.table("examples").count_rows() == 2
+
+    write(store, "sae-a", [0, 2], top=1, interval=0, seed=5)  # idempotent
+    assert store.table("examples").count_rows() == 2
+    assert store.table("features").count_rows() == 2
+    assert store.table("saes").count_rows() == 1
+
+
+def test_coders_are_independent(store):
+    write(store, "sae-a")
+    write(store, "sae-b", [0, 1, 2])
+    b_before = (store.features("sae-b"), store.examples("sae-b"))
+
+    write(store, "sae-a", [1], top=1, interval=0)
+    assert store.features("sae-b").equals(b_before[0]) and store.examples("sae-b").equals(b_before[1])
+    assert store.features("sae-a")["feature"].to_list() == [1]
+
+    store.delete_coder("sae-a")
+    assert store.saes()["sae_id"].to_list() == ["sae-b"]
+    assert store.features("sae-a").is_empty() and store.examples("sae-a").is_empty()
+    assert store.features("sae-b").equals(b_before[0]) and store.examples("sae-b").equals(b_before[1])
+    store.delete_coder("never-written")  # no-op
+
+
+def _missing_column(sae, features, examples):
+    del features["density"]
+
+
+def _extra_column(sae, features, examples):
+    examples["surprise"] = [1] * len(examples["sae_id"])
+
+
+def _foreign_sae_id_in_features(sae, features, examples):
+    features["sae_id"][1] = "sae-b"
+
+
+def _foreign_sae_id_in_examples(sae, features, examples):
+    examples["sae_id"][-1] = "sae-b"
+
+
+def _duplicate_feature_index(sae, features, examples):
+    features["feature"][1] = features["feature"][0]
+
+
+def _string_for_int(sae, features, examples):
+    sae["layer"] = "1"
+
+
+def _null_in_required_column(sae, features, examples):
+    features["hook"][0] = None
+
+
+def _duplicate_example_key(sae, features, examples):
+    examples["rank"][1] = examples["rank"][0]
+
+
+def _example_for_unknown_feature(sae, features, examples):
+    examples["feature"][0] = 3
+
+
+def _bad_site(sae, features, examples):
+    sae["site"] = "resid"
+
+
+def _feature_index_beyond_width(sae, features, examples):
+    sae["width"] = 2
+
+
+def _vector_with_wrong_dim(sae, features, examples):
+    features["vector"][0] = [1.0, 2.0]
+
+
+def _top_example_with_bin(sae, features, examples):
+    examples["bin_min"][0] = 0.5
+
+
+def _control_character_in_sae_id(sae, features, examples):
+    for rows in (features, examples):
+        rows["sae_id"] = ["sae\n-a"] * len(rows["sae_id"])
+    sae["sae_id"] = "sae\n-a"
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        _missing_column, _extra_column, _foreign_sae_id_in_features, _foreign_sae_id_in_examples,
+        _duplicate_feature_index, _string_for_int, _null_in_required_column, _duplicate_example_key,
+        _example_for_unknown_feature, _bad_site, _feature_index_beyond_width, _vector_with_wrong_dim,
+        _top_example_with_bin, _control_character_in_sae_id,
+    ],
+)
+def test_bad_input_raises_and_leaves_db_untouched(store, spoil):
+    write(store, "sae-a", [0, 1, 2, 3])
+    write(store, "sae-b", [0, 1])
+    before_files = db_snapshot(Path(store.uri))
+    before = (store.saes(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
+
+    sae, features, examples = make_sae("sae-a"), make_features("sae-a", [0, 1, 2]), make_examples("sae-a", [0, 1, 2])
+    spoil(sae, features, examples)
+    with pytest.raises(StoreError) as error:
+        store.write_coder(sae, features, examples)
+    assert "\n" not in str(error.value).replace("\\n", "")
+
+    assert db_snapshot(Path(store.uri)) == before_files
+    after = (store.saes(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
+    assert all(a.equals(b) for a, b in zip(after, before))
+
+
+def test_bad_first_write_creates_no_tables(store):
+    features = make_features("sae-a", [0, 1])
+    features["feature"] = [0, 0]
+    with pytest.raises(StoreError, match="duplicate feature"):
+        store.write_coder(make_sae("sae-a"), features, make_examples("sae-a", [0]))
+    assert store.table_names() == []
+
+
+def test_failure_during_write_restores_committed_tables(store, monkeypatch):
+    write(store, "sae-a", [0, 1, 2, 3], top=3)
+    before = (store.saes(), store.features(), store.examples("sae-a"))
+    real_replace = feature_store_module._replace_coder_rows
+
+    def fail_on_features(table, rows, key, sae_id):
+        if table.name == "features":
+            raise RuntimeError("disk full")
+        real_replace(table, rows, key, sae_id)
+
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", fail_on_features)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write(store, "sae-a", [0], top=1, seed=3)
+    after = (store.saes(), store.features(), store.examples("sae-a"))
+    assert all(a.equals(b) for a, b in zip(after, before))
+
+
+# --- locations and modes ---------------------------------------------------------------------
+
+
+def test_path_that_is_a_file_is_rejected(tmp_path):
+    path = tmp_path / "not-a-dir"
+    path.write_text("hello")
+    with pytest.raises(StoreError, match="database path is a file: .*not-a-dir"):
+        FeatureStore(path)
+    with pytest.raises(StoreError, match="database path is a file"):
+        FeatureStore(str(path), read_only=True)
+
+
+def test_read_only(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        FeatureStore(tmp_path / "missing", read_only=True)
+    assert not (tmp_path / "missing").exists()
+    write(FeatureStore(tmp_path / "db", vector_dim=DIM), "sae-a")
+    reader = FeatureStore(tmp_path / "db", vector_dim=DIM, read_only=True)
+    assert reader.saes()["sae_id"].to_list() == ["sae-a"]
+    with pytest.raises(StoreError, match="read-only"):
+        write(reader, "sae-b")
+    with pytest.raises(StoreError, match="read-only"):
+        reader.delete_coder("sae-a")
+
+
+def test_vector_dim_mismatch_is_refused_before_writing(tmp_path):
+    write(FeatureStore(tmp_path / "db", vector_dim=DIM), "sae-a")
+    other = FeatureStore(tmp_path / "db", vector_dim=8)
+    features = make_features("sae-b", [0])
+    features["vector"] = [[0.0] * 8]
+    with pytest.raises(StoreError, match="different schema"):
+        other.write_coder(make_sae("sae-b"), features, make_examples("sae-b", [0]))
+    assert other.saes()["sae_id"].to_list() == ["sae-a"]
+
+
+def test_directory_is_created(tmp_path):
+    store = FeatureStore(tmp_path / "a" / "b")
+    assert Path(store.uri).is_dir() and Path(store.uri).is_absolute()
+
+
+# --- SQL-looking values ----------------------------------------------------------------------
+
+
+def test_sql_looking_sae_ids_are_plain_values_in_every_read(store):
+    write(store, "plain", [0, 1, 2, 3])
+    for i, sae_id in enumerate(TRICKY_IDS):
+        write(store, sae_id, [0, 1], top=1 + i % 2)
+    assert sorted(store.saes()["sae_id"].to_list()) == sorted(TRICKY_IDS + ["plain"])
+
+    for i, sae_id in enumerate(TRICKY_IDS):
+        assert store.features(sae_id)["sae_id"].unique().to_list() == [sae_id]
+        assert store.features(sae_id).height == 2
+        assert store.feature(sae_id, 1)["sae_id"] == sae_id
+        examples = store.examples(sae_id)
+        assert examples["sae_id"].unique().to_list() == [sae_id] and examples.height == 2 * (2 + i % 2)
+        assert store.examples(sae_id, 0, "top").height == 1 + i % 2
+
+    # Injection attempts that are NOT stored match nothing (rather than everything).
+    for probe in ["' OR '1'='1", "plain' --", "plain'", "PLAIN", "plain\\"]:
+        assert store.features(probe).is_empty()
+        assert store.feature(probe, 0) is None
+        assert store.examples(probe).is_empty()
+
+    store.delete_coder("' OR 1=1 --")
+    assert "' OR 1=1 --" not in store.saes()["sae_id"].to_list()
+    assert store.saes().height == len(TRICKY_IDS)
+    assert store.features("plain").height == 4
+
+
+def test_read_arguments_are_validated(store):
+    write(store, "sae-a")
+    with pytest.raises(StoreError, match="unknown example kind"):
+        store.examples("sae-a", kind="top' OR 1=1 --")
+    with pytest.raises(StoreError, match="unknown column"):
+        store.features("sae-a", columns=["feature", "nope"])
+    with pytest.raises(StoreError, match="invalid column name"):
+        store.features("sae-a", columns=["feature; DROP"])
+    with pytest.raises(StoreError, match="does not fit"):
+        store.feature("sae-a", "1")  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="control character"):
+        store.features("sae-a\x00")
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, literal",
+    [
+        ("plain", "'plain'"),
+        ("it's", "'it''s'"),
+        ("' OR 1=1 --", "''' OR 1=1 --'"),
+        ('"; DROP TABLE x', "'\"; DROP TABLE x'"),
+        ("a\\b", "'a\\b'"),
+        ("ünï😀", "'ünï😀'"),
+        (7, "7"),
+        (-3, "-3"),
+        (np.int32(5), "5"),
+        (0.25, "0.25"),
+        (1e-05, "1e-05"),
+        (True, "true"),
+        (False, "false"),
+    ],
+)
+def test_sql_literal(value, literal):
+    assert sql_literal(value) == literal
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "line\nbreak", "tab\t", "\x7f", float("nan"), float("inf"), None, b"x", [1]])
+def test_sql_literal_rejects(value):
+    with pytest.raises(StoreError):
+        sql_literal(value)
+
+
+def test_filter_renders_validated_conjunction():
+    schema = features_schema(DIM)
+    base = Filter().eq("sae_id", "it's")
+    assert Filter().render(schema) is None
+    assert base.render(schema) == "(`sae_id` = 'it''s')"
+    full = base.isin("layer", [1, 2]).between("density", 0.25).between("max_activation", None, 2)
+    assert full.render(schema) == (
+        "(`sae_id` = 'it''s') AND (`layer` IN (1, 2)) AND (`density` >= 0.25) AND (`max_activation` <= 2)"
+    )
+    assert base.render(schema) == "(`sae_id` = 'it''s')"  # builders return new filters
+    assert Filter().between("feature", 1, 5).render(schema) == "(`feature` >= 1 AND `feature` <= 5)"
+    assert Filter().isin("feature", []).render(schema) == "(false)"
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Filter().eq("nope", 1), "unknown column"),
+        (lambda: Filter().eq("Feature", 1), "invalid column name"),
+        (lambda: Filter().eq("feature = 1 OR 1", 1), "invalid column name"),
+        (lambda: Filter().eq("layer", "1"), "does not fit"),
+        (lambda: Filter().eq("feature", 1.5), "does not fit"),
+        (lambda: Filter().eq("feature", True), "does not fit"),
+        (lambda: Filter().eq("layer", 2**31), "out of range"),
+        (lambda: Filter().eq("sae_id", 3), "does not fit"),
+        (lambda: Filter().eq("hist_counts", 3), "cannot filter"),
+        (lambda: Filter().isin("sae_id", "abc"), "collection"),
+        (lambda: Filter().between("density"), "at least one bound"),
+    ],
+)
+def test_filter_rejects_bad_columns_and_values(build, message):
+    with pytest.raises(StoreError, match=message):
+        build().render(features_schema(DIM))
