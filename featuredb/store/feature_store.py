@@ -22,6 +22,7 @@ import lancedb
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+from lancedb.table import Table
 
 from .filters import Filter, column_ref, sql_literal
 from .schema import (
@@ -58,14 +59,14 @@ class FeatureStore:
     """A feature database at a local directory or object-store URI (e.g. s3://bucket/db)."""
 
     def __init__(self, uri: str | Path, *, vector_dim: int = DEFAULT_VECTOR_DIM, read_only: bool = False) -> None:
-        self.uri: str = _prepare_uri(uri, read_only)
-        self.vector_dim = vector_dim
-        self.read_only = read_only
         self._schemas: dict[str, pa.Schema] = {
             SAES_TABLE: saes_schema(),
             FEATURES_TABLE: features_schema(vector_dim),
             EXAMPLES_TABLE: examples_schema(),
         }
+        self.uri: str = _prepare_uri(uri, read_only)
+        self.vector_dim = vector_dim
+        self.read_only = read_only
         # Zero interval: every read checks for the latest version, so tables handed out by
         # `table()` see writes made through other handles or processes.
         self._db = lancedb.connect(self.uri, read_consistency_interval=dt.timedelta(0))
@@ -86,14 +87,14 @@ class FeatureStore:
             if not page_token:
                 return sorted(names)
 
-    def table(self, name: str) -> Any:
+    def table(self, name: str) -> Table:
         """The raw LanceDB table `name` (for the query layer); StoreError if it does not exist."""
         table = self._open(name)
         if table is None:
             raise StoreError(f"no table named {name!r} in {self.uri} (tables: {self.table_names()})")
         return table
 
-    def _open(self, name: str) -> Any | None:
+    def _open(self, name: str) -> Table | None:
         if name not in self.table_names():
             return None
         return self._db.open_table(name)
@@ -155,7 +156,7 @@ class FeatureStore:
         if self.read_only:
             raise StoreError(f"store is read-only: {self.uri}")
 
-    def _open_or_create(self, name: str) -> Any:
+    def _open_or_create(self, name: str) -> Table:
         # exist_ok: another writer may have created the table since we looked.
         return self._db.create_table(name, schema=self._schemas[name], exist_ok=True)
 
@@ -265,7 +266,9 @@ def _check_features(rows: pa.Table, coder: pa.Table) -> None:
         expected = coder[column][0].as_py()
         other = [v for v in pc.unique(rows[column]).to_pylist() if v != expected]
         if other:
-            raise StoreError(f"features: column {column!r} is {other[0]!r} in some rows, but the coder has {expected!r}")
+            raise StoreError(
+                f"features: column {column!r} is {other[0]!r} in some rows, but the coder has {expected!r}"
+            )
 
 
 def _check_examples(rows: pa.Table, sae_id: str, features: pa.Table) -> None:
@@ -295,7 +298,7 @@ def _check_examples(rows: pa.Table, sae_id: str, features: pa.Table) -> None:
 # --- writing helpers -------------------------------------------------------------------------
 
 
-def _replace_coder_rows(table: Any, rows: pa.Table, key: tuple[str, ...], sae_id: str) -> None:
+def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], sae_id: str) -> None:
     """Make the coder's rows in `table` exactly `rows`, in one commit.
 
     Upsert on the row key, and delete this coder's rows the new data no longer has. The delete
@@ -325,7 +328,7 @@ def _batches(rows: pa.Table) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(rows.schema, generate())
 
 
-def _restore(tables: Mapping[str, Any], versions: Mapping[str, int], written: list[str]) -> None:
+def _restore(tables: Mapping[str, Table], versions: Mapping[str, int], written: list[str]) -> None:
     """Roll the tables already committed back to their versions before this write."""
     for name in reversed(written):
         tables[name].restore(versions[name])

@@ -69,7 +69,7 @@ def saes_schema() -> pa.Schema:
 def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
     """One row per feature; `vector` is the (optional) embedding of its description."""
     if not isinstance(vector_dim, int) or isinstance(vector_dim, bool) or vector_dim <= 0:
-        raise ValueError(f"vector_dim must be a positive int, got {vector_dim!r}")
+        raise StoreError(f"vector_dim must be a positive int, got {vector_dim!r}")
     return pa.schema(
         [
             _required("sae_id", pa.string()),
