@@ -88,39 +88,44 @@ def main() -> None:
               for L, h in zip(args.layers, hooks)]
     tokens_per_batch = int(batches[0].count_mask.sum())
 
-    def stage(name: str, encode: bool, statistics: bool) -> float:
-        stats = [FeatureStats(c.width, args.context, StatsConfig(top_k=args.top_k), device=device) for c in coders]
-        l0 = []
-        for warm in (True, False):  # one untimed warm-up batch, then the timed ones
-            todo = batches[:1] if warm else batches[1:args.batches + 1]
-            sync(device)
-            start = time.perf_counter()
-            for n, batch in enumerate(todo):
-                acts = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
-                if not encode:
-                    continue
-                mask = batch.count_mask.to(device)[..., None]
-                for coder, s in zip(coders, stats):
-                    f = coder.encode(acts[coder.hook].float()) * mask
-                    if statistics:
-                        s.update(f, torch.arange(n * args.batch_size, (n + 1) * args.batch_size, device=device),
-                                 tokens_per_batch)
-                    elif not warm and n == 0:
-                        l0.append(float((f > 0).sum() / mask.sum()))
-            sync(device)
-            elapsed = time.perf_counter() - start
-        rate = tokens_per_batch * len(todo) / elapsed
-        extra = f"  (mean L0 {sum(l0) / len(l0):.0f})" if l0 else ""
-        print(f"{name:<32} {rate:>10,.0f} tokens/s{extra}")
-        return rate
+    # Each batch is timed phase by phase (forward, encode, statistics), so all three figures come
+    # from the same batches at the same moment: on a noisy machine the ratios stay honest.
+    stats = [FeatureStats(c.width, args.context, StatsConfig(top_k=args.top_k), device=device) for c in coders]
+    seconds = {"forward": 0.0, "encode": 0.0, "statistics": 0.0}
+    active = 0.0
+    for n, batch in enumerate(batches[: args.batches + 1]):
+        sync(device)
+        t0 = time.perf_counter()
+        acts = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
+        sync(device)
+        t1 = time.perf_counter()
+        mask = batch.count_mask.to(device)[..., None]
+        features = [coder.encode(acts[coder.hook].float()) * mask for coder in coders]
+        sync(device)
+        t2 = time.perf_counter()
+        ids = torch.arange(n * args.batch_size, (n + 1) * args.batch_size, device=device)
+        for f, s in zip(features, stats):
+            s.update(f, ids, tokens_per_batch)
+        sync(device)
+        t3 = time.perf_counter()
+        if n == 0:
+            continue  # warm-up batch
+        seconds["forward"] += t1 - t0
+        seconds["encode"] += t2 - t1
+        seconds["statistics"] += t3 - t2
+        active += sum(float((f > 0).sum()) for f in features) / (len(features) * tokens_per_batch)
 
+    tokens = tokens_per_batch * args.batches
+    forward = tokens / seconds["forward"]
+    encode = tokens / (seconds["forward"] + seconds["encode"])
+    full = tokens / sum(seconds.values())
     print(f"{len(coders)} coders x {args.width} features at layers {args.layers}; batch {args.batch_size} x "
-          f"{args.context} tokens; {args.batches} timed batches; top-K {args.top_k}")
-    forward = stage("forward only", encode=False, statistics=False)
-    encode = stage("forward + encode", encode=True, statistics=False)
-    full = stage("forward + encode + statistics", encode=True, statistics=True)
-    print(f"ratios: encode costs {forward / encode - 1:+.1%} over forward; "
-          f"statistics cost {encode / full - 1:+.1%} over forward + encode")
+          f"{args.context} tokens; {args.batches} timed batches; top-K {args.top_k}; mean L0 {active / args.batches:.0f}")
+    print(f"{'forward only':<32} {forward:>10,.0f} tokens/s")
+    print(f"{'forward + encode':<32} {encode:>10,.0f} tokens/s")
+    print(f"{'forward + encode + statistics':<32} {full:>10,.0f} tokens/s")
+    print(f"ratios: encode costs {seconds['encode'] / seconds['forward']:+.1%} over forward; "
+          f"statistics cost {seconds['statistics'] / (seconds['forward'] + seconds['encode']):+.1%} over forward + encode")
 
 
 if __name__ == "__main__":

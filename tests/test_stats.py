@@ -61,6 +61,8 @@ def brute_force(acts: torch.Tensor, config: StatsConfig):
 def check_equal(stats: FeatureStats, acts: torch.Tensor, config: StatsConfig):
     ref = brute_force(acts, config)
     mean, std = stats.mean_std()
+    top_value, top_context, top_tokens = stats.top_sorted()
+    interval_bins, _, interval_context, interval_tokens = stats.intervals_sorted()
     for f in range(F):
         r = ref[f]
         assert stats.active_count[f] == r["count"]
@@ -69,21 +71,20 @@ def check_equal(stats: FeatureStats, acts: torch.Tensor, config: StatsConfig):
         assert np.array_equal(stats.hist[f].numpy(), r["hist"]), f
         assert mean[f] == pytest.approx(r["mean"], rel=1e-6, abs=1e-9)
         assert std[f] == pytest.approx(r["std"], rel=1e-5, abs=1e-6)
-        kept = [int(c) for c in stats.top_context[f] if c >= 0]
+        kept = [int(c) for c in top_context[f] if c >= 0]
         assert kept == r["top"], f
-        for slot, c in enumerate(stats.top_context[f].tolist()):
+        for slot, c in enumerate(top_context[f].tolist()):
             if c >= 0:  # the stored per-token values are that context's values for this feature
-                assert torch.equal(stats.top_token_values[f, slot], acts[c, :, f])
-                assert stats.top_value[f, slot] == acts[c, :, f].max()
-        per_bin = config.interval_per_bin
+                assert torch.equal(top_tokens[f, slot], acts[c, :, f])
+                assert top_value[f, slot] == acts[c, :, f].max()
         for b in range(config.interval_bins):
-            got = [int(c) for c in stats.interval_context[f, b * per_bin:(b + 1) * per_bin] if c >= 0]
+            in_bin = interval_bins[f] == b
+            got = [int(c) for c in interval_context[f][in_bin]]
             assert got == r["intervals"].get(b, []), (f, b)
-            for slot in range(b * per_bin, (b + 1) * per_bin):
-                c = int(stats.interval_context[f, slot])
-                if c >= 0:
-                    assert torch.equal(stats.interval_token_values[f, slot], acts[c, :, f])
-    assert stats.active_count[3] == 0 and (stats.top_context[3] == -1).all()
+            for c, values in zip(got, interval_tokens[f][in_bin]):
+                assert torch.equal(values, acts[c, :, f])
+        assert (interval_context[f][interval_bins[f] == config.interval_bins] == -1).all()
+    assert stats.active_count[3] == 0 and (top_context[3] == -1).all()
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -103,9 +104,11 @@ def test_merge_of_shards_equals_one_stream():
     early = run_stream(acts[:70], config, batch=11)
     late.merge(early)
     check_equal(late, acts, config)
-    for name in FeatureStats.TENSORS:
-        assert torch.equal(getattr(late, name), getattr(whole, name)) or name in ("act_sum", "act_sumsq"), name
+    for name in ("active_count", "act_max", "scale", "hist"):
+        assert torch.equal(getattr(late, name), getattr(whole, name)), name
     assert torch.allclose(late.act_sum, whole.act_sum)
+    for a, b in zip(late.top_sorted() + late.intervals_sorted(), whole.top_sorted() + whole.intervals_sorted()):
+        assert torch.equal(a, b)
 
 
 def test_checkpoint_roundtrip_continues_identically():

@@ -39,23 +39,22 @@ def example_rows(sae_id: str, stats: FeatureStats, contexts: ContextStore, vocab
     """Top and interval examples of every feature: token ids and per-token values of each context."""
     parts = []
     # top examples: rank = position in the top-K
-    feature, slot = (stats.top_context >= 0).nonzero(as_tuple=True)
+    top_value, top_context, top_tokens = stats.top_sorted()
+    feature, slot = (top_context >= 0).nonzero(as_tuple=True)
     parts.append(dict(
-        kind="top", feature=feature, rank=slot,
-        context=stats.top_context[feature, slot], values=stats.top_token_values[feature, slot],
-        bin_min=None, bin_max=None,
+        kind="top", feature=feature, rank=slot, context=top_context[feature, slot],
+        values=top_tokens[feature, slot], bin_min=None, bin_max=None,
     ))
     if stats.config.interval_slots:
-        per_bin, n_bins = stats.config.interval_per_bin, stats.config.interval_bins
-        feature, slot = (stats.interval_context >= 0).nonzero(as_tuple=True)
-        # rank: 0.. within the feature, in bin order (slots are bin-major, so nonzero() order works)
-        first_of_feature = torch.searchsorted(feature, feature)
-        bin_index = slot // per_bin
+        n_bins = stats.config.interval_bins
+        bins, _, interval_context, interval_tokens = stats.intervals_sorted()
+        feature, slot = (interval_context >= 0).nonzero(as_tuple=True)
+        bin_index = bins[feature, slot]
         bin_width = stats.scale[feature] / n_bins
         parts.append(dict(
-            kind="interval", feature=feature, rank=torch.arange(len(feature)) - first_of_feature,
-            context=stats.interval_context[feature, slot], values=stats.interval_token_values[feature, slot],
-            bin_min=(bin_index * bin_width).numpy(), bin_max=((bin_index + 1) * bin_width).numpy(),
+            kind="interval", feature=feature, rank=slot,  # rank: 0.. within the feature, in bin order
+            context=interval_context[feature, slot], values=interval_tokens[feature, slot],
+            bin_min=(bin_index * bin_width).cpu().numpy(), bin_max=((bin_index + 1) * bin_width).cpu().numpy(),
         ))
 
     columns: dict[str, list] = {name: [] for name in (

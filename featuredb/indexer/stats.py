@@ -141,80 +141,87 @@ class FeatureStats:
             self._update_intervals(context_max, context_ids, acts, rescaled=self.scale != old_scale)
 
     def _update_top(self, context_max: Tensor, context_ids: Tensor, acts: Tensor) -> None:
-        K = self.config.top_k
         # Only features with a context beating their current K-th value can change; later
         # contexts lose ties, so "strictly greater" keeps the ranking exact.
-        rows = (context_max > self.top_value[:, K - 1:K]).any(dim=1).nonzero(as_tuple=True)[0]
+        kth_value = self.top_value.amin(dim=1, keepdim=True)  # empty slots hold 0
+        rows = (context_max > kth_value).any(dim=1).nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
             return
-        cand_value = context_max[rows]
-        cand_context = context_ids.expand(rows.numel(), -1)
-        self._merge_top_rows(rows, cand_value, cand_context, _BatchValues(acts, rows))
+        self._merge_top_rows(rows, context_max[rows], context_ids.expand(rows.numel(), -1), _BatchValues(acts, rows))
 
     def _update_intervals(self, context_max: Tensor, context_ids: Tensor, acts: Tensor, rescaled: Tensor) -> None:
         cfg = self.config
         F, B = context_max.shape
         active = context_max > 0
-        features = torch.arange(F, device=self.device)[:, None]
-        priority = hash_priority(context_ids[None, :], features, cfg.seed)
-        # A candidate matters only if it beats the worst kept priority of its bin. Rows whose
-        # scale changed are merged in full (their stored slots must be re-binned).
+        priority = hash_priority(context_ids[None, :], torch.arange(F, device=self.device)[:, None], cfg.seed)
+        # A candidate matters only if its bin has a free place or it beats the worst kept priority
+        # there. Rows whose scale changed are merged in full: their stored samples change bins.
         bins = value_bin(context_max, self.scale[:, None], cfg.interval_bins)
-        worst_in_bin = self.interval_priority.view(F, cfg.interval_bins, cfg.interval_per_bin)[..., -1]
-        beats = active & (priority < worst_in_bin.gather(1, bins))
-        rows = (beats.any(dim=1) | (rescaled & (self.interval_context >= 0).any(dim=1))).nonzero(as_tuple=True)[0]
+        stored = self.interval_context >= 0
+        stored_bins = torch.where(stored, value_bin(self.interval_value, self.scale[:, None], cfg.interval_bins), 0)
+        filled = torch.zeros(F, cfg.interval_bins, dtype=torch.int64, device=self.device)
+        filled.scatter_add_(1, stored_bins, stored.long())
+        worst = torch.full((F, cfg.interval_bins), -1, dtype=torch.int64, device=self.device)
+        worst.scatter_reduce_(1, stored_bins, torch.where(stored, self.interval_priority, -1), reduce="amax")
+        worst = torch.where(filled < cfg.interval_per_bin, EMPTY_PRIORITY, worst)
+        beats = active & (priority < worst.gather(1, bins))
+        rows = (beats.any(dim=1) | (rescaled & stored.any(dim=1))).nonzero(as_tuple=True)[0]
         if rows.numel() == 0:
             return
         cand_value = torch.where(active[rows], context_max[rows], 0.0)
-        cand_context = context_ids.expand(rows.numel(), -1)
-        self._merge_interval_rows(rows, cand_value, cand_context, priority[rows], _BatchValues(acts, rows))
+        self._merge_interval_rows(rows, cand_value, context_ids.expand(rows.numel(), -1), priority[rows],
+                                  _BatchValues(acts, rows))
 
     # ------------------------------------------------------------------ merges (shared by update and merge)
+    # Slots are an unordered set: deciding which entries survive needs only the scalar columns
+    # (value, context, priority), and the [T]-long per-token rows are written only for entries that
+    # newly enter, into the slots freed by the ones that left. Sorting happens once, at the end.
     def _merge_top_rows(self, rows: Tensor, cand_value: Tensor, cand_context: Tensor, cand_tokens) -> None:
         K = self.config.top_k
-        value = torch.cat([self.top_value[rows], cand_value], dim=1)
-        context = torch.cat([self.top_context[rows], cand_context], dim=1)
-        # rank by value descending, ties by context ascending: sort by context, then stable by value
-        by_context = torch.where(value > 0, context, torch.iinfo(torch.int64).max).argsort(dim=1, stable=True)
-        by_value = value.gather(1, by_context).argsort(dim=1, descending=True, stable=True)
-        order = by_context.gather(1, by_value)[:, :K]
-        new_value = value.gather(1, order)
-        keep = new_value > 0
-        self.top_value[rows] = torch.where(keep, new_value, 0.0)
-        self.top_context[rows] = torch.where(keep, context.gather(1, order), -1)
-        self.top_token_values[rows] = _gather_token_values(self.top_token_values[rows], order, keep, cand_tokens)
+        old_value, old_context = self.top_value[rows], self.top_context[rows]
+        value = torch.cat([old_value, cand_value], dim=1)
+        context = torch.cat([old_context, cand_context], dim=1)
+        order = _rank_top(value, context)[:, :K]
+        keep = torch.zeros_like(value, dtype=torch.bool).scatter_(1, order, value.gather(1, order) > 0)
+        self._replace(rows, keep, K, cand_tokens,
+                      columns=(self.top_value, self.top_context), fills=(0.0, -1),
+                      sources=(value, context), token_values=self.top_token_values)
 
     def _merge_interval_rows(self, rows: Tensor, cand_value: Tensor, cand_context: Tensor,
                              cand_priority: Tensor, cand_tokens) -> None:
         cfg = self.config
-        S, per_bin = cfg.interval_slots, cfg.interval_per_bin
+        S = cfg.interval_slots
         value = torch.cat([self.interval_value[rows], cand_value], dim=1)
         context = torch.cat([self.interval_context[rows], cand_context], dim=1)
         priority = torch.cat([self.interval_priority[rows], cand_priority], dim=1)
-        valid = (value > 0) & (context >= 0)
-        bins = torch.where(valid, value_bin(value, self.scale[rows, None], cfg.interval_bins), cfg.interval_bins)
-        # one sort on (bin, priority, context) packed in int64 keys, then rank within each bin
-        key = (bins << PRIORITY_BITS) | priority.clamp(max=(1 << PRIORITY_BITS) - 1)
-        by_context = context.argsort(dim=1, stable=True)
-        order = by_context.gather(1, key.gather(1, by_context).argsort(dim=1, stable=True))
-        sorted_bins = bins.gather(1, order)
-        position = torch.arange(order.shape[1], device=self.device).expand_as(order)
-        is_first = torch.ones_like(sorted_bins, dtype=torch.bool)
-        is_first[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
-        rank = position - torch.where(is_first, position, 0).cummax(dim=1).values
-        keep = (rank < per_bin) & (sorted_bins < cfg.interval_bins)
-        # scatter the kept entries to slot bin * per_bin + rank; everything else lands in a spare slot S
-        slot = torch.where(keep, sorted_bins * per_bin + rank, S)
-        n = rows.numel()
-        source = torch.full((n, S + 1), -1, dtype=torch.int64, device=self.device)
-        source.scatter_(1, slot, torch.where(keep, order, -1))
-        source = source[:, :S]
-        filled = source >= 0
-        src = source.clamp(min=0)
-        self.interval_value[rows] = torch.where(filled, value.gather(1, src), 0.0)
-        self.interval_context[rows] = torch.where(filled, context.gather(1, src), -1)
-        self.interval_priority[rows] = torch.where(filled, priority.gather(1, src), EMPTY_PRIORITY)
-        self.interval_token_values[rows] = _gather_token_values(self.interval_token_values[rows], src, filled, cand_tokens)
+        order, sorted_bins, rank = _rank_intervals(value, context, priority, self.scale[rows], cfg.interval_bins)
+        keep_sorted = (rank < cfg.interval_per_bin) & (sorted_bins < cfg.interval_bins)
+        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        self._replace(rows, keep, S, cand_tokens,
+                      columns=(self.interval_value, self.interval_context, self.interval_priority),
+                      fills=(0.0, -1, EMPTY_PRIORITY), sources=(value, context, priority),
+                      token_values=self.interval_token_values)
+
+    def _replace(self, rows: Tensor, keep: Tensor, n_slots: int, cand_tokens, columns, fills, sources,
+                 token_values: Tensor) -> None:
+        """Write a merge result in place. keep: [R, n_slots + C] entries that survive (old slots
+        first, then candidates). Kept candidates go into freed or empty slots of their row, in order."""
+        old_valid = columns[1][rows] >= 0  # the context column
+        kept_old, admitted = keep[:, :n_slots], keep[:, n_slots:]
+        # the j-th admitted candidate of a row takes the j-th free slot of that row
+        free_slot_by_rank = _slots_by_rank(~kept_old, n_slots)
+        adm_r, adm_c = admitted.nonzero(as_tuple=True)
+        adm_rank = (admitted.long().cumsum(dim=1) - 1)[adm_r, adm_c]
+        slot = free_slot_by_rank[adm_r, adm_rank]
+        # clear old entries that left
+        gone_r, gone_s = (old_valid & ~kept_old).nonzero(as_tuple=True)
+        for column, fill in zip(columns, fills):
+            column[rows[gone_r], gone_s] = fill
+        token_values[rows[gone_r], gone_s] = 0
+        if adm_r.numel():
+            for column, source in zip(columns, sources):
+                column[rows[adm_r], slot] = source[adm_r, n_slots + adm_c]
+            token_values[rows[adm_r], slot] = cand_tokens_gather(cand_tokens, adm_r, adm_c).to(token_values.dtype)
 
     # ------------------------------------------------------------------ merging two states
     @torch.no_grad()
@@ -232,12 +239,27 @@ class FeatureStats:
             other.hist.to(self.device), other.scale.to(self.device), new_scale)
         self.scale = new_scale
         rows = torch.arange(self.width, device=self.device)
-        self._merge_top_rows(rows, other.top_value.to(self.device), other.top_context.to(self.device),
-                             other.top_token_values.to(self.device, self.value_dtype))
+        other_context = other.top_context.to(self.device)
+        self._merge_top_rows(rows, torch.where(other_context >= 0, other.top_value.to(self.device), 0.0),
+                             other_context, other.top_token_values.to(self.device))
         if self.config.interval_slots:
             self._merge_interval_rows(rows, other.interval_value.to(self.device), other.interval_context.to(self.device),
-                                      other.interval_priority.to(self.device),
-                                      other.interval_token_values.to(self.device, self.value_dtype))
+                                      other.interval_priority.to(self.device), other.interval_token_values.to(self.device))
+
+    # ------------------------------------------------------------------ results in order
+    def top_sorted(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-K (value, context, per-token values) per feature, best first; empty slots last."""
+        order = _rank_top(self.top_value, self.top_context)
+        return (self.top_value.gather(1, order), self.top_context.gather(1, order),
+                self.top_token_values.gather(1, order[..., None].expand_as(self.top_token_values)))
+
+    def intervals_sorted(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Interval samples (bin, value, context, per-token values) per feature, by bin then
+        priority; empty slots last with bin = interval_bins."""
+        order, sorted_bins, _ = _rank_intervals(self.interval_value, self.interval_context, self.interval_priority,
+                                                self.scale, self.config.interval_bins)
+        return (sorted_bins, self.interval_value.gather(1, order), self.interval_context.gather(1, order),
+                self.interval_token_values.gather(1, order[..., None].expand_as(self.interval_token_values)))
 
     # ------------------------------------------------------------------ checkpoints
     TENSORS = ("active_count", "act_sum", "act_sumsq", "act_max", "scale", "hist",
@@ -270,30 +292,48 @@ class FeatureStats:
 
 
 class _BatchValues:
-    """Lazy access to per-token values of batch contexts: only admitted candidates are gathered."""
+    """Per-token values of the batch's contexts, gathered only for admitted candidates."""
 
     def __init__(self, acts: Tensor, rows: Tensor):
-        self.acts, self.rows = acts, rows  # acts [B, T, F]; rows: feature of each merged row
-
-    def gather(self, row_idx: Tensor, cand_idx: Tensor) -> Tensor:
-        return self.acts[cand_idx, :, self.rows[row_idx]]  # [n, T]
+        self.acts, self.rows = acts, rows  # acts [B, T, F]; rows: the feature of each merged row
 
 
-def _gather_token_values(old: Tensor, order: Tensor, keep: Tensor, candidates) -> Tensor:
-    """Per-token values for merged slots: from the old slots (order < old width) or the candidates."""
-    n_old = old.shape[1]
-    from_old = order < n_old
-    result = old.gather(1, order.clamp(max=n_old - 1)[..., None].expand(-1, -1, old.shape[2])).clone()
-    new_r, new_k = (keep & ~from_old).nonzero(as_tuple=True)
-    if new_r.numel():
-        cand_idx = order[new_r, new_k] - n_old
-        if isinstance(candidates, _BatchValues):
-            values = candidates.gather(new_r, cand_idx)
-        else:  # a full [rows, n, T] tensor of another state's slots
-            values = candidates[new_r, cand_idx]
-        result[new_r, new_k] = values.to(result.dtype)
-    result[~keep] = 0
-    return result
+def cand_tokens_gather(candidates, row: Tensor, cand: Tensor) -> Tensor:
+    """[n, T] per-token values of candidate `cand` of merged row `row`."""
+    if isinstance(candidates, _BatchValues):
+        return candidates.acts[cand, :, candidates.rows[row]]
+    return candidates[row, cand]  # another state's slots: [R, C, T]
+
+
+def _rank_top(value: Tensor, context: Tensor) -> Tensor:
+    """Order of entries by value descending, ties by context ascending; empty (value 0) last."""
+    by_context = torch.where(value > 0, context, torch.iinfo(torch.int64).max).argsort(dim=1, stable=True)
+    by_value = value.gather(1, by_context).argsort(dim=1, descending=True, stable=True)
+    return by_context.gather(1, by_value)
+
+
+def _rank_intervals(value: Tensor, context: Tensor, priority: Tensor, scale: Tensor, n_bins: int):
+    """Order of entries by (bin, priority, context), empty last (bin n_bins); and each sorted
+    entry's bin and rank within its bin."""
+    valid = (value > 0) & (context >= 0)
+    bins = torch.where(valid, value_bin(value, scale[:, None], n_bins), n_bins)
+    key = (bins << PRIORITY_BITS) | priority.clamp(max=(1 << PRIORITY_BITS) - 1)
+    by_context = context.argsort(dim=1, stable=True)
+    order = by_context.gather(1, key.gather(1, by_context).argsort(dim=1, stable=True))
+    sorted_bins = bins.gather(1, order)
+    position = torch.arange(order.shape[1], device=value.device).expand_as(order)
+    is_first = torch.ones_like(sorted_bins, dtype=torch.bool)
+    is_first[:, 1:] = sorted_bins[:, 1:] != sorted_bins[:, :-1]
+    rank = position - torch.where(is_first, position, 0).cummax(dim=1).values
+    return order, sorted_bins, rank
+
+
+def _slots_by_rank(free: Tensor, n_slots: int) -> Tensor:
+    """[R, n_slots]: column j holds the index of the row's j-th free slot (n_slots past the end)."""
+    rank = torch.where(free, free.long().cumsum(dim=1) - 1, n_slots)
+    by_rank = torch.full((free.shape[0], n_slots + 1), n_slots, dtype=torch.int64, device=free.device)
+    by_rank.scatter_(1, rank, torch.arange(n_slots, device=free.device).expand_as(rank).clone())
+    return by_rank[:, :n_slots]
 
 
 def _rescale_hist(hist: Tensor, old_scale: Tensor, new_scale: Tensor) -> Tensor:
