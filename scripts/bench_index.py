@@ -69,6 +69,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=12, help="timed batches per stage")
     p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--replay", type=int, default=20,
+                   help="rounds of replaying the timed batches' activations as new contexts, to time the "
+                        "statistics in steady state (after the top-K has filled)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
@@ -93,6 +96,7 @@ def main() -> None:
     stats = [FeatureStats(c.width, args.context, StatsConfig(top_k=args.top_k), device=device) for c in coders]
     seconds = {"forward": 0.0, "encode": 0.0, "statistics": 0.0}
     active = 0.0
+    replay = []  # encoded activations of the timed batches, kept for the steady-state replay
     for n, batch in enumerate(batches[: args.batches + 1]):
         sync(device)
         t0 = time.perf_counter()
@@ -113,6 +117,7 @@ def main() -> None:
         seconds["forward"] += t1 - t0
         seconds["encode"] += t2 - t1
         seconds["statistics"] += t3 - t2
+        replay.append(features)
         active += sum(float((f > 0).sum()) for f in features) / (len(features) * tokens_per_batch)
 
     tokens = tokens_per_batch * args.batches
@@ -126,6 +131,23 @@ def main() -> None:
     print(f"{'forward + encode + statistics':<32} {full:>10,.0f} tokens/s")
     print(f"ratios: encode costs {seconds['encode'] / seconds['forward']:+.1%} over forward; "
           f"statistics cost {seconds['statistics'] / (seconds['forward'] + seconds['encode']):+.1%} over forward + encode")
+
+    # Steady state: feed the same real activations again as later contexts until the top-K and
+    # interval samples have filled, then time one more round.
+    n = len(batches)
+    for round_ in range(args.replay + 1):
+        sync(device)
+        start = time.perf_counter()
+        for features in replay:
+            ids = torch.arange(n * args.batch_size, (n + 1) * args.batch_size, device=device)
+            n += 1
+            for f, s in zip(features, stats):
+                s.update(f, ids, tokens_per_batch)
+        sync(device)
+        steady = time.perf_counter() - start
+    per_batch = steady / len(replay)
+    print(f"steady state after {n * args.batch_size:,} contexts: statistics {per_batch * 1000:.1f} ms per batch = "
+          f"{per_batch / ((seconds['forward'] + seconds['encode']) / args.batches):+.1%} over forward + encode")
 
 
 if __name__ == "__main__":
