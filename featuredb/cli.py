@@ -83,5 +83,14 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
         click.echo(f"  {sae_id}")
 
 
+def _register_commands() -> None:
+    from .indexer.describe_command import COMMANDS as describe_commands
+
+    for command in describe_commands:
+        main.add_command(command)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()

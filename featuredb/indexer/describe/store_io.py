@@ -1,0 +1,267 @@
+"""The description write path.
+
+Two places hold descriptions:
+
+- the `descriptions` table keeps every description ever made, with provenance (method,
+  explainer model and endpoint, prompt version, time, the indexing it was made from) and scores.
+  It is append-only.
+- the `features` table's description columns hold each feature's current best description and
+  its embedding (`vector`, with `embedding_model`).
+
+`write_descriptions` validates new rows before touching anything, appends them (one commit), then
+`sync_features` recomputes the best description of the features concerned from the descriptions
+table and updates only the description columns of those feature rows (one merge_insert commit that
+never inserts or deletes rows and leaves every other column alone). A crash between the two
+commits is repaired by the next `sync_features` (every describe run ends with one).
+
+Only descriptions made from the coder's current indexing (`indexed_at` = the coder's
+`saes.created_at`) count: re-indexing a coder makes its old descriptions history.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ...embedding import DEFAULT_EMBEDDING_MODEL
+from ...store import FEATURES_TABLE, FeatureStore, Filter, StoreError
+from ...store.schema import conform_table, vector_dim_of
+
+DESCRIPTIONS_TABLE = "descriptions"
+# How descriptions rank against each other when choosing a feature's current one.
+METHOD_RANK = {"tokens": 0, "llm": 1, "local": 1, "manual": 2}
+MAX_DESCRIPTION_CHARS = 2000
+DESCRIPTION_COLUMNS = ("description", "description_method", "description_model", "embedding_model", "vector")
+
+Embedder = Callable[[list[str], str], np.ndarray]
+
+
+def descriptions_schema() -> pa.Schema:
+    req, opt = (lambda n, t: pa.field(n, t, nullable=False)), (lambda n, t: pa.field(n, t, nullable=True))
+    return pa.schema([
+        req("sae_id", pa.string()),
+        req("feature", pa.int64()),
+        req("description", pa.string()),
+        req("method", pa.string()),  # tokens | llm | local | manual
+        opt("explainer_model", pa.string()),  # model name / path (null for tokens)
+        opt("explainer_source", pa.string()),  # endpoint URL, "local", or null
+        req("prompt_version", pa.string()),
+        req("created_at", pa.timestamp("us", tz="UTC")),
+        req("indexed_at", pa.timestamp("us", tz="UTC")),  # the coder's saes.created_at it was made from
+        opt("detection_score", pa.float32()),
+        opt("fuzz_score", pa.float32()),
+        opt("detection_n", pa.int32()),
+        opt("fuzz_n", pa.int32()),
+        opt("score_details", pa.string()),  # JSON: counts, scorer model, prompt version
+    ])
+
+
+@dataclass
+class SyncResult:
+    updated: int = 0  # feature rows whose description columns changed
+    embedded: int = 0
+    embed_seconds: float = 0.0
+
+    def __iadd__(self, other: SyncResult) -> SyncResult:
+        self.updated += other.updated
+        self.embedded += other.embedded
+        self.embed_seconds += other.embed_seconds
+        return self
+
+
+def coder_indexed_at(store: FeatureStore, sae_id: str) -> dt.datetime:
+    rows = [r for r in store.saes().to_dicts() if r["sae_id"] == sae_id]
+    if not rows:
+        raise StoreError(f"no coder {sae_id!r} in {store.uri}")
+    return rows[0]["created_at"]
+
+
+def write_descriptions(
+    store: FeatureStore,
+    sae_id: str,
+    rows: pa.Table | Mapping[str, object] | list[dict],
+    *,
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+    embedder: Embedder | None = None,
+) -> SyncResult:
+    """Record new descriptions of coder `sae_id`'s features and update their current description.
+
+    `rows` has the columns of `descriptions_schema()` (a table, a dict of columns or a list of row
+    dicts). Everything is validated before anything is written: StoreError on bad input.
+    """
+    _require_writable(store)
+    if isinstance(rows, list):
+        rows = {name: [r.get(name) for r in rows] for name in descriptions_schema().names}
+    table = conform_table(rows, descriptions_schema(), "descriptions")
+    if table.num_rows == 0:
+        return SyncResult()
+    _validate(store, sae_id, table)
+    target = _open_descriptions(store, create=True)
+    target.add(table)
+    features = sorted(set(table["feature"].to_pylist()))
+    return sync_features(store, sae_id, features, embedding_model=embedding_model, embedder=embedder)
+
+
+def _validate(store: FeatureStore, sae_id: str, table: pa.Table) -> None:
+    other = [v for v in pc.unique(table["sae_id"]).to_pylist() if v != sae_id]
+    if other:
+        raise StoreError(f"descriptions: rows carry sae_id {other[0]!r}, expected {sae_id!r}")
+    for text in table["description"].to_pylist():
+        if not text.strip():
+            raise StoreError("descriptions: empty description")
+        if len(text) > MAX_DESCRIPTION_CHARS:
+            raise StoreError(f"descriptions: description longer than {MAX_DESCRIPTION_CHARS} characters")
+    unknown = [m for m in pc.unique(table["method"]).to_pylist() if m not in METHOD_RANK]
+    if unknown:
+        raise StoreError(f"descriptions: method {unknown[0]!r} is not one of {sorted(METHOD_RANK)}")
+    for column in ("detection_score", "fuzz_score"):
+        for value in table[column].to_pylist():
+            if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise StoreError(f"descriptions: {column} {value!r} is not in [0, 1]")
+    indexed_at = coder_indexed_at(store, sae_id)
+    stale = [v for v in pc.unique(table["indexed_at"]).to_pylist() if v != indexed_at]
+    if stale:
+        raise StoreError(f"descriptions: made from an indexing of {sae_id!r} at {stale[0]}, but the "
+                         f"coder was indexed again at {indexed_at}; describe it again")
+    wanted = sorted(set(table["feature"].to_pylist()))
+    stored = {r["feature"] for r in _read(store, FEATURES_TABLE, sae_id, wanted, ["feature"])}
+    missing = [f for f in wanted if f not in stored]
+    if missing:
+        raise StoreError(f"descriptions: coder {sae_id!r} has no feature {missing[0]}")
+
+
+def current_descriptions(store: FeatureStore, sae_id: str, features: list[int] | None = None) -> list[dict]:
+    """Descriptions made from the coder's current indexing (optionally of some features only)."""
+    if DESCRIPTIONS_TABLE not in store.table_names():
+        return []
+    indexed_at = coder_indexed_at(store, sae_id)
+    rows = _read(store, DESCRIPTIONS_TABLE, sae_id, features, None)
+    return [r for r in rows if r["indexed_at"] == indexed_at]
+
+
+def _score(row: Mapping[str, Any]) -> float | None:
+    values = [row[c] for c in ("detection_score", "fuzz_score") if row.get(c) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def best_description(rows: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """A feature's current description: highest method rank (manual > llm/local > tokens), then
+    scored before unscored, then the higher mean of detection and fuzz scores, then the newest."""
+    def key(row):
+        score = _score(row)
+        return (METHOD_RANK.get(row["method"], -1), score is not None, score or 0.0, row["created_at"])
+
+    return max(rows, key=key) if rows else None
+
+
+def sync_features(
+    store: FeatureStore,
+    sae_id: str,
+    features: list[int] | None = None,
+    *,
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+    embedder: Embedder | None = None,
+) -> SyncResult:
+    """Bring the features' description columns in line with their best current description,
+    embedding with `embedding_model` whatever changed or was embedded with another model.
+    Features without any current description are left as they are."""
+    _require_writable(store)
+    by_feature: dict[int, list[dict]] = {}
+    for row in current_descriptions(store, sae_id, features):
+        by_feature.setdefault(row["feature"], []).append(row)
+    if not by_feature:
+        return SyncResult()
+    columns = ["feature", "description", "description_method", "description_model", "embedding_model"]
+    stored = {r["feature"]: r for r in _read(store, FEATURES_TABLE, sae_id, sorted(by_feature), columns)}
+    changes = []
+    for feature, rows in sorted(by_feature.items()):
+        best = best_description(rows)
+        now = stored.get(feature)
+        if best is None or now is None:
+            continue
+        wanted = (best["description"], best["method"], best["explainer_model"], embedding_model)
+        have = (now["description"], now["description_method"], now["description_model"], now["embedding_model"])
+        if wanted != have:
+            changes.append((feature, *wanted))
+    if not changes:
+        return SyncResult()
+
+    features_table = store.table(FEATURES_TABLE)
+    dim = vector_dim_of(features_table.schema)
+    vectors, seconds = _embed([c[1] for c in changes], embedding_model, embedder)
+    if dim is None or vectors.shape != (len(changes), dim):
+        raise StoreError(f"embedding model {embedding_model!r} gives {vectors.shape[-1]}-dim vectors but the "
+                         f"features table's vector column holds {dim}")
+    if not np.isfinite(vectors).all():
+        raise StoreError(f"embedding model {embedding_model!r} returned non-finite values")
+    fields = [features_table.schema.field(n) for n in ("sae_id", "feature", *DESCRIPTION_COLUMNS)]
+    update = pa.table({
+        "sae_id": [sae_id] * len(changes),
+        "feature": [c[0] for c in changes],
+        "description": [c[1] for c in changes],
+        "description_method": [c[2] for c in changes],
+        "description_model": [c[3] for c in changes],
+        "embedding_model": [c[4] for c in changes],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+    }).cast(pa.schema(fields))
+    # Matched rows only: a feature deleted meanwhile is not brought back; other columns untouched.
+    features_table.merge_insert(["sae_id", "feature"]).when_matched_update_all().execute(update)
+    return SyncResult(updated=len(changes), embedded=len(changes), embed_seconds=seconds)
+
+
+def _embed(texts: list[str], model: str, embedder: Embedder | None) -> tuple[np.ndarray, float]:
+    """The embeddings and the seconds spent computing them (loading the model is not counted)."""
+    if embedder is None:
+        from transformers.utils import logging as hf_logging
+
+        from ...embedding import embed, load_embedder
+
+        hf_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar would garble our output
+        try:
+            load_embedder(model)  # cached per process
+        finally:
+            hf_logging.enable_progress_bar()
+        embedder = embed
+    started = time.perf_counter()
+    vectors = np.asarray(embedder(texts, model), dtype=np.float32)
+    return vectors, time.perf_counter() - started
+
+
+def _open_descriptions(store: FeatureStore, *, create: bool):
+    name = DESCRIPTIONS_TABLE
+    if name in store.table_names():
+        table = store.table(name)
+        if not table.schema.equals(descriptions_schema()):
+            raise StoreError(f"table {name!r} in {store.uri} has a different schema than featuredb expects")
+        return table
+    if not create:
+        return None
+    # exist_ok: another writer may have created it since we looked
+    return lancedb.connect(store.uri).create_table(name, schema=descriptions_schema(), exist_ok=True)
+
+
+def _require_writable(store: FeatureStore) -> None:
+    if store.read_only:
+        raise StoreError(f"store is read-only: {store.uri}")
+
+
+def _read(store: FeatureStore, name: str, sae_id: str, features: list[int] | None, columns: list[str] | None) -> list[dict]:
+    if name not in store.table_names():
+        return []
+    table = store.table(name)
+    where = Filter().eq("sae_id", sae_id)
+    if features is not None:
+        where = where.isin("feature", [int(f) for f in features])
+    query = table.search().limit(None).where(where.render(table.schema))
+    if columns is not None:
+        query = query.select(columns)
+    return query.to_arrow().to_pylist()
