@@ -95,7 +95,9 @@ def make_examples(sae_id: str, indices: list[int], *, top: int = 2, interval: in
 def write(store: FeatureStore, sae_id: str, indices=(0, 1, 2, 3), *, top: int = 2, interval: int = 1, seed: int = 0):
     indices = list(indices)
     store.write_coder(
-        make_sae(sae_id), make_features(sae_id, indices, seed=seed), make_examples(sae_id, indices, top=top, interval=interval)
+        make_sae(sae_id),
+        make_features(sae_id, indices, seed=seed),
+        make_examples(sae_id, indices, top=top, interval=interval),
     )
 
 
@@ -438,7 +440,9 @@ def test_sql_literal(value, literal):
     assert sql_literal(value) == literal
 
 
-@pytest.mark.parametrize("value", ["a\x00b", "line\nbreak", "tab\t", "\x7f", float("nan"), float("inf"), None, b"x", [1]])
+@pytest.mark.parametrize(
+    "value", ["a\x00b", "line\nbreak", "tab\t", "\x7f", float("nan"), float("inf"), None, b"x", [1]]
+)
 def test_sql_literal_rejects(value):
     with pytest.raises(StoreError):
         sql_literal(value)
@@ -456,6 +460,23 @@ def test_filter_renders_validated_conjunction():
     assert base.render(schema) == "(`sae_id` = 'it''s')"  # builders return new filters
     assert Filter().between("feature", 1, 5).render(schema) == "(`feature` >= 1 AND `feature` <= 5)"
     assert Filter().isin("feature", []).render(schema) == "(false)"
+
+
+def test_rendered_filters_run_in_lancedb(store):
+    write(store, "it's", [0, 1, 2, 3])
+    write(store, "other", [0, 1])
+    table = store.table("features")
+
+    def count(where: Filter) -> int:
+        return table.count_rows(where.render(table.schema))
+
+    assert count(Filter().eq("sae_id", "it's")) == 4
+    assert count(Filter().eq("sae_id", "it's").isin("feature", [1, 3, 99])) == 2
+    assert count(Filter().isin("feature", [])) == 0
+    assert count(Filter().between("feature", 2)) == 2
+    # densities are 0, 1/16, 1/8, 3/16 for "it's" and 0, 1/16 for "other"
+    assert count(Filter().between("density", None, 0.125).eq("layer", 1)) == 5
+    assert count(Filter().eq("sae_id", "it's' OR '1'='1")) == 0
 
 
 @pytest.mark.parametrize(
@@ -477,3 +498,54 @@ def test_filter_renders_validated_conjunction():
 def test_filter_rejects_bad_columns_and_values(build, message):
     with pytest.raises(StoreError, match=message):
         build().render(features_schema(DIM))
+
+
+# --- write speed (slow; run with `-m slow`) ----------------------------------------------------
+
+
+def _lists(values, rows: int, per_row: int) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * per_row + 1, per_row, dtype=np.int32)), values)
+
+
+def _big_coder(sae_id: str, n_features: int, examples_per_feature: int, context: int, dim: int):
+    """Columnar random data shaped like a real coder (built with numpy; no Python-level rows)."""
+    rng = np.random.default_rng(0)
+    vocab = pa.array([f"tok{i}" for i in range(5000)])
+    n, k = n_features, 10
+    sae = make_sae(sae_id, width=n, context=context)
+    # Repeat one small feature row n times, then randomise the columns that matter for size.
+    features = {name: pa.array(values * n) for name, values in make_features(sae_id, [0]).items()}
+    features.update(
+        feature=np.arange(n), active_count=rng.integers(0, 1000, n), density=rng.random(n),
+        hist_counts=_lists(pa.array(rng.integers(0, 100, n * 32)), n, 32),
+        top_logit_tokens=_lists(vocab.take(rng.integers(0, 5000, n * k)), n, k),
+        neighbours=_lists(pa.array(rng.integers(0, n, n * k)), n, k),
+        vector=rng.random((n, dim), dtype=np.float32),
+    )
+    m = n * examples_per_feature
+    rank = np.tile(np.arange(examples_per_feature, dtype=np.int32), n)
+    examples = {
+        "sae_id": pa.array([sae_id] * m), "feature": np.repeat(np.arange(n), examples_per_feature),
+        "kind": pa.array(["top"] * m), "rank": rank, "bin_min": pa.nulls(m, pa.float32()),
+        "bin_max": pa.nulls(m, pa.float32()),
+        "tokens": _lists(vocab.take(rng.integers(0, 5000, m * context)), m, context),
+        "token_ids": _lists(pa.array(rng.integers(0, 5000, m * context, dtype=np.int32)), m, context),
+        "values": _lists(pa.array(rng.random(m * context, dtype=np.float32)), m, context),
+        "max_value": rng.random(m, dtype=np.float32), "max_position": np.zeros(m, np.int32),
+        "doc_id": pa.array(["doc"] * m), "context_index": np.arange(m),
+    }
+    return sae, features, examples
+
+
+@pytest.mark.slow
+def test_write_speed_100k_features_1m_examples(tmp_path):
+    import time
+
+    store = FeatureStore(tmp_path / "db")
+    sae, features, examples = _big_coder("big", 100_000, 10, 128, 384)
+    for attempt in ("first write", "rewrite"):
+        start = time.perf_counter()
+        store.write_coder(sae, features, examples)
+        print(f"{attempt}: {time.perf_counter() - start:.1f}s")
+    assert store.table("examples").count_rows() == 1_000_000
+    assert store.table("features").count_rows() == 100_000

@@ -48,8 +48,9 @@ __all__ = ["FeatureStore", "StoreError"]
 
 _REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Rows are streamed to LanceDB in batches of about this size, so a coder with tens of millions of
-# example rows does not need a second in-memory copy of its data.
-_BATCH_BYTES = 64 * 1024 * 1024
+# example rows does not need a second in-memory copy of its data. (16 MiB measured no slower than
+# 64 MiB and clearly faster than 256 MiB on a 2-core machine.)
+_BATCH_BYTES = 16 * 1024 * 1024
 # Columns copied from the coder onto each feature row (for filtering without a join).
 _DENORMALISED_COLUMNS = ("model", "layer", "hook", "site")
 _CONTEXT_COLUMNS = ("tokens", "token_ids", "values")
