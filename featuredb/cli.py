@@ -84,9 +84,12 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
 
 
 def _register_commands() -> None:
+    from .demo import COMMANDS as demo_commands
     from .indexer.describe_command import COMMANDS as describe_commands
 
-    for command in describe_commands:
+    for command in demo_commands:
+        command.callback = one_line_errors(command.callback)
+    for command in describe_commands + demo_commands:
         main.add_command(command)
 
 
