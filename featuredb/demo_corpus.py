@@ -4,7 +4,7 @@ Three kinds of documents, told apart by the `source` field and the id prefix:
 
     reference   topics/<name>   the language reference topics behind `help('assert')` (pydoc_data.topics)
     docstring   doc/<module>    a module's docstring followed by the docstrings of its public functions,
-                                classes and methods, with their signatures
+                                classes and methods, with their signatures (read from the source file)
     code        src/<module>    the module's source code (inspect.getsource)
 
 A text longer than `max_chars` is cut into parts `<id>/0`, `<id>/1`, ... at top-level boundaries
@@ -12,19 +12,21 @@ A text longer than `max_chars` is cut into parts `<id>/0`, `<id>/1`, ... at top-
 
 The order is deterministic and mixed: the three kinds take turns, and inside the docstring and code
 kinds the modules take turns too, so any prefix of the file (indexing with --tokens N) holds prose
-and code from many modules. The same Python version writes the same file byte for byte (memory
-addresses that some default values print are scrubbed).
+and code from many modules. The same Python installation writes the same file byte for byte, whatever
+else the process has imported (docstrings come from the source files, not from live objects).
 
     python -m featuredb.demo_corpus demo.jsonl
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
 import re
 import sys
+import tokenize
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +39,8 @@ MODULES = (
 )  # fmt: skip
 MAX_CHARS = 4000
 
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _TOP_LEVEL = re.compile(r"\n\s*\n(?=\S)")  # a blank line before an unindented line
 _BLANK = re.compile(r"\n\s*\n")
@@ -73,29 +77,37 @@ def demo_documents(max_chars: int = MAX_CHARS) -> Iterator[tuple[str, str, str]]
 
 
 def module_docstrings(module) -> str:
-    """The module docstring, then `name(signature)` and docstring of each public member defined in it
-    (classes followed by their public methods), in name order."""
-    blocks = [module.__name__, inspect.cleandoc(module.__doc__ or "")]
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or not _defined_in(obj, module):
-            continue
-        blocks.append(_member_doc(name, obj))
-        if inspect.isclass(obj):
-            for attr, member in sorted(vars(obj).items()):
-                if attr.startswith("_") and attr != "__init__":
-                    continue
-                member = getattr(member, "__func__", member)  # classmethod / staticmethod
-                if inspect.isroutine(member) and member.__doc__:
-                    blocks.append(_member_doc(f"{name}.{attr}", member))
+    """The module docstring, then `name(args)` and the docstring of each public function and class
+    (a class followed by its documented public methods), in source order.
+
+    Read from the source file with `ast`, not from the live objects: other imports patch stdlib
+    modules at run time (e.g. replace inspect.getfile), and the corpus must not depend on them.
+    A built-in module (itertools) has no source: its objects are read instead.
+    """
+    source = module_source(module)
+    if not source:
+        return _builtin_docstrings(module)
+    tree = ast.parse(source)
+    blocks = [module.__name__, ast.get_docstring(tree) or ""]
+    for node in tree.body:
+        if isinstance(node, _DEFS) and not node.name.startswith("_"):
+            blocks.append(_ast_doc(node.name, node))
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if not isinstance(item, _FUNCTIONS) or not ast.get_docstring(item):
+                        continue
+                    if not item.name.startswith("_") or item.name == "__init__":
+                        blocks.append(_ast_doc(f"{node.name}.{item.name}", item))
     return "\n\n".join(b for b in blocks if b.strip())
 
 
 def module_source(module) -> str:
-    """The module's source code, or "" for a built-in module."""
-    try:
-        return inspect.getsource(module)
-    except (OSError, TypeError):
+    """The module's source file as text, or "" for a built-in module."""
+    origin = getattr(module, "__file__", None)  # frozen modules (abc) have __file__ but no spec origin
+    if not origin or not origin.endswith(".py"):
         return ""
+    with tokenize.open(origin) as f:  # honours an encoding cookie
+        return f.read()
 
 
 def split_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
@@ -146,21 +158,30 @@ def _parts(doc_id: str, source: str, text: str, max_chars: int) -> list[tuple[st
     return [(f"{doc_id}/{i}", source, piece) for i, piece in enumerate(pieces)]
 
 
-def _defined_in(obj, module) -> bool:
-    if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-        return False
-    return getattr(obj, "__module__", None) == module.__name__ or (
-        module.__name__ == "itertools" and getattr(obj, "__module__", None) is None
-    )
+def _ast_doc(name: str, node: ast.AST) -> str:
+    if isinstance(node, ast.ClassDef):
+        bases = ", ".join(ast.unparse(b) for b in node.bases)
+        head = f"class {name}({bases})" if bases else f"class {name}"
+    else:
+        head = f"{name}({ast.unparse(node.args)})"
+    return _with_doc(head, ast.get_docstring(node) or "")
 
 
-def _member_doc(name: str, obj) -> str:
-    doc = inspect.cleandoc(obj.__doc__) if isinstance(obj.__doc__, str) else ""
-    try:
-        signature = str(inspect.signature(obj))
-    except (TypeError, ValueError):
-        signature = ""
-    head = ("class " if inspect.isclass(obj) else "") + name + signature
+def _builtin_docstrings(module) -> str:
+    blocks = [module.__name__, inspect.cleandoc(module.__doc__ or "")]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        try:
+            signature = str(inspect.signature(obj))
+        except (TypeError, ValueError):
+            signature = ""
+        head = ("class " if inspect.isclass(obj) else "") + name + signature
+        blocks.append(_with_doc(head, inspect.cleandoc(obj.__doc__) if isinstance(obj.__doc__, str) else ""))
+    return "\n\n".join(b for b in blocks if b.strip())
+
+
+def _with_doc(head: str, doc: str) -> str:
     body = "\n".join(f"    {line}" if line else "" for line in doc.splitlines())
     return _ADDRESS.sub("", f"{head}\n{body}" if body else head)
 
