@@ -2,39 +2,10 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
 
 from . import __version__
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by input, shown as one line rather than a traceback."""
-    from .indexer.coders import CoderError
-    from .indexer.corpus import CorpusError
-    from .indexer.hooks import HookError
-    from .indexer.model import ModelError
-    from .indexer.run import IndexingError
-    from .store import StoreError
-
-    return CoderError, CorpusError, HookError, ModelError, IndexingError, StoreError
-
-
-def one_line_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except _user_errors() as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
+from .errors import one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,6 +47,9 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
         checkpoint_seconds=checkpoint_seconds, progress=not quiet,
     )
     result = run_index(config)
+    from .query import finalize
+
+    finalize(db)  # search indexes cover the new rows
     rate = result.tokens / max(result.seconds, 1e-9)
     click.echo(f"indexed {result.tokens:,} tokens ({result.contexts:,} contexts) through "
                f"{len(result.sae_ids)} coder(s) in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
@@ -86,10 +60,11 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
 def _register_commands() -> None:
     from .demo import COMMANDS as demo_commands
     from .indexer.describe_command import COMMANDS as describe_commands
+    from .query.commands import COMMANDS as query_commands
 
     for command in demo_commands:
         command.callback = one_line_errors(command.callback)
-    for command in describe_commands + demo_commands:
+    for command in describe_commands + query_commands + demo_commands:
         main.add_command(command)
 
 

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import sys
+from ..errors import one_line_errors
 
 import click
 
 from ..embedding import DEFAULT_EMBEDDING_MODEL
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from ..embedding import EmbeddingError
-    from ..store import StoreError
-    from .describe import DescribeError, LLMError
-    from .model import ModelError
-
-    return DescribeError, LLMError, StoreError, EmbeddingError, ModelError
 
 
 @click.command()
@@ -39,6 +30,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 @click.option("--cache", default=None, help="Reply cache file (default: DB/_describe_cache.sqlite).")
 @click.option("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@one_line_errors(interrupted="interrupted (rerun the same command to resume)")
 def describe(db, explainer, sae_ids, limit, score, base_url, model, embedding_model, concurrency, timeout,
              max_retries, cache, device, quiet):
     """Describe features: a label or LLM description per feature, with provenance, scores and embeddings."""
@@ -49,14 +41,10 @@ def describe(db, explainer, sae_ids, limit, score, base_url, model, embedding_mo
         model=model, embedding_model=embedding_model, concurrency=concurrency, timeout=timeout,
         max_retries=max_retries, cache=cache, device=device, progress=not quiet,
     )
-    try:
-        r = run_describe(config)
-    except _user_errors() as e:
-        click.echo(f"error: {' '.join(str(e).split())}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted (rerun the same command to resume)", err=True)
-        sys.exit(130)
+    r = run_describe(config)
+    from ..query import finalize
+
+    finalize(db)  # the full-text and vector indexes cover the new descriptions
     rate = r.features / max(r.seconds, 1e-9)
     made = [f"{r.tokens_labels:,} tokens label(s)"]
     if explainer != "tokens":

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..store import FeatureStore
+from ..store.decoders import write_decoder_vectors
 from .coders import CoderError, SparseCoder, load_coder
 from .corpus import CorpusError, Window, iter_windows
 from .geometry import decoder_neighbours, logit_tables
@@ -192,6 +193,7 @@ def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None
             feature_rows(sae, coder_stats, logits, neighbours, contexts, vocab),
             example_rows(coder.sae_id, coder_stats, contexts, vocab),
         )
+        write_decoder_vectors(store, coder.sae_id, coder.W_dec)  # for similarity search across coders
     shutil.rmtree(work_dir, ignore_errors=True)
     return IndexResult([c.sae_id for c in coders], progress.tokens_counted, progress.contexts,
                        time.perf_counter() - start_time)
@@ -253,6 +255,13 @@ def sae_row(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict
     return dict(
         sae_id=coder.sae_id, model=config.model, hook=coder.hook, hook_out=coder.hook_out, site=site,
         layer=coder.layer, architecture=coder.architecture, kind=coder.kind, d_in=coder.d_in,
-        d_out=coder.d_out, width=coder.width, source=coder.source or "", tokens_indexed=progress.tokens_counted,
+        d_out=coder.d_out, width=coder.width, source=_absolute_if_local(coder.source), tokens_indexed=progress.tokens_counted,
         contexts_indexed=progress.contexts, context=config.context, top_k=config.stats.top_k,
     )
+
+
+def _absolute_if_local(source: str | None) -> str:
+    """Local coder paths are stored absolute, so the catalogue can reload them from anywhere."""
+    if source and Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    return source or ""

@@ -152,6 +152,9 @@ class FeatureStore:
             table = self._open(name)
             if table is not None:
                 table.delete(Filter().eq("sae_id", sae_id).render(table.schema))
+        from .decoders import delete_decoder_vectors  # decoders.py builds on this module
+
+        delete_decoder_vectors(self, sae_id)
 
     def _require_writable(self) -> None:
         if self.read_only:

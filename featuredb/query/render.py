@@ -1,0 +1,133 @@
+"""Terminal output for the query commands: plain tables and a one-feature dashboard.
+
+Colour goes through click.style, so it disappears when output is not a terminal.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import click
+import polars as pl
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _width() -> int:
+    return max(60, shutil.get_terminal_size((120, 24)).columns)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}".rstrip("0").rstrip(".")
+        return f"{value:.2e}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    return str(value).replace("\n", "\\n")
+
+
+def table(frame: pl.DataFrame, columns: list[str], headers: list[str] | None = None, wrap_last: bool = True) -> str:
+    """A left-aligned text table; the last column is cut to fit the terminal."""
+    headers = headers or columns
+    rows = [[_cell(row.get(c)) for c in columns] for row in frame.iter_rows(named=True)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    if wrap_last and columns:
+        room = _width() - sum(w + 2 for w in widths[:-1])
+        widths[-1] = max(10, min(widths[-1], room))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        cells = [c if len(c) <= w else c[: max(1, w - 1)] + "…" for c, w in zip(r, widths)]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def results(frame: pl.DataFrame, score: str = "score") -> str:
+    if frame.height == 0:
+        return "no matching features"
+    return table(frame, ["score", "sae_id", "feature", "layer", "site", "density", "max_activation", "description"],
+                 [score, "sae_id", "feature", "layer", "site", "density", "max", "description"])
+
+
+def sparkline(counts: list[int]) -> str:
+    if not counts or max(counts) == 0:
+        return ""
+    top = max(counts)
+    return "".join(" " if c == 0 else _SPARK[min(len(_SPARK) - 1, int(c / top * (len(_SPARK) - 1) + 0.5))] for c in counts)
+
+
+def context(tokens: list[str], values: list[float], peak: int, radius: int = 12) -> str:
+    """Tokens around the peak, the peak highlighted, active tokens underlined with their values."""
+    lo, hi = max(0, peak - radius), min(len(tokens), peak + radius + 1)
+    out = []
+    for i in range(lo, hi):
+        text = tokens[i].replace("\n", "\\n")
+        if i == peak:
+            out.append(click.style(f"[{text}]", fg="red", bold=True))
+        elif values[i] > 0:
+            out.append(click.style(text, fg="yellow") + click.style(f"({values[i]:.2g})", dim=True))
+        else:
+            out.append(text)
+    return ("…" if lo > 0 else "") + "".join(out) + ("…" if hi < len(tokens) else "")
+
+
+def dashboard(feature: dict, examples: int = 5) -> str:
+    lines = []
+    title = f"{feature['sae_id']}/{feature['feature']}"
+    lines.append(click.style(title, bold=True) + f"  ({feature['model']}, layer {feature['layer']}, {feature['site']}, "
+                 f"{feature['hook']})")
+    lines.append(f"description: {feature['description'] or '(none yet)'}")
+    for extra in feature["descriptions"]:
+        source = ", ".join(str(extra[k]) for k in ("method", "model") if extra.get(k))
+        if source:
+            lines.append(f"  ({source})")
+    lines.append(f"density {_cell(feature['density'])}  max {_cell(feature['max_activation'])}  "
+                 f"mean {_cell(feature['mean_activation'])}  std {_cell(feature['std_activation'])}  "
+                 f"active tokens {feature['active_count']:,}")
+    hist = feature["histogram"]
+    if hist["counts"]:
+        lines.append(f"histogram [0, {_cell(hist['max'])}]: {sparkline(hist['counts'])}")
+    top = feature["logits"]["top"]
+    bottom = feature["logits"]["bottom"]
+    if top:
+        lines.append("promotes:   " + "  ".join(f"{t['token']!r} {t['value']:+.2f}" for t in top))
+    if bottom:
+        lines.append("suppresses: " + "  ".join(f"{t['token']!r} {t['value']:+.2f}" for t in bottom))
+    if feature["top_tokens"]:
+        lines.append("fires on:   " + "  ".join(f"{t['token']!r}×{t['count']}" for t in feature["top_tokens"]))
+    if feature["neighbours"]:
+        lines.append("neighbours: " + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in feature["neighbours"][:10]))
+    if feature["top_examples"]:
+        lines.append(click.style("top examples", bold=True))
+        for ex in feature["top_examples"][:examples]:
+            lines.append(f"  {ex['max_value']:7.3g}  " + context(ex["tokens"], ex["values"], ex["max_position"]))
+    if feature["interval_examples"]:
+        lines.append(click.style("interval examples", bold=True))
+        for ex in feature["interval_examples"][:examples]:
+            lines.append(f"  [{ex['bin_min']:.3g}, {ex['bin_max']:.3g})  {ex['max_value']:7.3g}  "
+                         + context(ex["tokens"], ex["values"], ex["max_position"]))
+    return "\n".join(lines)
+
+
+def fires(result, per_token_rows: int = 3) -> str:
+    lines = [f"model {result.model}: {len(result.tokens)} tokens (BOS not counted)"]
+    lines.append("  ".join(f"{i}:{t!r}" for i, t in enumerate(result.tokens)))
+    lines.append("")
+    if result.features.height == 0:
+        lines.append("no feature fires")
+        return "\n".join(lines)
+    lines.append(table(result.features, ["activation", "sae_id", "feature", "position", "density", "description"],
+                       [result.by, "sae_id", "feature", "pos", "density", "description"]))
+    if result.per_token.height:
+        lines.append("")
+        lines.append(click.style("per token", bold=True))
+        for (position,), group in result.per_token.group_by("position", maintain_order=True):
+            top = group.head(per_token_rows).iter_rows(named=True)
+            cells = "  ".join(f"{r['sae_id']}/{r['feature']} {r['activation']:.3g}" for r in top)
+            lines.append(f"  {position:>4} {result.tokens[position]!r:<14} {cells}")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Typed search filters -> featuredb.store.Filter (the only way a filter is built).
+
+`where(layer=12, sae_id=..., site="res", model=..., hook=..., density=(lo, hi),
+max_activation=(lo, hi))`: every value is type-checked here and rendered by Filter as an escaped
+literal, so a value holding quotes or SQL is compared as a value and never parsed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import polars as pl
+import pyarrow as pa
+
+from ..store import Filter, StoreError
+from ..store.schema import SITES
+from .errors import QueryError, one_line
+
+# column -> Python type of its values; a list/tuple/set of values means "any of them"
+EQ_COLUMNS: dict[str, type] = {"sae_id": str, "layer": int, "site": str, "model": str, "hook": str}
+RANGE_COLUMNS: tuple[str, ...] = ("density", "max_activation")
+WHERE_KEYS: tuple[str, ...] = tuple(EQ_COLUMNS) + RANGE_COLUMNS
+MAX_VALUES = 10_000  # values in one isin
+
+
+@dataclass(frozen=True)
+class Where:
+    """A conjunction of typed conditions on feature rows (immutable; `add` returns a new one)."""
+
+    eq: tuple[tuple[str, tuple], ...] = ()  # (column, allowed values)
+    ranges: tuple[tuple[str, float | None, float | None], ...] = ()
+    _keys: frozenset = field(default=frozenset())
+
+    def add(self, **conditions: object) -> Where:
+        eq, ranges = list(self.eq), list(self.ranges)
+        for key, value in conditions.items():
+            if key in EQ_COLUMNS:
+                if value is None:
+                    continue
+                eq.append((key, _values(key, value, EQ_COLUMNS[key])))
+            elif key in RANGE_COLUMNS:
+                if value is None:
+                    continue
+                ranges.append((key, *_range(key, value)))
+            else:
+                raise QueryError(f"unknown filter {key!r}: filter on {', '.join(WHERE_KEYS)}")
+        return Where(tuple(eq), tuple(ranges))
+
+    def __bool__(self) -> bool:
+        return bool(self.eq or self.ranges)
+
+    def sae_ids(self) -> set[str] | None:
+        """Coders named by sae_id conditions (intersection), or None if no sae_id condition."""
+        chosen: set[str] | None = None
+        for column, values in self.eq:
+            if column == "sae_id":
+                chosen = set(values) if chosen is None else chosen & set(values)
+        return chosen
+
+    def mentioned_sae_ids(self) -> set[str]:
+        """Every sae_id named in any condition (for checking that they exist)."""
+        return {v for column, values in self.eq if column == "sae_id" for v in values}
+
+    def to_filter(self, columns: Iterable[str] | None = None) -> Filter:
+        """The Filter over the given columns (all conditions when None)."""
+        keep = None if columns is None else set(columns)
+        result = Filter()
+        for column, values in self.eq:
+            if keep is not None and column not in keep:
+                continue
+            result = result.eq(column, values[0]) if len(values) == 1 else result.isin(column, values)
+        for column, low, high in self.ranges:
+            if keep is not None and column not in keep:
+                continue
+            result = result.between(column, low, high)
+        return result
+
+    def render(self, schema: pa.Schema, columns: Iterable[str] | None = None) -> str | None:
+        try:
+            return self.to_filter(columns).render(schema)
+        except StoreError as e:
+            raise QueryError(one_line(e)) from None
+
+    def coder_conditions(self) -> tuple[tuple[str, tuple], ...]:
+        """The conditions that are properties of a coder (all equality ones)."""
+        return self.eq
+
+    def matching_coders(self, saes: pl.DataFrame) -> pl.DataFrame:
+        """The saes rows that satisfy every coder-level condition."""
+        mask = pl.lit(True)
+        for column, values in self.eq:
+            mask = mask & pl.col(column).is_in(list(values))
+        return saes.filter(mask)
+
+    def describe(self) -> str:
+        parts = [f"{c}={v[0]!r}" if len(v) == 1 else f"{c} in {list(v)!r}" for c, v in self.eq]
+        parts += [f"{c} in [{lo}, {hi}]" for c, lo, hi in self.ranges]
+        return ", ".join(parts)
+
+
+def _values(key: str, value: object, type_: type) -> tuple:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        values = list(value)
+        if not values:
+            raise QueryError(f"where({key}=...): empty list of values")
+        if len(values) > MAX_VALUES:
+            raise QueryError(f"where({key}=...): {len(values)} values, at most {MAX_VALUES}")
+    elif isinstance(value, Mapping) or (not isinstance(value, (str, bytes)) and isinstance(value, Iterable)):
+        raise QueryError(f"where({key}=...): expected a value or a list of values, got {type(value).__name__}")
+    else:
+        values = [value]
+    checked = []
+    for v in values:
+        if type_ is int:
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise QueryError(f"where({key}=...): expected an integer, got {v!r}")
+            v = int(v)
+        elif not isinstance(v, str):
+            raise QueryError(f"where({key}=...): expected a string, got {v!r}")
+        elif not v:
+            raise QueryError(f"where({key}=...): empty string")
+        if key == "site" and v not in SITES:
+            raise QueryError(f"where(site={v!r}): unknown site (one of {', '.join(sorted(SITES))})")
+        checked.append(v)
+    return tuple(dict.fromkeys(checked))
+
+
+def _range(key: str, value: object) -> tuple[float | None, float | None]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise QueryError(f"where({key}=...): expected a (low, high) pair, either may be None; got {value!r}")
+    bounds = []
+    for bound in value:
+        if bound is None:
+            bounds.append(None)
+            continue
+        if not isinstance(bound, numbers.Real) or isinstance(bound, bool) or not math.isfinite(float(bound)):
+            raise QueryError(f"where({key}=...): bounds must be finite numbers or None, got {bound!r}")
+        bounds.append(float(bound))
+    low, high = bounds
+    if low is None and high is None:
+        raise QueryError(f"where({key}=(None, None)): give at least one bound")
+    if low is not None and high is not None and low > high:
+        raise QueryError(f"where({key}=({low}, {high})): low is above high")
+    return low, high

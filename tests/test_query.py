@@ -1,0 +1,665 @@
+"""Tests of featuredb.query: semantic / keyword / hybrid search with filters, feature lookups,
+activation search (fires_on against a direct encode, with_token over stored contexts), decoder
+similarity, index management and the CLI commands.
+
+The small catalogue here is built with known descriptions (embedded with the offline MiniLM),
+known decoder vectors and known example contexts, so every answer is known in advance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+import featuredb
+from featuredb.embedding import DEFAULT_EMBEDDING_MODEL, embed
+from featuredb.query import QueryError, create_indexes, optimize, write_decoder_vectors
+from featuredb.query.commands import COMMANDS, fires, search, show, similar
+from featuredb.store import FeatureStore
+
+MODEL = "tiny-model"
+D = 8
+WIDTH = 16
+CREATED = dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc)
+TRICKY_ID = "it's-a' OR '1'='1"
+
+# (sae_id, layer, site, hook, hook_out, model)
+CODERS = [
+    ("res-L12", 12, "res", "model.layers.12.output", "model.layers.12.output", MODEL),
+    ("mlp-L12", 12, "mlp", "model.layers.12.post_feedforward_layernorm.output",
+     "model.layers.12.post_feedforward_layernorm.output", MODEL),
+    ("res-L5", 5, "res", "model.layers.5.output", "model.layers.5.output", MODEL),
+    ("att-L5", 5, "att", "model.layers.5.self_attn.o_proj.input", "model.layers.5.self_attn.o_proj.input", MODEL),
+    ("other-res", 12, "res", "model.layers.12.output", "model.layers.12.output", "other-model"),
+    (TRICKY_ID, 3, "res", "model.layers.3.output", "model.layers.3.output", MODEL),
+]
+
+# Known descriptions: (sae_id, feature) -> description. Everything else has no description.
+DESCRIPTIONS = {
+    ("res-L12", 3): "French cities such as Paris, Lyon and Marseille",
+    ("mlp-L12", 5): "names of towns and cities in France",
+    ("res-L5", 7): "the city of Paris and other places in France",
+    ("res-L12", 0): "Python source code: function definitions and return statements",
+    ("mlp-L12", 1): "closing parentheses and brackets in programming code",
+    ("res-L5", 2): "numbers and numeric digits written in text",
+    ("res-L12", 9): "cats, dogs and other pets",
+    ("mlp-L12", 9): "legal language in contracts and court rulings",
+    ("res-L5", 11): "recipes, cooking and food ingredients",
+    ("att-L5", 4): "attention to the previous token",
+    ("other-res", 3): "French cities like Paris in another model",
+    (TRICKY_ID, 6): "Marseille harbour and boats",
+}
+FRENCH = {("res-L12", 3), ("mlp-L12", 5), ("res-L5", 7)}
+
+# Example contexts: (sae_id, feature) -> list of (tokens, peak position)
+CONTEXTS = {
+    ("res-L12", 3): [
+        (["<bos>", "I", " live", " in", " Paris", " today"], 4),
+        (["<bos>", "The", " Eiffel", " tower", " of", " Paris"], 5),
+        (["<bos>", "We", " went", " to", " Lyon"], 4),
+    ],
+    ("res-L5", 7): [
+        (["<bos>", "Paris", " is", " big"], 1),
+        (["<bos>", "see", " the", " Eiffel", " tower"], 4),
+    ],
+    ("res-L12", 0): [
+        (["<bos>", "def", " add", "(", "a", ")"], 1),
+        (["<bos>", " return", " a", " +", " b"], 1),
+    ],
+    ("mlp-L12", 1): [
+        (["<bos>", "print", "(", "x", ")"], 4),
+    ],
+}
+
+
+def _decoders(sae_id: str, seed: int) -> np.ndarray:
+    """Decoder rows: feature i points mostly along axis i % D, with a seeded wobble."""
+    rng = np.random.default_rng(seed)
+    W = 0.05 * rng.standard_normal((WIDTH, D)).astype(np.float32)
+    for i in range(WIDTH):
+        W[i, i % D] += 1.0 + 0.1 * (i // D)
+    return W
+
+
+def decoder_matrices() -> dict[str, np.ndarray]:
+    mats = {sae_id: _decoders(sae_id, seed) for seed, (sae_id, *_rest) in enumerate(CODERS)}
+    base = mats["res-L12"][3].copy()
+    mats["res-L12"][11] = base + 0.02  # same coder, nearly parallel to res-L12/3
+    mats["mlp-L12"][6] = base * 2.0 + 0.01  # other coder, same model and residual space
+    mats["att-L5"][2] = base  # exactly parallel, but another space (before o_proj)
+    mats["other-res"][2] = base  # exactly parallel, but another model
+    return mats
+
+
+def build_catalogue(path, *, with_decoders: bool = True, indexes: bool = True) -> FeatureStore:
+    store = FeatureStore(str(path))
+    texts = list(DESCRIPTIONS.values())
+    vectors = dict(zip(DESCRIPTIONS, embed(texts)))
+    mats = decoder_matrices()
+    for sae_id, layer, site, hook, hook_out, model in CODERS:
+        sae = dict(sae_id=sae_id, model=model, hook=hook, hook_out=hook_out, site=site, layer=layer,
+                   architecture="jumprelu", kind="sae", d_in=D, d_out=D, width=WIDTH, source="", tokens_indexed=1000,
+                   contexts_indexed=100, context=6, top_k=3, created_at=CREATED)
+        n = WIDTH
+        keys = [(sae_id, i) for i in range(n)]
+        features = {
+            "sae_id": [sae_id] * n, "feature": list(range(n)), "model": [model] * n, "layer": [layer] * n,
+            "hook": [hook] * n, "site": [site] * n,
+            "active_count": [10 * (i + 1) for i in range(n)],
+            "density": [(i + 1) / 100 for i in range(n)],  # feature i: density (i+1)%
+            "max_activation": [float(i + 1) for i in range(n)],  # feature i: max i+1
+            "mean_activation": [0.5] * n, "std_activation": [0.25] * n,
+            "hist_counts": [[5, 3, 2, 0] for _ in range(n)], "hist_max": [16.0] * n,
+            "top_logit_tokens": [[" Paris", " France"]] * n, "top_logit_ids": [[11, 12]] * n,
+            "top_logit_values": [[2.5, 1.5]] * n,
+            "bottom_logit_tokens": [[" the"]] * n, "bottom_logit_ids": [[3]] * n, "bottom_logit_values": [[-1.0]] * n,
+            "neighbours": [[(i + 1) % n, (i + 2) % n] for i in range(n)],
+            "neighbour_cosines": [[0.5, 0.25]] * n,
+            "top_tokens": [[" Paris"] if (sae_id, i) in FRENCH else ["x"] for i in range(n)],
+            "top_token_counts": [[2]] * n,
+            "description": [DESCRIPTIONS.get(k) for k in keys],
+            "description_method": ["test" if k in DESCRIPTIONS else None for k in keys],
+            "description_model": [None] * n,
+            "embedding_model": [DEFAULT_EMBEDDING_MODEL if k in DESCRIPTIONS else None for k in keys],
+            "vector": [vectors[k].tolist() if k in DESCRIPTIONS else None for k in keys],
+        }
+        examples: dict[str, list] = {c: [] for c in ("sae_id", "feature", "kind", "rank", "bin_min", "bin_max", "tokens",
+                                                     "token_ids", "values", "max_value", "max_position", "doc_id",
+                                                     "context_index")}
+        for (sid, feature), contexts in CONTEXTS.items():
+            if sid != sae_id:
+                continue
+            for rank, (tokens, peak) in enumerate(contexts):
+                values = [0.0] * len(tokens)
+                values[peak] = 4.0 - rank
+                values[max(peak - 1, 1)] = max(values[max(peak - 1, 1)], 0.5)
+                for column, value in (("sae_id", sae_id), ("feature", feature), ("kind", "top"), ("rank", rank),
+                                      ("bin_min", None), ("bin_max", None), ("tokens", tokens),
+                                      ("token_ids", list(range(len(tokens)))), ("values", values),
+                                      ("max_value", values[peak]), ("max_position", peak), ("doc_id", f"d{rank}"),
+                                      ("context_index", rank)):
+                    examples[column].append(value)
+            # one interval example
+            tokens, peak = contexts[0]
+            values = [0.0] * len(tokens)
+            values[peak] = 1.0
+            for column, value in (("sae_id", sae_id), ("feature", feature), ("kind", "interval"), ("rank", 0),
+                                  ("bin_min", 0.75), ("bin_max", 1.25), ("tokens", tokens),
+                                  ("token_ids", list(range(len(tokens)))), ("values", values), ("max_value", 1.0),
+                                  ("max_position", peak), ("doc_id", "d9"), ("context_index", 9)):
+                examples[column].append(value)
+        store.write_coder(sae, features, examples)
+        if with_decoders:
+            write_decoder_vectors(store, sae_id, mats[sae_id])
+    if indexes:
+        create_indexes(store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def catalogue_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("catalogue") / "db"
+    build_catalogue(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cat(catalogue_path):
+    return featuredb.open(str(catalogue_path))
+
+
+def keys(frame: pl.DataFrame) -> list[tuple[str, int]]:
+    return list(zip(frame["sae_id"].to_list(), frame["feature"].to_list()))
+
+
+# --- semantic search -------------------------------------------------------------------------------
+
+
+def test_semantic_search_finds_the_concept(cat):
+    frame = cat.search("towns in France").where(model=MODEL).limit(3).to_polars()
+    assert set(keys(frame)) == FRENCH
+    assert frame.columns == ["sae_id", "feature", "layer", "site", "description", "density", "max_activation",
+                             "top_tokens", "score"]
+    assert frame["score"].to_list() == sorted(frame["score"].to_list(), reverse=True)
+    assert 0.3 < frame["score"].min() <= frame["score"].max() <= 1.0
+    code = cat.search("programming source code").limit(2).to_polars()
+    assert set(keys(code)) == {("res-L12", 0), ("mlp-L12", 1)}
+
+
+def test_semantic_search_accepts_a_query_vector(cat):
+    vector = embed(["towns in France"])[0]
+    by_text = cat.search("towns in France").limit(5).to_polars()
+    by_vector = cat.search(vector).limit(5).to_polars()
+    assert keys(by_text) == keys(by_vector)
+    with pytest.raises(QueryError, match="dimensions"):
+        cat.search(np.ones(7))
+    with pytest.raises(QueryError, match="finite"):
+        cat.search(np.zeros(384))
+
+
+def test_filters_exclude_what_they_should(cat):
+    layer5 = cat.search("towns in France").where(layer=5).limit(20).to_polars()
+    assert keys(layer5)[0] == ("res-L5", 7)
+    assert set(layer5["layer"].to_list()) == {5}
+    assert set(layer5["sae_id"].to_list()) == {"res-L5", "att-L5"}  # every layer-5 feature with a description
+    mlp = cat.search("towns in France").where(site="mlp").limit(20).to_polars()
+    assert set(mlp["sae_id"].to_list()) == {"mlp-L12"} and keys(mlp)[0] == ("mlp-L12", 5)
+    one = cat.search("towns in France").where(sae_id="res-L12").limit(20).to_polars()
+    assert set(one["sae_id"].to_list()) == {"res-L12"} and keys(one)[0] == ("res-L12", 3)
+    both = cat.search("towns in France").where(layer=[3, 5]).limit(20).to_polars()
+    assert set(both["layer"].to_list()) == {3, 5}
+    # feature i has density (i+1)/100 and max activation i+1
+    dense = cat.search("anything").where(density=(0.05, 0.08)).limit(50).to_polars()
+    assert set(dense["feature"].to_list()) <= {4, 5, 6, 7} and len(dense) == 4  # res-L5/7, mlp-L12/5, att-L5/4, TRICKY/6
+    low = cat.search("anything").where(max_activation=(None, 4.0)).limit(50).to_polars()
+    assert set(low["feature"].to_list()) <= {0, 1, 2, 3} and len(low) == 5
+    chained = cat.search("towns in France").where(layer=12).where(site="res").limit(20).to_polars()
+    assert set(chained["sae_id"].to_list()) == {"res-L12", "other-res"}
+    assert cat.search("towns in France").where(layer=12, model="other-model").to_polars()["sae_id"].to_list() == ["other-res"]
+    assert cat.search("towns in France").where(layer=7).to_polars().height == 0  # no such layer: empty, not an error
+
+
+@pytest.mark.parametrize("mode", ["search", "keyword"])
+@pytest.mark.parametrize("density,limit", [((0.02, None), 2), ((None, 0.06), 3), ((0.05, 0.08), 50)])
+def test_range_only_filters_equal_filtering_everything(cat, mode, density, limit):
+    """A range-only filter may run on an overfetched top (see SearchQuery._filtered): same rows."""
+    query = getattr(cat, mode)("Paris France cities code")
+    everything = query.limit(1000).to_polars()
+    low, high = density
+    expected = everything.filter((pl.col("density") >= (low or 0)) & (pl.col("density") <= (high or 1))).head(limit)
+    got = query.where(density=density).limit(limit).to_polars()
+    assert keys(got) == keys(expected)
+
+
+def test_vector_plan_follows_the_filter(cat, monkeypatch):
+    from featuredb.query.where import Where
+
+    # pretend the catalogue holds 611 coders of 16k (10M features) over 26 layers
+    saes = pl.DataFrame({"sae_id": [f"c{j}" for j in range(611)], "layer": [j % 26 for j in range(611)],
+                         "site": ["res"] * 611, "model": [MODEL] * 611, "hook": ["h"] * 611, "width": [16384] * 611})
+    monkeypatch.setattr(cat, "_saes_frame", saes)
+    monkeypatch.setattr(cat, "_saes", lambda refresh=False: saes)
+    assert cat._vector_plan(Where()) .nprobes == 20 and not cat._vector_plan(Where()).exact
+    assert cat._vector_plan(Where().add(sae_id="c3")).exact  # one coder: exact over its 16k rows
+    layer = cat._vector_plan(Where().add(layer=5))
+    assert not layer.exact and 40 <= layer.nprobes <= 50  # more probes for 1/26 of the rows
+    assert cat._vector_plan(Where().add(layer=5), nprobes=7).nprobes == 7
+    assert cat._vector_plan(Where(), exact=True).exact
+
+
+def test_builders_are_immutable(cat):
+    base = cat.search("towns in France")
+    narrowed = base.where(layer=5).limit(1)
+    assert base.limit(20).to_polars().height > 1
+    assert narrowed.to_polars().height == 1
+
+
+# --- keyword and hybrid ----------------------------------------------------------------------------
+
+
+def test_keyword_search(cat):
+    frame = cat.keyword("Marseille").to_polars()
+    assert set(keys(frame)) == {("res-L12", 3), (TRICKY_ID, 6)}
+    assert (frame["score"] > 0).all()
+    assert keys(cat.keyword("parentheses").to_polars()) == [("mlp-L12", 1)]
+    assert keys(cat.keyword("Marseille").where(sae_id=TRICKY_ID).to_polars()) == [(TRICKY_ID, 6)]
+    assert keys(cat.keyword("Marseille").where(layer=12).to_polars()) == [("res-L12", 3)]
+    assert cat.keyword("zeppelin").to_polars().height == 0
+
+
+def test_hybrid_search_fuses_both(cat):
+    frame = cat.hybrid("Marseille").where(layer=12).limit(3).to_polars()
+    assert keys(frame)[0] == ("res-L12", 3)  # first in both legs
+    assert frame["score"].to_list() == sorted(frame["score"].to_list(), reverse=True)
+    code = cat.hybrid("python function definitions").limit(1).to_polars()
+    assert keys(code) == [("res-L12", 0)]
+    rows = cat.hybrid("parentheses brackets").limit(5).to_polars()
+    assert keys(rows)[0] == ("mlp-L12", 1)
+
+
+# --- hostile input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["tiny-model' OR '1'='1", "x'); DROP TABLE features; --", "' OR 1=1 --",
+                                   'tiny-model" OR "1"="1', "tiny-model\\' OR 1=1"])
+def test_sql_in_filter_values_is_a_value(cat, value):
+    assert cat.search("towns in France").where(model=value).to_polars().height == 0
+    assert cat.keyword("Marseille").where(hook=value).to_polars().height == 0
+    assert cat.with_token("Paris").where(model=value).to_polars().height == 0
+    assert cat.search("towns in France").limit(3).to_polars().height == 3  # tables intact
+
+
+def test_sae_id_with_quotes_matches_only_itself(cat):
+    rows = cat.search("harbour boats").where(sae_id=TRICKY_ID).limit(50).to_polars()
+    assert set(rows["sae_id"].to_list()) == {TRICKY_ID}
+    assert cat.feature(TRICKY_ID, 6)["description"] == "Marseille harbour and boats"
+    with pytest.raises(QueryError, match="unknown sae_id"):
+        cat.search("x").where(sae_id="res-L12' OR '1'='1")
+
+
+def test_query_text_with_sql_or_syntax_is_just_text(cat):
+    for text in ["'; DROP TABLE features; --", "Marseille\" OR \"1\"=\"1", "a:b AND (c OR", "*", "paris~2 ^3"]:
+        cat.keyword(text).to_polars()
+        cat.search(text).limit(2).to_polars()
+        cat.hybrid(text).limit(2).to_polars()
+    assert keys(cat.keyword("Marseille").to_polars())  # still there
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: c.search(""), lambda c: c.search("   \n"), lambda c: c.keyword(""), lambda c: c.hybrid(" "),
+    lambda c: c.search("x" * 5000), lambda c: c.keyword("word " * 1000), lambda c: c.search(None),
+    lambda c: c.search("a").limit(0), lambda c: c.search("a").limit(-3), lambda c: c.search("a").limit(10**9),
+    lambda c: c.search("a").limit(True), lambda c: c.search("a").limit(2.5),
+    lambda c: c.search("a").where(layer="12"), lambda c: c.search("a").where(layer=True),
+    lambda c: c.search("a").where(layer=[]), lambda c: c.search("a").where(density=(0.5, 0.1)),
+    lambda c: c.search("a").where(density=0.5), lambda c: c.search("a").where(density=(None, None)),
+    lambda c: c.search("a").where(max_activation=(float("nan"), 1)), lambda c: c.search("a").where(color="red"),
+    lambda c: c.search("a").where(sae_id="nope"), lambda c: c.search("a").where(site="resid"),
+    lambda c: c.search("a").where(layer=2**40).to_polars(), lambda c: c.search("a").nprobes(0),
+    lambda c: c.feature("nope", 0), lambda c: c.feature("res-L12", WIDTH), lambda c: c.feature("res-L12", -1),
+    lambda c: c.feature("res-L12", "3"), lambda c: c.feature("", 0), lambda c: c.similar("res-L12", 99),
+    lambda c: c.with_token(""), lambda c: c.with_token("x" * 500), lambda c: c.with_token("a", window=-1),
+    lambda c: c.fires_on(""), lambda c: c.fires_on("hi", by="mean"), lambda c: c.fires_on("hi", saes=["nope"]),
+    lambda c: c.fires_on("hi", max_density=2.0), lambda c: c.fires_on("hi", limit=0),
+])
+def test_empty_or_absurd_queries_get_a_clear_error(cat, make):
+    with pytest.raises(QueryError) as info:
+        make(cat)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert message and "\n" not in message and len(message) < 400
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(QueryError, match="does not exist"):
+        featuredb.open(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QueryError, match="no catalogue"):
+        featuredb.open(str(tmp_path / "empty"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QueryError):
+        featuredb.open(str(tmp_path / "file"))
+
+
+# --- one feature -----------------------------------------------------------------------------------
+
+
+def test_feature_has_everything(cat):
+    f = cat.feature("res-L12", 8)
+    assert (f["sae_id"], f["feature"], f["layer"], f["site"], f["model"]) == ("res-L12", 8, 12, "res", MODEL)
+    assert f["density"] == pytest.approx(0.09) and f["max_activation"] == pytest.approx(9.0)
+    assert f["histogram"] == {"counts": [5, 3, 2, 0], "max": 16.0, "edges": [0.0, 4.0, 8.0, 12.0, 16.0]}
+    assert f["logits"]["top"][0] == {"token": " Paris", "id": 11, "value": 2.5}
+    assert f["logits"]["bottom"] == [{"token": " the", "id": 3, "value": -1.0}]
+    assert [n["feature"] for n in f["neighbours"]] == [9, 10]
+    assert f["neighbours"][0]["description"] == "cats, dogs and other pets"
+    assert f["coder"]["width"] == WIDTH and f["coder"]["kind"] == "sae"
+    assert f["description"] is None and f["descriptions"] == []
+
+    paris = cat.feature("res-L12", 3)
+    assert paris["description"] == DESCRIPTIONS[("res-L12", 3)]
+    assert paris["descriptions"][0]["method"] == "test"
+    assert [e["rank"] for e in paris["top_examples"]] == [0, 1, 2]
+    first = paris["top_examples"][0]
+    assert first["tokens"][first["max_position"]] == " Paris" and first["max_value"] == 4.0
+    assert len(paris["interval_examples"]) == 1 and paris["interval_examples"][0]["bin_min"] == 0.75
+    assert paris["top_tokens"] == [{"token": " Paris", "count": 2}]
+    json.dumps(paris)  # plain Python values only
+
+
+# --- activation-pattern search over stored contexts ------------------------------------------------
+
+
+def test_with_token_finds_peaks_on_the_token(cat):
+    frame = cat.with_token("Paris").to_polars()
+    assert keys(frame) == [("res-L12", 3), ("res-L5", 7)]
+    assert frame["matches"].to_list() == [2, 1] and frame["examples"].to_list() == [3, 2]
+    assert frame["score"].to_list() == pytest.approx([2 / 3, 1 / 2])
+    assert keys(cat.with_token(" paris ").to_polars()) == keys(frame)
+    assert keys(cat.with_token("Paris").where(layer=5).to_polars()) == [("res-L5", 7)]
+    assert keys(cat.with_token("Paris").where(density=(0.05, None)).to_polars()) == [("res-L5", 7)]
+    assert keys(cat.with_token("def").to_polars()) == [("res-L12", 0)]
+    assert cat.with_token("Lyon").to_polars()["matches"].to_list() == [1]
+    assert cat.with_token("London").to_polars().height == 0
+
+
+def test_with_token_phrases_and_windows(cat):
+    assert keys(cat.with_token("Eiffel tower").to_polars()) == [("res-L5", 7)]  # peak on " tower"
+    assert cat.with_token("eiffel").to_polars().height == 0  # never the peak itself
+    near = cat.with_token("eiffel", window=3).to_polars()
+    assert set(keys(near)) == {("res-L12", 3), ("res-L5", 7)}
+    assert cat.with_token("eiffel", window=2).where(sae_id="res-L12").to_polars().height == 0  # 3 tokens away
+
+
+# --- similarity by decoder direction ---------------------------------------------------------------
+
+
+def test_similar_across_coders_same_model_and_space(cat):
+    frame = cat.similar("res-L12", 3).limit(20).to_polars()
+    found = keys(frame)
+    assert found[0] == ("mlp-L12", 6)  # parallel, other coder, residual space
+    assert ("res-L12", 11) in found[:3]
+    assert ("res-L12", 3) not in found  # never itself
+    assert not {s for s, _ in found} & {"att-L5", "other-res"}  # other space / other model
+    assert frame["score"][0] == pytest.approx(1.0, abs=1e-3)
+    assert frame["score"].to_list() == sorted(frame["score"].to_list(), reverse=True)
+
+
+def test_similar_within_and_filtered(cat):
+    within = cat.similar("res-L12", 3, across=False).limit(5).to_polars()
+    assert set(within["sae_id"].to_list()) == {"res-L12"} and keys(within)[0] == ("res-L12", 11)
+    layer5 = cat.similar("res-L12", 3).where(layer=5).limit(5).to_polars()
+    assert set(layer5["sae_id"].to_list()) == {"res-L5"}  # att-L5 is layer 5 too, but another space
+    dense = cat.similar("res-L12", 3).where(density=(0.1, None)).limit(3).to_polars()
+    assert (dense["density"] >= 0.1).all() and dense.height == 3
+
+
+def test_similar_without_decoder_vectors_uses_stored_neighbours(tmp_path):
+    build_catalogue(tmp_path / "db", with_decoders=False, indexes=False)
+    cat = featuredb.open(str(tmp_path / "db"))
+    query = cat.similar("res-L12", 3)
+    assert not query.uses_decoder_vectors
+    frame = query.to_polars()
+    assert keys(frame) == [("res-L12", 4), ("res-L12", 5)]
+    assert frame["score"].to_list() == pytest.approx([0.5, 0.25])
+    # and every search works without any index (exact search, flat full text)
+    assert set(keys(cat.search("towns in France").where(model=MODEL).limit(3).to_polars())) == FRENCH
+    assert set(keys(cat.keyword("Marseille").to_polars())) == {("res-L12", 3), (TRICKY_ID, 6)}
+
+
+def test_write_decoder_vectors_validates(tmp_path):
+    store = build_catalogue(tmp_path / "db", with_decoders=False, indexes=False)
+    with pytest.raises(ValueError, match="not in the store"):
+        write_decoder_vectors(store, "nope", np.ones((WIDTH, D)))
+    with pytest.raises(ValueError, match="shape"):
+        write_decoder_vectors(store, "res-L12", np.ones((WIDTH + 1, D)))
+    W = torch.from_numpy(decoder_matrices()["res-L12"])
+    W[5] = 0  # a dead feature: skipped
+    assert write_decoder_vectors(store, "res-L12", W) == WIDTH - 1
+    assert write_decoder_vectors(store, "res-L12", W) == WIDTH - 1  # rewrite replaces, no duplicates
+    assert store.table("decoders_8").count_rows() == WIDTH - 1
+    cat = featuredb.open(str(tmp_path / "db"))
+    with pytest.raises(QueryError, match="no decoder direction"):
+        cat.similar("res-L12", 5).to_polars()
+
+
+# --- index management ------------------------------------------------------------------------------
+
+
+def test_indexes_are_built_and_kept_up_to_date(tmp_path):
+    store = build_catalogue(tmp_path / "db", indexes=False)
+    exact = featuredb.open(str(tmp_path / "db")).search("towns in France").limit(5).to_polars()
+    created = create_indexes(store, min_vector_rows=1, partitions=1)
+    assert "vector_ivf_rq_p1" in created["features"] and "description_idx" in created["features"]
+    assert "sae_id_idx" in created["examples"] and "vector_ivf_rq_p1" in created["decoders_8"]
+    assert create_indexes(store, min_vector_rows=1) == {"examples": [], "features": [], "decoders_8": []}
+    cat = featuredb.open(str(tmp_path / "db"))
+    assert keys(cat.search("towns in France").limit(5).to_polars()) == keys(exact)
+    # a new coder is searchable at once (unindexed rows are searched exactly) and indexed by optimize
+    sae_id, layer = "new-L7", 7
+    new = build_catalogue(tmp_path / "other", with_decoders=False, indexes=False)
+    rows = new.features("res-L12").with_columns(sae_id=pl.lit(sae_id), layer=pl.lit(layer, pl.Int32))
+    sae = new.saes().filter(pl.col("sae_id") == "res-L12").to_dicts()[0] | {"sae_id": sae_id, "layer": layer}
+    FeatureStore(str(tmp_path / "db")).write_coder(sae, rows.to_arrow(), {c: [] for c in
+                                                                          new.examples("res-L12").columns})
+    assert ("new-L7", 3) in keys(cat.search("towns in France").where(layer=7).to_polars())
+    optimize(store)
+    from featuredb.query.indexes import index_summary
+
+    summary = {i["name"]: i for i in index_summary(store)["features"]}
+    assert summary["description_idx"]["unindexed_rows"] == 0
+    assert ("new-L7", 3) in keys(cat.keyword("Marseille").where(layer=7).to_polars())
+
+
+# --- activation search through a real (tiny) model --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_catalogue(tmp_path_factory, tiny_gemma2):
+    from featuredb.indexer.run import IndexConfig, run_index
+    from featuredb.indexer.stats import StatsConfig
+
+    from conftest import CORPUS_TEXT
+    from coder_formats import write_gemma_scope_1
+
+    root = tmp_path_factory.mktemp("model_catalogue")
+    coders = [str(write_gemma_scope_1(root / "coders", "res", 1, 64, 48, fire_rate=0.1, seed=1)),
+              str(write_gemma_scope_1(root / "coders", "transcoders", 0, 64, 40, fire_rate=0.1, seed=2))]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(CORPUS_TEXT)))
+    db = root / "db"
+    run_index(IndexConfig(model=str(tiny_gemma2), coders=coders, corpus=str(corpus), db=str(db), context=16,
+                          batch_size=4, stats=StatsConfig(top_k=4, hist_bins=16, interval_bins=4, interval_per_bin=1),
+                          progress=False))
+    return db, coders
+
+
+def direct_encode(model_dir, coder_spec, text):
+    from featuredb.indexer.coders import load_coder
+    from featuredb.indexer.model import load_model
+
+    model = load_model(str(model_dir))
+    coder = load_coder(coder_spec, model_is_gemma=True)
+    ids = [model.bos_token_id] + model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ids])
+    x = model.capture(ids, torch.ones_like(ids), [coder.hook])[coder.hook]
+    return coder.sae_id, coder.encode(x.float())[0, 1:].numpy()  # [T, F], BOS dropped
+
+
+TEXT = "The cat sat on the mat in Paris."
+
+
+def test_fires_on_matches_a_direct_encode(model_catalogue, tiny_gemma2):
+    db, specs = model_catalogue
+    cat = featuredb.open(str(db))
+    result = cat.fires_on(TEXT, limit=1000, per_token=3)
+    dense = dict(direct_encode(tiny_gemma2, spec, TEXT) for spec in specs)
+    n_tokens = next(iter(dense.values())).shape[0]
+    assert len(result.tokens) == n_tokens == len(result.token_ids)
+    # every feature that fires anywhere, with its max and where it is
+    expected = {(s, f): float(a[:, f].max()) for s, a in dense.items() for f in range(a.shape[1]) if a[:, f].max() > 0}
+    got = {(r["sae_id"], r["feature"]): r["activation"] for r in result.features.iter_rows(named=True)}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5)
+    assert result.features["activation"].to_list() == sorted(result.features["activation"].to_list(), reverse=True)
+    for row in result.features.head(20).iter_rows(named=True):
+        assert dense[row["sae_id"]][row["position"], row["feature"]] == pytest.approx(row["activation"], rel=1e-4)
+        assert row["density"] is not None and row["layer"] in (0, 1)
+    # per token: the top features of each position across both coders
+    for position in range(n_tokens):
+        everything = sorted(((float(a[position, f]), s, f) for s, a in dense.items() for f in range(a.shape[1])
+                             if a[position, f] > 0), key=lambda t: (-t[0], t[1], t[2]))[:3]
+        rows = result.per_token.filter(pl.col("position") == position).sort("rank")
+        assert [(r["sae_id"], r["feature"]) for r in rows.iter_rows(named=True)] == [(s, f) for _, s, f in everything]
+        assert set(rows["token"].to_list()) <= {result.tokens[position]}
+
+
+def test_fires_on_sum_positions_density_and_caching(model_catalogue, tiny_gemma2):
+    db, specs = model_catalogue
+    cat = featuredb.open(str(db))
+    sae_id, acts = direct_encode(tiny_gemma2, specs[0], TEXT)
+    result = cat.fires_on(TEXT, saes=sae_id, by="sum", positions=[0, -1], limit=5, per_token=0)
+    chosen = acts[[0, acts.shape[0] - 1]].sum(axis=0)
+    top = np.argsort(-chosen, kind="stable")[:5]
+    top = [int(f) for f in top if chosen[f] > 0]
+    assert result.features["feature"].to_list() == top
+    assert result.features["activation"].to_list() == pytest.approx([float(chosen[f]) for f in top], rel=1e-4)
+    assert set(result.features["sae_id"].to_list()) == {sae_id} and result.per_token.height == 0
+    models, coders = dict(cat._models), dict(cat._coders)
+    # density ceiling: dense features disappear
+    densities = dict(FeatureStore(str(db)).features(sae_id).select("feature", "density").iter_rows())
+    ceiling = float(np.median(list(densities.values())))
+    filtered = cat.fires_on(TEXT, saes=[sae_id], max_density=ceiling, limit=1000)
+    assert filtered.features.height > 0
+    assert all(densities[f] <= ceiling for f in filtered.features["feature"].to_list())
+    assert all(densities[f] <= ceiling for f in filtered.per_token["feature"].to_list())
+    # the model and the coder were loaded once and reused
+    assert cat._models == models and all(cat._coders[k] is v for k, v in coders.items())
+    with pytest.raises(QueryError, match="out of range"):
+        cat.fires_on(TEXT, positions=[100])
+
+
+def test_fires_on_refuses_a_huge_text(model_catalogue):
+    db, _ = model_catalogue
+    with pytest.raises(QueryError, match="tokens long"):
+        featuredb.open(str(db)).fires_on("cat " * 3000)
+
+
+def test_feature_of_an_indexed_catalogue(model_catalogue):
+    db, _ = model_catalogue
+    cat = featuredb.open(str(db))
+    sae_id = cat.saes()["sae_id"][0]
+    f = cat.feature(sae_id, 0)
+    stored = FeatureStore(str(db)).feature(sae_id, 0)
+    assert f["density"] == stored["density"] and len(f["top_examples"]) <= 4
+    assert len(f["neighbours"]) == 10
+    # not described yet: semantic search says so; keyword search finds nothing; tokens work
+    with pytest.raises(QueryError, match="describe"):
+        cat.search("cats").to_polars()
+    with pytest.raises(QueryError, match="describe"):
+        cat.hybrid("cats").to_polars()
+    assert cat.keyword("cats").to_polars().height == 0
+    examples = FeatureStore(str(db)).examples(sae_id, kind="top")
+    row = next(r for r in examples.iter_rows(named=True) if r["tokens"][r["max_position"]].strip().isalpha())
+    peak = row["tokens"][row["max_position"]]
+    found = cat.with_token(peak).where(sae_id=sae_id).limit(1000).to_polars()
+    assert (row["sae_id"], row["feature"]) in keys(found)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def invoke(command, args, env=None):
+    return CliRunner().invoke(command, args, env=env)
+
+
+def test_cli_search(catalogue_path):
+    db = ["--db", str(catalogue_path)]
+    result = invoke(search, ["towns in France", "--model", MODEL, "--limit", "3", "--json", *db])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {(r["sae_id"], r["feature"]) for r in rows} == FRENCH
+    human = invoke(search, ["Marseille", "--keyword", *db])
+    assert human.exit_code == 0 and "res-L12" in human.output and "description" in human.output
+    layer = json.loads(invoke(search, ["Marseille", "--hybrid", "--layer", "12", "--json", *db]).output)
+    assert (layer[0]["sae_id"], layer[0]["feature"]) == ("res-L12", 3)
+    assert {r["layer"] for r in layer} == {12}
+    env = invoke(search, ["Marseille", "--keyword", "--json"], env={"FEATUREDB_DB": str(catalogue_path)})
+    assert env.exit_code == 0 and json.loads(env.output)
+
+
+@pytest.mark.parametrize("args", [
+    ["", "--keyword"], ["x", "--limit", "0"], ["x", "--sae", "nope"], ["x", "--layer", "twelve"],
+    ["x", "--site", "resid"], ["x", "--no-such-option"], ["x", "--min-density", "0.5", "--max-density", "0.1"],
+])
+def test_cli_bad_input_is_one_line_and_exit_1(catalogue_path, args):
+    result = CliRunner().invoke(search, [*args, "--db", str(catalogue_path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_cli_missing_catalogue(tmp_path):
+    result = invoke(search, ["x", "--db", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ")
+
+
+def test_cli_show(catalogue_path):
+    result = invoke(show, ["res-L12/3", "--db", str(catalogue_path)])
+    assert result.exit_code == 0, result.output
+    assert "French cities" in result.output and "[ Paris]" in result.output and "top examples" in result.output
+    data = json.loads(invoke(show, [f"{TRICKY_ID}/6", "--json", "--db", str(catalogue_path)]).output)
+    assert data["description"] == "Marseille harbour and boats"
+    for bad in ["res-L12", "res-L12/x", "nope/1", "res-L12/999"]:
+        result = invoke(show, [bad, "--db", str(catalogue_path)])
+        assert result.exit_code == 1 and result.stderr.startswith("error: ")
+
+
+def test_cli_similar(catalogue_path):
+    rows = json.loads(invoke(similar, ["res-L12/3", "--json", "--db", str(catalogue_path)]).output)
+    assert (rows[0]["sae_id"], rows[0]["feature"]) == ("mlp-L12", 6)
+    within = invoke(similar, ["res-L12/3", "--within", "--db", str(catalogue_path)])
+    assert within.exit_code == 0 and "mlp-L12" not in within.output and "res-L12" in within.output
+
+
+def test_cli_fires(model_catalogue):
+    db, _ = model_catalogue
+    result = invoke(fires, [TEXT, "--json", "--limit", "5", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert len(data["features"]) == 5 and data["tokens"]
+    human = invoke(fires, [TEXT, "--by", "sum", "--positions", "0,1", "--db", str(db)])
+    assert human.exit_code == 0 and "per token" in human.output
+    bad = invoke(fires, [TEXT, "--positions", "a,b", "--db", str(db)])
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: ")
+
+
+def test_commands_are_exported():
+    assert [c.name for c in COMMANDS] == ["search", "show", "fires", "similar"]
