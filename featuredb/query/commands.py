@@ -14,7 +14,8 @@ from typing import Any
 import click
 
 from .catalogue import DEFAULT_DB, default_db
-from .errors import QueryError, one_line
+from ..errors import one_line, one_line_errors
+from .errors import QueryError
 
 
 class _Command(click.Command):
@@ -28,22 +29,9 @@ class _Command(click.Command):
             sys.exit(1)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from ..embedding import EmbeddingError
-    from ..store import StoreError
-
-    return QueryError, StoreError, EmbeddingError
-
-
 def _run(body):
-    try:
-        return body()
-    except _user_errors() as e:
-        click.echo(f"error: {one_line(e)}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    """Run a command body: input errors become one line on stderr and exit status 1."""
+    return one_line_errors(body)()
 
 
 def _db_option(f):

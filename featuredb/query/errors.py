@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
+from ..errors import one_line  # noqa: F401 (re-exported for the query modules)
+
 
 class QueryError(ValueError):
     """A query that cannot run: empty or absurd input, an unknown coder or feature, a catalogue
     that lacks what the query needs. Always a one-line message meant for the user."""
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
