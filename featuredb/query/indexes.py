@@ -27,7 +27,7 @@ from ..store.decoders import is_decoders_table
 from .errors import QueryError, one_line
 
 # Measured by scripts/bench_query.py (docs/benchmarks.md).
-MIN_VECTOR_INDEX_ROWS = 10_000
+MIN_VECTOR_INDEX_ROWS = 50_000  # below this, exact search is fast and k-means has too little to cluster
 TARGET_PARTITION_ROWS = 8192
 RQ_BITS = 4  # 4-bit RaBitQ codes rank candidates well enough that refining 5x the limit suffices
 VECTOR_INDEX_KINDS = ("ivf_pq", "ivf_rq")

@@ -1,6 +1,6 @@
 """Benchmark of `featuredb describe --explainer tokens`: labels and embeddings per second.
 
-    python -m featuredb.indexer.describe.bench --features 2048
+    python scripts/bench_describe.py --features 2048
 
 Builds a synthetic catalogue (one coder, N features with 8 top and 4 interval example contexts of
 32 tokens each) in a temporary directory, describes it with the tokens explainer and the default
@@ -16,9 +16,9 @@ import random
 import tempfile
 import time
 
-from ...embedding import DEFAULT_EMBEDDING_MODEL
-from ...store import FeatureStore, examples_schema, features_schema
-from .run import DescribeConfig, run_describe
+from featuredb.embedding import DEFAULT_EMBEDDING_MODEL
+from featuredb.store import FeatureStore, examples_schema, features_schema
+from featuredb.indexer.describe.run import DescribeConfig, run_describe
 
 WORDS = ("the", "cat", "sat", "on", "mat", "Paris", "London", "Berlin", "def", "return", "42", "7", "blue", "red",
          "river", "bank", "money", "code", "while", "for", "is", "was", "of", "in", "and", "to")
