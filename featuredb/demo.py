@@ -25,7 +25,7 @@ from .demo_corpus import write_demo_corpus
 from .indexer.corpus import iter_windows
 from .indexer.model import SubjectModel, load_model, smollm2_gguf_path
 from .indexer.run import IndexConfig, batches, run_index
-from .indexer.train import TrainConfig, evaluate, save_saelens, train_topk_sae
+from .indexer.train import TrainConfig, cpu_has_fast_bf16, evaluate, save_saelens, train_topk_sae
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -64,9 +64,7 @@ class DemoConfig:
 
 
 def default_dtype() -> torch.dtype:
-    fast_bf16 = torch.cuda.is_available() or torch.backends.mkldnn.is_available() and \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
 
 
 def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], tokens: int, context: int,

@@ -182,8 +182,8 @@ def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None
     if progress.contexts == 0:
         raise CorpusError(f"corpus {config.corpus} has no text to index")
 
-    vocab = vocabulary_strings(model.tokenizer, model.unembed().shape[0])
     unembed = model.unembed()
+    vocab = vocabulary_strings(model.tokenizer, unembed.shape[0])
     for coder, coder_stats in zip(coders, stats):
         sae = sae_row(config, coder, progress)
         logits = logit_tables(coder.W_dec, unembed, model.direction_to_residual(coder.hook_out))
@@ -208,9 +208,9 @@ def _stream(config: IndexConfig, model: SubjectModel, coders: list[SparseCoder],
                desc="indexing", disable=not config.progress, smoothing=0.1)
     last_checkpoint = time.monotonic()
     n_batches = 0
+    device = model.device
     for batch in batches(windows, config.batch_size, config.context, model.pad_token_id,
                          config.tokens, progress.tokens_counted):
-        device = model.device
         activations = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
         count_mask = batch.count_mask.to(device)
         counted = int(batch.count_mask.sum())

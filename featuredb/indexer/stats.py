@@ -221,7 +221,7 @@ class FeatureStats:
         if adm_r.numel():
             for column, source in zip(columns, sources):
                 column[rows[adm_r], slot] = source[adm_r, n_slots + adm_c]
-            token_values[rows[adm_r], slot] = cand_tokens_gather(cand_tokens, adm_r, adm_c).to(token_values.dtype)
+            token_values[rows[adm_r], slot] = _candidate_token_values(cand_tokens, adm_r, adm_c).to(token_values.dtype)
 
     # ------------------------------------------------------------------ merging two states
     @torch.no_grad()
@@ -298,7 +298,7 @@ class _BatchValues:
         self.acts, self.rows = acts, rows  # acts [B, T, F]; rows: the feature of each merged row
 
 
-def cand_tokens_gather(candidates, row: Tensor, cand: Tensor) -> Tensor:
+def _candidate_token_values(candidates, row: Tensor, cand: Tensor) -> Tensor:
     """[n, T] per-token values of candidate `cand` of merged row `row`."""
     if isinstance(candidates, _BatchValues):
         return candidates.acts[cand, :, candidates.rows[row]]

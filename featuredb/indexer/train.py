@@ -320,10 +320,10 @@ def _select_dtype(name: str) -> torch.dtype:
         return getattr(torch, name)
     if name != "auto":
         raise ValueError(f"select_dtype must be float32, bfloat16 or auto, got {name!r}")
-    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_fast_bf16() -> bool:
     """Native bfloat16 matmuls (AVX512-BF16 or AMX): there a bf16 product is ~3x faster than float32,
     elsewhere it is emulated and slower. Read from the CPU flags, so a run does not depend on timing."""
     try:

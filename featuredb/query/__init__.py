@@ -10,7 +10,8 @@ featuredb.query.decoders for decoder vectors (similarity search).
 
 from .activation import FiresOn, TokenQuery
 from .catalogue import DEFAULT_DB, Catalogue, default_db, open
-from .decoders import SimilarQuery, delete_decoder_vectors, write_decoder_vectors
+from ..store.decoders import delete_decoder_vectors, write_decoder_vectors
+from .decoders import SimilarQuery
 from .errors import QueryError
 from .indexes import create_indexes, finalize, optimize
 from .search import SearchQuery

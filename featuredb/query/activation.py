@@ -19,7 +19,8 @@ import numpy as np
 import polars as pl
 
 from ..store import EXAMPLES_TABLE, Filter
-from .errors import QueryError, one_line
+from ..errors import one_line
+from .errors import QueryError
 from .search import DEFAULT_LIMIT, check_limit, check_text
 from .where import Where
 

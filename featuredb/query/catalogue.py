@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from ..store import EXAMPLES_TABLE, FEATURES_TABLE, SAES_TABLE, FeatureStore, Filter, StoreError
 from ..store.schema import vector_dim_of
-from .errors import QueryError, one_line
+from ..errors import one_line
+from .errors import QueryError
 from .search import SearchQuery, check_text, finite_vector
 from .where import Where
 

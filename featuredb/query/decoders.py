@@ -22,8 +22,9 @@ import numpy as np
 import polars as pl
 
 from ..store import Filter, StoreError
-from ..store.decoders import decoder_space, decoders_table_name, delete_decoder_vectors, write_decoder_vectors  # noqa: F401
-from .errors import QueryError, one_line
+from ..store.decoders import decoder_space, decoders_table_name
+from ..errors import one_line
+from .errors import QueryError
 from .catalogue import DEFAULT_REFINE, EXACT_MAX_FRACTION, EXACT_MAX_ROWS
 from .search import DEFAULT_LIMIT, RESULT_COLUMNS, RESULT_SCHEMA, check_limit, empty_results
 from .where import Where

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..errors import one_line  # noqa: F401 (re-exported for the query modules)
-
 
 class QueryError(ValueError):
     """A query that cannot run: empty or absurd input, an unknown coder or feature, a catalogue

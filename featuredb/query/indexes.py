@@ -24,7 +24,8 @@ from lancedb.index import FTS, BTree, Bitmap, IvfPq, IvfRq
 
 from ..store import EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore
 from ..store.decoders import is_decoders_table
-from .errors import QueryError, one_line
+from ..errors import one_line
+from .errors import QueryError
 
 # Measured by scripts/bench_query.py (docs/benchmarks.md).
 MIN_VECTOR_INDEX_ROWS = 50_000  # below this, exact search is fast and k-means has too little to cluster

@@ -18,7 +18,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .errors import QueryError, one_line
+from ..errors import one_line
+from .errors import QueryError
 from .where import Where
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from ..store import Filter, StoreError
 from ..store.schema import SITES
-from .errors import QueryError, one_line
+from ..errors import one_line
+from .errors import QueryError
 
 # column -> Python type of its values; a list/tuple/set of values means "any of them"
 EQ_COLUMNS: dict[str, type] = {"sae_id": str, "layer": int, "site": str, "model": str, "hook": str}
