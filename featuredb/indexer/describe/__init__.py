@@ -6,7 +6,7 @@ embeddings, and the write path into the catalogue.
 
 Modules: `evidence` (reading a feature's examples and logits), `prompts` (prompt text and reply
 parsing), `explainers`, `scoring`, `llm_client` (OpenAI-compatible client + reply cache),
-`local` (in-process transformers model), `store_io` (descriptions table and feature updates),
+`local` (in-process transformers model), `featuredb.store.descriptions` (descriptions table and feature updates),
 `run` (the resumable run behind `featuredb describe`).
 """
 
@@ -24,7 +24,7 @@ from .prompts import (
 )
 from .run import DescribeConfig, DescribeError, DescribeResult, run_describe
 from .scoring import Scorer, ScoreResult, balanced_accuracy
-from .store_io import (
+from ...store.descriptions import (
     DESCRIPTIONS_TABLE,
     METHOD_RANK,
     SyncResult,

@@ -33,7 +33,7 @@ from .llm_client import (
 )
 from .prompts import EXPLAIN_PROMPT_VERSION, WINDOW_AFTER, WINDOW_BEFORE
 from .scoring import Scorer, ScoreResult
-from .store_io import Embedder, SyncResult, current_descriptions, sync_features, write_descriptions
+from ...store.descriptions import Embedder, SyncResult, current_descriptions, sync_features, write_descriptions
 
 EXPLAINERS = ("tokens", "llm", "local")
 CACHE_FILE = "_describe_cache.sqlite"

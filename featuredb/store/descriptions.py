@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ...embedding import DEFAULT_EMBEDDING_MODEL
-from ...store import FEATURES_TABLE, FeatureStore, Filter, StoreError
-from ...store.schema import conform_table, vector_dim_of
+from ..embedding import DEFAULT_EMBEDDING_MODEL
+from . import FEATURES_TABLE, FeatureStore, Filter, StoreError
+from .schema import conform_table, vector_dim_of
 
 DESCRIPTIONS_TABLE = "descriptions"
 # How descriptions rank against each other when choosing a feature's current one.
@@ -223,7 +223,7 @@ def _embed(texts: list[str], model: str, embedder: Embedder | None) -> tuple[np.
     if embedder is None:
         from transformers.utils import logging as hf_logging
 
-        from ...embedding import embed, load_embedder
+        from ..embedding import embed, load_embedder
 
         hf_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar would garble our output
         try:
