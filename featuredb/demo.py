@@ -68,12 +68,14 @@ def default_dtype() -> torch.dtype:
 
 
 def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], tokens: int, context: int,
-                        batch_size: int = 32, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Activations [n, d] per hook for the first `tokens` counted tokens (BOS and padding left out)."""
+                        batch_size: int = 32, dtype: torch.dtype = torch.float32,
+                        progress: bool = True) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Activations [n, d] per hook for the first `tokens` counted tokens (BOS and padding left out),
+    and the token count at each window boundary (so held-out splits can fall between windows)."""
     dims = model.hook_dims(hooks)
     room = tokens + batch_size * context
-    out = {h: torch.empty(room, dims[h], dtype=torch.float32) for h in hooks}
-    n = 0
+    out = {h: torch.empty(room, dims[h], dtype=dtype) for h in hooks}
+    n, boundaries = 0, [0]
     windows = iter_windows(corpus, model.tokenizer, model.bos_token_id, context)
     from tqdm.auto import tqdm
 
@@ -84,10 +86,11 @@ def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], toke
             mask = batch.count_mask.to(model.device)
             m = int(mask.sum())
             for h in hooks:
-                out[h][n:n + m] = acts[h][mask].float().cpu()
+                out[h][n:n + m] = acts[h][mask].to("cpu", dtype)
+            boundaries += (n + mask.sum(1).cumsum(0)).tolist()
             n += m
             bar.update(m)
-    return {h: a[:n] for h, a in out.items()}
+    return {h: a[:n] for h, a in out.items()}, boundaries
 
 
 def step(title: str):
@@ -98,8 +101,8 @@ def step(title: str):
 def train_saes(config: DemoConfig, model: SubjectModel) -> list[dict]:
     """Train one TopK SAE per layer on the first train_tokens; evaluate on the eval_tokens after."""
     hooks = [f"model.layers.{L}.output" for L in config.layers]
-    acts = collect_activations(model, str(config.corpus), hooks, config.train_tokens + config.eval_tokens,
-                               config.context, progress=config.progress)
+    acts, _ = collect_activations(model, str(config.corpus), hooks, config.train_tokens + config.eval_tokens,
+                                  config.context, progress=config.progress)
     reports = []
     for layer, hook in zip(config.layers, hooks):
         x = acts[hook]

@@ -44,33 +44,12 @@ from pathlib import Path
 
 import torch
 
+from featuredb.demo import collect_activations
 from featuredb.demo_corpus import write_demo_corpus
-from featuredb.indexer.corpus import iter_windows
-from featuredb.indexer.model import SubjectModel, load_model, smollm2_gguf_path
-from featuredb.indexer.run import batches
+from featuredb.indexer.model import load_model, smollm2_gguf_path
 from featuredb.indexer.train import TrainConfig, evaluate, save_saelens, train_topk_sae
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-
-def collect(model: SubjectModel, corpus: str, hooks: list[str], tokens: int, context: int,
-            batch_size: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Activations [n, d] per hook for the first `tokens` counted tokens (BOS and padding left out),
-    in the model's dtype, and the token count at each window boundary."""
-    d = model.hook_dims(hooks)
-    room = tokens + batch_size * context
-    out = {h: torch.empty(room, d[h], dtype=model.dtype) for h in hooks}
-    n, boundaries = 0, [0]
-    windows = iter_windows(corpus, model.tokenizer, model.bos_token_id, context)
-    for batch in batches(windows, batch_size, context, model.pad_token_id, tokens, 0):
-        acts = model.capture(batch.input_ids, batch.attention_mask, hooks)
-        mask = batch.count_mask
-        m = int(mask.sum())
-        for h in hooks:
-            out[h][n:n + m] = acts[h][mask]
-        boundaries += (n + mask.sum(1).cumsum(0)).tolist()
-        n += m
-    return {h: a[:n] for h, a in out.items()}, boundaries
 
 
 def fmt_s(seconds: float) -> str:
@@ -135,8 +114,8 @@ def main() -> None:
         print(f"model loaded in {timings['load model']:.1f}s ({model.n_layers} layers, {model.dtype}, "
               f"{torch.get_num_threads()} threads)")
         t = time.perf_counter()
-        acts, boundaries = collect(model, corpus, hooks, args.tokens + args.eval_tokens, args.context,
-                                   args.forward_batch)
+        acts, boundaries = collect_activations(model, corpus, hooks, args.tokens + args.eval_tokens, args.context,
+                                               args.forward_batch, dtype=model.dtype, progress=False)
         timings["collect"] = time.perf_counter() - t
         print(f"collected {boundaries[-1]:,} tokens x {len(hooks)} layers in {timings['collect']:.1f}s "
               f"({boundaries[-1] / timings['collect']:,.0f} tokens/s)")
