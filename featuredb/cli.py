@@ -31,12 +31,19 @@ def main() -> None:
               help="Model dtype (default: float32 on CPU, bfloat16 on CUDA).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Seconds between checkpoints.")
-@click.option("--work-dir", default=None, help="Checkpoint directory (default: DB/_index_work).")
+@click.option("--work-dir", default=None,
+              help="Local checkpoint directory (default: DB/_index_work; for an s3:// DB ~/.cache/featuredb/index/...).")
+@click.option("--distributed", is_flag=True, default=None,
+              help="Split the run across the processes torchrun started (automatic under torchrun).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
 def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
-          resume, checkpoint_seconds, work_dir, quiet):
-    """Run a corpus through a model and its coders; store per-feature statistics and examples."""
+          resume, checkpoint_seconds, work_dir, distributed, quiet):
+    """Run a corpus through a model and its coders; store per-feature statistics and examples.
+
+    Under torchrun (`torchrun --nproc-per-node N -m featuredb.indexer ...`) each process indexes
+    its share of the corpus and rank 0 writes one catalogue, equal to a single-process run's.
+    """
     from .indexer.run import IndexConfig, run_index
     from .indexer.stats import StatsConfig
 
@@ -44,15 +51,18 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
         model=model, coders=list(coders), corpus=corpus, db=db, tokens=tokens, context=context,
         batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
         device=device, dtype=dtype, resume=resume, work_dir=work_dir,
-        checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+        checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
     )
     result = run_index(config)
+    if not result.written:
+        return  # another rank wrote the catalogue
     from .query import finalize
 
     finalize(db)  # search indexes cover the new rows
     rate = result.tokens / max(result.seconds, 1e-9)
+    processes = f" on {result.world} processes" if result.world > 1 else ""
     click.echo(f"indexed {result.tokens:,} tokens ({result.contexts:,} contexts) through "
-               f"{len(result.sae_ids)} coder(s) in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
+               f"{len(result.sae_ids)} coder(s){processes} in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
     for sae_id in result.sae_ids:
         click.echo(f"  {sae_id}")
 
@@ -61,10 +71,12 @@ def _register_commands() -> None:
     from .demo import COMMANDS as demo_commands
     from .indexer.describe_command import COMMANDS as describe_commands
     from .query.commands import COMMANDS as query_commands
+    from .query.server.command import COMMANDS as server_commands
+    from .store.commands import COMMANDS as store_commands
 
-    for command in demo_commands:
+    for command in demo_commands + store_commands:
         command.callback = one_line_errors(command.callback)
-    for command in describe_commands + query_commands + demo_commands:
+    for command in describe_commands + query_commands + server_commands + store_commands + demo_commands:
         main.add_command(command)
 
 

@@ -29,6 +29,17 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+class OneLineCommand(click.Command):
+    """A click command whose usage errors are one line on stderr with exit status 1."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            click.echo(f"error: {one_line(Exception(e.format_message()))}", err=True)
+            sys.exit(1)
+
+
 def one_line_errors(callback=None, *, interrupted: str = "interrupted"):
     """Decorate a click command's callback: input errors -> `error: ...` on stderr, exit 1."""
     if callback is None:

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import featuredb
 from featuredb.embedding import DEFAULT_EMBEDDING_MODEL, embed
-from featuredb.query import QueryError, create_indexes, optimize, write_decoder_vectors
+from featuredb.query import QueryError, create_indexes, optimize
+from featuredb.store.decoders import write_decoder_vectors
 from featuredb.query.commands import COMMANDS, fires, search, show, similar
 from featuredb.store import FeatureStore
 

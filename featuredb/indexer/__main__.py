@@ -1,4 +1,9 @@
-"""`python -m featuredb.indexer ...` is `featuredb index ...` (the entry point torchrun will use)."""
+"""`python -m featuredb.indexer ...` is `featuredb index ...`, and the entry point for torchrun:
+
+    torchrun --nproc-per-node 8 -m featuredb.indexer --model ... --coder ... --corpus ... --db ...
+
+splits the run across the 8 processes (see featuredb/indexer/distributed.py and docs/distributed.md).
+"""
 
 from ..cli import index
 

@@ -99,10 +99,12 @@ def example_rows(sae_id: str, stats: FeatureStats, contexts: ContextStore, vocab
 
 
 def top_token_counts(stats: FeatureStats, contexts: ContextStore, vocab: np.ndarray) -> tuple[list, list]:
-    """Per feature: the most frequent tokens at the max-activating position of its top examples."""
-    has_context = stats.top_context >= 0
-    context = stats.top_context.clamp(min=0).cpu().numpy()  # [F, K]
-    position = stats.top_token_values.float().argmax(dim=2).cpu().numpy()  # [F, K]
+    """Per feature: the most frequent tokens at the max-activating position of its top examples
+    (equal counts: the token of the better-ranked example first, whatever order the slots are in)."""
+    _, top_context, top_token_values = stats.top_sorted()
+    has_context = top_context >= 0
+    context = top_context.clamp(min=0).cpu().numpy()  # [F, K]
+    position = top_token_values.float().argmax(dim=2).cpu().numpy()  # [F, K]
     token_at_max = contexts.tokens(context.reshape(-1)).reshape(*context.shape, -1)
     token_at_max = np.take_along_axis(token_at_max, position[..., None], axis=2)[..., 0]
     has_context = has_context.cpu().numpy()

@@ -3,12 +3,17 @@
 The whole corpus makes one pass through the model; each batch's hooked activations go through every
 coder, and each coder's activations update its FeatureStats on the device. Nothing dense is kept
 across batches. Checkpoints make a killed run resumable with an identical result.
+
+Under torchrun the same run is split across processes (see distributed.py): each rank indexes
+every world-th batch of the one corpus stream with every coder, the statistics are merged on rank
+0 with collectives, and rank 0 alone writes the catalogue, equal to a single-process run's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -20,15 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..store import FeatureStore
+from ..store.connect import is_remote
 from ..store.decoders import write_decoder_vectors
 from .coders import CoderError, SparseCoder, load_coder
 from .corpus import CorpusError, Window, iter_windows
+from .distributed import (SINGLE, Shard, barrier, example_contexts, gather_contexts, process_group, rank_device,
+                          reduce_stats, shard_from_env)
 from .geometry import decoder_neighbours, logit_tables
 from .hooks import hook_site_kind
 from .model import SubjectModel, load_model
 from .records import example_rows, feature_rows, vocabulary_strings
 from .stats import FeatureStats, StatsConfig
-from .workdir import PAD, Checkpoints, ContextStore, Progress
+from .workdir import PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_world_sizes
+
+CHECKPOINT_FORMAT = 2  # part of the fingerprint: work dirs of an older layout are not resumed
 
 
 @dataclass
@@ -44,23 +54,28 @@ class IndexConfig:
     device: str | None = None  # default: cuda when available
     dtype: str | None = None  # model dtype; default float32 on CPU, bfloat16 on CUDA
     resume: bool = False
-    work_dir: str | None = None  # default: <db>/_index_work for a local db
+    work_dir: str | None = None  # a local directory; default: <db>/_index_work, or a cache dir for s3://
     checkpoint_seconds: float = 300.0
     progress: bool = True
+    distributed: bool | None = None  # None: when under torchrun with WORLD_SIZE > 1; True: require torchrun
 
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed."""
+        """What must match for a checkpoint to be resumed (the world size is checked on its own)."""
         keys = dict(model=self.model, coders=self.coders, corpus=str(self.corpus), tokens=self.tokens,
-                    context=self.context, batch_size=self.batch_size, stats=asdict(self.stats))
+                    context=self.context, batch_size=self.batch_size, stats=asdict(self.stats),
+                    format=CHECKPOINT_FORMAT)
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class IndexResult:
     sae_ids: list[str]
-    tokens: int
+    tokens: int  # of the whole run, all ranks together
     contexts: int
     seconds: float
+    stream_seconds: float = 0.0  # of that: reading, forward passes and statistics, without loading or writing
+    written: bool = True  # False on the ranks of a distributed run that did not write the catalogue
+    world: int = 1
 
 
 class IndexingError(ValueError):
@@ -122,66 +137,150 @@ def make_batch(windows: list[Window], context: int, pad_token_id: int) -> Batch:
     return Batch(input_ids, real.long(), count_mask, stored, windows)
 
 
-def batches(windows: Iterator[Window], batch_size: int, context: int, pad_token_id: int,
-            token_budget: int | None, tokens_done: int) -> Iterator[Batch]:
+def window_groups(windows: Iterator[Window], batch_size: int, token_budget: int | None,
+                  tokens_done: int) -> Iterator[list[Window]]:
+    """The windows of each batch: `batch_size` at a time until the token budget is spent."""
     pending: list[Window] = []
     for window in windows:
         if token_budget is not None and tokens_done >= token_budget:
             break
         pending.append(window)
-        tokens_done += len(window.token_ids) - 1
+        tokens_done += counted_tokens([window])
         if len(pending) == batch_size:
-            yield make_batch(pending, context, pad_token_id)
+            yield pending
             pending = []
     if pending:
-        yield make_batch(pending, context, pad_token_id)
+        yield pending
+
+
+def counted_tokens(windows: list[Window]) -> int:
+    return sum(len(w.token_ids) - 1 for w in windows)  # BOS does not count
+
+
+def batches(windows: Iterator[Window], batch_size: int, context: int, pad_token_id: int,
+            token_budget: int | None, tokens_done: int) -> Iterator[Batch]:
+    for group in window_groups(windows, batch_size, token_budget, tokens_done):
+        yield make_batch(group, context, pad_token_id)
 
 
 def default_work_dir(config: IndexConfig) -> Path:
+    """A local directory: beside a local db, in the user's cache for an object-store db."""
     if config.work_dir:
-        return Path(config.work_dir)
-    if "://" in config.db:
-        return Path.home() / ".cache" / "featuredb" / "index" / config.fingerprint()
-    return Path(config.db) / "_index_work"
+        if is_remote(config.work_dir):
+            raise IndexingError(f"--work-dir must be a local directory, got {config.work_dir}")
+        return Path(config.work_dir).expanduser()
+    if is_remote(config.db):
+        return Path.home() / ".cache" / "featuredb" / "index" / hashlib.sha256(config.db.encode()).hexdigest()[:16]
+    return Path(config.db).expanduser() / "_index_work"
 
 
 def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None) -> IndexResult:
-    """Index a corpus. `on_batch(n)` is called after each batch (tests use it to interrupt a run)."""
+    """Index a corpus. `on_batch(n)` is called after each batch this process indexed (tests use it
+    to interrupt a run)."""
     start_time = time.perf_counter()
-    store = FeatureStore(config.db)  # fails early on a db path that is a file
-    device = resolve_device(config.device)
     dtype = DTYPES.get(config.dtype) if config.dtype else None
     if config.dtype and dtype is None:
         raise IndexingError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
     if config.context < 2 or config.batch_size < 1:
         raise IndexingError("context must be >= 2 and batch size >= 1")
-
-    model = load_model(config.model, device=device, dtype=dtype)
-    coders = load_coders(config.coders, model, device)
-    hooks = sorted({c.hook for c in coders})
-
+    shard = _shard(config)
+    device = rank_device(resolve_device(config.device), shard)
     work_dir = default_work_dir(config)
-    checkpoints = Checkpoints(work_dir)
-    stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
-    progress = Progress(fingerprint=config.fingerprint())
-    saved = checkpoints.load() if config.resume else None
-    if saved is not None:
-        progress, states = saved
-        if progress.fingerprint != config.fingerprint() or len(states) != len(stats):
-            raise IndexingError(f"the checkpoint in {work_dir} was made with other settings; "
-                              "run without --resume to start over")
-        for s, state in zip(stats, states):
-            s.load_state_dict(state)
-    else:
+    if config.resume:
+        _check_world_size(work_dir, shard)
+
+    with process_group(shard, device):
+        store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
+        model = load_model(config.model, device=device, dtype=dtype)
+        coders = load_coders(config.coders, model, device)
+        hooks = sorted({c.hook for c in coders})
+
+        stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
+        progress = _restore_or_start_over(config, shard, work_dir, stats)
+        own_dir = rank_dir(work_dir, shard.rank, shard.world)
+        checkpoints = Checkpoints(own_dir)
+        contexts = ContextStore(own_dir, config.context)
+        contexts.truncate(progress.contexts, progress.docs_started)
+
+        stream_start = time.perf_counter()
+        if not progress.finished:
+            _stream(config, shard, model, coders, hooks, stats, contexts, checkpoints, progress, on_batch)
+        barrier(shard)
+        stream_seconds = time.perf_counter() - stream_start  # of the slowest rank
+        if progress.stream_contexts == 0:
+            raise CorpusError(f"corpus {config.corpus} has no text to index")
+
+        examples_from: ContextStore | LoadedContexts | None = contexts
+        if shard.world > 1:
+            reduce_stats(stats, shard)  # rank 0 now holds everyone's statistics
+            examples_from = gather_contexts(contexts, example_contexts(stats) if shard.is_writer else None, shard)
+        if store is not None:
+            _write_catalogue(store, config, model, coders, stats, examples_from, progress)
+        barrier(shard)  # every rank keeps its checkpoint until the catalogue is written
+        _remove_work_dir(work_dir, own_dir, shard)
+    return IndexResult([c.sae_id for c in coders], progress.stream_tokens, progress.stream_contexts,
+                       time.perf_counter() - start_time, stream_seconds, written=store is not None,
+                       world=shard.world)
+
+
+def _shard(config: IndexConfig) -> Shard:
+    """SINGLE, or this process's rank when running under torchrun (and asked to, or not told not to)."""
+    shard = shard_from_env()
+    if config.distributed and shard is None:
+        raise IndexingError("--distributed runs under torchrun: torchrun --nproc-per-node N -m featuredb.indexer ...")
+    if shard is None or config.distributed is False:
+        return SINGLE
+    return shard
+
+
+def _check_world_size(work_dir: Path, shard: Shard) -> None:
+    """Checkpoints are per rank: only a run with as many processes can resume them."""
+    saved_sizes = saved_world_sizes(work_dir)
+    if saved_sizes and shard.world not in saved_sizes:
+        made_by = " or ".join(str(n) for n in sorted(saved_sizes))
+        raise IndexingError(f"the checkpoint in {work_dir} was made by {made_by} process(es), this run has "
+                            f"{shard.world}: resume with {made_by}, or run without --resume to start over")
+
+
+def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, stats: list[FeatureStats]) -> Progress:
+    """This rank's progress, and its statistics loaded from its checkpoint when resuming one."""
+    own_dir = rank_dir(work_dir, shard.rank, shard.world)
+    saved = Checkpoints(own_dir).load() if config.resume else None
+    if saved is None:
+        _clear_work_dir(work_dir, own_dir, shard, whole=not config.resume)
+        return Progress(fingerprint=config.fingerprint())
+    progress, states = saved
+    if progress.fingerprint != config.fingerprint() or len(states) != len(stats):
+        raise IndexingError(f"the checkpoint in {own_dir} was made with other settings; "
+                            "run without --resume to start over")
+    for s, state in zip(stats, states):
+        s.load_state_dict(state)
+    return progress
+
+
+def _clear_work_dir(work_dir: Path, own_dir: Path, shard: Shard, whole: bool) -> None:
+    """Start from an empty work dir (whole), or only from an empty rank dir (resuming a rank that had
+    not checkpointed yet). One process per node clears a whole work dir, before any rank writes there."""
+    if not whole:
+        shutil.rmtree(own_dir, ignore_errors=True)
+        return
+    if shard.local_rank == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
-    contexts = ContextStore(work_dir, config.context)
-    contexts.truncate(progress.contexts, progress.docs_started)
+    barrier(shard)
 
-    if not progress.finished:
-        _stream(config, model, coders, hooks, stats, contexts, checkpoints, progress, on_batch)
-    if progress.contexts == 0:
-        raise CorpusError(f"corpus {config.corpus} has no text to index")
 
+def _remove_work_dir(work_dir: Path, own_dir: Path, shard: Shard) -> None:
+    shutil.rmtree(own_dir, ignore_errors=True)
+    barrier(shard)
+    if own_dir != work_dir and shard.local_rank == 0:
+        try:
+            os.rmdir(work_dir)  # only if empty: the user's own files in a --work-dir stay
+        except OSError:
+            pass
+
+
+def _write_catalogue(store: FeatureStore, config: IndexConfig, model: SubjectModel, coders: list[SparseCoder],
+                     stats: list[FeatureStats], contexts: ContextStore | LoadedContexts, progress: Progress) -> None:
     unembed = model.unembed()
     vocab = vocabulary_strings(model.tokenizer, unembed.shape[0])
     for coder, coder_stats in zip(coders, stats):
@@ -194,58 +293,82 @@ def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None
             example_rows(coder.sae_id, coder_stats, contexts, vocab),
         )
         write_decoder_vectors(store, coder.sae_id, coder.W_dec)  # for similarity search across coders
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return IndexResult([c.sae_id for c in coders], progress.tokens_counted, progress.contexts,
-                       time.perf_counter() - start_time)
 
 
-def _stream(config: IndexConfig, model: SubjectModel, coders: list[SparseCoder], hooks: list[str],
+def _stream(config: IndexConfig, shard: Shard, model: SubjectModel, coders: list[SparseCoder], hooks: list[str],
             stats: list[FeatureStats], contexts: ContextStore, checkpoints: Checkpoints,
             progress: Progress, on_batch: Callable[[int], None] | None) -> None:
+    """Read the corpus stream from where `progress` stands and index this rank's batches of it."""
     windows = iter_windows(config.corpus, model.tokenizer, model.bos_token_id, config.context,
                            skip_docs=progress.next_doc, skip_windows=progress.next_window)
-    bar = tqdm(total=config.tokens, initial=progress.tokens_counted, unit="tok", unit_scale=True,
-               desc="indexing", disable=not config.progress, smoothing=0.1)
+    # Rank 0's bar counts the whole stream as it passes: with balanced ranks, the job's tokens/s.
+    bar = tqdm(total=config.tokens, initial=progress.stream_tokens, unit="tok", unit_scale=True,
+               desc="indexing" if shard.world == 1 else f"indexing ({shard.world} ranks)",
+               disable=not config.progress or not shard.is_writer, smoothing=0.1)
     last_checkpoint = time.monotonic()
-    n_batches = 0
-    device = model.device
-    for batch in batches(windows, config.batch_size, config.context, model.pad_token_id,
-                         config.tokens, progress.tokens_counted):
-        activations = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
-        count_mask = batch.count_mask.to(device)
-        counted = int(batch.count_mask.sum())
-        context_ids = torch.arange(progress.contexts, progress.contexts + len(batch.windows), device=device)
-        for coder, coder_stats in zip(coders, stats):
-            acts = coder.encode(activations[coder.hook].float())
-            acts = acts * count_mask[..., None]  # BOS and padding never count
-            coder_stats.update(acts, context_ids, counted)
-
-        doc_index = []  # per window: its document's position in the context store's doc list
-        new_docs = []
-        for w in batch.windows:
-            if w.window_in_doc == 0:
-                new_docs.append(w.doc_id)
-            doc_index.append(progress.docs_started + len(new_docs) - 1)
-        contexts.append(batch.stored_ids, np.asarray(doc_index), new_docs)
-        _advance(progress, batch, counted, new_docs)
+    indexed_batches = 0
+    for group in window_groups(windows, config.batch_size, config.tokens, progress.stream_tokens):
+        own = shard.owns(progress.stream_batches)
+        if own:
+            _index_batch(make_batch(group, config.context, model.pad_token_id), model, coders, hooks, stats,
+                         contexts, progress)
+            indexed_batches += 1
+        counted = counted_tokens(group)
+        _advance_stream(progress, group, counted)
         bar.update(counted)
-        n_batches += 1
-        if time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
-            checkpoints.save(progress, [s.state_dict() for s in stats])
-            last_checkpoint = time.monotonic()
-        if on_batch is not None:
-            on_batch(n_batches)
+        if own:
+            if time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
+                checkpoints.save(progress, [s.state_dict() for s in stats])
+                last_checkpoint = time.monotonic()
+            if on_batch is not None:
+                on_batch(indexed_batches)
     bar.close()
     progress.finished = True
     checkpoints.save(progress, [s.state_dict() for s in stats])
 
 
-def _advance(progress: Progress, batch: Batch, counted: int, new_docs: list[str]) -> None:
-    last = batch.windows[-1]
+def _index_batch(batch: Batch, model: SubjectModel, coders: list[SparseCoder], hooks: list[str],
+                 stats: list[FeatureStats], contexts: ContextStore, progress: Progress) -> None:
+    """Run one batch through the model and every coder; store its contexts. Its contexts' global
+    indices continue the stream's (`progress.stream_contexts`)."""
+    device = model.device
+    activations = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
+    count_mask = batch.count_mask.to(device)
+    counted = int(batch.count_mask.sum())
+    first = progress.stream_contexts
+    context_ids = torch.arange(first, first + len(batch.windows), device=device)
+    for coder, coder_stats in zip(coders, stats):
+        acts = coder.encode(activations[coder.hook].float())
+        acts = acts * count_mask[..., None]  # BOS and padding never count
+        coder_stats.update(acts, context_ids, counted)
+
+    doc_index, new_docs = _document_rows(batch.windows, progress)
+    contexts.append(batch.stored_ids, context_ids.cpu().numpy(), doc_index, new_docs)
     progress.contexts += len(batch.windows)
-    progress.docs_started += len(new_docs)
-    progress.next_doc, progress.next_window = last.doc_ordinal, last.window_in_doc + 1
     progress.tokens_counted += counted
+    progress.docs_started += len(new_docs)
+    progress.last_doc = batch.windows[-1].doc_ordinal
+
+
+def _document_rows(windows: list[Window], progress: Progress) -> tuple[np.ndarray, list[str]]:
+    """Per window: its document's position in the context store's doc list; and the documents new
+    to that list (a rank may see a document first at any of its windows)."""
+    doc_index, new_docs = [], []
+    last_doc = progress.last_doc
+    for w in windows:
+        if w.doc_ordinal != last_doc:
+            new_docs.append(w.doc_id)
+            last_doc = w.doc_ordinal
+        doc_index.append(progress.docs_started + len(new_docs) - 1)
+    return np.asarray(doc_index, dtype=np.int64), new_docs
+
+
+def _advance_stream(progress: Progress, windows: list[Window], counted: int) -> None:
+    last = windows[-1]
+    progress.stream_contexts += len(windows)
+    progress.stream_tokens += counted
+    progress.stream_batches += 1
+    progress.next_doc, progress.next_window = last.doc_ordinal, last.window_in_doc + 1
 
 
 def sae_row(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict:
@@ -255,8 +378,9 @@ def sae_row(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict
     return dict(
         sae_id=coder.sae_id, model=config.model, hook=coder.hook, hook_out=coder.hook_out, site=site,
         layer=coder.layer, architecture=coder.architecture, kind=coder.kind, d_in=coder.d_in,
-        d_out=coder.d_out, width=coder.width, source=_absolute_if_local(coder.source), tokens_indexed=progress.tokens_counted,
-        contexts_indexed=progress.contexts, context=config.context, top_k=config.stats.top_k,
+        d_out=coder.d_out, width=coder.width, source=_absolute_if_local(coder.source),
+        tokens_indexed=progress.stream_tokens, contexts_indexed=progress.stream_contexts, context=config.context,
+        top_k=config.stats.top_k,
     )
 
 

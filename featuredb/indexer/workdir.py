@@ -4,12 +4,17 @@ Contexts are appended to flat binary files as they are indexed, so example rows 
 the end from context indices alone (the statistics keep only indices and per-token values).
 A checkpoint is a directory of safetensors (one per coder) plus `progress.json`; it is written
 beside the live one and swapped in with renames, so a kill at any moment leaves a usable one.
+
+Layout: a single-process run keeps its context store and `checkpoint/` in the work dir itself; in
+a distributed run each rank keeps its own in `rank-{r}-of-{world}/` (see `rank_dir`), so every
+rank resumes from its own checkpoint and a work dir records the world size it was made with.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,38 +23,64 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 PAD = -1  # token id stored for padding positions
+_RANK_DIR = re.compile(r"^rank-(\d+)-of-(\d+)$")
 
 
 @dataclass
 class Progress:
+    """Where a run (or one rank of it) stands. The corpus is one stream of windows cut into batches
+    of `batch_size`; `stream_*` count that whole stream, which every rank reads, so a window's
+    global context index and the --tokens budget are the same as in a single-process run."""
+
     fingerprint: str
-    contexts: int = 0  # contexts indexed so far (= next global context index)
-    docs_started: int = 0  # documents with at least one indexed window
+    contexts: int = 0  # contexts this run (rank) indexed and stored
+    docs_started: int = 0  # documents in this context store's doc list
+    last_doc: int = -1  # ordinal of the last document in that list
     next_doc: int = 0  # resume reading at this document ...
     next_window: int = 0  # ... and this window of it
-    tokens_counted: int = 0
+    tokens_counted: int = 0  # tokens this run (rank) indexed
+    stream_contexts: int = 0  # windows of the stream read so far (= next global context index)
+    stream_tokens: int = 0  # counted tokens of those windows (the --tokens budget counts these)
+    stream_batches: int = 0  # batches of the stream read so far (batch b belongs to rank b % world)
     finished: bool = False
 
 
+def rank_dir(work_dir: Path, rank: int, world: int) -> Path:
+    """Where one rank keeps its context store and checkpoints (the work dir itself when alone)."""
+    return work_dir if world == 1 else work_dir / f"rank-{rank}-of-{world}"
+
+
+def saved_world_sizes(work_dir: Path) -> set[int]:
+    """World sizes of the runs that left checkpoints in `work_dir` (1: a single-process run)."""
+    sizes = {1} if (work_dir / "checkpoint").is_dir() or (work_dir / "checkpoint.old").is_dir() else set()
+    if work_dir.is_dir():
+        sizes |= {int(m.group(2)) for m in map(_RANK_DIR.match, os.listdir(work_dir)) if m}
+    return sizes
+
+
 class ContextStore:
-    """Append-only store of context token ids ([n, context] int32, PAD-padded) and their documents."""
+    """Append-only store of context token ids ([n, context] int32, PAD-padded), their global
+    context indices (increasing; a rank of a distributed run holds every world-th batch) and
+    their documents. Lookups take global context indices."""
 
     def __init__(self, directory: Path, context: int):
         self.directory, self.context = directory, context
         directory.mkdir(parents=True, exist_ok=True)
         self.tokens_path = directory / "context_tokens.bin"
+        self.index_path = directory / "context_index.bin"
         self.docs_path = directory / "context_docs.bin"
         self.doc_ids_path = directory / "doc_ids.jsonl"
-        for path in (self.tokens_path, self.docs_path, self.doc_ids_path):
+        for path in (self.tokens_path, self.index_path, self.docs_path, self.doc_ids_path):
             path.touch()
         self._doc_ids: list[str] | None = None
 
-    def append(self, token_ids: np.ndarray, doc_index: np.ndarray, new_doc_ids: list[str]) -> None:
-        assert token_ids.shape[1] == self.context
-        with self.tokens_path.open("ab") as f:
-            f.write(np.ascontiguousarray(token_ids, dtype=np.int32).tobytes())
-        with self.docs_path.open("ab") as f:
-            f.write(np.ascontiguousarray(doc_index, dtype=np.int64).tobytes())
+    def append(self, token_ids: np.ndarray, context_index: np.ndarray, doc_index: np.ndarray,
+               new_doc_ids: list[str]) -> None:
+        assert token_ids.shape[1] == self.context and len(token_ids) == len(context_index) == len(doc_index)
+        for path, array, dtype in ((self.tokens_path, token_ids, np.int32), (self.index_path, context_index, np.int64),
+                                   (self.docs_path, doc_index, np.int64)):
+            with path.open("ab") as f:
+                f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())
         if new_doc_ids:
             with self.doc_ids_path.open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(d) + "\n" for d in new_doc_ids)
@@ -58,6 +89,7 @@ class ContextStore:
     def truncate(self, contexts: int, docs: int) -> None:
         """Drop whatever was appended after the checkpoint we resume from."""
         _truncate(self.tokens_path, contexts * self.context * 4)
+        _truncate(self.index_path, contexts * 8)
         _truncate(self.docs_path, contexts * 8)
         lines = self.doc_ids_path.read_text(encoding="utf-8").splitlines(keepends=True)[:docs]
         self.doc_ids_path.write_text("".join(lines), encoding="utf-8")
@@ -66,16 +98,44 @@ class ContextStore:
     def __len__(self) -> int:
         return self.tokens_path.stat().st_size // (4 * self.context)
 
+    def context_indices(self) -> np.ndarray:
+        """Global context index of every stored row, increasing."""
+        return np.fromfile(self.index_path, dtype=np.int64)
+
     def tokens(self, contexts: np.ndarray) -> np.ndarray:
         data = np.memmap(self.tokens_path, dtype=np.int32, mode="r").reshape(-1, self.context)
-        return np.asarray(data[contexts])
+        return np.asarray(data[_rows(self.context_indices(), contexts)])
 
     def doc_ids(self, contexts: np.ndarray) -> list[str]:
         if self._doc_ids is None:
             with self.doc_ids_path.open(encoding="utf-8") as f:
                 self._doc_ids = [json.loads(line) for line in f]
-        doc_index = np.fromfile(self.docs_path, dtype=np.int64)[contexts]
+        doc_index = np.fromfile(self.docs_path, dtype=np.int64)[_rows(self.context_indices(), contexts)]
         return [self._doc_ids[i] for i in doc_index]
+
+
+class LoadedContexts:
+    """Some contexts in memory (gathered from the ranks of a distributed run), read like a ContextStore."""
+
+    def __init__(self, context_index: np.ndarray, token_ids: np.ndarray, doc_ids: list[str]):
+        order = np.argsort(context_index, kind="stable")
+        self._index, self._tokens = context_index[order], token_ids[order]
+        self._doc_ids = [doc_ids[i] for i in order]
+
+    def tokens(self, contexts: np.ndarray) -> np.ndarray:
+        return self._tokens[_rows(self._index, contexts)]
+
+    def doc_ids(self, contexts: np.ndarray) -> list[str]:
+        return [self._doc_ids[i] for i in _rows(self._index, contexts)]
+
+
+def _rows(stored: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+    """Positions of global context indices `contexts` in the sorted `stored`; KeyError if one is missing."""
+    contexts = np.asarray(contexts, dtype=np.int64)
+    rows = np.searchsorted(stored, contexts).clip(max=max(len(stored) - 1, 0))
+    if len(contexts) and (len(stored) == 0 or not np.array_equal(stored[rows], contexts)):
+        raise KeyError("asked for a context that was not stored")
+    return rows
 
 
 def _truncate(path: Path, size: int) -> None:

@@ -10,9 +10,8 @@ featuredb.query.decoders for decoder vectors (similarity search).
 
 from .activation import FiresOn, TokenQuery
 from .catalogue import DEFAULT_DB, Catalogue, default_db, open
-from ..store.decoders import delete_decoder_vectors, write_decoder_vectors
 from .decoders import SimilarQuery
-from .errors import QueryError
+from .errors import NotFound, QueryError, TooLarge
 from .indexes import create_indexes, finalize, optimize
 from .search import SearchQuery
 
@@ -20,15 +19,15 @@ __all__ = [
     "DEFAULT_DB",
     "Catalogue",
     "FiresOn",
+    "NotFound",
     "QueryError",
     "SearchQuery",
     "SimilarQuery",
+    "TooLarge",
     "TokenQuery",
     "create_indexes",
     "default_db",
-    "delete_decoder_vectors",
     "finalize",
     "open",
     "optimize",
-    "write_decoder_vectors",
 ]

@@ -29,9 +29,10 @@ import polars as pl
 import pyarrow as pa
 
 from ..store import EXAMPLES_TABLE, FEATURES_TABLE, SAES_TABLE, FeatureStore, Filter, StoreError
+from ..store.descriptions import DESCRIPTIONS_TABLE
 from ..store.schema import vector_dim_of
 from ..errors import one_line
-from .errors import QueryError
+from .errors import NotFound, QueryError
 from .search import SearchQuery, check_text, finite_vector
 from .where import Where
 
@@ -113,7 +114,7 @@ class Catalogue:
             known = set(self._saes(refresh=True)["sae_id"].to_list())
         unknown = sorted(sae_ids - known)
         if unknown:
-            raise QueryError(f"unknown sae_id {unknown[0]!r}{_known_hint(sorted(known))}")
+            raise NotFound(f"unknown sae_id {unknown[0]!r}{_known_hint(sorted(known))}")
 
     def _with_coder_columns(self, frame: pl.DataFrame) -> pl.DataFrame:
         """Add each row's coder properties (layer, site) from the saes table."""
@@ -296,16 +297,23 @@ class Catalogue:
             table = examples.search().where(where.render(examples.schema)).limit(None).to_arrow()
             return pl.from_arrow(table)  # type: ignore[return-value]
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        def description_rows() -> list[dict]:
+            if not self._has_table(DESCRIPTIONS_TABLE):
+                return []
+            descriptions = self._table(DESCRIPTIONS_TABLE)
+            return descriptions.search().where(where.render(descriptions.schema)).limit(None).to_arrow().to_pylist()
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
             rows_future = pool.submit(feature_row)
             examples_future = pool.submit(example_rows)
-            rows, examples = rows_future.result(), examples_future.result()
+            history_future = pool.submit(description_rows)
+            rows, examples, history = rows_future.result(), examples_future.result(), history_future.result()
         if not rows:
-            raise QueryError(f"feature {index} of {sae_id!r} is not stored in the catalogue")
+            raise NotFound(f"feature {index} of {sae_id!r} is not stored in the catalogue")
         row = rows[0]
         neighbour_ids = row["neighbours"] or []
         neighbour_text = self._descriptions(sae_id, neighbour_ids)
-        return _feature_dict(sae, row, examples, neighbour_text)
+        return _feature_dict(sae, row, examples, neighbour_text, history)
 
     def _descriptions(self, sae_id: str, features: list[int]) -> dict[int, str | None]:
         if not features:
@@ -408,8 +416,10 @@ def _feature_index(index: object, sae: dict) -> int:
     if not isinstance(index, numbers.Integral) or isinstance(index, bool):
         raise QueryError(f"feature index must be an integer, got {index!r}")
     index = int(index)
-    if not 0 <= index < sae["width"]:
-        raise QueryError(f"feature index {index} is out of range for {sae['sae_id']!r} (width {sae['width']})")
+    if index < 0:
+        raise QueryError(f"feature index must be >= 0, got {index}")
+    if index >= sae["width"]:
+        raise NotFound(f"feature index {index} is out of range for {sae['sae_id']!r} (width {sae['width']})")
     return index
 
 
@@ -422,16 +432,46 @@ def _examples(examples: pl.DataFrame, kind: str) -> list[dict]:
     return examples.filter(pl.col("kind") == kind).sort("rank").select(keep).to_dicts()
 
 
-def _feature_dict(sae: dict, row: dict, examples: pl.DataFrame, neighbour_text: dict[int, str | None]) -> dict:
+def _description_entry(stored: dict, indexed_at: Any) -> dict:
+    """One row of the descriptions table as plain values: text, provenance and scores."""
+    return {
+        "description": stored["description"], "method": stored["method"], "model": stored["explainer_model"],
+        "explainer_source": stored["explainer_source"], "prompt_version": stored["prompt_version"],
+        "created_at": stored["created_at"].isoformat(), "embedding_model": None, "current": False,
+        # made from an older indexing of the coder: history, never the current description
+        "stale": stored["indexed_at"] != indexed_at,
+        "scores": {"detection": stored["detection_score"], "fuzz": stored["fuzz_score"],
+                   "detection_n": stored["detection_n"], "fuzz_n": stored["fuzz_n"],
+                   "details": stored["score_details"]},
+    }
+
+
+def _description_list(sae: dict, row: dict, history: list[dict]) -> list[dict]:
+    """Every description of the feature, the current one (the features row's) first, then the
+    others newest first. A current description with no descriptions-table row (written by an
+    older featuredb, or directly into the features table) is listed from the features row."""
+    entries = [_description_entry(r, sae["created_at"])
+               for r in sorted(history, key=lambda r: r["created_at"], reverse=True)]
+    if row.get("description") is None:
+        return entries
+    current_key = (row["description"], row.get("description_method"), row.get("description_model"))
+    current = next((e for e in entries if not e["stale"] and (e["description"], e["method"], e["model"]) == current_key),
+                   None)
+    if current is None:
+        current = {"description": row["description"], "method": row.get("description_method"),
+                   "model": row.get("description_model"), "explainer_source": None, "prompt_version": None,
+                   "created_at": None, "stale": False, "scores": None}
+    else:
+        entries.remove(current)
+    current.update(current=True, embedding_model=row.get("embedding_model"))
+    return [current, *entries]
+
+
+def _feature_dict(sae: dict, row: dict, examples: pl.DataFrame, neighbour_text: dict[int, str | None],
+                  history: list[dict]) -> dict:
     counts = list(row["hist_counts"] or [])
     hist_max = float(row["hist_max"])
     edges = [hist_max * i / len(counts) for i in range(len(counts) + 1)] if counts else []
-    descriptions = []
-    if row.get("description") is not None:
-        descriptions.append({
-            "description": row["description"], "method": row.get("description_method"),
-            "model": row.get("description_model"), "embedding_model": row.get("embedding_model"),
-        })
     return {
         "sae_id": row["sae_id"],
         "feature": row["feature"],
@@ -442,7 +482,7 @@ def _feature_dict(sae: dict, row: dict, examples: pl.DataFrame, neighbour_text: 
         "coder": {k: sae[k] for k in ("kind", "architecture", "width", "d_in", "d_out", "hook_out", "source",
                                        "tokens_indexed", "contexts_indexed", "context", "top_k")},
         "description": row.get("description"),
-        "descriptions": descriptions,
+        "descriptions": _description_list(sae, row, history),
         "density": row["density"],
         "active_count": row["active_count"],
         "max_activation": row["max_activation"],

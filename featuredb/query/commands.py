@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import Any
 
 import click
 
 from .catalogue import DEFAULT_DB, default_db
-from ..errors import one_line, one_line_errors
+from ..errors import OneLineCommand, one_line_errors
 from .errors import QueryError
-
-
-class _Command(click.Command):
-    """A click command whose usage errors are one line on stderr with exit status 1."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            click.echo(f"error: {one_line(Exception(e.format_message()))}", err=True)
-            sys.exit(1)
 
 
 def _run(body):
@@ -34,7 +22,7 @@ def _run(body):
     return one_line_errors(body)()
 
 
-def _db_option(f):
+def db_option(f):
     return click.option("--db", default=None, metavar="PATH",
                         help=f"Catalogue directory or URI (default: $FEATUREDB_DB, else {DEFAULT_DB}).")(f)
 
@@ -51,19 +39,19 @@ def _json_default(value: Any):
     return str(value)
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf -> None so the output is valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(_clean(value), default=_json_default, ensure_ascii=False, indent=1))
+    click.echo(json.dumps(json_safe(value), default=_json_default, ensure_ascii=False, indent=1))
 
 
 def _open(db: str | None):
@@ -79,7 +67,7 @@ def _feature_ref(ref: str) -> tuple[str, int]:
     return sae_id, int(index)
 
 
-def _filters(layer, sae, site, model, min_density, max_density) -> dict:
+def where_conditions(layer, sae, site, model, min_density, max_density) -> dict:
     where: dict[str, Any] = {}
     if layer:
         where["layer"] = list(layer)
@@ -104,14 +92,14 @@ def _filter_options(f):
     return f
 
 
-@click.command(cls=_Command)
+@click.command(cls=OneLineCommand)
 @click.argument("text")
 @click.option("--keyword", "mode", flag_value="keyword", help="Full-text (BM25) search.")
 @click.option("--hybrid", "mode", flag_value="hybrid", help="Semantic and full-text search, fused (RRF).")
 @click.option("--semantic", "mode", flag_value="semantic", default=True, help="Semantic search (default).")
 @_filter_options
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
-@_db_option
+@db_option
 @_json_option
 def search(text, mode, layer, sae, site, model, min_density, max_density, limit, db, as_json):
     """Search features by what their descriptions say."""
@@ -119,7 +107,7 @@ def search(text, mode, layer, sae, site, model, min_density, max_density, limit,
     def body():
         cat = _open(db)
         query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid}[mode](text)
-        frame = query.where(**_filters(layer, sae, site, model, min_density, max_density)).limit(limit).to_polars()
+        frame = query.where(**where_conditions(layer, sae, site, model, min_density, max_density)).limit(limit).to_polars()
         if as_json:
             _echo_json(frame.to_dicts())
         else:
@@ -130,10 +118,10 @@ def search(text, mode, layer, sae, site, model, min_density, max_density, limit,
     _run(body)
 
 
-@click.command(cls=_Command)
+@click.command(cls=OneLineCommand)
 @click.argument("ref", metavar="SAE_ID/INDEX")
 @click.option("--examples", "-e", type=int, default=5, show_default=True, help="Examples shown per kind.")
-@_db_option
+@db_option
 @_json_option
 def show(ref, examples, db, as_json):
     """Everything about one feature: description, statistics, logits, examples."""
@@ -160,7 +148,7 @@ def _int_list(text: str | None) -> list[int] | None:
         raise QueryError(f"--positions must be comma-separated integers, got {text!r}") from None
 
 
-@click.command(cls=_Command)
+@click.command(cls=OneLineCommand)
 @click.argument("text")
 @click.option("--sae", multiple=True, help="Only this coder (sae_id, repeatable; default: all).")
 @click.option("--by", type=click.Choice(["max", "sum"]), default="max", show_default=True,
@@ -170,7 +158,7 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--limit", "-n", type=int, default=20, show_default=True, help="Number of features.")
 @click.option("--per-token", type=int, default=3, show_default=True, help="Top features listed per token.")
 @click.option("--device", default=None, help="cpu (default), cuda, ...")
-@_db_option
+@db_option
 @_json_option
 def fires(text, sae, by, positions, max_density, limit, per_token, device, db, as_json):
     """Run TEXT through the model and the catalogue's coders; show the features that fire."""
@@ -188,12 +176,12 @@ def fires(text, sae, by, positions, max_density, limit, per_token, device, db, a
     _run(body)
 
 
-@click.command(cls=_Command)
+@click.command(cls=OneLineCommand)
 @click.argument("ref", metavar="SAE_ID/INDEX")
 @click.option("--within", is_flag=True, help="Only the same coder (default: every coder of the same model and space).")
 @_filter_options
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
-@_db_option
+@db_option
 @_json_option
 def similar(ref, within, layer, sae, site, model, min_density, max_density, limit, db, as_json):
     """Features nearest to SAE_ID/INDEX by decoder-direction cosine."""
@@ -201,7 +189,7 @@ def similar(ref, within, layer, sae, site, model, min_density, max_density, limi
     def body():
         sae_id, index = _feature_ref(ref)
         query = _open(db).similar(sae_id, index, across=not within)
-        query = query.where(**_filters(layer, sae, site, model, min_density, max_density)).limit(limit)
+        query = query.where(**where_conditions(layer, sae, site, model, min_density, max_density)).limit(limit)
         frame = query.to_polars()
         if as_json:
             _echo_json(frame.to_dicts())

@@ -11,11 +11,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import lancedb
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from .connect import connect
 from .feature_store import FeatureStore
 from .filters import Filter
 from .schema import StoreError
@@ -69,10 +69,13 @@ def write_decoder_vectors(store: FeatureStore | str, sae_id: str, W_dec: Any) ->
         raise StoreError(f"write_decoder_vectors: W_dec of {sae_id!r} has shape {matrix.shape}, "
                          f"expected [width={sae['width']}, d]")
     dim = matrix.shape[1]
-    norms = np.linalg.norm(matrix, axis=1)
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
     good = np.isfinite(norms) & (norms > 0) & np.all(np.isfinite(matrix), axis=1)
     features = np.nonzero(good)[0].astype(np.int64)
-    unit = matrix[good] / norms[good, None]
+    # Rows already of unit length (to float32 precision) are kept bit for bit, so writing stored
+    # directions again (e.g. an export imported back) does not perturb their last bits.
+    scale = np.where(np.abs(norms - 1.0) <= 1e-6, 1.0, norms)
+    unit = (matrix[good] / scale[good, None]).astype(np.float32)
     n = len(features)
     table_rows = pa.table({
         "sae_id": pa.array([sae_id] * n, pa.string()),
@@ -85,7 +88,7 @@ def write_decoder_vectors(store: FeatureStore | str, sae_id: str, W_dec: Any) ->
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),
     }, schema=decoders_schema(dim))
     name = decoders_table_name(dim)
-    db = lancedb.connect(store.uri)
+    db = connect(store.uri)
     table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
     own_rows = Filter().eq("sae_id", sae_id).render(table.schema)
     # a coder lives in one decoders table: drop rows a previous version left in another width

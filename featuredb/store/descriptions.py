@@ -27,13 +27,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..embedding import DEFAULT_EMBEDDING_MODEL
 from . import FEATURES_TABLE, FeatureStore, Filter, StoreError
+from .connect import connect
 from .schema import conform_table, vector_dim_of
 
 DESCRIPTIONS_TABLE = "descriptions"
@@ -92,11 +92,14 @@ def write_descriptions(
     *,
     embedding_model: str = DEFAULT_EMBEDDING_MODEL,
     embedder: Embedder | None = None,
+    sync: bool = True,
 ) -> SyncResult:
     """Record new descriptions of coder `sae_id`'s features and update their current description.
 
     `rows` has the columns of `descriptions_schema()` (a table, a dict of columns or a list of row
     dicts). Everything is validated before anything is written: StoreError on bad input.
+    `sync=False` only records the rows, for a caller that has written the features' description
+    columns itself (an import restoring them exactly); a later `sync_features` repairs any drift.
     """
     _require_writable(store)
     if isinstance(rows, list):
@@ -107,6 +110,8 @@ def write_descriptions(
     _validate(store, sae_id, table)
     target = _open_descriptions(store, create=True)
     target.add(table)
+    if not sync:
+        return SyncResult()
     features = sorted(set(table["feature"].to_pylist()))
     return sync_features(store, sae_id, features, embedding_model=embedding_model, embedder=embedder)
 
@@ -246,7 +251,7 @@ def _open_descriptions(store: FeatureStore, *, create: bool):
     if not create:
         return None
     # exist_ok: another writer may have created it since we looked
-    return lancedb.connect(store.uri).create_table(name, schema=descriptions_schema(), exist_ok=True)
+    return connect(store.uri).create_table(name, schema=descriptions_schema(), exist_ok=True)
 
 
 def _require_writable(store: FeatureStore) -> None:

@@ -13,17 +13,16 @@ versions; a hard crash between commits is repaired by simply writing the coder a
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import lancedb
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.table import Table
 
+from .connect import connect, is_remote
 from .filters import Filter, column_ref, sql_literal
 from .schema import (
     CODER_KINDS,
@@ -46,7 +45,6 @@ from .schema import (
 
 __all__ = ["FeatureStore", "StoreError"]
 
-_REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 # Rows are streamed to LanceDB in batches of about this size, so a coder with tens of millions of
 # example rows does not need a second in-memory copy of its data. (16 MiB measured no slower than
 # 64 MiB and clearly faster than 256 MiB on a 2-core machine.)
@@ -70,7 +68,7 @@ class FeatureStore:
         self.read_only = read_only
         # Zero interval: every read checks for the latest version, so tables handed out by
         # `table()` see writes made through other handles or processes.
-        self._db = lancedb.connect(self.uri, read_consistency_interval=dt.timedelta(0))
+        self._db = connect(self.uri, consistent_reads=True)
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.uri!r}, vector_dim={self.vector_dim}, read_only={self.read_only})"
@@ -343,7 +341,7 @@ def _restore(tables: Mapping[str, Table], versions: Mapping[str, int], written: 
 
 def _prepare_uri(uri: str | Path, read_only: bool) -> str:
     """A usable database URI: object-store URIs pass through; local directories are checked/created."""
-    if isinstance(uri, str) and _REMOTE_URI.match(uri):
+    if is_remote(uri):
         return uri
     path = Path(uri).expanduser().absolute()
     if path.is_file():

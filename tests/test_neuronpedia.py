@@ -1,0 +1,424 @@
+"""Tests of the Neuronpedia export / import (featuredb.store.neuronpedia and its CLI commands).
+
+- A realistic catalogue (catalogue_fixtures.known_catalogue: six coders, MiniLM description
+  vectors, decoder vectors, a descriptions history with a scored llm description) is exported,
+  checked against Neuronpedia's layout, field names and types, imported into a fresh catalogue
+  and compared table by table, row by row; exporting the import again gives the same files.
+- Rows written by hand exactly as Neuronpedia publishes them (no featuredb sidecar) import, get
+  documented defaults, and are searchable.
+- Bad input through the CLI: one line on stderr, exit status 1, the catalogue untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import re
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featuredb
+import catalogue_fixtures
+from featuredb.errors import one_line_errors
+from featuredb.query import finalize
+from featuredb.store import FeatureStore, StoreError
+from featuredb.store.commands import COMMANDS
+from featuredb.store.neuronpedia import export_neuronpedia, import_neuronpedia, model_id_for, source_set_for
+from test_store import db_snapshot
+
+# Neuronpedia's field names, as its public dataset export (utils/neuronpedia-utils export-data.py)
+# selects them, plus the correlated_features_* columns of its Neuron table.
+NEURON_FIELDS = {
+    "modelId", "layer", "index", "maxActApprox", "creatorId", "frac_nonzero", "freq_hist_data_bar_heights",
+    "freq_hist_data_bar_values", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
+    "neuron_alignment_indices", "neuron_alignment_l1", "neuron_alignment_values", "correlated_neurons_indices",
+    "correlated_neurons_l1", "correlated_neurons_pearson", "correlated_features_indices", "correlated_features_l1",
+    "correlated_features_pearson", "decoder_weights_dist", "neg_str", "neg_values", "pos_str", "pos_values",
+    "sourceSetName", "topkCosSimIndices", "topkCosSimValues", "vector", "vectorLabel", "hookName",
+    "vectorDefaultSteerStrength", "hasVector",
+}
+ACTIVATION_FIELDS = {
+    "id", "modelId", "layer", "index", "creatorId", "dataSource", "tokens", "maxValue", "minValue", "values",
+    "maxValueTokenIndex", "dfaValues", "dfaMaxValue", "dfaTargetIndex", "binContains", "binMin", "binMax",
+}
+EXPLANATION_FIELDS = {
+    "id", "modelId", "layer", "index", "authorId", "description", "embedding", "typeName", "explanationModelName",
+    "umap_x", "umap_y", "umap_cluster", "umap_log_feature_sparsity",
+}
+NP_MODEL, NP_SOURCE = "gemma-2-2b", "20-gemmascope-res-16k"
+known_catalogue = catalogue_fixtures.known_catalogue  # six coders, descriptions history, decoder vectors
+
+
+def read_rows(path: Path) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def all_rows(store: FeatureStore, table: str) -> list[dict]:
+    rows = store.table(table).to_arrow().to_pylist()
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def exported(known_catalogue, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "np"
+    result = export_neuronpedia(known_catalogue, out, batch_size=10)
+    assert result.features == 7 * 16 and result.sources
+    return out
+
+
+@pytest.fixture(scope="module")
+def reimported(exported, tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("reimport") / "db"
+    result = import_neuronpedia(exported, db)
+    assert result.sidecar and len(result.sae_ids) == 7 and result.unembedded == 0
+    return db
+
+
+# --- export: layout, field names, types --------------------------------------------------------
+
+
+def test_export_layout_is_neuronpedias(exported):
+    source = exported / "tiny-model" / "12-res"
+    assert sorted(p.name for p in (exported / "tiny-model").iterdir()) == ["1-html", "12-mlp", "12-res",
+                                                                          "3-it-s-a-or-1-1", "5-att", "5-res"]
+    assert (exported / "other-model" / "12-other-res").is_dir()
+    assert {p.name for p in source.iterdir()} == {"features", "activations", "explanations", "featuredb",
+                                                  "model.jsonl", "release.jsonl", "sourceset.jsonl", "source.jsonl"}
+    for kind in ("features", "activations", "explanations"):  # 16 features in batches of 10
+        assert sorted(p.name for p in (source / kind).iterdir()) == ["batch-0.jsonl.gz", "batch-1.jsonl.gz"]
+    assert [r["index"] for r in read_rows(source / "features" / "batch-1.jsonl.gz")] == [str(i) for i in range(10, 16)]
+    meta = json.loads((source / "source.jsonl").read_text())
+    assert (meta["id"], meta["modelId"], meta["setName"]) == ("12-res", "tiny-model", "res")
+
+
+def test_rows_have_exactly_neuronpedias_fields_and_types(exported, known_catalogue):
+    source = exported / "tiny-model" / "12-res"
+    neurons = read_rows(source / "features" / "batch-0.jsonl.gz")
+    activations = read_rows(source / "activations" / "batch-0.jsonl.gz")
+    explanations = read_rows(source / "explanations" / "batch-0.jsonl.gz")
+    assert neurons and activations and explanations
+    assert all(set(r) == NEURON_FIELDS for r in neurons)
+    assert all(set(r) == ACTIVATION_FIELDS for r in activations)
+    assert all(set(r) == EXPLANATION_FIELDS for r in explanations)
+
+    stored = FeatureStore(known_catalogue, read_only=True).feature("res-L12", 3)
+    neuron = next(r for r in neurons if r["index"] == "3")
+    assert (neuron["modelId"], neuron["layer"], neuron["sourceSetName"]) == ("tiny-model", "12-res", "res")
+    assert neuron["maxActApprox"] == stored["max_activation"] and neuron["frac_nonzero"] == stored["density"]
+    assert neuron["pos_str"] == [" Paris", " France"] and neuron["pos_values"] == [2.5, 1.5]
+    assert neuron["neg_str"] == [" the"] and neuron["topkCosSimIndices"] == [4, 5]
+    assert neuron["freq_hist_data_bar_heights"] == [5.0, 3.0, 2.0, 0.0]
+    assert neuron["freq_hist_data_bar_values"] == [2.0, 6.0, 10.0, 14.0]  # bin centres on [0, 16]
+    assert neuron["hasVector"] and len(neuron["vector"]) == 8 and all(isinstance(v, float) for v in neuron["vector"])
+    assert abs(np.linalg.norm(neuron["vector"]) - 1) < 1e-6 and neuron["hookName"] == "model.layers.12.output"
+
+    feature_3 = [r for r in activations if r["index"] == "3"]
+    top = [r for r in feature_3 if r["binMin"] == -1]
+    interval = [r for r in feature_3 if r["binMin"] != -1]
+    assert len(top) == 3 and len(interval) == 1
+    assert all(r["binContains"] == -1 and r["binMax"] == stored["max_activation"] for r in top)
+    assert (interval[0]["binMin"], interval[0]["binMax"]) == (0.75, 1.25)
+    for r in feature_3:
+        assert isinstance(r["index"], str) and all(isinstance(t, str) for t in r["tokens"])
+        assert all(isinstance(v, float) for v in r["values"]) and len(r["values"]) == len(r["tokens"])
+        assert r["values"][r["maxValueTokenIndex"]] == r["maxValue"] == max(r["values"])
+        assert r["minValue"] == min(r["values"]) and isinstance(r["id"], str)
+    assert top[0]["tokens"] == ["<bos>", "I", " live", " in", " Paris", " today"]
+
+    by_text = {r["description"]: r for r in explanations if r["index"] == "3"}
+    llm = by_text["French cities such as Paris, Lyon and Marseille"]
+    assert (llm["typeName"], llm["explanationModelName"]) == ("featuredb_llm", "gpt-4o-mini")
+    assert by_text["' Paris', ' Lyon'"]["typeName"] == "featuredb_tokens"
+    assert all(r["embedding"] is None for r in explanations)  # theirs is vector(256) of another model
+    only_current = next(r for r in explanations if r["index"] == "0")  # no descriptions row: the current one
+    assert only_current["description"] == "Python source code: function definitions and return statements"
+
+
+# --- round trip ----------------------------------------------------------------------------------
+
+
+def test_round_trip_restores_every_table_row_for_row(known_catalogue, reimported):
+    before, after = FeatureStore(known_catalogue, read_only=True), FeatureStore(reimported, read_only=True)
+    assert after.saes().equals(before.saes())
+    for sae_id in before.saes()["sae_id"]:
+        assert after.features(sae_id).equals(before.features(sae_id)), sae_id  # vectors included
+        assert after.examples(sae_id).equals(before.examples(sae_id)), sae_id
+    assert sorted(after.table_names()) == sorted(before.table_names())
+    for table in ("descriptions", "decoders_8"):
+        assert all_rows(after, table) == all_rows(before, table), table
+    assert len(all_rows(after, "descriptions")) == 3
+
+
+def test_exporting_the_import_again_gives_the_same_files(exported, reimported, tmp_path):
+    again = tmp_path / "again"
+    export_neuronpedia(reimported, again, batch_size=10)
+    first, second = tree(exported), tree(again)
+    assert first.keys() == second.keys()
+    # everything but the metadata rows' createdAt stamps is byte for byte the same
+    changed = [name for name in first if first[name] != second[name]]
+    assert changed and all(len(Path(name).parts) == 3 and name.endswith(".jsonl") for name in changed)
+
+
+def test_import_twice_needs_replace_and_does_not_duplicate(exported, reimported, tmp_path):
+    db = tmp_path / "db"
+    source = exported / "tiny-model" / "12-res"
+    import_neuronpedia(source, db)
+    with pytest.raises(StoreError, match="already in .* --replace"):
+        import_neuronpedia(source, db)
+    import_neuronpedia(source, db, replace=True)
+    store = FeatureStore(db, read_only=True)
+    assert len(all_rows(store, "descriptions")) == 2
+    assert store.features("res-L12").equals(FeatureStore(reimported, read_only=True).features("res-L12"))
+
+
+def test_export_options_and_names(known_catalogue, tmp_path):
+    result = export_neuronpedia(known_catalogue, tmp_path / "one", sae_ids=["res-L5"], model_id="Tiny Model",
+                                source_set="my-set")
+    assert result.sources == ["tiny-model/5-my-set"] and result.features == 16
+    with pytest.raises(StoreError, match="would both be exported as tiny-model/12-x"):
+        export_neuronpedia(known_catalogue, tmp_path / "two", sae_ids=["res-L12", "mlp-L12"], source_set="x")
+    with pytest.raises(StoreError, match="not empty"):
+        export_neuronpedia(known_catalogue, tmp_path / "one")
+    assert model_id_for("google/gemma-2-2b") == "gemma-2-2b" and model_id_for("/m/SmolLM2-135M.gguf") == "smollm2-135m"
+    assert source_set_for("smollm2-res-L15-w4096-k32", "res", 4096) == "smollm2-res-w4096-k32"
+    assert source_set_for("gemma-scope-res-layer_12-width_16k-average_l0_82", "res", 16384) == \
+        "gemma-scope-res-width-16k-average-l0-82"
+    assert source_set_for("L3", "mlp", 16384) == "mlp-16k"
+    assert source_set_for("gemma-2-2b/20-gemmascope-res-16k", "res", 16384) == "gemmascope-res-16k"
+
+
+# --- rows as Neuronpedia publishes them ---------------------------------------------------------
+
+
+def neuron(index: int, **overrides) -> dict:
+    row = {
+        "modelId": NP_MODEL, "layer": NP_SOURCE, "index": str(index), "maxActApprox": 12.5, "creatorId": "clsxqq2xd",
+        "frac_nonzero": 0.001, "freq_hist_data_bar_heights": [6.0, 3.0, 1.0],
+        "freq_hist_data_bar_values": [2.5, 7.5, 12.5], "logits_hist_data_bar_heights": [1.0, 2.0],
+        "logits_hist_data_bar_values": [-0.5, 0.5], "neuron_alignment_indices": [], "neuron_alignment_l1": [],
+        "neuron_alignment_values": [], "correlated_neurons_indices": [], "correlated_neurons_l1": [],
+        "correlated_neurons_pearson": [], "decoder_weights_dist": [], "neg_str": [" the", " of"],
+        "neg_values": [-0.8, -0.7], "pos_str": [" Paris", " Lyon"], "pos_values": [1.2, 1.1],
+        "sourceSetName": "gemmascope-res-16k", "topkCosSimIndices": [], "topkCosSimValues": [],
+        "vector": [], "vectorLabel": None, "hookName": "blocks.20.hook_resid_post", "vectorDefaultSteerStrength": 10,
+        "hasVector": False,
+    }
+    return row | overrides
+
+
+def activation(index: int, n: int, tokens: list[str], values: list[float], *, interval: bool = False) -> dict:
+    peak = values.index(max(values))
+    return {
+        "id": f"cm0act{index}x{n}", "modelId": NP_MODEL, "layer": NP_SOURCE, "index": str(index),
+        "creatorId": "clsxqq2xd", "dataSource": None, "tokens": tokens, "maxValue": max(values),
+        "minValue": min(values), "values": values, "maxValueTokenIndex": peak, "dfaValues": [], "dfaMaxValue": None,
+        "dfaTargetIndex": None, "binContains": 0.004 if interval else -1, "binMin": 1.0 if interval else -1,
+        "binMax": 2.0 if interval else 12.5,
+    }
+
+
+def explanation(index: int, text: str, type_name: str | None, model: str | None) -> dict:
+    return {
+        "id": f"cm0exp{index}", "modelId": NP_MODEL, "layer": NP_SOURCE, "index": str(index), "authorId": "clsxqq2xd",
+        "description": text, "embedding": "[0.01,-0.02,0.03]", "typeName": type_name, "explanationModelName": model,
+        "umap_x": None, "umap_y": None, "umap_cluster": None, "umap_log_feature_sparsity": None,
+    }
+
+
+def write_gz(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
+@pytest.fixture()
+def neuronpedia_export(tmp_path) -> Path:
+    """A Gemma Scope source as Neuronpedia publishes it: only Neuronpedia's files and fields."""
+    root = tmp_path / "neuronpedia"
+    source = root / NP_MODEL / NP_SOURCE
+    write_gz(source / "features" / "batch-0.jsonl.gz", [
+        neuron(0), neuron(1, vector=[3.0, 4.0, 0.0, 0.0], hasVector=True), neuron(2, frac_nonzero=0.0,
+                                                                                  freq_hist_data_bar_heights=[],
+                                                                                  freq_hist_data_bar_values=[]),
+    ])
+    write_gz(source / "activations" / "batch-0.jsonl.gz", [
+        activation(1, 0, ["<bos>", "I", " love", " Paris"], [0.0, 0.0, 1.5, 11.0]),
+        activation(1, 1, ["<bos>", "Lyon", " and", " Paris"], [0.0, 12.5, 0.0, 9.0]),
+        activation(1, 2, ["<bos>", " Paris", " is"], [0.0, 1.5, 0.2], interval=True),
+        activation(0, 0, ["<bos>", " the", " end"], [0.0, 2.0, 0.0]),
+    ])
+    write_gz(source / "explanations" / "batch-0.jsonl.gz", [
+        explanation(1, "French cities, especially Paris", "oai_token-act-pair", "gpt-4o-mini"),
+        explanation(0, "the word 'the'", None, None),
+    ])
+    (source / "source.jsonl").write_text(json.dumps({
+        "id": NP_SOURCE, "modelId": NP_MODEL, "setName": "gemmascope-res-16k", "num_prompts": 1000,
+        "num_tokens_in_prompt": 128, "creatorId": "clsxqq2xd", "createdAt": "2024-07-30T00:00:00",
+    }) + "\n")
+    return root
+
+
+def test_import_of_neuronpedia_rows_is_searchable(neuronpedia_export, tmp_path):
+    db = tmp_path / "db"
+    result = import_neuronpedia(neuronpedia_export, db)
+    sae_id = f"{NP_MODEL}/{NP_SOURCE}"
+    assert result.sae_ids == [sae_id] and not result.sidecar
+    assert (result.features, result.examples, result.descriptions, result.decoder_vectors) == (3, 4, 2, 1)
+    assert result.unembedded == 2  # Neuronpedia's embeddings are another model's: not imported
+    finalize(str(db))
+
+    cat = featuredb.open(str(db))
+    found = cat.keyword("Paris").to_polars()
+    assert (found["sae_id"][0], found["feature"][0]) == (sae_id, 1)
+    feature = cat.feature(sae_id, 1)
+    assert feature["description"] == "French cities, especially Paris"
+    assert feature["max_activation"] == 12.5 and feature["density"] == pytest.approx(0.001)
+
+    store = FeatureStore(db, read_only=True)
+    sae = store.saes().to_dicts()[0]
+    assert (sae["model"], sae["layer"], sae["site"], sae["kind"], sae["hook"]) == \
+        (NP_MODEL, 20, "res", "sae", "blocks.20.hook_resid_post")
+    assert (sae["width"], sae["d_in"], sae["contexts_indexed"], sae["context"], sae["tokens_indexed"], sae["top_k"]) == \
+        (3, 4, 1000, 128, 128_000, 2)
+    row = store.feature(sae_id, 1)
+    assert row["active_count"] == 128 and row["top_logit_tokens"] == [" Paris", " Lyon"]
+    assert row["top_logit_ids"] == [-1, -1] and row["top_tokens"] == ["Lyon", " Paris"]
+    assert row["hist_counts"] == [6, 3, 1] and row["hist_max"] == 15.0
+    assert row["mean_activation"] == pytest.approx(5.0) and row["vector"] is None
+    assert (row["description_method"], row["description_model"]) == ("llm", "gpt-4o-mini")
+    assert store.feature(sae_id, 0)["description_method"] == "manual"
+    examples = store.examples(sae_id, 1)
+    assert examples.select("kind", "rank", "max_value").rows() == [("interval", 0, 1.5), ("top", 0, 12.5),
+                                                                   ("top", 1, 11.0)]
+    assert examples["token_ids"][0].to_list() == [-1, -1, -1] and examples["doc_id"][0] == ""
+    descriptions = {r["feature"]: r for r in all_rows(store, "descriptions")}
+    assert (descriptions[1]["explainer_source"], descriptions[1]["prompt_version"]) == ("neuronpedia", "oai_token-act-pair")
+
+
+def test_neuronpedia_import_exports_back_with_their_type_names(neuronpedia_export, tmp_path):
+    import_neuronpedia(neuronpedia_export, tmp_path / "db")
+    export_neuronpedia(tmp_path / "db", tmp_path / "out")
+    rows = read_rows(tmp_path / "out" / NP_MODEL / NP_SOURCE / "explanations" / "batch-0.jsonl.gz")
+    assert {(r["index"], r["typeName"], r["explanationModelName"]) for r in rows} == \
+        {("1", "oai_token-act-pair", "gpt-4o-mini"), ("0", None, None)}
+
+
+def test_import_with_embed_embeds_descriptions(neuronpedia_export, tmp_path):
+    def fake_embedder(texts: list[str], model: str) -> np.ndarray:
+        return np.ones((len(texts), 384), dtype=np.float32) / np.sqrt(384)
+
+    result = import_neuronpedia(neuronpedia_export, tmp_path / "db", embed=True, embedder=fake_embedder)
+    assert (result.embedded, result.unembedded) == (2, 0)
+    row = FeatureStore(tmp_path / "db", read_only=True).feature(f"{NP_MODEL}/{NP_SOURCE}", 1)
+    assert row["embedding_model"] == "sentence-transformers/all-MiniLM-L6-v2" and len(row["vector"]) == 384
+
+
+# --- bad input through the CLI --------------------------------------------------------------------
+
+
+def cli() -> click.Group:
+    """The commands as featuredb/cli.py registers them (callbacks wrapped with one_line_errors)."""
+    group = click.Group("featuredb")
+    for command in COMMANDS:
+        wrapped = copy.copy(command)
+        wrapped.callback = one_line_errors(command.callback)
+        group.add_command(wrapped)
+    return group
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli(), [*map(str, args)])
+
+
+def spoil_features(source: Path, rows: list[dict] | None = None, raw: bytes | None = None) -> None:
+    path = source / "features" / "batch-0.jsonl.gz"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        write_gz(path, rows)
+
+
+BAD_IMPORTS = {
+    "malformed JSON": (lambda s: spoil_features(s, raw=gzip.compress(json.dumps(neuron(0)).encode() + b'\n{"mod\n')),
+                       r"features/batch-0\.jsonl\.gz:2: malformed JSON"),
+    "corrupt gzip": (lambda s: spoil_features(s, raw=b"\x1f\x8b\x08garbage"), r"batch-0\.jsonl\.gz: cannot read gzip"),
+    "wrong type": (lambda s: spoil_features(s, [neuron(0, maxActApprox="big")]), r":1: field 'maxActApprox' must be"),
+    "index not a number": (lambda s: spoil_features(s, [neuron(0) | {"index": "zero"}]), r"field 'index'"),
+    "mismatched counts": (lambda s: spoil_features(s, [neuron(0, pos_values=[1.0])]),
+                          r"'pos_str' has 2 entries but 'pos_values' has 1"),
+    "activation of a missing feature": (
+        lambda s: write_gz(s / "activations" / "batch-0.jsonl.gz", [activation(7, 0, ["a"], [1.0])]),
+        r"activations/batch-0\.jsonl\.gz:1: activation of feature 7, which has no row"),
+    "tokens and values differ": (
+        lambda s: write_gz(s / "activations" / "batch-0.jsonl.gz", [activation(1, 0, ["a", "b"], [1.0]) | {
+            "maxValueTokenIndex": 0}]), r"'tokens' has 2 entries but 'values' has 1"),
+    "another source's row": (lambda s: spoil_features(s, [neuron(0), neuron(1, layer="21-gemmascope-res-16k")]),
+                             r":2: row is for gemma-2-2b/21-gemmascope-res-16k"),
+    "empty description": (lambda s: write_gz(s / "explanations" / "batch-0.jsonl.gz", [explanation(1, " ", None, None)]),
+                          r"description must be 1 to"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMPORTS))
+def test_cli_bad_import_is_one_line_and_leaves_db_untouched(name, neuronpedia_export, known_catalogue, tmp_path):
+    spoil, message = BAD_IMPORTS[name]
+    spoil(neuronpedia_export / NP_MODEL / NP_SOURCE)
+    for db in (tmp_path / "new-db", known_catalogue):
+        before = db_snapshot(Path(db)) if Path(db).exists() else None
+        result = run("import", "--format", "neuronpedia", neuronpedia_export, "--db", db, "--quiet")
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert re.search(message, result.stderr), result.stderr
+        assert (db_snapshot(Path(db)) if Path(db).exists() else None) == before
+
+
+def test_cli_bad_import_paths_and_out_of_range_index(exported, tmp_path):
+    result = run("import", "--format", "neuronpedia", tmp_path / "missing", "--db", tmp_path / "db", "-q")
+    assert result.exit_code == 1 and "is not a directory" in result.stderr and not (tmp_path / "db").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("import", "--format", "neuronpedia", empty, "--db", tmp_path / "db", "-q")
+    assert result.exit_code == 1 and "no Neuronpedia source" in result.stderr
+
+    source = tmp_path / "copy"
+    shutil.copytree(exported / "tiny-model" / "5-res", source)
+    coder = json.loads((source / "featuredb" / "coder.jsonl").read_text())
+    (source / "featuredb" / "coder.jsonl").write_text(json.dumps(coder | {"width": 12}) + "\n")
+    result = run("import", "--format", "neuronpedia", source, "--db", tmp_path / "db", "-q")
+    assert result.exit_code == 1 and "feature index 12 is out of range for width 12" in result.stderr
+    assert not (tmp_path / "db").exists()
+
+    (source / "featuredb" / "coder.jsonl").write_text(json.dumps(coder) + "\n")
+    (source / "featuredb" / "activations" / "batch-0.jsonl.gz").unlink()
+    result = run("import", "--format", "neuronpedia", source, "--db", tmp_path / "db", "-q")
+    assert result.exit_code == 1 and "must mirror every batch file" in result.stderr
+
+
+def test_cli_export_and_import(known_catalogue, tmp_path):
+    out = tmp_path / "out"
+    result = run("export", "--format", "neuronpedia", "--db", known_catalogue, "--out", out, "--sae", "res-L12", "-q")
+    assert result.exit_code == 0, result.output
+    assert "exported 16 features" in result.stdout and "tiny-model/12-res" in result.stdout
+    again = run("export", "--format", "neuronpedia", "--db", known_catalogue, "--out", out, "-q")
+    assert again.exit_code == 1 and "not empty" in again.stderr and again.stderr.count("\n") == 1
+    bad_format = run("export", "--format", "saelens", "--db", known_catalogue, "--out", tmp_path / "x")
+    assert bad_format.exit_code == 1 and bad_format.stderr.startswith("error: ")
+    imported = run("import", "--format", "neuronpedia", out, "--db", tmp_path / "db", "-q")
+    assert imported.exit_code == 0, imported.output
+    assert "imported 1 coder(s): 16 features" in imported.stdout and "res-L12" in imported.stdout
+    assert [c.name for c in COMMANDS] == ["export", "import"]
+
+
+def test_store_error_is_raised_for_bad_batch_size(known_catalogue, tmp_path):
+    with pytest.raises(StoreError, match="batch size"):
+        export_neuronpedia(known_catalogue, tmp_path / "x", batch_size=0)
