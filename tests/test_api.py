@@ -17,7 +17,7 @@ from catalogue_fixtures import HTML_SAE
 from featuredb.query.server import create_app
 from featuredb.query.server.command import COMMANDS, serve
 from featuredb.store import FeatureStore
-from test_query import FRENCH, MODEL, TRICKY_ID, WIDTH
+from catalogue_fixtures import FRENCH, MODEL, TRICKY_ID, WIDTH
 
 TEXT = "The cat sat on the mat in Paris."
 # the shared catalogue fixtures (see tests/catalogue_fixtures.py)

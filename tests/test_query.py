@@ -8,7 +8,6 @@ known decoder vectors and known example contexts, so every answer is known in ad
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import numpy as np
@@ -18,149 +17,14 @@ import torch
 from click.testing import CliRunner
 
 import featuredb
-from featuredb.embedding import DEFAULT_EMBEDDING_MODEL, embed
+from featuredb.embedding import embed
 from featuredb.query import QueryError, create_indexes, optimize
 from featuredb.store.decoders import write_decoder_vectors
 from featuredb.query.commands import COMMANDS, fires, search, show, similar
 from featuredb.store import FeatureStore
 
-MODEL = "tiny-model"
-D = 8
-WIDTH = 16
-CREATED = dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc)
-TRICKY_ID = "it's-a' OR '1'='1"
-
-# (sae_id, layer, site, hook, hook_out, model)
-CODERS = [
-    ("res-L12", 12, "res", "model.layers.12.output", "model.layers.12.output", MODEL),
-    ("mlp-L12", 12, "mlp", "model.layers.12.post_feedforward_layernorm.output",
-     "model.layers.12.post_feedforward_layernorm.output", MODEL),
-    ("res-L5", 5, "res", "model.layers.5.output", "model.layers.5.output", MODEL),
-    ("att-L5", 5, "att", "model.layers.5.self_attn.o_proj.input", "model.layers.5.self_attn.o_proj.input", MODEL),
-    ("other-res", 12, "res", "model.layers.12.output", "model.layers.12.output", "other-model"),
-    (TRICKY_ID, 3, "res", "model.layers.3.output", "model.layers.3.output", MODEL),
-]
-
-# Known descriptions: (sae_id, feature) -> description. Everything else has no description.
-DESCRIPTIONS = {
-    ("res-L12", 3): "French cities such as Paris, Lyon and Marseille",
-    ("mlp-L12", 5): "names of towns and cities in France",
-    ("res-L5", 7): "the city of Paris and other places in France",
-    ("res-L12", 0): "Python source code: function definitions and return statements",
-    ("mlp-L12", 1): "closing parentheses and brackets in programming code",
-    ("res-L5", 2): "numbers and numeric digits written in text",
-    ("res-L12", 9): "cats, dogs and other pets",
-    ("mlp-L12", 9): "legal language in contracts and court rulings",
-    ("res-L5", 11): "recipes, cooking and food ingredients",
-    ("att-L5", 4): "attention to the previous token",
-    ("other-res", 3): "French cities like Paris in another model",
-    (TRICKY_ID, 6): "Marseille harbour and boats",
-}
-FRENCH = {("res-L12", 3), ("mlp-L12", 5), ("res-L5", 7)}
-
-# Example contexts: (sae_id, feature) -> list of (tokens, peak position)
-CONTEXTS = {
-    ("res-L12", 3): [
-        (["<bos>", "I", " live", " in", " Paris", " today"], 4),
-        (["<bos>", "The", " Eiffel", " tower", " of", " Paris"], 5),
-        (["<bos>", "We", " went", " to", " Lyon"], 4),
-    ],
-    ("res-L5", 7): [
-        (["<bos>", "Paris", " is", " big"], 1),
-        (["<bos>", "see", " the", " Eiffel", " tower"], 4),
-    ],
-    ("res-L12", 0): [
-        (["<bos>", "def", " add", "(", "a", ")"], 1),
-        (["<bos>", " return", " a", " +", " b"], 1),
-    ],
-    ("mlp-L12", 1): [
-        (["<bos>", "print", "(", "x", ")"], 4),
-    ],
-}
-
-
-def _decoders(sae_id: str, seed: int) -> np.ndarray:
-    """Decoder rows: feature i points mostly along axis i % D, with a seeded wobble."""
-    rng = np.random.default_rng(seed)
-    W = 0.05 * rng.standard_normal((WIDTH, D)).astype(np.float32)
-    for i in range(WIDTH):
-        W[i, i % D] += 1.0 + 0.1 * (i // D)
-    return W
-
-
-def decoder_matrices() -> dict[str, np.ndarray]:
-    mats = {sae_id: _decoders(sae_id, seed) for seed, (sae_id, *_rest) in enumerate(CODERS)}
-    base = mats["res-L12"][3].copy()
-    mats["res-L12"][11] = base + 0.02  # same coder, nearly parallel to res-L12/3
-    mats["mlp-L12"][6] = base * 2.0 + 0.01  # other coder, same model and residual space
-    mats["att-L5"][2] = base  # exactly parallel, but another space (before o_proj)
-    mats["other-res"][2] = base  # exactly parallel, but another model
-    return mats
-
-
-def build_catalogue(path, *, with_decoders: bool = True, indexes: bool = True) -> FeatureStore:
-    store = FeatureStore(str(path))
-    texts = list(DESCRIPTIONS.values())
-    vectors = dict(zip(DESCRIPTIONS, embed(texts)))
-    mats = decoder_matrices()
-    for sae_id, layer, site, hook, hook_out, model in CODERS:
-        sae = dict(sae_id=sae_id, model=model, hook=hook, hook_out=hook_out, site=site, layer=layer,
-                   architecture="jumprelu", kind="sae", d_in=D, d_out=D, width=WIDTH, source="", tokens_indexed=1000,
-                   contexts_indexed=100, context=6, top_k=3, created_at=CREATED)
-        n = WIDTH
-        keys = [(sae_id, i) for i in range(n)]
-        features = {
-            "sae_id": [sae_id] * n, "feature": list(range(n)), "model": [model] * n, "layer": [layer] * n,
-            "hook": [hook] * n, "site": [site] * n,
-            "active_count": [10 * (i + 1) for i in range(n)],
-            "density": [(i + 1) / 100 for i in range(n)],  # feature i: density (i+1)%
-            "max_activation": [float(i + 1) for i in range(n)],  # feature i: max i+1
-            "mean_activation": [0.5] * n, "std_activation": [0.25] * n,
-            "hist_counts": [[5, 3, 2, 0] for _ in range(n)], "hist_max": [16.0] * n,
-            "top_logit_tokens": [[" Paris", " France"]] * n, "top_logit_ids": [[11, 12]] * n,
-            "top_logit_values": [[2.5, 1.5]] * n,
-            "bottom_logit_tokens": [[" the"]] * n, "bottom_logit_ids": [[3]] * n, "bottom_logit_values": [[-1.0]] * n,
-            "neighbours": [[(i + 1) % n, (i + 2) % n] for i in range(n)],
-            "neighbour_cosines": [[0.5, 0.25]] * n,
-            "top_tokens": [[" Paris"] if (sae_id, i) in FRENCH else ["x"] for i in range(n)],
-            "top_token_counts": [[2]] * n,
-            "description": [DESCRIPTIONS.get(k) for k in keys],
-            "description_method": ["test" if k in DESCRIPTIONS else None for k in keys],
-            "description_model": [None] * n,
-            "embedding_model": [DEFAULT_EMBEDDING_MODEL if k in DESCRIPTIONS else None for k in keys],
-            "vector": [vectors[k].tolist() if k in DESCRIPTIONS else None for k in keys],
-        }
-        examples: dict[str, list] = {c: [] for c in ("sae_id", "feature", "kind", "rank", "bin_min", "bin_max", "tokens",
-                                                     "token_ids", "values", "max_value", "max_position", "doc_id",
-                                                     "context_index")}
-        for (sid, feature), contexts in CONTEXTS.items():
-            if sid != sae_id:
-                continue
-            for rank, (tokens, peak) in enumerate(contexts):
-                values = [0.0] * len(tokens)
-                values[peak] = 4.0 - rank
-                values[max(peak - 1, 1)] = max(values[max(peak - 1, 1)], 0.5)
-                for column, value in (("sae_id", sae_id), ("feature", feature), ("kind", "top"), ("rank", rank),
-                                      ("bin_min", None), ("bin_max", None), ("tokens", tokens),
-                                      ("token_ids", list(range(len(tokens)))), ("values", values),
-                                      ("max_value", values[peak]), ("max_position", peak), ("doc_id", f"d{rank}"),
-                                      ("context_index", rank)):
-                    examples[column].append(value)
-            # one interval example
-            tokens, peak = contexts[0]
-            values = [0.0] * len(tokens)
-            values[peak] = 1.0
-            for column, value in (("sae_id", sae_id), ("feature", feature), ("kind", "interval"), ("rank", 0),
-                                  ("bin_min", 0.75), ("bin_max", 1.25), ("tokens", tokens),
-                                  ("token_ids", list(range(len(tokens)))), ("values", values), ("max_value", 1.0),
-                                  ("max_position", peak), ("doc_id", "d9"), ("context_index", 9)):
-                examples[column].append(value)
-        store.write_coder(sae, features, examples)
-        if with_decoders:
-            write_decoder_vectors(store, sae_id, mats[sae_id])
-    if indexes:
-        create_indexes(store)
-    return store
+from catalogue_fixtures import (DESCRIPTIONS, FRENCH, MODEL, TRICKY_ID, WIDTH, D,
+                                build_catalogue, decoder_matrices)
 
 
 @pytest.fixture(scope="module")

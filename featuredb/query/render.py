@@ -18,7 +18,7 @@ def _width() -> int:
     return max(60, shutil.get_terminal_size((120, 24)).columns)
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -28,14 +28,14 @@ def _cell(value: Any) -> str:
             return f"{value:.4g}" if abs(value) < 1 else f"{value:.3f}".rstrip("0").rstrip(".")
         return f"{value:.2e}"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_cell(v) for v in value)
+        return ", ".join(format_cell(v) for v in value)
     return str(value).replace("\n", "\\n")
 
 
 def table(frame: pl.DataFrame, columns: list[str], headers: list[str] | None = None, wrap_last: bool = True) -> str:
     """A left-aligned text table; the last column is cut to fit the terminal."""
     headers = headers or columns
-    rows = [[_cell(row.get(c)) for c in columns] for row in frame.iter_rows(named=True)]
+    rows = [[format_cell(row.get(c)) for c in columns] for row in frame.iter_rows(named=True)]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     if wrap_last and columns:
         room = _width() - sum(w + 2 for w in widths[:-1])
@@ -86,12 +86,12 @@ def dashboard(feature: dict, examples: int = 5) -> str:
         source = ", ".join(str(extra[k]) for k in ("method", "model") if extra.get(k))
         if source:
             lines.append(f"  ({source})")
-    lines.append(f"density {_cell(feature['density'])}  max {_cell(feature['max_activation'])}  "
-                 f"mean {_cell(feature['mean_activation'])}  std {_cell(feature['std_activation'])}  "
+    lines.append(f"density {format_cell(feature['density'])}  max {format_cell(feature['max_activation'])}  "
+                 f"mean {format_cell(feature['mean_activation'])}  std {format_cell(feature['std_activation'])}  "
                  f"active tokens {feature['active_count']:,}")
     hist = feature["histogram"]
     if hist["counts"]:
-        lines.append(f"histogram [0, {_cell(hist['max'])}]: {sparkline(hist['counts'])}")
+        lines.append(f"histogram [0, {format_cell(hist['max'])}]: {sparkline(hist['counts'])}")
     top = feature["logits"]["top"]
     bottom = feature["logits"]["bottom"]
     if top:

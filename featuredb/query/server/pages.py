@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from ..catalogue import Catalogue
-from ..render import _cell
+from ..render import format_cell
 from .views import (
     Density,
     Filters,
@@ -76,11 +76,11 @@ def histogram_bars(histogram: dict) -> list[dict]:
             continue
         height = HIST_HEIGHT * math.log1p(count) / top
         bars.append({"x": i * width, "y": HIST_HEIGHT - height, "width": max(width - 1, 1), "height": height,
-                     "title": f"{_cell(edges[i])} – {_cell(edges[i + 1])}: {count:,} tokens"})
+                     "title": f"{format_cell(edges[i])} – {format_cell(edges[i + 1])}: {count:,} tokens"})
     return bars
 
 
-templates.env.filters.update(cell=_cell, shade=shade, visible=visible, url_segment=url_segment)
+templates.env.filters.update(cell=format_cell, shade=shade, visible=visible, url_segment=url_segment)
 templates.env.globals.update(histogram_bars=histogram_bars, HIST_WIDTH=HIST_WIDTH, HIST_HEIGHT=HIST_HEIGHT)
 
 

@@ -1,0 +1,318 @@
+"""Export a catalogue's coders as Neuronpedia sources (layout and sidecar: see the package docstring).
+
+Field mapping (Neuronpedia <- ours):
+- Neuron: maxActApprox <- max_activation, frac_nonzero <- density, freq_hist_data_bar_heights /
+  _bar_values <- hist_counts and the bin centres on [0, hist_max] (SAEDashboard's bar_values are
+  centres too), pos_str/pos_values <- top logits, neg_str/neg_values <- bottom logits,
+  topkCosSimIndices/Values <- neighbours, vector <- the unit-norm decoder direction from
+  decoders_<d> (when stored), hookName <- hook. Fields we have no data for are empty / null.
+- Activation: tokens, values, maxValue <- max_value, maxValueTokenIndex <- max_position,
+  minValue; top examples carry SAEDashboard's markers binMin = binContains = -1, binMax = the
+  feature's max; interval examples binMin/binMax and binContains = the fraction of the feature's
+  activations in that interval (from the histogram).
+- Explanation: one per description of the coder's current indexing (the features' current
+  description when it has none): description, explanationModelName <- explainer model,
+  typeName <- `featuredb_<method>` (or the original typeName of an imported one), authorId.
+  `embedding` is written null: Neuronpedia's column is vector(256) of another embedding model, so
+  our MiniLM vectors would be rejected there; they travel in the sidecar.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..decoders import is_decoders_table
+from ..descriptions import current_descriptions
+from ..feature_store import FeatureStore
+from ..filters import Filter
+from ..schema import EXAMPLES_TABLE, FEATURES_TABLE, StoreError
+from .format import (
+    CREATOR_ID,
+    DEFAULT_BATCH_SIZE,
+    DESCRIPTION_EXTRAS,
+    EXAMPLE_EXTRAS,
+    FEATURE_EXTRAS,
+    KINDS,
+    NEURON_FIELDS,
+    NEURONPEDIA_SOURCE,
+    SIDECAR_CODER_FILE,
+    SIDECAR_DIR,
+    TOP_MARKER,
+    model_id_for,
+    progress_bar,
+    sidecar_path,
+    slug,
+    source_set_for,
+    stable_id,
+    width_label,
+)
+from .jsonl import write_jsonl
+
+
+@dataclass
+class ExportResult:
+    sources: list[str] = field(default_factory=list)  # "{modelId}/{sourceId}", one per coder
+    features: int = 0
+    activations: int = 0
+    explanations: int = 0
+    seconds: float = 0.0
+
+
+def export_neuronpedia(
+    db: FeatureStore | str | Path,
+    out: str | Path,
+    *,
+    sae_ids: list[str] | None = None,
+    model_id: str | None = None,
+    source_set: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> ExportResult:
+    """Write the catalogue's coders (or `sae_ids`) to `out` in Neuronpedia's format (see the package
+    docstring). `out` must be empty or not exist."""
+    started = time.perf_counter()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise StoreError(f"batch size must be a positive integer, got {batch_size!r}")
+    out = Path(out)
+    _require_empty_dir(out)
+    store = db if isinstance(db, FeatureStore) else FeatureStore(db, read_only=True)
+    coders = _selected_coders(store, sae_ids)
+    plans = _source_plans(coders, model_id, source_set)
+    indices = {c["sae_id"]: store.features(c["sae_id"], columns=["feature"])["feature"].to_list() for c in coders}
+    result = ExportResult()
+    bar = progress_bar(sum(map(len, indices.values())), "export", progress)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for coder in coders:
+            model, set_name = plans[coder["sae_id"]]
+            _export_coder(store, coder, indices[coder["sae_id"]], model, set_name, out, batch_size, bar, result)
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _require_empty_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StoreError(f"export directory {out} already exists and is not empty; choose a new --out")
+
+
+def _selected_coders(store: FeatureStore, sae_ids: list[str] | None) -> list[dict]:
+    coders = store.saes().to_dicts()
+    if sae_ids:
+        known = {c["sae_id"] for c in coders}
+        missing = [s for s in sae_ids if s not in known]
+        if missing:
+            raise StoreError(f"no coder {missing[0]!r} in {store.uri} (coders: {sorted(known)})")
+        coders = [c for c in coders if c["sae_id"] in set(sae_ids)]
+    if not coders:
+        raise StoreError(f"nothing to export: no coders in {store.uri}")
+    return coders
+
+
+def _source_plans(coders: list[dict], model_id: str | None, source_set: str | None) -> dict[str, tuple[str, str]]:
+    """sae_id -> (modelId, sourceSetName); two coders may not become the same source."""
+    plans: dict[str, tuple[str, str]] = {}
+    taken: dict[str, str] = {}
+    for coder in coders:
+        model = slug(model_id) if model_id else model_id_for(coder["model"])
+        set_name = slug(source_set) if source_set else source_set_for(coder["sae_id"], coder["site"], coder["width"])
+        if not model or not set_name:
+            raise StoreError(f"--model-id / --source-set must contain letters or digits, got {model_id!r} / {source_set!r}")
+        source = f"{model}/{coder['layer']}-{set_name}"
+        if source in taken:
+            raise StoreError(f"coders {taken[source]!r} and {coder['sae_id']!r} would both be exported as {source}; "
+                             f"export them separately with --sae and --source-set")
+        taken[source] = coder["sae_id"]
+        plans[coder["sae_id"]] = (model, set_name)
+    return plans
+
+
+def _export_coder(store: FeatureStore, coder: dict, indices: list[int], model: str, set_name: str, out: Path,
+                  batch_size: int, bar, result: ExportResult) -> None:
+    source = _ExportedSource(model, f"{coder['layer']}-{set_name}", set_name, coder,
+                             _descriptions_by_feature(store, coder["sae_id"]), _decoders_table(store, coder["sae_id"]))
+    folder = out / model / source.source_id
+    for kind in KINDS:
+        (folder / kind).mkdir(parents=True)
+        (folder / SIDECAR_DIR / kind).mkdir(parents=True)
+    _write_source_metadata(folder, coder, model, set_name, source.source_id)
+    for number, start in enumerate(range(0, len(indices), batch_size)):
+        chunk = indices[start:start + batch_size]  # batches of features, read one at a time
+        rows = _batch_rows(store, source, chunk[0], chunk[-1])
+        name = f"batch-{number}.jsonl.gz"
+        for kind, (neuronpedia_rows, sidecar_rows) in rows.items():
+            write_jsonl(folder / kind / name, neuronpedia_rows, compress=True)
+            write_jsonl(sidecar_path(folder, kind, name), sidecar_rows, compress=True)
+        result.features += len(rows["features"][0])
+        result.activations += len(rows["activations"][0])
+        result.explanations += len(rows["explanations"][0])
+        bar.update(len(rows["features"][0]))
+    result.sources.append(f"{model}/{source.source_id}")
+
+
+@dataclass
+class _ExportedSource:
+    model: str
+    source_id: str  # {layer}-{set_name}
+    set_name: str
+    coder: dict
+    descriptions: dict[int, list[dict]]
+    decoders: Any  # the decoders_<d> table holding the coder's directions, or None
+
+    @property
+    def row_keys(self) -> dict:
+        """The fields naming the source in each of its rows."""
+        return {"modelId": self.model, "layer": self.source_id}
+
+
+def _batch_rows(store: FeatureStore, source: _ExportedSource, low: int, high: int) -> dict[str, tuple[list, list]]:
+    """kind -> (Neuronpedia rows, sidecar rows) for the features low..high of one coder."""
+    sae_id, source_keys = source.coder["sae_id"], source.row_keys
+    features = _rows_between(store.table(FEATURES_TABLE), sae_id, low, high)
+    examples = _rows_between(store.table(EXAMPLES_TABLE), sae_id, low, high)
+    vectors = {r["feature"]: r["vector"] for r in _rows_between(source.decoders, sae_id, low, high)} \
+        if source.decoders is not None else {}
+    rows: dict[str, tuple[list, list]] = {kind: ([], []) for kind in KINDS}
+    for row in features:
+        feature_keys = {**source_keys, "index": str(row["feature"])}
+        rows["features"][0].append(_neuron_row(row, source_keys, source.coder["hook"], source.set_name,
+                                               vectors.get(row["feature"])))
+        rows["features"][1].append({**feature_keys, **{k: row[k] for k in FEATURE_EXTRAS}})
+        descriptions = source.descriptions.get(row["feature"], [])
+        for position, (explanation, extra) in enumerate(_explanation_rows(row, descriptions)):
+            row_id = stable_id(source.model, source.source_id, row["feature"], "explanation", position)
+            rows["explanations"][0].append({"id": row_id, **feature_keys, **explanation})
+            rows["explanations"][1].append({"id": row_id, **feature_keys, **extra})
+    by_feature = {r["feature"]: r for r in features}
+    for example in examples:
+        row_id = stable_id(source.model, source.source_id, example["feature"], example["kind"], example["rank"])
+        activation = _activation_row(example, by_feature[example["feature"]])
+        rows["activations"][0].append({"id": row_id, **source_keys, **activation})
+        rows["activations"][1].append({"id": row_id, **source_keys, "index": str(example["feature"]),
+                                       **{k: example[k] for k in EXAMPLE_EXTRAS}})
+    return rows
+
+
+def _write_source_metadata(folder: Path, coder: dict, model: str, set_name: str, source: str) -> None:
+    """model / release / sourceset / source rows with Neuronpedia's fields, and our coder row."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    rows = {
+        "model.jsonl": {
+            "id": model, "displayName": coder["model"], "displayNameShort": model, "creatorId": CREATOR_ID,
+            "owner": coder["model"].split("/")[0] if "/" in coder["model"] else "unknown",
+            "layers": coder["layer"] + 1,  # at least; the catalogue does not know the model's depth
+            "neuronsPerLayer": 0, "instruct": bool(re.search(r"(-it|instruct)$", model)),
+            "createdAt": now, "updatedAt": now,
+        },
+        "release.jsonl": {
+            "name": set_name, "description": f"{set_name} (exported by featuredb)", "descriptionShort": set_name,
+            "urls": [], "creatorName": CREATOR_ID, "creatorNameShort": CREATOR_ID, "creatorId": CREATOR_ID,
+            "createdAt": now,
+        },
+        "sourceset.jsonl": {
+            "modelId": model, "name": set_name, "description": f"{coder['site']} {coder['kind']}s, "
+            f"{width_label(coder['width'])} features", "type": coder["site"], "creatorName": CREATOR_ID,
+            "creatorId": CREATOR_ID, "urls": [], "releaseName": set_name, "hasDashboards": True, "createdAt": now,
+        },
+        "source.jsonl": {
+            "id": source, "modelId": model, "setName": set_name, "creatorId": CREATOR_ID, "hasDashboards": True,
+            "num_prompts": coder["contexts_indexed"], "num_tokens_in_prompt": coder["context"],
+            "dataset": None, "notes": f"featuredb coder {coder['sae_id']}", "createdAt": now,
+        },
+    }
+    for name, row in rows.items():
+        write_jsonl(folder / name, [row], compress=False)
+    coder_row = {**coder, "created_at": coder["created_at"].isoformat()}
+    write_jsonl(folder / SIDECAR_DIR / SIDECAR_CODER_FILE, [coder_row], compress=False)
+
+
+def _descriptions_by_feature(store: FeatureStore, sae_id: str) -> dict[int, list[dict]]:
+    rows: dict[int, list[dict]] = {}
+    for row in sorted(current_descriptions(store, sae_id), key=lambda r: (r["feature"], r["created_at"])):
+        rows.setdefault(row["feature"], []).append(row)
+    return rows
+
+
+def _decoders_table(store: FeatureStore, sae_id: str):
+    """The decoders_<d> table holding the coder's directions, or None."""
+    for name in store.table_names():
+        if is_decoders_table(name):
+            table = store.table(name)
+            if table.count_rows(Filter().eq("sae_id", sae_id).render(table.schema)):
+                return table
+    return None
+
+
+def _rows_between(table, sae_id: str, low: int, high: int) -> list[dict]:
+    where = Filter().eq("sae_id", sae_id).between("feature", low, high).render(table.schema)
+    rows = table.search().where(where).limit(None).to_arrow().to_pylist()
+    sort_key = ("feature", "kind", "rank") if "rank" in table.schema.names else ("feature",)
+    return sorted(rows, key=lambda r: tuple(r[k] for k in sort_key))
+
+
+def _neuron_row(row: dict, source_keys: dict, hook: str, set_name: str, decoder: list[float] | None) -> dict:
+    counts, hist_max = row["hist_counts"], row["hist_max"]
+    width = hist_max / len(counts) if counts else 0.0
+    values = {
+        "index": str(row["feature"]), "maxActApprox": row["max_activation"], "creatorId": CREATOR_ID,
+        "frac_nonzero": row["density"],
+        "freq_hist_data_bar_heights": [float(c) for c in counts],
+        "freq_hist_data_bar_values": [(i + 0.5) * width for i in range(len(counts))],
+        "neg_str": row["bottom_logit_tokens"], "neg_values": row["bottom_logit_values"],
+        "pos_str": row["top_logit_tokens"], "pos_values": row["top_logit_values"],
+        "sourceSetName": set_name, "topkCosSimIndices": row["neighbours"], "topkCosSimValues": row["neighbour_cosines"],
+        "vector": decoder or [], "vectorLabel": None, "hookName": hook,
+        "vectorDefaultSteerStrength": row["max_activation"] if decoder else None, "hasVector": bool(decoder),
+    }
+    return {name: values.get(name, source_keys.get(name, [])) for name in NEURON_FIELDS}
+
+
+def _activation_row(example: dict, feature: dict) -> dict:
+    is_top = example["kind"] == "top"
+    if is_top:
+        bins = (TOP_MARKER, feature["max_activation"], TOP_MARKER)
+    else:
+        bins = (example["bin_min"], example["bin_max"],
+                _bin_fraction(feature["hist_counts"], feature["hist_max"], example["bin_min"], example["bin_max"]))
+    values = example["values"]
+    return {
+        "index": str(example["feature"]), "creatorId": CREATOR_ID, "dataSource": None, "tokens": example["tokens"],
+        "maxValue": example["max_value"], "minValue": min(values) if values else 0.0, "values": values,
+        "maxValueTokenIndex": example["max_position"], "dfaValues": [], "dfaMaxValue": None, "dfaTargetIndex": None,
+        "binMin": bins[0], "binMax": bins[1], "binContains": bins[2],
+    }
+
+
+def _bin_fraction(counts: list[int], hist_max: float, low: float, high: float) -> float | None:
+    """The fraction of the feature's activations in [low, high), from histogram bin centres."""
+    total = sum(counts)
+    if not counts or total == 0:
+        return None
+    width = hist_max / len(counts)
+    inside = sum(c for i, c in enumerate(counts) if low <= (i + 0.5) * width < high)
+    return inside / total
+
+
+def _explanation_rows(feature: dict, descriptions: list[dict]) -> Iterator[tuple[dict, dict]]:
+    """(Neuronpedia explanation fields, sidecar fields) per description of a feature."""
+    empty = {"authorId": CREATOR_ID, "embedding": None, "umap_x": None, "umap_y": None, "umap_cluster": None,
+             "umap_log_feature_sparsity": None}
+    for row in descriptions:
+        from_neuronpedia = row["explainer_source"] == NEURONPEDIA_SOURCE
+        type_name = (row["prompt_version"] or None) if from_neuronpedia else f"featuredb_{row['method']}"
+        extra = {k: row[k] for k in DESCRIPTION_EXTRAS}
+        extra["created_at"] = row["created_at"].isoformat()
+        yield ({**empty, "description": row["description"], "typeName": type_name,
+                "explanationModelName": row["explainer_model"]}, {"from": "descriptions", **extra})
+    if not descriptions and feature["description"]:
+        method = feature["description_method"]
+        yield ({**empty, "description": feature["description"],
+                "typeName": f"featuredb_{method}" if method else None,
+                "explanationModelName": feature["description_model"]}, {"from": "features"})
