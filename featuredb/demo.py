@@ -209,6 +209,7 @@ Try next:
   featuredb show {config.sae_dir(config.layers[len(config.layers) // 2]).name}/0
   featuredb fires "def add(a, b): return a + b"
   featuredb similar {config.sae_dir(config.layers[0]).name}/0
+  featuredb serve                      # the same in a browser: http://127.0.0.1:8000/
 """)
 
 

@@ -357,7 +357,7 @@ def step(model: SubjectModel, hooks: list[str], coders: list[SparseCoder], stats
     activations = model.capture(batch.input_ids, batch.attention_mask, hooks)
     for coder, coder_stats in zip(coders, stats):
         acts = coder.encode(activations[coder.hook].float())
-        acts = acts * batch.count_mask[..., None]  # BOS and padding never count
+        acts.mul_(batch.count_mask[..., None])  # BOS and padding never count (as run.py)
         coder_stats.update(acts, context_ids, batch.counted)
 
 
@@ -578,7 +578,7 @@ def _measure(args, model, device, device_name, dtype, layers, hooks, params_run,
                 sync(device)
                 a = time.perf_counter()
                 acts = coder.encode(activations[coder.hook].float())
-                acts = acts * batch.count_mask[..., None]
+                acts.mul_(batch.count_mask[..., None])
                 sync(device)
                 b = time.perf_counter()
                 coder_stats.update(acts, context_ids, batch.counted)

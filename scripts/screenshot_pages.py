@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @click.option("--text", default=None, help="Also run this text in the feature page's test-text box.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "docs", show_default=True)
 @click.option("--width", type=int, default=1400, show_default=True, help="Viewport width in CSS pixels.")
-def main(db: str, query: str, feature_ref: str | None, text: str | None, out: Path, width: int) -> None:
+@click.option("--height", type=int, default=1600, show_default=True,
+              help="Height of the shot in CSS pixels (0: the whole page).")
+def main(db: str, query: str, feature_ref: str | None, text: str | None, out: Path, width: int, height: int) -> None:
     from playwright.sync_api import sync_playwright
 
     browser_path = chromium()
@@ -46,13 +48,13 @@ def main(db: str, query: str, feature_ref: str | None, text: str | None, out: Pa
     out.mkdir(parents=True, exist_ok=True)
     with serving(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": width, "height": 900}, device_scale_factor=1)
+        page = browser.new_page(viewport={"width": width, "height": height or 900}, device_scale_factor=1)
         page.set_default_timeout(300_000)  # a test text loads the subject model first
         for name, path in [("search-page.png", f"/?{urlencode({'q': query})}"), ("feature-page.png", feature_path)]:
             response = page.goto(url + path)
             if response is None or not response.ok:
                 raise click.ClickException(f"{path}: HTTP {response.status if response else '?'}")
-            page.screenshot(path=str(out / name), full_page=True)
+            page.screenshot(path=str(out / name), full_page=not height)
             click.echo(f"{out / name}  <- {path}")
         browser.close()
 

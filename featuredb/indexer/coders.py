@@ -170,11 +170,13 @@ class SparseCoder:
             return torch.relu(pre)
 
         if self.architecture == "jumprelu":
-            # f = pre where pre > threshold, else 0; pre exactly at the threshold is off.
+            # f = pre where pre > threshold, else 0; pre exactly at the threshold is off. Compared in
+            # float32 (a bf16 threshold test would move features on and off). In place: each pass
+            # over [tokens, width] is memory-bound, so fewer passes is faster on every device.
             # threshold >= 0 makes this a relu too; the explicit relu guards a negative threshold.
             pre32 = pre.float()
-            fires = pre32 > self.threshold.float()
-            return torch.relu(pre32 * fires).to(self.dtype)
+            pre32.masked_fill_(pre32 <= self.threshold.float(), 0.0)
+            return pre32.relu_().to(self.dtype)
 
         # topk: the k largest pre-activations of each token survive (relu'd), the rest are 0
         top = torch.topk(pre, self.k, dim=-1)

@@ -339,7 +339,7 @@ def _index_batch(batch: Batch, model: SubjectModel, coders: list[SparseCoder], h
     context_ids = torch.arange(first, first + len(batch.windows), device=device)
     for coder, coder_stats in zip(coders, stats):
         acts = coder.encode(activations[coder.hook].float())
-        acts = acts * count_mask[..., None]  # BOS and padding never count
+        acts.mul_(count_mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
         coder_stats.update(acts, context_ids, counted)
 
     doc_index, new_docs = _document_rows(batch.windows, progress)
