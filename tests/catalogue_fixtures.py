@@ -213,13 +213,10 @@ def known_catalogue(tmp_path_factory) -> Path:
     return path
 
 
-def build_model_catalogue(root: Path, model_dir: Path) -> Path:
-    """Index the test corpus through a tiny model and two Gemma Scope coders, label every feature
-    with the `tokens` explainer, and build the search indexes."""
-    from featuredb.indexer.describe import DescribeConfig, run_describe
+def index_tiny_model(root: Path, model_dir: Path) -> tuple[Path, list[str]]:
+    """Index the test corpus through a tiny model and two Gemma Scope coders: (db, coder paths)."""
     from featuredb.indexer.run import IndexConfig, run_index
     from featuredb.indexer.stats import StatsConfig
-    from featuredb.query import finalize
 
     coders = [str(write_gemma_scope_1(root / "coders", "res", 1, 64, 48, fire_rate=0.1, seed=1)),
               str(write_gemma_scope_1(root / "coders", "transcoders", 0, 64, 40, fire_rate=0.1, seed=2))]
@@ -229,6 +226,16 @@ def build_model_catalogue(root: Path, model_dir: Path) -> Path:
     run_index(IndexConfig(model=str(model_dir), coders=coders, corpus=str(corpus), db=str(db), context=16,
                           batch_size=4, stats=StatsConfig(top_k=4, hist_bins=16, interval_bins=4, interval_per_bin=1),
                           progress=False))
+    return db, coders
+
+
+def build_model_catalogue(root: Path, model_dir: Path) -> Path:
+    """`index_tiny_model`, then label every feature with the `tokens` explainer and build the
+    search indexes."""
+    from featuredb.indexer.describe import DescribeConfig, run_describe
+    from featuredb.query import finalize
+
+    db, _ = index_tiny_model(root, model_dir)
     run_describe(DescribeConfig(db=str(db), explainer="tokens", progress=False))
     finalize(str(db))
     return db

@@ -24,7 +24,7 @@ from featuredb.query.commands import COMMANDS, fires, search, show, similar
 from featuredb.store import FeatureStore
 
 from catalogue_fixtures import (DESCRIPTIONS, FRENCH, MODEL, TRICKY_ID, WIDTH, D,
-                                build_catalogue, decoder_matrices)
+                                build_catalogue, decoder_matrices, index_tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -347,22 +347,7 @@ def test_indexes_are_built_and_kept_up_to_date(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_catalogue(tmp_path_factory, tiny_gemma2):
-    from featuredb.indexer.run import IndexConfig, run_index
-    from featuredb.indexer.stats import StatsConfig
-
-    from conftest import CORPUS_TEXT
-    from coder_formats import write_gemma_scope_1
-
-    root = tmp_path_factory.mktemp("model_catalogue")
-    coders = [str(write_gemma_scope_1(root / "coders", "res", 1, 64, 48, fire_rate=0.1, seed=1)),
-              str(write_gemma_scope_1(root / "coders", "transcoders", 0, 64, 40, fire_rate=0.1, seed=2))]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate(CORPUS_TEXT)))
-    db = root / "db"
-    run_index(IndexConfig(model=str(tiny_gemma2), coders=coders, corpus=str(corpus), db=str(db), context=16,
-                          batch_size=4, stats=StatsConfig(top_k=4, hist_bins=16, interval_bins=4, interval_per_bin=1),
-                          progress=False))
-    return db, coders
+    return index_tiny_model(tmp_path_factory.mktemp("model_catalogue"), tiny_gemma2)
 
 
 def direct_encode(model_dir, coder_spec, text):

@@ -11,15 +11,14 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from ..catalogue import Catalogue
 from .views import (
+    Cat,
     Density,
     ExampleKind,
     Filters,
     Mode,
     Page,
     Strings,
-    catalogue,
     examples_view,
     feature_view,
     filters,
@@ -31,7 +30,6 @@ from .views import (
 )
 
 router = APIRouter(prefix="/api", tags=["api"])
-Cat = Annotated[Catalogue, Depends(catalogue)]
 FeatureLimit = Annotated[int, Query(ge=1, le=100, description="Features returned.")]
 PerToken = Annotated[int, Query(ge=0, le=20, description="Top features listed per token.")]
 

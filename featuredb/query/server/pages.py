@@ -16,15 +16,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from ..catalogue import Catalogue
 from ..render import format_cell
 from .views import (
+    Cat,
     Density,
     Filters,
     Mode,
     Page,
     Strings,
-    catalogue,
     feature_view,
     filters,
     fires_view,
@@ -35,7 +34,6 @@ from .views import (
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
-Cat = Annotated[Catalogue, Depends(catalogue)]
 Text = Annotated[str | None, Query()]
 
 HIST_WIDTH, HIST_HEIGHT = 560, 120  # SVG user units of the histogram's plot area

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 import polars as pl
-from fastapi import Query, Request
+from fastapi import Depends, Query, Request
 from pydantic import BeforeValidator
 
 from ..catalogue import Catalogue
@@ -83,6 +83,9 @@ def page(limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
 
 def catalogue(request: Request) -> Catalogue:
     return request.app.state.catalogue
+
+
+Cat = Annotated[Catalogue, Depends(catalogue)]  # a route's catalogue parameter
 
 
 Mode = Literal["semantic", "keyword", "hybrid"]
