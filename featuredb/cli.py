@@ -29,6 +29,9 @@ def main() -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Model dtype (default: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--outlier-ratio", type=float, default=None,
+              help="Leave out tokens whose hooked activation norm is above this many times their context's median "
+                   "(attention sinks), as BOS is left out. Default: keep every token.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Seconds between checkpoints.")
 @click.option("--work-dir", default=None,
@@ -38,7 +41,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
 def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
-          resume, checkpoint_seconds, work_dir, distributed, quiet):
+          outlier_ratio, resume, checkpoint_seconds, work_dir, distributed, quiet):
     """Run a corpus through a model and its coders; store per-feature statistics and examples.
 
     Under torchrun (`torchrun --nproc-per-node N -m featuredb.indexer ...`) each process indexes
@@ -50,7 +53,7 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
     config = IndexConfig(
         model=model, coders=list(coders), corpus=corpus, db=db, tokens=tokens, context=context,
         batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
-        device=device, dtype=dtype, resume=resume, work_dir=work_dir,
+        device=device, dtype=dtype, outlier_ratio=outlier_ratio, resume=resume, work_dir=work_dir,
         checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
     )
     result = run_index(config)

@@ -43,7 +43,7 @@ class DemoConfig:
     context: int = 128
     epochs: float = 2.0
     lr: float = 2e-3
-    outlier_ratio: float = 10.0  # train without massive-activation tokens (norm > ratio x median)
+    outlier_ratio: float = 10.0  # train and index without massive-activation tokens (norm > ratio x median)
     dtype: str | None = None  # model dtype; default bfloat16 where the CPU has fast bf16, else float32
     progress: bool = True
 
@@ -177,6 +177,7 @@ def run_demo(config: DemoConfig) -> None:
         result = run_index(IndexConfig(
             model=model_spec, coders=sae_dirs, corpus=str(config.corpus), db=str(config.db), tokens=config.tokens,
             context=config.context, batch_size=16, dtype=str(dtype).removeprefix("torch."), resume=True,
+            outlier_ratio=config.outlier_ratio,  # the tokens the SAEs were trained without
             checkpoint_seconds=60, progress=config.progress))
         click.echo(f"  indexed {result.tokens:,} tokens in {result.seconds:.0f}s (model loading and writing included)")
     timings["index"] = time.perf_counter() - t

@@ -202,19 +202,24 @@ class FakeServer:
                 try:
                     time.sleep(delay)
                     if server.always is not None:
-                        return self._send(server.always[0], server.always[1].encode())
-                    if failure is not None:
-                        return self._send(failure[0], b'{"error": {"message": "try later"}}', failure[1])
-                    text = server.reply(body["messages"])
-                    payload = {"id": "x", "object": "chat.completion", "model": body["model"],
-                               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                            "finish_reason": "stop"}]}
-                    self._send(200, json.dumps(payload).encode())
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                        status, data, headers = server.always[0], server.always[1].encode(), None
+                    elif failure is not None:
+                        status, data, headers = failure[0], b'{"error": {"message": "try later"}}', failure[1]
+                    else:
+                        text = server.reply(body["messages"])
+                        payload = {"id": "x", "object": "chat.completion", "model": body["model"],
+                                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                "finish_reason": "stop"}]}
+                        status, data, headers = 200, json.dumps(payload).encode(), None
                 finally:
+                    # Out of flight before the reply leaves: a client holding its reply may send the
+                    # next request at once, and that one must not be counted alongside this one.
                     with server.lock:
                         server.in_flight -= 1
+                try:
+                    self._send(status, data, headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
             def _send(self, status, data, headers=None):
                 self.send_response(status)

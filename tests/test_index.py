@@ -55,28 +55,35 @@ def index(model_dir, coders, corpus, db, **kw):
     return run_index(config)
 
 
-def brute_force(model_dir, coder_spec, corpus):
-    """Dense activations of every context, each run through the model alone (no padding)."""
+def brute_force(model_dir, coder_spec, corpus, outlier_ratio=None):
+    """Dense activations of every context, each run through the model alone (no padding), and the
+    number of tokens that count. With `outlier_ratio`, tokens whose hooked norm is above that many
+    times the median norm of their context's other non-BOS tokens are left out, as BOS is."""
     model = load_model(str(model_dir))
     coder = load_coder(coder_spec, model_is_gemma=True)
-    acts = []
+    acts, n_tokens = [], 0
     for w in iter_windows(str(corpus), model.tokenizer, model.bos_token_id, CONTEXT):
         ids = torch.as_tensor(w.token_ids)[None]
         x = model.capture(ids, torch.ones_like(ids), [coder.hook])[coder.hook]
         a = coder.encode(x.float())[0]
-        a[0] = 0  # BOS never counts
+        counts = torch.ones(len(a), dtype=torch.bool)
+        counts[0] = False  # BOS never counts
+        if outlier_ratio is not None:
+            norms = x[0].float().norm(dim=-1)
+            counts &= norms <= outlier_ratio * torch.quantile(norms[1:], 0.5, interpolation="lower")
+        a[~counts] = 0
+        n_tokens += int(counts.sum())
         padded = torch.zeros(CONTEXT, coder.width)
         padded[: len(a)] = a
         acts.append(padded)
-    return model, coder, torch.stack(acts)  # [N, T, F]
+    return model, coder, torch.stack(acts), n_tokens  # [N, T, F]
 
 
-def check_coder(db, model_dir, coder_spec, corpus):
-    model, coder, dense = brute_force(model_dir, coder_spec, corpus)
+def check_coder(db, model_dir, coder_spec, corpus, outlier_ratio=None):
+    model, coder, dense, n_tokens = brute_force(model_dir, coder_spec, corpus, outlier_ratio)
     store = FeatureStore(str(db))
     features = store.features(coder.sae_id).sort("feature")
     examples = store.examples(coder.sae_id)
-    n_tokens = sum(len(w.token_ids) - 1 for w in iter_windows(str(corpus), model.tokenizer, model.bos_token_id, CONTEXT))
     flat = dense.reshape(-1, coder.width)
 
     # density and max match
@@ -149,6 +156,37 @@ def test_interval_samples_sit_in_their_bins(tiny_gemma2, gemma2_coders, corpus_j
     assert (intervals["max_value"] >= intervals["bin_min"]).all() and (intervals["max_value"] < intervals["bin_max"]).all()
     hist_max = dict(store.features(sae_id).select("feature", "hist_max").iter_rows())
     assert all(row["bin_max"] <= hist_max[row["feature"]] for row in intervals.iter_rows(named=True))
+
+
+def norm_ratios(model_dir, coder_spec, corpus) -> np.ndarray:
+    """Each counted token's hooked norm over the median norm of its context's counted tokens."""
+    model = load_model(str(model_dir))
+    hook = load_coder(coder_spec, model_is_gemma=True).hook
+    ratios = []
+    for w in iter_windows(str(corpus), model.tokenizer, model.bos_token_id, CONTEXT):
+        ids = torch.as_tensor(w.token_ids)[None]
+        norms = model.capture(ids, torch.ones_like(ids), [hook])[hook][0, 1:].float().norm(dim=-1)
+        ratios += (norms / torch.quantile(norms, 0.5, interpolation="lower")).tolist()
+    return np.sort(np.asarray(ratios))
+
+
+def test_outlier_tokens_are_left_out_like_bos(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
+    # A random tiny model has no attention sinks, and its token norms are close to each other: a
+    # ratio between two of them, about a fifth of the way down from the top, leaves out ~20% of the
+    # tokens, and the stored statistics must equal a brute force that leaves out the same tokens.
+    spec = gemma2_coders[0]
+    ratios = norm_ratios(tiny_gemma2, spec, corpus_jsonl)
+    cut = int(0.8 * len(ratios))
+    cut += int(np.argmax(np.diff(ratios[cut:]) > 1e-4))  # far from any token's own ratio
+    ratio = float(ratios[cut] + ratios[cut + 1]) / 2
+    assert ratio > 1
+    index(tiny_gemma2, [spec], corpus_jsonl, tmp_path / "db", outlier_ratio=ratio)
+    _, _, _, n_kept = brute_force(tiny_gemma2, spec, corpus_jsonl, outlier_ratio=ratio)
+    assert n_kept == cut + 1 and n_kept < 0.9 * len(ratios)
+    check_coder(tmp_path / "db", tiny_gemma2, spec, corpus_jsonl, outlier_ratio=ratio)
+    result = CliRunner().invoke(main, ["index", "-m", str(tiny_gemma2), "-c", spec, "--corpus", str(corpus_jsonl),
+                                       "--db", str(tmp_path / "db2"), "--outlier-ratio", "0.5"])
+    assert result.exit_code == 1 and "outlier ratio must be > 1" in result.output
 
 
 def test_reindex_replaces_rows(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):

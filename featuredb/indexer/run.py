@@ -58,12 +58,15 @@ class IndexConfig:
     checkpoint_seconds: float = 300.0
     progress: bool = True
     distributed: bool | None = None  # None: when under torchrun with WORLD_SIZE > 1; True: require torchrun
+    # Leave out massive-activation tokens (attention sinks) like BOS: hooked-activation norm above
+    # this many times the median norm of their context's counted tokens. None keeps every token.
+    outlier_ratio: float | None = None
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (the world size is checked on its own)."""
         keys = dict(model=self.model, coders=self.coders, corpus=str(self.corpus), tokens=self.tokens,
                     context=self.context, batch_size=self.batch_size, stats=asdict(self.stats),
-                    format=CHECKPOINT_FORMAT)
+                    outlier_ratio=self.outlier_ratio, format=CHECKPOINT_FORMAT)
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -183,6 +186,8 @@ def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None
         raise IndexingError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
     if config.context < 2 or config.batch_size < 1:
         raise IndexingError("context must be >= 2 and batch size >= 1")
+    if config.outlier_ratio is not None and not config.outlier_ratio > 1:
+        raise IndexingError(f"outlier ratio must be > 1 (a multiple of the median token norm), got {config.outlier_ratio}")
     shard = _shard(config)
     device = rank_device(resolve_device(config.device), shard)
     work_dir = default_work_dir(config)
@@ -310,7 +315,7 @@ def _stream(config: IndexConfig, shard: Shard, model: SubjectModel, coders: list
     for group in window_groups(windows, config.batch_size, config.tokens, progress.stream_tokens):
         own = shard.owns(progress.stream_batches)
         if own:
-            _index_batch(make_batch(group, config.context, model.pad_token_id), model, coders, hooks, stats,
+            _index_batch(make_batch(group, config.context, model.pad_token_id), config, model, coders, hooks, stats,
                          contexts, progress)
             indexed_batches += 1
         counted = counted_tokens(group)
@@ -327,20 +332,26 @@ def _stream(config: IndexConfig, shard: Shard, model: SubjectModel, coders: list
     checkpoints.save(progress, [s.state_dict() for s in stats])
 
 
-def _index_batch(batch: Batch, model: SubjectModel, coders: list[SparseCoder], hooks: list[str],
-                 stats: list[FeatureStats], contexts: ContextStore, progress: Progress) -> None:
+def _index_batch(batch: Batch, config: IndexConfig, model: SubjectModel, coders: list[SparseCoder],
+                 hooks: list[str], stats: list[FeatureStats], contexts: ContextStore, progress: Progress) -> None:
     """Run one batch through the model and every coder; store its contexts. Its contexts' global
     indices continue the stream's (`progress.stream_contexts`)."""
     device = model.device
     activations = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
     count_mask = batch.count_mask.to(device)
     counted = int(batch.count_mask.sum())
+    counts = {h: (count_mask, counted) for h in hooks}  # per hook: the positions that count, how many
+    if config.outlier_ratio is not None:
+        for h in hooks:
+            typical = typical_tokens(activations[h], count_mask, config.outlier_ratio)
+            counts[h] = (typical, int(typical.sum()))
     first = progress.stream_contexts
     context_ids = torch.arange(first, first + len(batch.windows), device=device)
     for coder, coder_stats in zip(coders, stats):
+        mask, n_counted = counts[coder.hook]
         acts = coder.encode(activations[coder.hook].float())
-        acts.mul_(count_mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
-        coder_stats.update(acts, context_ids, counted)
+        acts.mul_(mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
+        coder_stats.update(acts, context_ids, n_counted)
 
     doc_index, new_docs = _document_rows(batch.windows, progress)
     contexts.append(batch.stored_ids, context_ids.cpu().numpy(), doc_index, new_docs)
@@ -348,6 +359,17 @@ def _index_batch(batch: Batch, model: SubjectModel, coders: list[SparseCoder], h
     progress.tokens_counted += counted
     progress.docs_started += len(new_docs)
     progress.last_doc = batch.windows[-1].doc_ordinal
+
+
+def typical_tokens(x: torch.Tensor, count_mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`count_mask` [B, T] without the massive-activation tokens of `x` [B, T, d]: those whose norm
+    is above `ratio` x the median norm of the counted tokens of their own context (so the rule does
+    not depend on how contexts are batched). Attention sinks such as SmolLM2's first whitespace
+    token after BOS reach norms of ~25,000 against a median of ~170 and would top every feature
+    that fires on them at all."""
+    norms = x.float().norm(dim=-1)
+    median = norms.masked_fill(~count_mask, float("nan")).nanmedian(dim=1, keepdim=True).values
+    return count_mask & ~(norms > ratio * median)
 
 
 def _document_rows(windows: list[Window], progress: Progress) -> tuple[np.ndarray, list[str]]:
