@@ -140,6 +140,20 @@ def test_openapi_schema_lists_the_api(client):
     assert "/" not in paths  # the HTML pages are not API
 
 
+def test_openapi_schema_documents_the_errors_the_api_gives(client):
+    # Clients generated from the schema (and schemathesis) must find each error status and its
+    # body: {"detail": str, "status": int}, which is what every error handler sends.
+    schema = ok(client.get("/openapi.json"))
+    responses = schema["paths"]["/api/features/{sae_id}/{index}"]["get"]["responses"]
+    assert {"200", "400", "404", "413", "422"} <= set(responses)
+    error = schema["components"]["schemas"]["Error"]
+    assert set(error["properties"]) == {"detail", "status"}
+    for status in ("400", "404", "422"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    got = client.get("/api/search", params={"q": "x", "limit": 0})
+    assert got.status_code == 422 and set(got.json()) == set(error["properties"])
+
+
 # --- bad requests --------------------------------------------------------------------------------
 
 

@@ -29,7 +29,19 @@ from .views import (
     similar_view,
 )
 
-router = APIRouter(prefix="/api", tags=["api"])
+
+
+class Error(BaseModel):
+    """Every error the API answers with: a one-line message and the HTTP status."""
+
+    detail: str
+    status: int
+
+
+ERRORS = {400: "bad request (the message says what is wrong)", 404: "unknown coder or feature",
+          413: "text too long", 422: "a parameter of the wrong type or out of range"}
+router = APIRouter(prefix="/api", tags=["api"],
+                   responses={status: {"model": Error, "description": text} for status, text in ERRORS.items()})
 FeatureLimit = Annotated[int, Query(ge=1, le=100, description="Features returned.")]
 PerToken = Annotated[int, Query(ge=0, le=20, description="Top features listed per token.")]
 
