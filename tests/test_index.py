@@ -332,6 +332,13 @@ def test_bad_input_one_line_error_and_db_untouched(case, populated_db, tiny_gemm
         assert before[key][0].equals(after[key][0]) and before[key][1].equals(after[key][1])
 
 
+def test_failed_run_leaves_no_new_catalogue_directory(tiny_gemma2, corpus_jsonl, tmp_path):
+    db = tmp_path / "new-db"
+    result = run_cli("-m", str(tiny_gemma2), "-c", str(tmp_path / "no-such-coder"), "--corpus", str(corpus_jsonl),
+                     "--db", str(db))
+    assert result.exit_code == 1 and not db.exists()
+
+
 def test_db_path_is_a_file(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
     db = tmp_path / "db.txt"
     db.write_text("precious")

@@ -180,6 +180,16 @@ def default_work_dir(config: IndexConfig) -> Path:
 def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None) -> IndexResult:
     """Index a corpus. `on_batch(n)` is called after each batch this process indexed (tests use it
     to interrupt a run)."""
+    new_dir = None if is_remote(config.db) or Path(config.db).expanduser().exists() else Path(config.db).expanduser()
+    try:
+        return _run_index(config, on_batch)
+    except BaseException:
+        if new_dir is not None and new_dir.is_dir() and not any(new_dir.iterdir()):
+            new_dir.rmdir()  # a run that failed before writing anything leaves no empty catalogue behind
+        raise
+
+
+def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> IndexResult:
     start_time = time.perf_counter()
     dtype = DTYPES.get(config.dtype) if config.dtype else None
     if config.dtype and dtype is None:
