@@ -69,6 +69,9 @@ def test_search_modes(client):
     assert set(keys(keyword["results"])) == {("res-L12", 3), (TRICKY_ID, 6)}
     hybrid = ok(client.get("/api/search", params={"q": "Marseille", "mode": "hybrid", "layer": 12, "limit": 3}))
     assert keys(hybrid["results"])[0] == ("res-L12", 3)
+    token = ok(client.get("/api/search", params={"q": "Paris", "mode": "token"}))
+    assert set(keys(token["results"])) == {("res-L12", 3), ("res-L5", 7)}  # top examples peak on ' Paris'
+    assert {r["matches"] for r in token["results"]} == {2, 1}
 
 
 def test_search_filters(client):

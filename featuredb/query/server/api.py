@@ -55,7 +55,8 @@ def saes(cat: Cat) -> dict:
 @router.get("/search")
 def search(cat: Cat, q: Annotated[str, Query(description="Search text.")],
            mode: Mode = "semantic", chosen: Filters = Depends(filters), paging: Page = Depends(page)) -> dict:
-    """Search feature descriptions: semantic (embeddings), keyword (BM25) or hybrid (both, RRF)."""
+    """Search feature descriptions: semantic (embeddings), keyword (BM25) or hybrid (both, RRF);
+    or token: the features whose stored top examples peak on this token or phrase."""
     return search_view(cat, q, mode, chosen, paging)
 
 

@@ -88,7 +88,7 @@ def catalogue(request: Request) -> Catalogue:
 Cat = Annotated[Catalogue, Depends(catalogue)]  # a route's catalogue parameter
 
 
-Mode = Literal["semantic", "keyword", "hybrid"]
+Mode = Literal["semantic", "keyword", "hybrid", "token"]  # token: top examples peak on this token
 ExampleKind = Literal["top", "interval"]
 
 
@@ -101,8 +101,9 @@ def saes_view(cat: Catalogue) -> dict:
 
 
 def search_view(cat: Catalogue, q: str, mode: Mode, chosen: Filters, paging: Page) -> dict:
-    """One page of semantic / keyword / hybrid search results."""
-    query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid}[mode](q)
+    """One page of semantic / keyword / hybrid search results, or of the features whose top
+    examples peak on a token (`with_token`: score = the share of their top examples that do)."""
+    query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid, "token": cat.with_token}[mode](q)
     frame = query.where(**chosen.where()).limit(paging.offset + paging.limit + 1).to_polars()
     return {"q": q, "mode": mode, "filters": asdict(chosen), **_paged(frame, paging)}
 
