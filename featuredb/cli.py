@@ -38,14 +38,18 @@ def main() -> None:
               help="Local checkpoint directory (default: DB/_index_work; for an s3:// DB ~/.cache/featuredb/index/...).")
 @click.option("--distributed", is_flag=True, default=None,
               help="Split the run across the processes torchrun started (automatic under torchrun).")
+@click.option("--coder-groups", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Under torchrun: split the ranks into this many groups, each holding only some of the coders "
+                   "(when their statistics do not fit on one device); every group reads the whole corpus.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
 def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
-          outlier_ratio, resume, checkpoint_seconds, work_dir, distributed, quiet):
+          outlier_ratio, resume, checkpoint_seconds, work_dir, distributed, coder_groups, quiet):
     """Run a corpus through a model and its coders; store per-feature statistics and examples.
 
     Under torchrun (`torchrun --nproc-per-node N -m featuredb.indexer ...`) each process indexes
-    its share of the corpus and rank 0 writes one catalogue, equal to a single-process run's.
+    its share of the corpus and rank 0 writes one catalogue, equal to a single-process run's;
+    with --coder-groups G each group of world/G processes holds only its share of the coders.
     """
     from .indexer.run import IndexConfig, run_index
     from .indexer.stats import StatsConfig
@@ -55,6 +59,7 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
         batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
         device=device, dtype=dtype, outlier_ratio=outlier_ratio, resume=resume, work_dir=work_dir,
         checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
+        coder_groups=coder_groups,
     )
     result = run_index(config)
     if not result.written:
@@ -64,6 +69,8 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
     finalize(db)  # search indexes cover the new rows
     rate = result.tokens / max(result.seconds, 1e-9)
     processes = f" on {result.world} processes" if result.world > 1 else ""
+    if coder_groups > 1:
+        processes += f" in {coder_groups} coder groups"
     click.echo(f"indexed {result.tokens:,} tokens ({result.contexts:,} contexts) through "
                f"{len(result.sae_ids)} coder(s){processes} in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
     for sae_id in result.sae_ids:

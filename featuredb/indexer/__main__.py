@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node 8 -m featuredb.indexer --model ... --coder ... --corpus ... --db ...
 
-splits the run across the 8 processes (see featuredb/indexer/distributed.py and docs/distributed.md).
+splits the run across the 8 processes (see featuredb/indexer/distributed.py and docs/distributed.md);
+`--coder-groups G` makes each of G groups of them hold only some of the coders.
 """
 
 from ..cli import index

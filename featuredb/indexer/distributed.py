@@ -13,16 +13,24 @@ Merge. FeatureStats are exact and mergeable. At the end each coder's statistics 
 rank 0 along a binary tree of point-to-point tensor sends: log2(world) rounds, and a rank holds at
 most one other rank's state of one coder at a time.
 
+Coder groups (--coder-groups G). When the statistics of all coders do not fit on one device, the
+ranks form G groups of world / G consecutive ranks, and each group holds only some of the coders
+(`assign_coders`: balanced by width). A group shards the corpus among its members as above, so
+every batch is run through the model once per group. Each group reduces its coders' statistics to
+its leader (its first rank); the leaders then hand them to rank 0 one coder at a time as it writes.
+Without the option there is one group of every rank.
+
 Contexts. Each rank stored the token ids of its own contexts (its work dir need not be shared
-with the others: on several nodes it is not). Rank 0 broadcasts the indices of the contexts that
-made a top or interval example, and every rank sends back those it holds.
+with the others: on several nodes it is not). Rank 0 collects the indices of the contexts that
+made a top or interval example of any coder, and the members of group 0 (which between them
+indexed every context) send back those they hold.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,18 +47,43 @@ COLLECTIVE_TIMEOUT = dt.timedelta(hours=2)
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place in the job: rank `rank` of `world`, device `local_rank` on its node."""
+    """This process's place in the job: rank `rank` of `world`, device `local_rank` on its node,
+    in coder group `rank // members` of `groups` (consecutive ranks: with ranks numbered node by
+    node, a group's members share a node where they can, and so do its statistics' reductions)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    groups: int = 1
+
+    @property
+    def members(self) -> int:
+        """Ranks per coder group: they split the corpus between them."""
+        return self.world // self.groups
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.members
+
+    @property
+    def member(self) -> int:
+        """This rank's position in its group."""
+        return self.rank % self.members
+
+    def leader(self, group: int) -> int:
+        """The rank that ends up with a group's merged statistics: its first."""
+        return group * self.members
+
+    @property
+    def group_ranks(self) -> list[int]:
+        return list(range(self.leader(self.group), self.leader(self.group) + self.members))
 
     @property
     def is_writer(self) -> bool:
         return self.rank == 0
 
     def owns(self, batch_index: int) -> bool:
-        return batch_index % self.world == self.rank
+        return batch_index % self.members == self.member
 
 
 SINGLE = Shard()
@@ -93,34 +126,67 @@ def barrier(shard: Shard) -> None:
         dist.barrier()
 
 
+def share_from_writer(value: object, shard: Shard) -> object:
+    """Rank 0's `value` on every rank (the others pass anything)."""
+    if shard.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------- coder groups
+
+
+def assign_coders(widths: Sequence[int], groups: int) -> list[int]:
+    """The group of each coder: largest first (ties: the order given), each to the group with the
+    fewest features so far (ties: the lowest group). Statistics grow with the width, so this
+    balances the groups' memory; every rank computes the same answer from the same widths."""
+    load = [0] * groups
+    group_of = [0] * len(widths)
+    for index in sorted(range(len(widths)), key=lambda i: (-widths[i], i)):
+        group = min(range(groups), key=lambda g: (load[g], g))
+        group_of[index] = group
+        load[group] += widths[index]
+    return group_of
+
+
 # ---------------------------------------------------------------------------- statistics
 
 
 def reduce_stats(stats: list[FeatureStats], shard: Shard) -> None:
-    """Merge every rank's statistics into rank 0's, coder by coder, along a binary tree.
-    Afterwards only rank 0's `stats` hold the result."""
+    """Merge the statistics of every rank of this rank's coder group into its leader's, coder by
+    coder, along a binary tree over the group's ranks. Afterwards only the leader's `stats` hold
+    the result (rank 0's, without coder groups)."""
+    ranks = shard.group_ranks
+    position = ranks.index(shard.rank)
     for coder_stats in stats:
         step = 1
-        while step < shard.world:
-            if shard.rank % (2 * step) == step:
-                _send_stats(coder_stats, dst=shard.rank - step)
-            elif shard.rank % (2 * step) == 0 and shard.rank + step < shard.world:
-                coder_stats.merge(_receive_stats(coder_stats, src=shard.rank + step))
+        while step < len(ranks):
+            if position % (2 * step) == step:
+                send_stats(coder_stats, dst=ranks[position - step])
+            elif position % (2 * step) == 0 and position + step < len(ranks):
+                coder_stats.merge(_receive_stats(coder_stats, src=ranks[position + step]))
             step *= 2
 
 
-def _send_stats(stats: FeatureStats, dst: int) -> None:
+def send_stats(stats: FeatureStats, dst: int) -> None:
     for tensor in _stats_tensors(stats):
         dist.send(tensor.contiguous(), dst=dst)
 
 
-def _receive_stats(like: FeatureStats, src: int) -> FeatureStats:
-    other = FeatureStats(like.width, like.context, like.config, device=like.device, value_dtype=like.value_dtype)
-    tensors = _stats_tensors(other)
+def receive_stats(into: FeatureStats, src: int) -> FeatureStats:
+    """`into` (fresh statistics of the right shape) overwritten with those `src` sends."""
+    tensors = _stats_tensors(into)
     for tensor in tensors:
-        dist.recv(tensor, src=src)  # in place, into other's own tensors
-    other.tokens_counted = int(tensors[-1][0])
-    return other
+        dist.recv(tensor, src=src)  # in place, into `into`'s own tensors
+    into.tokens_counted = int(tensors[-1][0])
+    return into
+
+
+def _receive_stats(like: FeatureStats, src: int) -> FeatureStats:
+    return receive_stats(FeatureStats(like.width, like.context, like.config, device=like.device,
+                                      value_dtype=like.value_dtype), src)
 
 
 def _stats_tensors(stats: FeatureStats) -> list[torch.Tensor]:
@@ -142,12 +208,22 @@ def example_contexts(stats: list[FeatureStats]) -> np.ndarray:
     return torch.cat(used).unique().numpy()
 
 
+def gather_example_contexts(stats: list[FeatureStats], shard: Shard) -> np.ndarray | None:
+    """On rank 0, `example_contexts` of every coder of every group (the group leaders hold them
+    after `reduce_stats`); None on the other ranks."""
+    part = example_contexts(stats) if shard.member == 0 else np.zeros(0, dtype=np.int64)
+    parts: list | None = [None] * shard.world if shard.is_writer else None
+    dist.gather_object(part, parts, dst=0)
+    return None if parts is None else np.unique(np.concatenate(parts))
+
+
 def gather_contexts(store: ContextStore, wanted: np.ndarray | None, shard: Shard) -> LoadedContexts | None:
-    """Rank 0 passes the global context indices it needs (others pass None); every rank sends the
-    ones it stored. Returns them on rank 0, None on the other ranks."""
+    """Rank 0 passes the global context indices it needs (others pass None); the ranks of group 0
+    send the ones they stored (between them, every context once: they split the whole stream; the
+    other groups hold the same contexts again). Returns them on rank 0, None on the other ranks."""
     box = [wanted]
     dist.broadcast_object_list(box, src=0)
-    held = np.intersect1d(box[0], store.context_indices())
+    held = np.intersect1d(box[0], store.context_indices()) if shard.group == 0 else np.zeros(0, dtype=np.int64)
     tokens = store.tokens(held) if len(held) else np.zeros((0, store.context), dtype=np.int32)
     part = (held, tokens, store.doc_ids(held) if len(held) else [])
     parts: list | None = [None] * shard.world if shard.is_writer else None

@@ -6,7 +6,9 @@ across batches. Checkpoints make a killed run resumable with an identical result
 
 Under torchrun the same run is split across processes (see distributed.py): each rank indexes
 every world-th batch of the one corpus stream with every coder, the statistics are merged on rank
-0 with collectives, and rank 0 alone writes the catalogue, equal to a single-process run's.
+0 with collectives, and rank 0 alone writes the catalogue, equal to a single-process run's. With
+--coder-groups G, each of G groups of ranks holds only some of the coders and splits the stream
+among its members; rank 0 still writes every coder.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +31,16 @@ from ..store.connect import is_remote
 from ..store.decoders import write_decoder_vectors
 from .coders import CoderError, SparseCoder, load_coder
 from .corpus import CorpusError, Window, iter_windows
-from .distributed import (SINGLE, Shard, barrier, example_contexts, gather_contexts, process_group, rank_device,
-                          reduce_stats, shard_from_env)
+from .distributed import (SINGLE, Shard, assign_coders, barrier, gather_contexts, gather_example_contexts,
+                          process_group, rank_device, receive_stats, reduce_stats, send_stats, shard_from_env,
+                          share_from_writer)
 from .geometry import decoder_neighbours, logit_tables
 from .hooks import hook_site_kind
 from .model import SubjectModel, load_model
 from .records import example_rows, feature_rows, vocabulary_strings
 from .stats import FeatureStats, StatsConfig
-from .workdir import PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_world_sizes
+from .workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_coder_groups,
+                      saved_world_sizes)
 
 CHECKPOINT_FORMAT = 2  # part of the fingerprint: work dirs of an older layout are not resumed
 
@@ -58,12 +62,14 @@ class IndexConfig:
     checkpoint_seconds: float = 300.0
     progress: bool = True
     distributed: bool | None = None  # None: when under torchrun with WORLD_SIZE > 1; True: require torchrun
+    coder_groups: int = 1  # under torchrun: groups of ranks that each hold only some of the coders
     # Leave out massive-activation tokens (attention sinks) like BOS: hooked-activation norm above
     # this many times the median norm of their context's counted tokens. None keeps every token.
     outlier_ratio: float | None = None
 
     def fingerprint(self) -> str:
-        """What must match for a checkpoint to be resumed (the world size is checked on its own)."""
+        """What must match for a checkpoint to be resumed (the world size and the coder groups are
+        checked on their own, for a clearer error)."""
         keys = dict(model=self.model, coders=self.coders, corpus=str(self.corpus), tokens=self.tokens,
                     context=self.context, batch_size=self.batch_size, stats=asdict(self.stats),
                     outlier_ratio=self.outlier_ratio, format=CHECKPOINT_FORMAT)
@@ -72,13 +78,14 @@ class IndexConfig:
 
 @dataclass
 class IndexResult:
-    sae_ids: list[str]
+    sae_ids: list[str]  # the coders written (on the rank that wrote the catalogue), else those held
     tokens: int  # of the whole run, all ranks together
     contexts: int
     seconds: float
     stream_seconds: float = 0.0  # of that: reading, forward passes and statistics, without loading or writing
     written: bool = True  # False on the ranks of a distributed run that did not write the catalogue
     world: int = 1
+    coders_held: list[str] = field(default_factory=list)  # the coders this process loaded and indexed
 
 
 class IndexingError(ValueError):
@@ -106,10 +113,7 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
         raise IndexingError("give at least one --coder")
     is_gemma = "gemma" in type(model.model).__name__.lower()
     coders = [load_coder(spec, model_is_gemma=is_gemma) for spec in specs]
-    ids = [c.sae_id for c in coders]
-    duplicates = {i for i in ids if ids.count(i) > 1}
-    if duplicates:
-        raise IndexingError(f"two coders share the id {sorted(duplicates)[0]!r}: name them with ID=PATH")
+    _refuse_duplicate_ids([c.sae_id for c in coders])
     dims = model.hook_dims(sorted({c.hook for c in coders}))
     for coder in coders:
         if dims[coder.hook] != coder.d_in:
@@ -117,6 +121,24 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
                              f"of this model gives {dims[coder.hook]}")
     # encode in float32: JumpReLU thresholds are compared at full precision
     return [c.to(device=device, dtype=torch.float32) for c in coders]
+
+
+def _refuse_duplicate_ids(ids: list[str]) -> None:
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    if duplicates:
+        raise IndexingError(f"two coders share the id {sorted(duplicates)[0]!r}: name them with ID=PATH")
+
+
+def probe_coders(specs: list[str], model: SubjectModel) -> list[tuple[str, int]]:
+    """(id, width) of every coder, loaded one at a time on the CPU and checked as load_coders does
+    (the holder of a coder group cannot check the other groups' coders)."""
+    probed = []
+    for spec in specs:
+        coder = load_coders([spec], model, torch.device("cpu"))[0]
+        probed.append((coder.sae_id, coder.width))
+        del coder  # one coder in memory at a time
+    _refuse_duplicate_ids([sae_id for sae_id, _ in probed])
+    return probed
 
 
 @dataclass
@@ -203,11 +225,13 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> I
     work_dir = default_work_dir(config)
     if config.resume:
         _check_world_size(work_dir, shard)
+        _check_coder_groups(work_dir, shard)
 
     with process_group(shard, device):
         store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
         model = load_model(config.model, device=device, dtype=dtype)
-        coders = load_coders(config.coders, model, device)
+        group_of = _coder_groups(config, shard, model)
+        coders = load_coders([spec for spec, g in zip(config.coders, group_of) if g == shard.group], model, device)
         hooks = sorted({c.hook for c in coders})
 
         stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
@@ -227,15 +251,21 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> I
 
         examples_from: ContextStore | LoadedContexts | None = contexts
         if shard.world > 1:
-            reduce_stats(stats, shard)  # rank 0 now holds everyone's statistics
-            examples_from = gather_contexts(contexts, example_contexts(stats) if shard.is_writer else None, shard)
+            reduce_stats(stats, shard)  # each group's leader (rank 0 for group 0) now holds its group's statistics
+            examples_from = gather_contexts(contexts, gather_example_contexts(stats, shard), shard)
+        written = []
         if store is not None:
-            _write_catalogue(store, config, model, coders, stats, examples_from, progress)
+            to_write = zip(coders, stats) if shard.groups == 1 else _every_coder(config, shard, model, device,
+                                                                                  group_of, coders, stats)
+            written = _write_catalogue(store, config, model, to_write, examples_from, progress)
+        elif shard.groups > 1 and shard.member == 0:
+            _hand_over(stats)  # to rank 0, as it writes
         barrier(shard)  # every rank keeps its checkpoint until the catalogue is written
         _remove_work_dir(work_dir, own_dir, shard)
-    return IndexResult([c.sae_id for c in coders], progress.stream_tokens, progress.stream_contexts,
+    held = [c.sae_id for c in coders]
+    return IndexResult(written or held, progress.stream_tokens, progress.stream_contexts,
                        time.perf_counter() - start_time, stream_seconds, written=store is not None,
-                       world=shard.world)
+                       world=shard.world, coders_held=held)
 
 
 def _shard(config: IndexConfig) -> Shard:
@@ -244,8 +274,42 @@ def _shard(config: IndexConfig) -> Shard:
     if config.distributed and shard is None:
         raise IndexingError("--distributed runs under torchrun: torchrun --nproc-per-node N -m featuredb.indexer ...")
     if shard is None or config.distributed is False:
-        return SINGLE
-    return shard
+        shard = SINGLE
+    return _with_coder_groups(shard, config)
+
+
+def _with_coder_groups(shard: Shard, config: IndexConfig) -> Shard:
+    """The shard split into `config.coder_groups` groups of consecutive ranks, when it can be."""
+    groups = config.coder_groups
+    if groups < 1:
+        raise IndexingError(f"--coder-groups must be at least 1, got {groups}")
+    if groups == 1:
+        return shard
+    if shard.world % groups:
+        raise IndexingError(f"--coder-groups needs torchrun with a world size divisible by {groups} "
+                            f"(this run has {shard.world} process(es))")
+    if groups > len(config.coders):
+        raise IndexingError(f"--coder-groups {groups} is more than the {len(config.coders)} coder(s): "
+                            "every group needs at least one")
+    return replace(shard, groups=groups)
+
+
+def _coder_groups(config: IndexConfig, shard: Shard, model: SubjectModel) -> list[int]:
+    """The group of each coder of `config.coders`. With groups, rank 0 reads every coder's width
+    (and checks every coder) and shares the widths, so each rank then loads only its own group's."""
+    if shard.groups == 1:
+        return [0] * len(config.coders)
+    probed: list[tuple[str, int]] | str = []
+    if shard.is_writer:
+        try:
+            probed = probe_coders(config.coders, model)
+        except Exception as e:  # tell the other ranks, which wait in the broadcast, to stop too
+            share_from_writer(f"rank 0 could not load the coders: {e}", shard)
+            raise
+    probed = share_from_writer(probed, shard)
+    if isinstance(probed, str):
+        raise IndexingError(probed)
+    return assign_coders([width for _, width in probed], shard.groups)
 
 
 def _check_world_size(work_dir: Path, shard: Shard) -> None:
@@ -257,13 +321,23 @@ def _check_world_size(work_dir: Path, shard: Shard) -> None:
                             f"{shard.world}: resume with {made_by}, or run without --resume to start over")
 
 
+def _check_coder_groups(work_dir: Path, shard: Shard) -> None:
+    """Each rank's checkpoint holds its own group's coders: only the same --coder-groups can resume it."""
+    saved = saved_coder_groups(work_dir)
+    if saved and shard.groups not in saved:
+        made_with = " or ".join(str(n) for n in sorted(saved))
+        raise IndexingError(f"the checkpoint in {work_dir} was made with --coder-groups {made_with}, this run has "
+                            f"{shard.groups}: resume with --coder-groups {made_with}, or run without --resume "
+                            "to start over")
+
+
 def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, stats: list[FeatureStats]) -> Progress:
     """This rank's progress, and its statistics loaded from its checkpoint when resuming one."""
     own_dir = rank_dir(work_dir, shard.rank, shard.world)
     saved = Checkpoints(own_dir).load() if config.resume else None
     if saved is None:
         _clear_work_dir(work_dir, own_dir, shard, whole=not config.resume)
-        return Progress(fingerprint=config.fingerprint())
+        return Progress(fingerprint=config.fingerprint(), coder_groups=shard.groups)
     progress, states = saved
     if progress.fingerprint != config.fingerprint() or len(states) != len(stats):
         raise IndexingError(f"the checkpoint in {own_dir} was made with other settings; "
@@ -294,11 +368,38 @@ def _remove_work_dir(work_dir: Path, own_dir: Path, shard: Shard) -> None:
             pass
 
 
-def _write_catalogue(store: FeatureStore, config: IndexConfig, model: SubjectModel, coders: list[SparseCoder],
-                     stats: list[FeatureStats], contexts: ContextStore | LoadedContexts, progress: Progress) -> None:
+def _every_coder(config: IndexConfig, shard: Shard, model: SubjectModel, device: torch.device, group_of: list[int],
+                 coders: list[SparseCoder], stats: list[FeatureStats]) -> Iterator[tuple[SparseCoder, FeatureStats]]:
+    """Rank 0, after the merge: every coder of the run with its merged statistics, in the order
+    given. Group 0's are already here; another group's coder is loaded again, and its leader sends
+    its statistics (`_hand_over`), one coder at a time, so rank 0 holds at most one of them."""
+    own = iter(zip(coders, stats))
+    for spec, group in zip(config.coders, group_of):
+        if group == 0:
+            yield next(own)
+            continue
+        coder = load_coders([spec], model, device)[0]
+        coder_stats = receive_stats(FeatureStats(coder.width, config.context, config.stats, device=device),
+                                    src=shard.leader(group))
+        yield coder, coder_stats
+        del coder, coder_stats  # before the next coder arrives
+
+
+def _hand_over(stats: list[FeatureStats]) -> None:
+    """The leader of group > 0: its coders' merged statistics to rank 0, in the order rank 0 writes
+    them (that of --coder, which the group's own list keeps)."""
+    while stats:
+        send_stats(stats.pop(0), dst=0)  # and free them
+
+
+def _write_catalogue(store: FeatureStore, config: IndexConfig, model: SubjectModel,
+                     coders: Iterable[tuple[SparseCoder, FeatureStats]], contexts: ContextStore | LoadedContexts,
+                     progress: Progress) -> list[str]:
+    """Write every coder's rows; returns their ids."""
     unembed = model.unembed()
     vocab = vocabulary_strings(model.tokenizer, unembed.shape[0])
-    for coder, coder_stats in zip(coders, stats):
+    written = []
+    for coder, coder_stats in coders:
         sae = sae_row(config, coder, progress)
         logits = logit_tables(coder.W_dec, unembed, model.direction_to_residual(coder.hook_out))
         neighbours = decoder_neighbours(coder.W_dec)
@@ -308,6 +409,9 @@ def _write_catalogue(store: FeatureStore, config: IndexConfig, model: SubjectMod
             example_rows(coder.sae_id, coder_stats, contexts, vocab),
         )
         write_decoder_vectors(store, coder.sae_id, coder.W_dec)  # for similarity search across coders
+        written.append(coder.sae_id)
+        del coder, coder_stats  # a coder received from another group is freed before the next one
+    return written
 
 
 def _stream(config: IndexConfig, shard: Shard, model: SubjectModel, coders: list[SparseCoder], hooks: list[str],

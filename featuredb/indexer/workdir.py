@@ -41,8 +41,9 @@ class Progress:
     tokens_counted: int = 0  # tokens this run (rank) indexed
     stream_contexts: int = 0  # windows of the stream read so far (= next global context index)
     stream_tokens: int = 0  # counted tokens of those windows (the --tokens budget counts these)
-    stream_batches: int = 0  # batches of the stream read so far (batch b belongs to rank b % world)
+    stream_batches: int = 0  # batches of the stream read so far (batch b: member b % members of each group)
     finished: bool = False
+    coder_groups: int = 1  # the run's --coder-groups: a rank's checkpoint holds only its group's coders
 
 
 def rank_dir(work_dir: Path, rank: int, world: int) -> Path:
@@ -56,6 +57,19 @@ def saved_world_sizes(work_dir: Path) -> set[int]:
     if work_dir.is_dir():
         sizes |= {int(m.group(2)) for m in map(_RANK_DIR.match, os.listdir(work_dir)) if m}
     return sizes
+
+
+def saved_coder_groups(work_dir: Path) -> set[int]:
+    """--coder-groups of the distributed runs whose ranks left checkpoints in `work_dir`."""
+    if not work_dir.is_dir():
+        return set()
+    groups = set()
+    for name in os.listdir(work_dir):
+        if _RANK_DIR.match(name):
+            saved = Checkpoints(work_dir / name).load_progress()
+            if saved is not None:
+                groups.add(saved.coder_groups)
+    return groups
 
 
 class ContextStore:
@@ -166,18 +180,31 @@ class Checkpoints:
         shutil.rmtree(self.previous, ignore_errors=True)
 
     def load(self) -> tuple[Progress, list[dict]] | None:
+        candidate = self._saved()
+        if candidate is None:
+            return None
+        states = []
+        i = 0
+        while (candidate / f"coder_{i}.safetensors").exists():
+            states.append(load_file(str(candidate / f"coder_{i}.safetensors")))
+            i += 1
+        return _read_progress(candidate), states
+
+    def load_progress(self) -> Progress | None:
+        """The saved progress alone (no statistics read)."""
+        candidate = self._saved()
+        return None if candidate is None else _read_progress(candidate)
+
+    def _saved(self) -> Path | None:
         # a kill between the two renames in save() leaves only the previous checkpoint
         for candidate in (self.live, self.previous):
-            progress_path = candidate / "progress.json"
-            if progress_path.exists():
-                progress = Progress(**json.loads(progress_path.read_text()))
-                states = []
-                i = 0
-                while (candidate / f"coder_{i}.safetensors").exists():
-                    states.append(load_file(str(candidate / f"coder_{i}.safetensors")))
-                    i += 1
-                return progress, states
+            if (candidate / "progress.json").exists():
+                return candidate
         return None
+
+
+def _read_progress(checkpoint: Path) -> Progress:
+    return Progress(**json.loads((checkpoint / "progress.json").read_text()))
 
 
 def _fsync_dir(directory: Path) -> None:
