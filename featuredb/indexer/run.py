@@ -461,6 +461,7 @@ def _index_batch(batch: Batch, config: IndexConfig, model: SubjectModel, coders:
             counts[h] = (typical, int(typical.sum()))
     first = progress.stream_contexts
     context_ids = torch.arange(first, first + len(batch.windows), device=device)
+    context_index = np.arange(first, first + len(batch.windows))  # the same on the host: no device sync
     for coder, coder_stats in zip(coders, stats):
         mask, n_counted = counts[coder.hook]
         acts = coder.encode(activations[coder.hook].float())
@@ -468,7 +469,7 @@ def _index_batch(batch: Batch, config: IndexConfig, model: SubjectModel, coders:
         coder_stats.update(acts, context_ids, n_counted)
 
     doc_index, new_docs = _document_rows(batch.windows, progress)
-    contexts.append(batch.stored_ids, context_ids.cpu().numpy(), doc_index, new_docs)
+    contexts.append(batch.stored_ids, context_index, doc_index, new_docs)
     progress.contexts += len(batch.windows)
     progress.tokens_counted += counted
     progress.docs_started += len(new_docs)
