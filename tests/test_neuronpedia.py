@@ -422,3 +422,145 @@ def test_cli_export_and_import(known_catalogue, tmp_path):
 def test_store_error_is_raised_for_bad_batch_size(known_catalogue, tmp_path):
     with pytest.raises(StoreError, match="batch size"):
         export_neuronpedia(known_catalogue, tmp_path / "x", batch_size=0)
+
+
+# --- the column-wise fast path of activations files (fast_activations.py) -----------------------
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def read_both_ways(source: Path, monkeypatch) -> tuple[object, object, list[bool]]:
+    """read_source with the fast path (and which files it took), and with every file read line by line."""
+    from featuredb.store.neuronpedia import read_source as module
+    from featuredb.store.neuronpedia.fast_activations import read_activations_batch as fast_path
+
+    taken = []
+
+    def spy(*args, **kwargs):
+        table = fast_path(*args, **kwargs)
+        taken.append(table is not None)
+        return table
+
+    monkeypatch.setattr(module, "read_activations_batch", spy)
+    fast = module.read_source(source, _NoBar())
+    monkeypatch.setattr(module, "read_activations_batch", lambda *args, **kwargs: None)
+    slow = module.read_source(source, _NoBar())
+    return fast, slow, taken
+
+
+def import_error(root: Path, db: Path) -> str:
+    with pytest.raises(StoreError) as error:
+        import_neuronpedia(root, db)
+    return str(error.value)
+
+
+def awkward_activations() -> tuple[list[dict], list[dict]]:
+    """Two batches as Neuronpedia-like dumps may have them: index as a string (with a leading zero)
+    in one and as an int in the other, top rows without bin fields, ints where floats are expected,
+    ties and -0.0 in the ranking keys, escaped and raw non-ASCII text, ignored fields of odd types
+    (and, without a sidecar, an id that is not a string: unread)."""
+    plain = activation(1, 0, ["<bos>", "caf\u00e9", " \U0001F600"], [0, 3, 1])  # ints as values
+    no_bins = {k: v for k, v in activation(1, 1, ["a", "b"], [2.0, -0.0]).items() if not k.startswith("bin")}
+    tie = activation(1, 2, ["x", "y"], [0.5, 2.0]) | {"dfaValues": [True, "x"], "minValue": None}
+    interval = activation(1, 3, ["p", "q"], [1.0, 0.25], interval=True) | {"binMin": 1, "binMax": 2}
+    zero = activation(0, 0, ["z"], [-0.0]) | {"index": "00", "maxValue": 0, "binMin": -1, "id": 7}  # id: unread
+    first = [plain, no_bins, tie, interval, zero]
+    second = [activation(i, n, ["t", "u"], [1.0, 2.0], interval=n % 2 == 1) | {"index": i}
+              for i in (1, 0) for n in range(3)]
+    return first, second
+
+
+def test_fast_and_slow_activation_reads_give_identical_tables(neuronpedia_export, monkeypatch):
+    source = neuronpedia_export / NP_MODEL / NP_SOURCE
+    first, second = awkward_activations()
+    path = source / "activations" / "batch-0.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r, ensure_ascii=i % 2 == 0) + "\n"
+                                           for i, r in enumerate(first)).encode()))
+    write_gz(source / "activations" / "batch-1.jsonl.gz", second)
+    fast, slow, taken = read_both_ways(source, monkeypatch)
+    assert taken == [True, True]
+    assert fast.examples.num_rows == 11 and fast.examples.equals(slow.examples)
+    assert fast.features.equals(slow.features) and fast.sae["top_k"] == slow.sae["top_k"]
+    ranks = fast.examples.select(["feature", "kind", "rank", "max_value"]).to_pylist()
+    assert [r["rank"] for r in ranks if (r["feature"], r["kind"]) == (1, "top")] == [0, 1, 2, 3, 4]
+
+
+def test_fast_and_slow_reads_of_our_export_with_its_sidecar_are_identical(exported, monkeypatch, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(exported / "tiny-model" / "12-res", source)
+    fast, slow, taken = read_both_ways(source, monkeypatch)
+    # (batch 1, features 10-15, has no examples: an empty file, which the slow path reads at once)
+    assert taken == [True, False] and fast.examples.num_rows > 0 and fast.examples.equals(slow.examples)
+    sidecar = source / "featuredb" / "activations" / "batch-0.jsonl.gz"  # another row order: still paired by id
+    write_gz(sidecar, read_rows(sidecar)[::-1])
+    fast, slow, taken = read_both_ways(source, monkeypatch)
+    assert taken == [True, False] and fast.examples.equals(slow.examples)
+
+
+ACCEPTED_BY_LINE_ONLY = {  # the fast path leaves these to the slow one, which reads them
+    "index as string and int": lambda rows: [rows[0] | {"index": 1}, *rows[1:]],
+    "blank line": lambda rows: b"\n\n".join(json.dumps(r).encode() for r in rows) + b"\n",
+    "carriage returns": lambda rows: b"\r\n".join(json.dumps(r).encode() for r in rows) + b"\r\n",
+}
+REJECTED = {  # the fast path leaves these to the slow one, which reports them exactly as always
+    "bool among values": (lambda rows: [rows[0], rows[1] | {"values": [True, 1.0, 0.0, 9.0]}, *rows[2:]],
+                          r":2: field 'values' must be a list of finite numbers$"),
+    "two objects on a line": (lambda rows: b"".join(json.dumps(r).encode() for r in rows) + b"\n",
+                              r":1: malformed JSON: Extra data"),
+    "Inf in an ignored field": (lambda rows: b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                                .replace(b'"minValue": 0.0', b'"minValue": Inf', 1), r":1: malformed JSON"),
+    "NaN among values": (lambda rows: [*rows[:2], rows[2] | {"values": [0.0, float("nan"), 0.2]}, rows[3]],
+                         r":3: field 'values' must be a list of finite numbers$"),
+    "float token index": (lambda rows: [rows[0] | {"maxValueTokenIndex": 3.0}, *rows[1:]],
+                          r":1: field 'maxValueTokenIndex' must be an integer, got 3\.0$"),
+    "missing maxValue": (lambda rows: [*rows[:3], {k: v for k, v in rows[3].items() if k != "maxValue"}],
+                         r":4: missing field 'maxValue'$"),
+    "tokens and values differ": (lambda rows: [rows[0], rows[1] | {"values": [1.0]}, *rows[2:]],
+                                 r":2: 'tokens' has 4 entries but 'values' has 1$"),
+    "interval without binMax": (lambda rows: [*rows[:2], rows[2] | {"binMax": None}, rows[3]],
+                                r":3: an interval activation \(binMin set\) needs binMax$"),
+    "invalid UTF-8": (lambda rows: json.dumps(rows[0]).encode().replace(b"Paris", b"Par\xffis") + b"\n",
+                      r": not UTF-8 text"),
+}
+
+
+def spoil_activations(source: Path, spoil) -> None:
+    path = source / "activations" / "batch-0.jsonl.gz"
+    content = spoil(read_rows(path))
+    path.write_bytes(gzip.compress(content)) if isinstance(content, bytes) else write_gz(path, content)
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED_BY_LINE_ONLY))
+def test_files_the_fast_path_declines_are_read_line_by_line(name, neuronpedia_export, monkeypatch):
+    source = neuronpedia_export / NP_MODEL / NP_SOURCE
+    spoil_activations(source, ACCEPTED_BY_LINE_ONLY[name])
+    fast, slow, taken = read_both_ways(source, monkeypatch)
+    assert taken == [False] and fast.examples.num_rows == 4 and fast.examples.equals(slow.examples)
+
+
+@pytest.mark.parametrize("name", list(REJECTED))
+def test_files_the_fast_path_rejects_keep_the_slow_paths_error(name, neuronpedia_export, monkeypatch, tmp_path):
+    from featuredb.store.neuronpedia import read_source as module
+
+    spoil, message = REJECTED[name]
+    source = neuronpedia_export / NP_MODEL / NP_SOURCE
+    spoil_activations(source, spoil)
+    with_fast_path = import_error(neuronpedia_export, tmp_path / "a")
+    assert re.search(r"activations/batch-0\.jsonl\.gz" + message, with_fast_path), with_fast_path
+    monkeypatch.setattr(module, "read_activations_batch", lambda *args, **kwargs: None)
+    assert import_error(neuronpedia_export, tmp_path / "b") == with_fast_path
+
+
+def test_activation_frames_with_non_finite_numbers_are_not_written(tmp_path):
+    import polars as pl
+
+    from featuredb.store.neuronpedia.jsonl import write_frame
+
+    write_frame(tmp_path / "ok.jsonl.gz", pl.DataFrame({"values": [[1.0, -0.0]], "maxValue": [2.5], "index": ["3"]}))
+    assert read_rows(tmp_path / "ok.jsonl.gz") == [{"values": [1.0, -0.0], "maxValue": 2.5, "index": "3"}]
+    for frame in (pl.DataFrame({"values": [[1.0], [float("nan")]]}), pl.DataFrame({"maxValue": [float("inf")]})):
+        with pytest.raises(StoreError, match=r"bad\.jsonl\.gz: cannot write a non-finite number as JSON"):
+            write_frame(tmp_path / "bad.jsonl.gz", frame)

@@ -27,6 +27,10 @@ What goes where:
 - load.py: `import_neuronpedia` (finding sources, writing them), with the defaults for a real
   Neuronpedia export (no sidecar) and the safety rules.
 - read_source.py: reading and validating one source folder (and its sidecar) into our rows.
+- fast_activations.py, columnar.py: the fast path of import for activations batch files (the bulk
+  of a source), read column-wise by Arrow's JSON reader with vectorised checks; any file it does
+  not plainly accept is read line by line by read_source.py, so results and errors are the same.
+- export_activations.py: the activation rows of an export, built column-wise with polars.
 - defaults.py: the columns a source without a sidecar lacks, filled in from what it has.
 """
 

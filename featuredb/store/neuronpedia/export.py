@@ -24,8 +24,11 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from ..decoders import is_decoders_table
 from ..descriptions import current_descriptions
@@ -36,14 +39,12 @@ from .format import (
     CREATOR_ID,
     DEFAULT_BATCH_SIZE,
     DESCRIPTION_EXTRAS,
-    EXAMPLE_EXTRAS,
     FEATURE_EXTRAS,
     KINDS,
     NEURON_FIELDS,
     NEURONPEDIA_SOURCE,
     SIDECAR_CODER_FILE,
     SIDECAR_DIR,
-    TOP_MARKER,
     model_id_for,
     progress_bar,
     sidecar_path,
@@ -52,7 +53,8 @@ from .format import (
     stable_id,
     width_label,
 )
-from .jsonl import write_jsonl
+from .export_activations import activation_frames
+from .jsonl import write_frame, write_jsonl
 
 
 @dataclass
@@ -147,9 +149,10 @@ def _export_coder(store: FeatureStore, coder: dict, indices: list[int], model: s
         chunk = indices[start:start + batch_size]  # batches of features, read one at a time
         rows = _batch_rows(store, source, chunk[0], chunk[-1])
         name = f"batch-{number}.jsonl.gz"
-        for kind, (neuronpedia_rows, sidecar_rows) in rows.items():
-            write_jsonl(folder / kind / name, neuronpedia_rows, compress=True)
-            write_jsonl(sidecar_path(folder, kind, name), sidecar_rows, compress=True)
+        for kind in KINDS:
+            write = write_frame if kind == "activations" else partial(write_jsonl, compress=True)
+            write(folder / kind / name, rows[kind][0])
+            write(sidecar_path(folder, kind, name), rows[kind][1])
         result.features += len(rows["features"][0])
         result.activations += len(rows["activations"][0])
         result.explanations += len(rows["explanations"][0])
@@ -172,14 +175,15 @@ class _ExportedSource:
         return {"modelId": self.model, "layer": self.source_id}
 
 
-def _batch_rows(store: FeatureStore, source: _ExportedSource, low: int, high: int) -> dict[str, tuple[list, list]]:
-    """kind -> (Neuronpedia rows, sidecar rows) for the features low..high of one coder."""
+def _batch_rows(store: FeatureStore, source: _ExportedSource, low: int, high: int) -> dict[str, tuple]:
+    """kind -> (Neuronpedia rows, sidecar rows) for the features low..high of one coder: lists of
+    dicts, and data frames for the activations (the bulk, built column-wise)."""
     sae_id, source_keys = source.coder["sae_id"], source.row_keys
     features = _rows_between(store.table(FEATURES_TABLE), sae_id, low, high)
-    examples = _rows_between(store.table(EXAMPLES_TABLE), sae_id, low, high)
+    examples = _arrow_between(store.table(EXAMPLES_TABLE), sae_id, low, high)
     vectors = {r["feature"]: r["vector"] for r in _rows_between(source.decoders, sae_id, low, high)} \
         if source.decoders is not None else {}
-    rows: dict[str, tuple[list, list]] = {kind: ([], []) for kind in KINDS}
+    rows: dict[str, tuple] = {kind: ([], []) for kind in ("features", "explanations")}
     for row in features:
         feature_keys = {**source_keys, "index": str(row["feature"])}
         rows["features"][0].append(_neuron_row(row, source_keys, source.coder["hook"], source.set_name,
@@ -190,13 +194,8 @@ def _batch_rows(store: FeatureStore, source: _ExportedSource, low: int, high: in
             row_id = stable_id(source.model, source.source_id, row["feature"], "explanation", position)
             rows["explanations"][0].append({"id": row_id, **feature_keys, **explanation})
             rows["explanations"][1].append({"id": row_id, **feature_keys, **extra})
-    by_feature = {r["feature"]: r for r in features}
-    for example in examples:
-        row_id = stable_id(source.model, source.source_id, example["feature"], example["kind"], example["rank"])
-        activation = _activation_row(example, by_feature[example["feature"]])
-        rows["activations"][0].append({"id": row_id, **source_keys, **activation})
-        rows["activations"][1].append({"id": row_id, **source_keys, "index": str(example["feature"]),
-                                       **{k: example[k] for k in EXAMPLE_EXTRAS}})
+    rows["activations"] = activation_frames(examples, {r["feature"]: r for r in features}, source.model,
+                                            source.source_id)
     return rows
 
 
@@ -251,10 +250,12 @@ def _decoders_table(store: FeatureStore, sae_id: str):
 
 
 def _rows_between(table, sae_id: str, low: int, high: int) -> list[dict]:
+    return sorted(_arrow_between(table, sae_id, low, high).to_pylist(), key=lambda r: r["feature"])
+
+
+def _arrow_between(table, sae_id: str, low: int, high: int) -> pa.Table:
     where = Filter().eq("sae_id", sae_id).between("feature", low, high).render(table.schema)
-    rows = table.search().where(where).limit(None).to_arrow().to_pylist()
-    sort_key = ("feature", "kind", "rank") if "rank" in table.schema.names else ("feature",)
-    return sorted(rows, key=lambda r: tuple(r[k] for k in sort_key))
+    return table.search().where(where).limit(None).to_arrow()
 
 
 def _neuron_row(row: dict, source_keys: dict, hook: str, set_name: str, decoder: list[float] | None) -> dict:
@@ -272,32 +273,6 @@ def _neuron_row(row: dict, source_keys: dict, hook: str, set_name: str, decoder:
         "vectorDefaultSteerStrength": row["max_activation"] if decoder else None, "hasVector": bool(decoder),
     }
     return {name: values.get(name, source_keys.get(name, [])) for name in NEURON_FIELDS}
-
-
-def _activation_row(example: dict, feature: dict) -> dict:
-    is_top = example["kind"] == "top"
-    if is_top:
-        bins = (TOP_MARKER, feature["max_activation"], TOP_MARKER)
-    else:
-        bins = (example["bin_min"], example["bin_max"],
-                _bin_fraction(feature["hist_counts"], feature["hist_max"], example["bin_min"], example["bin_max"]))
-    values = example["values"]
-    return {
-        "index": str(example["feature"]), "creatorId": CREATOR_ID, "dataSource": None, "tokens": example["tokens"],
-        "maxValue": example["max_value"], "minValue": min(values) if values else 0.0, "values": values,
-        "maxValueTokenIndex": example["max_position"], "dfaValues": [], "dfaMaxValue": None, "dfaTargetIndex": None,
-        "binMin": bins[0], "binMax": bins[1], "binContains": bins[2],
-    }
-
-
-def _bin_fraction(counts: list[int], hist_max: float, low: float, high: float) -> float | None:
-    """The fraction of the feature's activations in [low, high), from histogram bin centres."""
-    total = sum(counts)
-    if not counts or total == 0:
-        return None
-    width = hist_max / len(counts)
-    inside = sum(c for i, c in enumerate(counts) if low <= (i + 0.5) * width < high)
-    return inside / total
 
 
 def _explanation_rows(feature: dict, descriptions: list[dict]) -> Iterator[tuple[dict, dict]]:

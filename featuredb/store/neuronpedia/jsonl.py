@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import io
 import json
 import math
 import re
@@ -13,9 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
 from ..schema import StoreError
 
 _BATCH_FILE = re.compile(r"^batch-([0-9]+)\.jsonl(\.gz)?$")
+
+
+# Fast gzip: several times faster than level 5 for ~15% larger files; Neuronpedia only gunzips.
+# mtime=0 keeps the bytes deterministic (exporting an import again gives the same files).
+_GZIP_LEVEL = 1
 
 
 def write_jsonl(path: Path, rows: list[dict], *, compress: bool) -> None:
@@ -23,8 +31,34 @@ def write_jsonl(path: Path, rows: list[dict], *, compress: bool) -> None:
         text = "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n" for row in rows)
     except ValueError as e:  # NaN / inf, which Neuronpedia's JSON parser would reject
         raise StoreError(f"{path}: cannot write a non-finite number as JSON ({e})") from None
-    data = text.encode()
-    path.write_bytes(gzip.compress(data, compresslevel=5, mtime=0) if compress else data)
+    _write(path, text.encode(), compress)
+
+
+def write_frame(path: Path, frame: pl.DataFrame) -> None:
+    """A data frame as gzipped JSONL, one object per row with its columns in order (polars'
+    writer; write_jsonl's rows and error when a float is NaN or infinite)."""
+    if _has_non_finite(frame):
+        write_jsonl(path, frame.to_dicts(), compress=True)  # raises, naming the file
+        return
+    buffer = io.BytesIO()
+    frame.write_ndjson(buffer)
+    _write(path, buffer.getvalue(), True)
+
+
+def _write(path: Path, data: bytes, compress: bool) -> None:
+    path.write_bytes(gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0) if compress else data)
+
+
+def _has_non_finite(frame: pl.DataFrame) -> bool:
+    checks = []
+    for name, dtype in frame.schema.items():
+        column = pl.col(name)
+        if isinstance(dtype, pl.List) and dtype.inner.is_float():
+            column = column.list.explode()
+        elif not dtype.is_float():
+            continue
+        checks.append((column.is_finite() | column.is_null()).all().not_())
+    return bool(checks) and frame.select(pl.any_horizontal(checks)).item()
 
 
 def batch_files(folder: Path) -> list[Path]:
@@ -115,19 +149,21 @@ class Line:
         raise self.error(f"field 'index' must be a non-negative integer (or its string), got {value!r:.40}")
 
     def numbers(self, name: str) -> list[float]:
-        return [float(v) for v in self._list(name, _is_number, "finite numbers")]
+        value = self._list(name, _is_number, "finite numbers", _all_finite_floats)
+        return value if _only(value, float) else [float(v) for v in value]
 
     def integers(self, name: str) -> list[int]:
-        return self._list(name, is_integer, "integers")
+        return self._list(name, is_integer, "integers", lambda v: _only(v, int))
 
     def texts(self, name: str) -> list[str]:
-        return self._list(name, lambda v: isinstance(v, str), "strings")
+        return self._list(name, lambda v: isinstance(v, str), "strings", lambda v: _only(v, str))
 
-    def _list(self, name: str, ok: Callable[[Any], bool], what: str) -> list:
+    def _list(self, name: str, ok: Callable[[Any], bool], what: str, all_ok: Callable[[list], bool]) -> list:
+        """`all_ok`: a check of the whole list in C (the common case), before `ok` per element."""
         value = self._get(name, True)  # Neuronpedia's list columns default to [] (null in some dumps)
         if value is None:
             return []
-        if not isinstance(value, list) or not all(ok(v) for v in value):
+        if not isinstance(value, list) or not (all_ok(value) or all(ok(v) for v in value)):
             raise self.error(f"field {name!r} must be a list of {what}")
         return value
 
@@ -139,6 +175,17 @@ class Line:
 def is_integer(value: object) -> bool:
     """A JSON integer (bool is an int in Python, but not in JSON)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _only(values: list, kind: type) -> bool:
+    """Every value exactly of type `kind` (so no bool among ints: JSON's ints and bools differ)."""
+    return set(map(type, values)) <= {kind}
+
+
+def _all_finite_floats(values: list) -> bool:
+    """All floats and finite: a sum of finite floats is finite or overflows to inf, and any inf or
+    NaN makes it non-finite (then the per-element check decides)."""
+    return _only(values, float) and math.isfinite(sum(values))
 
 
 def _is_number(value: object) -> bool:

@@ -14,7 +14,9 @@ import pyarrow as pa
 
 from ..descriptions import MAX_DESCRIPTION_CHARS, METHOD_RANK
 from ..schema import StoreError, conform_table, examples_schema, features_schema, saes_schema
+from .columnar import loading_ahead
 from .defaults import assign_ranks, fill_derived_columns, histogram_from_bars, sae_row_from_metadata
+from .fast_activations import read_activations_batch
 from .format import NEURONPEDIA_SOURCE, SIDECAR_CODER_FILE, SIDECAR_DIR, SOURCE_ID, TOP_MARKER, SourceIds, sidecar_path
 from .jsonl import Line, batch_files, read_jsonl
 
@@ -224,25 +226,37 @@ def _decoder_matrix(folder: Path, vectors: dict[int, list[float]], width: int) -
 
 def _read_examples(folder: Path, ids: SourceIds, sae_id: str, features: dict[int, dict],
                    has_sidecar: bool) -> list[pa.Table]:
-    """One table of example rows per activations batch file."""
+    """One table of example rows per activations batch file: column-wise where the fast path
+    takes the file (fast_activations.py), line by line (naming the line of an error) otherwise."""
     tables = []
     next_rank: Counter = Counter()  # (feature, kind) -> next rank, without a sidecar
-    for path in batch_files(folder / "activations"):
-        sidecar = _SidecarBatch(folder, "activations", path, "id") if has_sidecar else None
-        rows = []
-        for line in read_jsonl(path):
-            index = _known_feature(line, ids, features, "activation")
-            extra = None
-            if sidecar is not None:
-                row_id = line.text("id")
-                extra = sidecar.take(line, row_id, f"activation {row_id!r}")
-            rows.append({"sae_id": sae_id, **_example_from_activation(line, index, extra)})
-        if sidecar is not None:
-            sidecar.check_all_taken()
-        if not has_sidecar:
-            assign_ranks(rows, next_rank)
-        tables.append(pa.Table.from_pylist(rows, schema=examples_schema()) if rows else examples_schema().empty_table())
+    known = pa.array(sorted(features), pa.int64())
+    paths = batch_files(folder / "activations")
+    groups = [(path, sidecar_path(folder, "activations", path.name)) if has_sidecar else (path,) for path in paths]
+    for path, loaded in zip(paths, loading_ahead(groups)):
+        table = read_activations_batch(loaded, ids, sae_id, known, next_rank)
+        if table is None:
+            table = _read_activations_by_line(folder, path, ids, sae_id, features, has_sidecar, next_rank)
+        tables.append(table)
     return tables
+
+
+def _read_activations_by_line(folder: Path, path: Path, ids: SourceIds, sae_id: str, features: dict[int, dict],
+                              has_sidecar: bool, next_rank: Counter) -> pa.Table:
+    sidecar = _SidecarBatch(folder, "activations", path, "id") if has_sidecar else None
+    rows = []
+    for line in read_jsonl(path):
+        index = _known_feature(line, ids, features, "activation")
+        extra = None
+        if sidecar is not None:
+            row_id = line.text("id")
+            extra = sidecar.take(line, row_id, f"activation {row_id!r}")
+        rows.append({"sae_id": sae_id, **_example_from_activation(line, index, extra)})
+    if sidecar is not None:
+        sidecar.check_all_taken()
+    if not has_sidecar:
+        assign_ranks(rows, next_rank)
+    return pa.Table.from_pylist(rows, schema=examples_schema()) if rows else examples_schema().empty_table()
 
 
 def _example_from_activation(line: Line, index: int, extra: Line | None) -> dict:
