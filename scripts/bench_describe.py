@@ -16,9 +16,9 @@ import random
 import tempfile
 import time
 
-from featuredb.embedding import DEFAULT_EMBEDDING_MODEL
+from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
 from featuredb.store import FeatureStore, examples_schema, features_schema
-from featuredb.indexer.describe.run import DescribeConfig, run_describe
+from featuredb.describe.run import DescribeConfig, run_describe
 
 WORDS = ("the", "cat", "sat", "on", "mat", "Paris", "London", "Berlin", "def", "return", "42", "7", "blue", "red",
          "river", "bank", "money", "code", "while", "for", "is", "was", "of", "in", "and", "to")
@@ -26,7 +26,7 @@ WORDS = ("the", "cat", "sat", "on", "mat", "Paris", "London", "Berlin", "def", "
 
 def synthetic_catalogue(path: str, n_features: int, context: int = 32, seed: int = 0) -> None:
     rng = random.Random(seed)
-    sae_id = "bench"
+    coder_id = "bench"
     feature_rows = {name: [] for name in features_schema().names}
     example_rows = {name: [] for name in examples_schema().names}
     context_index = 0
@@ -34,7 +34,7 @@ def synthetic_catalogue(path: str, n_features: int, context: int = 32, seed: int
         favourite = rng.sample(WORDS, 3)
         logits = rng.sample(WORDS, 5)
         for name, value in dict(
-            sae_id=sae_id, feature=f, model="bench-model", layer=6, hook="model.layers.6.output", site="res",
+            coder_id=coder_id, feature=f, model="bench-model", layer=6, hook="model.layers.6.output", site="res",
             active_count=100, density=0.001, max_activation=10.0, mean_activation=3.0, std_activation=1.0,
             hist_counts=[10] * 16, hist_max=16.0, top_logit_tokens=[" " + w for w in logits],
             top_logit_ids=list(range(5)), top_logit_values=[2.0, 1.5, 1.0, 0.5, 0.25],
@@ -50,14 +50,14 @@ def synthetic_catalogue(path: str, n_features: int, context: int = 32, seed: int
                 tokens[position] = " " + rng.choice(favourite)
                 values = [0.0] * context
                 values[position] = 10.0 - rank if kind == "top" else 2.0
-                row = dict(sae_id=sae_id, feature=f, kind=kind, rank=rank,
+                row = dict(coder_id=coder_id, feature=f, kind=kind, rank=rank,
                            bin_min=None if kind == "top" else 1.5, bin_max=None if kind == "top" else 2.5,
                            tokens=tokens, token_ids=list(range(context)), values=values, max_value=values[position],
                            max_position=position, doc_id=f"d{context_index}", context_index=context_index)
                 context_index += 1
                 for name, value in row.items():
                     example_rows[name].append(value)
-    sae = dict(sae_id=sae_id, model="bench-model", hook="model.layers.6.output", hook_out="model.layers.6.output",
+    sae = dict(coder_id=coder_id, model="bench-model", hook="model.layers.6.output", hook_out="model.layers.6.output",
                site="res", layer=6, architecture="jumprelu", kind="sae", d_in=64, d_out=64, width=n_features,
                source="synthetic", tokens_indexed=context_index * context, contexts_indexed=context_index,
                context=context, top_k=8, created_at=dt.datetime.now(dt.timezone.utc))

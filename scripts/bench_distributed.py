@@ -35,10 +35,10 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 def prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
     """Model path, coder directories and corpus path (made once, then reused)."""
-    from featuredb.demo_corpus import write_demo_corpus
-    from featuredb.indexer.coders import SparseCoder
-    from featuredb.indexer.model import load_model, smollm2_gguf_path
-    from featuredb.indexer.train import save_saelens
+    from featuredb.demo.corpus import write_demo_corpus
+    from featuredb.runtime.coders import SparseCoder
+    from featuredb.runtime.model import load_model, smollm2_gguf_path
+    from featuredb.demo.train import save_saelens
 
     work = Path(args.work)
     model_path = args.model or smollm2_gguf_path()
@@ -54,7 +54,7 @@ def prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
                 d_model = load_model(model_path).hook_dims([f"model.layers.{layer}.output"])[f"model.layers.{layer}.output"]
             gen = torch.Generator().manual_seed(layer)
             W_dec = torch.nn.functional.normalize(torch.randn(args.width, d_model, generator=gen), dim=1)
-            coder = SparseCoder(sae_id=directory.name, architecture="topk", kind="sae",
+            coder = SparseCoder(coder_id=directory.name, architecture="topk", kind="sae",
                                 hook=f"model.layers.{layer}.output", hook_out=f"model.layers.{layer}.output",
                                 layer=layer, W_enc=W_dec.T.clone(), b_enc=torch.zeros(args.width), W_dec=W_dec,
                                 b_dec=torch.zeros(d_model), k=args.k, apply_b_dec_to_input=True)

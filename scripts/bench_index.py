@@ -74,9 +74,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runs from a bare checkout too (the GPU image has no featuredb installed)
     sys.path.insert(0, str(ROOT))
 
-from featuredb.indexer.coders import SparseCoder  # noqa: E402
+from featuredb.runtime.coders import SparseCoder  # noqa: E402
 from featuredb.indexer.corpus import Window, document_windows  # noqa: E402
-from featuredb.indexer.model import SubjectModel  # noqa: E402
+from featuredb.runtime.model import SubjectModel  # noqa: E402
 from featuredb.indexer.stats import FeatureStats, StatsConfig  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -239,7 +239,7 @@ def calibrated_coder(name: str, hook: str, layer: int, x: Tensor, width: int, l0
         # [>= k_max + 1, chunk] largest first; a full sort is faster than topk for a large k
         top = pre.topk(k_max + 1, dim=0).values if k_max < 256 else pre.sort(dim=0, descending=True).values
         threshold[start:end] = top.gather(0, k[None, start:end]).squeeze(0)
-    return SparseCoder(sae_id=name, architecture="jumprelu", kind="sae", hook=hook, hook_out=hook, layer=layer,
+    return SparseCoder(coder_id=name, architecture="jumprelu", kind="sae", hook=hook, hook_out=hook, layer=layer,
                        W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=torch.zeros(d, device=device),
                        threshold=threshold.clamp(min=0), k=None, affine_skip=None)
 
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. model
     t0 = time.perf_counter()
     if args.shape == "smollm2":
-        from featuredb.indexer.model import load_model, smollm2_gguf_path
+        from featuredb.runtime.model import load_model, smollm2_gguf_path
 
         model = load_model(args.model or smollm2_gguf_path(), device=device, dtype=dtype)
     else:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lancedb  # noqa: E402
 
 import featuredb  # noqa: E402
-from featuredb.query.indexes import create_indexes  # noqa: E402
-from featuredb.store import examples_schema, features_schema, saes_schema  # noqa: E402
+from featuredb.store.indexes import create_indexes  # noqa: E402
+from featuredb.store import examples_schema, features_schema, coders_schema  # noqa: E402
 
 SIZES = {"100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
 DIM = 384
@@ -80,7 +80,7 @@ def concepts(cache: Path, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if file.exists():
         data = np.load(file, allow_pickle=True)
         return data["phrases"], data["vectors"]
-    from featuredb.embedding import embed
+    from featuredb.runtime.embedding import embed
 
     rng = np.random.default_rng(12345)
     picks = rng.choice(len(words), size=(N_CONCEPTS, 2), replace=False if len(words) >= 2 * N_CONCEPTS else True)
@@ -109,7 +109,7 @@ class Synth:
         hook = {"res": "model.layers.{L}.output", "mlp": "model.layers.{L}.post_feedforward_layernorm.output",
                 "att": "model.layers.{L}.self_attn.o_proj.input",
                 "transcoder": "model.layers.{L}.pre_feedforward_layernorm.output"}[site].format(L=layer)
-        return dict(sae_id=f"L{layer:02d}-{site}-16k-{j:04d}", layer=layer, site=site, hook=hook, width=width)
+        return dict(coder_id=f"L{layer:02d}-{site}-16k-{j:04d}", layer=layer, site=site, hook=hook, width=width)
 
     def vectors(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         t = rng.choice(N_CONCEPTS, size=m, p=self.topic_p)
@@ -138,7 +138,7 @@ class Synth:
         rows = np.arange(start, start + m)
         coder_index = rows // WIDTH
         coders = {j: self.coder(j) for j in np.unique(coder_index)}
-        sae_ids = np.asarray([coders[j]["sae_id"] for j in coder_index], dtype=object)
+        coder_ids = np.asarray([coders[j]["coder_id"] for j in coder_index], dtype=object)
         layers = np.asarray([coders[j]["layer"] for j in coder_index], dtype=np.int32)
         sites = np.asarray([coders[j]["site"] for j in coder_index], dtype=object)
         hooks = np.asarray([coders[j]["hook"] for j in coder_index], dtype=object)
@@ -157,7 +157,7 @@ class Synth:
 
         word_ids = lambda k: rng.integers(0, len(self.words), k)  # noqa: E731
         features_table = pa.table({
-            "sae_id": pa.array(sae_ids, pa.string()), "feature": pa.array(features),
+            "coder_id": pa.array(coder_ids, pa.string()), "feature": pa.array(features),
             "model": pa.array(np.full(m, MODEL, dtype=object), pa.string()), "layer": pa.array(layers),
             "hook": pa.array(hooks, pa.string()), "site": pa.array(sites, pa.string()),
             "active_count": pa.array((density * 1e7).astype(np.int64)), "density": pa.array(density),
@@ -192,7 +192,7 @@ class Synth:
             values[np.arange(k), positions] += 5
             offsets = pa.array(np.arange(0, k * T + 1, T, dtype=np.int32))
             examples_table = pa.table({
-                "sae_id": pa.array(np.repeat(sae_ids, e), pa.string()), "feature": pa.array(ex_feature),
+                "coder_id": pa.array(np.repeat(coder_ids, e), pa.string()), "feature": pa.array(ex_feature),
                 "kind": pa.array(np.full(k, "top", dtype=object), pa.string()),
                 "rank": pa.array(np.tile(np.arange(e, dtype=np.int32), m)),
                 "bin_min": pa.nulls(k, pa.float32()), "bin_max": pa.nulls(k, pa.float32()),
@@ -203,7 +203,7 @@ class Synth:
                 "doc_id": pa.array(np.char.add("doc", rng.integers(0, 10**6, k).astype(str)).astype(object), pa.string()),
                 "context_index": pa.array(rng.integers(0, 10**7, k)),
             }, schema=examples_schema())
-        return features_table, examples_table, v, layers, sae_ids
+        return features_table, examples_table, v, layers, coder_ids
 
 
 class Truth:
@@ -215,11 +215,11 @@ class Truth:
         self.best = {name: (np.full((n, TOP), -np.inf, np.float32), np.full((n, TOP), -1, np.int64))
                      for name in ("all", "layer", "sae")}
 
-    def update(self, v: np.ndarray, start: int, layers: np.ndarray, sae_ids: np.ndarray) -> None:
+    def update(self, v: np.ndarray, start: int, layers: np.ndarray, coder_ids: np.ndarray) -> None:
         sims = self.Q @ v.T  # [q, m]
         ids = np.arange(start, start + len(v))
         masks = {"all": None, "layer": layers[None, :] == self.q_layers[:, None],
-                 "sae": sae_ids[None, :] == self.q_saes[:, None]}
+                 "sae": coder_ids[None, :] == self.q_saes[:, None]}
         for name, mask in masks.items():
             s = sims if mask is None else np.where(mask, sims, -np.inf)
             scores, best_ids = self.best[name]
@@ -241,7 +241,7 @@ def build(root: Path, n: int, synth: Synth, queries: int, examples_per_feature: 
     layers_present = sorted({synth.coder(j)["layer"] for j in range(synth.n_coders)})
     rng = np.random.default_rng(5)
     q_layers = np.asarray([layers_present[i % len(layers_present)] for i in range(queries)], dtype=np.int32)
-    q_saes = np.asarray([synth.coder(int(j))["sae_id"] for j in rng.integers(0, synth.n_coders, queries)], dtype=object)
+    q_saes = np.asarray([synth.coder(int(j))["coder_id"] for j in rng.integers(0, synth.n_coders, queries)], dtype=object)
     truth = Truth(Q, q_layers, q_saes)
     n_batches = math.ceil(n / BATCH)
     db = lancedb.connect(str(root))
@@ -250,8 +250,8 @@ def build(root: Path, n: int, synth: Synth, queries: int, examples_per_feature: 
 
     def feature_batches():
         for b in range(n_batches):
-            features, examples, v, layers, sae_ids = synth.batch(b, examples_per_feature, example_tokens)
-            truth.update(v, b * BATCH, layers, sae_ids)
+            features, examples, v, layers, coder_ids = synth.batch(b, examples_per_feature, example_tokens)
+            truth.update(v, b * BATCH, layers, coder_ids)
             if examples is not None:
                 state["examples"].append(examples)
                 if sum(t.num_rows for t in state["examples"]) >= 1_000_000:
@@ -275,7 +275,7 @@ def build(root: Path, n: int, synth: Synth, queries: int, examples_per_feature: 
     flush_examples()
     saes = [synth.coder(j) for j in range(synth.n_coders)]
     db.create_table("saes", pa.table({
-        "sae_id": [c["sae_id"] for c in saes], "model": [MODEL] * len(saes), "hook": [c["hook"] for c in saes],
+        "coder_id": [c["coder_id"] for c in saes], "model": [MODEL] * len(saes), "hook": [c["hook"] for c in saes],
         "hook_out": [c["hook"] for c in saes], "site": [c["site"] for c in saes],
         "layer": pa.array([c["layer"] for c in saes], pa.int32()), "architecture": ["jumprelu"] * len(saes),
         "kind": ["transcoder" if c["site"] == "transcoder" else "sae" for c in saes],
@@ -284,7 +284,7 @@ def build(root: Path, n: int, synth: Synth, queries: int, examples_per_feature: 
         "tokens_indexed": [10**7] * len(saes), "contexts_indexed": [10**5] * len(saes),
         "context": pa.array([128] * len(saes), pa.int32()), "top_k": pa.array([32] * len(saes), pa.int32()),
         "created_at": pa.array([0] * len(saes), pa.timestamp("us", tz="UTC")),
-    }, schema=saes_schema()))
+    }, schema=coders_schema()))
     print(f"  wrote {n:,} features in {time.perf_counter() - t0:.0f}s", flush=True)
     return {"Q": Q, "q_layers": q_layers, "q_saes": q_saes, "truth": truth.best}
 
@@ -308,8 +308,8 @@ def pct(times: list[float], p: float) -> float:
 
 
 def row_ids(frame, synth: Synth) -> list[int]:
-    index = {synth.coder(j)["sae_id"]: j for j in range(synth.n_coders)}
-    return [index[s] * WIDTH + f for s, f in zip(frame["sae_id"].to_list(), frame["feature"].to_list())]
+    index = {synth.coder(j)["coder_id"]: j for j in range(synth.n_coders)}
+    return [index[s] * WIDTH + f for s, f in zip(frame["coder_id"].to_list(), frame["feature"].to_list())]
 
 
 def recall(found: list[list[int]], exact: np.ndarray, k: int = 10) -> float:
@@ -349,8 +349,8 @@ def measure(root: Path, setup: dict, synth: Synth, words: np.ndarray, lookups: i
     t, res = timed(lambda i: cat.search(Q[i]).where(layer=int(q_layers[i])).limit(10).to_polars(), items)
     report("semantic + layer filter", t,
            {"recall@10": round(recall([row_ids(r, synth) for r in res], truth["layer"][1]), 4)})
-    t, res = timed(lambda i: cat.search(Q[i]).where(sae_id=str(q_saes[i])).limit(10).to_polars(), items)
-    report("semantic + sae_id filter", t,
+    t, res = timed(lambda i: cat.search(Q[i]).where(coder_id=str(q_saes[i])).limit(10).to_polars(), items)
+    report("semantic + coder_id filter", t,
            {"recall@10": round(recall([row_ids(r, synth) for r in res], truth["sae"][1]), 4)})
     t, res = timed(lambda i: cat.search(Q[i]).where(layer=int(q_layers[i]), density=(None, 0.01)).limit(10).to_polars(),
                    items)
@@ -376,13 +376,13 @@ def measure(root: Path, setup: dict, synth: Synth, words: np.ndarray, lookups: i
     report("hybrid", t, {"recall@10": round(recall([row_ids(r, synth) for r in res], exact_hybrid), 4)})
 
     # end to end: embedding the query text with MiniLM on this CPU
-    from featuredb.embedding import embed
+    from featuredb.runtime.embedding import embed
 
     t, _ = timed(lambda i: embed([texts[i]]), items)
     report("embed query (MiniLM)", t)
 
     rng = np.random.default_rng(11)
-    keys = [(synth.coder(int(j))["sae_id"], int(f) % synth.coder(int(j))["width"]) for j, f in
+    keys = [(synth.coder(int(j))["coder_id"], int(f) % synth.coder(int(j))["width"]) for j, f in
             zip(rng.integers(0, synth.n_coders, lookups), rng.integers(0, WIDTH, lookups))]
     t, _ = timed(lambda k: cat.feature(*k), keys)
     report("feature()", t)

@@ -13,18 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import sys
+
 import click
 
-from featuredb.query.server import create_app
-from featuredb.query.server.background import CHROMIUM_ARGS, chromium, serving
+from featuredb.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the test suite's uvicorn thread and Chromium finder
+from serving import CHROMIUM_ARGS, chromium, serving  # noqa: E402
 
 
 @click.command()
 @click.option("--db", required=True, help="Catalogue directory or URI.")
 @click.option("--query", default="numbers and digits", show_default=True, help="Search shown on the search page.")
-@click.option("--feature", "feature_ref", default=None, metavar="SAE_ID/INDEX", help="Feature page to show.")
+@click.option("--feature", "feature_ref", default=None, metavar="CODER_ID/INDEX", help="Feature page to show.")
 @click.option("--text", default=None, help="Also run this text in the feature page's test-text box.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "docs", show_default=True)
 @click.option("--width", type=int, default=1400, show_default=True, help="Viewport width in CSS pixels.")
@@ -42,9 +45,9 @@ def main(db: str, query: str, feature_ref: str | None, text: str | None, out: Pa
         top = cat.search(query).limit(1).to_list()
         if not top:
             raise click.ClickException(f"the search {query!r} found nothing: give --feature")
-        feature_ref = f"{top[0]['sae_id']}/{top[0]['feature']}"
-    sae_id, _, index = feature_ref.rpartition("/")
-    feature_path = f"/features/{quote(sae_id, safe='')}/{index}" + (f"?{urlencode({'text': text})}" if text else "")
+        feature_ref = f"{top[0]['coder_id']}/{top[0]['feature']}"
+    coder_id, _, index = feature_ref.rpartition("/")
+    feature_path = f"/features/{quote(coder_id, safe='')}/{index}" + (f"?{urlencode({'text': text})}" if text else "")
     out.mkdir(parents=True, exist_ok=True)
     with serving(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)

@@ -1,7 +1,7 @@
 """Train small TopK SAEs on SmolLM2-135M-Instruct's residual stream, measure them, save them.
 
 SmolLM2 has no published SAEs, so the offline demo trains its own: residual activations
-(`model.layers.L.output`) over the demo corpus (featuredb.demo_corpus: Python's own reference
+(`model.layers.L.output`) over the demo corpus (featuredb.demo.corpus: Python's own reference
 docs, docstrings and source code), one SAE per layer, evaluated on held-out tokens (the windows
 that follow the training windows in the corpus) and saved in SAELens format, so that
 
@@ -23,7 +23,7 @@ it the forward pass (bfloat16: ~2,100 tokens/s on an idle machine). With only ~4
 learning rate is 5x sparsify's 2e-4/sqrt(width/16384) rule, which is meant for 10^4+ steps.
 --epochs 1 saves about a minute for ~0.02-0.04 FVE; more tokens help more than more epochs.
 
-Tokens left out (see featuredb.indexer.train for the input scaling):
+Tokens left out (see featuredb.demo.train for the input scaling):
   * BOS (and padding), as the indexer does: BOS is SmolLM2's attention sink, norm ~25,000 at layer 15
     against ~170 for other tokens.
   * Massive-activation tokens, norm above --outlier-ratio x the layer's median token norm (default
@@ -44,10 +44,10 @@ from pathlib import Path
 
 import torch
 
-from featuredb.demo import collect_activations
-from featuredb.demo_corpus import write_demo_corpus
-from featuredb.indexer.model import load_model, smollm2_gguf_path
-from featuredb.indexer.train import TrainConfig, evaluate, save_saelens, train_topk_sae
+from featuredb.demo.build import collect_activations
+from featuredb.demo.corpus import write_demo_corpus
+from featuredb.runtime.model import load_model, smollm2_gguf_path
+from featuredb.demo.train import TrainConfig, evaluate, save_saelens, train_topk_sae
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -139,9 +139,9 @@ def main() -> None:
         for width in args.widths:
             config = TrainConfig(width=width, k=args.k, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                                  dead_after_tokens=args.dead_after, seed=args.seed, progress=not args.quiet)
-            sae_id = f"smollm2-res-L{layer}-w{width}-k{args.k}"
+            coder_id = f"smollm2-res-L{layer}-w{width}-k{args.k}"
             t = time.perf_counter()
-            coder, metrics = train_topk_sae(train_x, config, hook=hook, sae_id=sae_id, model_name=args.model_name)
+            coder, metrics = train_topk_sae(train_x, config, hook=hook, coder_id=coder_id, model_name=args.model_name)
             train_s = time.perf_counter() - t
             t = time.perf_counter()
             ev = evaluate(coder, held_out[typical], tokens_since_fired=metrics.tokens_since_fired,
@@ -152,8 +152,8 @@ def main() -> None:
             timings[f"eval L{layer} w{width}"] = eval_s
             if not args.no_save:
                 t = time.perf_counter()
-                save_saelens(coder, out / sae_id, model_name=args.model_name, context_size=args.context,
-                             dataset_path=args.corpus or "featuredb.demo_corpus",
+                save_saelens(coder, out / coder_id, model_name=args.model_name, context_size=args.context,
+                             dataset_path=args.corpus or "featuredb.demo.corpus",
                              extra_metadata={"training": {
                                  "tokens": len(train_x), "epochs": args.epochs, "lr": config.learning_rate(),
                                  "batch_size": args.batch_size, "input_scale": metrics.scale,

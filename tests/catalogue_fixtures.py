@@ -24,10 +24,10 @@ import pytest
 
 from coder_formats import write_gemma_scope_1
 from conftest import CORPUS_TEXT
-from featuredb.embedding import DEFAULT_EMBEDDING_MODEL, embed
+from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL, embed
 from featuredb.query import create_indexes
 from featuredb.store import FeatureStore
-from featuredb.store.decoders import write_decoder_vectors
+from featuredb.store.decoder_vectors import write_decoder_vectors
 from featuredb.store.descriptions import DESCRIPTION_COLUMNS, write_descriptions
 
 MODEL = "tiny-model"
@@ -36,7 +36,7 @@ WIDTH = 16
 CREATED = dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc)
 TRICKY_ID = "it's-a' OR '1'='1"
 
-# (sae_id, layer, site, hook, hook_out, model)
+# (coder_id, layer, site, hook, hook_out, model)
 CODERS = [
     ("res-L12", 12, "res", "model.layers.12.output", "model.layers.12.output", MODEL),
     ("mlp-L12", 12, "mlp", "model.layers.12.post_feedforward_layernorm.output",
@@ -47,7 +47,7 @@ CODERS = [
     (TRICKY_ID, 3, "res", "model.layers.3.output", "model.layers.3.output", MODEL),
 ]
 
-# Known descriptions: (sae_id, feature) -> description. Everything else has no description.
+# Known descriptions: (coder_id, feature) -> description. Everything else has no description.
 DESCRIPTIONS = {
     ("res-L12", 3): "French cities such as Paris, Lyon and Marseille",
     ("mlp-L12", 5): "names of towns and cities in France",
@@ -64,7 +64,7 @@ DESCRIPTIONS = {
 }
 FRENCH = {("res-L12", 3), ("mlp-L12", 5), ("res-L5", 7)}
 
-# Example contexts: (sae_id, feature) -> list of (tokens, peak position)
+# Example contexts: (coder_id, feature) -> list of (tokens, peak position)
 CONTEXTS = {
     ("res-L12", 3): [
         (["<bos>", "I", " live", " in", " Paris", " today"], 4),
@@ -85,7 +85,7 @@ CONTEXTS = {
 }
 
 
-def _decoders(sae_id: str, seed: int) -> np.ndarray:
+def _decoders(coder_id: str, seed: int) -> np.ndarray:
     """Decoder rows: feature i points mostly along axis i % D, with a seeded wobble."""
     rng = np.random.default_rng(seed)
     W = 0.05 * rng.standard_normal((WIDTH, D)).astype(np.float32)
@@ -95,7 +95,7 @@ def _decoders(sae_id: str, seed: int) -> np.ndarray:
 
 
 def decoder_matrices() -> dict[str, np.ndarray]:
-    mats = {sae_id: _decoders(sae_id, seed) for seed, (sae_id, *_rest) in enumerate(CODERS)}
+    mats = {coder_id: _decoders(coder_id, seed) for seed, (coder_id, *_rest) in enumerate(CODERS)}
     base = mats["res-L12"][3].copy()
     mats["res-L12"][11] = base + 0.02  # same coder, nearly parallel to res-L12/3
     mats["mlp-L12"][6] = base * 2.0 + 0.01  # other coder, same model and residual space
@@ -109,14 +109,14 @@ def build_catalogue(path, *, with_decoders: bool = True, indexes: bool = True) -
     texts = list(DESCRIPTIONS.values())
     vectors = dict(zip(DESCRIPTIONS, embed(texts)))
     mats = decoder_matrices()
-    for sae_id, layer, site, hook, hook_out, model in CODERS:
-        sae = dict(sae_id=sae_id, model=model, hook=hook, hook_out=hook_out, site=site, layer=layer,
+    for coder_id, layer, site, hook, hook_out, model in CODERS:
+        sae = dict(coder_id=coder_id, model=model, hook=hook, hook_out=hook_out, site=site, layer=layer,
                    architecture="jumprelu", kind="sae", d_in=D, d_out=D, width=WIDTH, source="", tokens_indexed=1000,
                    contexts_indexed=100, context=6, top_k=3, created_at=CREATED)
         n = WIDTH
-        keys = [(sae_id, i) for i in range(n)]
+        keys = [(coder_id, i) for i in range(n)]
         features = {
-            "sae_id": [sae_id] * n, "feature": list(range(n)), "model": [model] * n, "layer": [layer] * n,
+            "coder_id": [coder_id] * n, "feature": list(range(n)), "model": [model] * n, "layer": [layer] * n,
             "hook": [hook] * n, "site": [site] * n,
             "active_count": [10 * (i + 1) for i in range(n)],
             "density": [(i + 1) / 100 for i in range(n)],  # feature i: density (i+1)%
@@ -128,7 +128,7 @@ def build_catalogue(path, *, with_decoders: bool = True, indexes: bool = True) -
             "bottom_logit_tokens": [[" the"]] * n, "bottom_logit_ids": [[3]] * n, "bottom_logit_values": [[-1.0]] * n,
             "neighbours": [[(i + 1) % n, (i + 2) % n] for i in range(n)],
             "neighbour_cosines": [[0.5, 0.25]] * n,
-            "top_tokens": [[" Paris"] if (sae_id, i) in FRENCH else ["x"] for i in range(n)],
+            "top_tokens": [[" Paris"] if (coder_id, i) in FRENCH else ["x"] for i in range(n)],
             "top_token_counts": [[2]] * n,
             "description": [DESCRIPTIONS.get(k) for k in keys],
             "description_method": ["test" if k in DESCRIPTIONS else None for k in keys],
@@ -136,17 +136,17 @@ def build_catalogue(path, *, with_decoders: bool = True, indexes: bool = True) -
             "embedding_model": [DEFAULT_EMBEDDING_MODEL if k in DESCRIPTIONS else None for k in keys],
             "vector": [vectors[k].tolist() if k in DESCRIPTIONS else None for k in keys],
         }
-        examples: dict[str, list] = {c: [] for c in ("sae_id", "feature", "kind", "rank", "bin_min", "bin_max", "tokens",
+        examples: dict[str, list] = {c: [] for c in ("coder_id", "feature", "kind", "rank", "bin_min", "bin_max", "tokens",
                                                      "token_ids", "values", "max_value", "max_position", "doc_id",
                                                      "context_index")}
         for (sid, feature), contexts in CONTEXTS.items():
-            if sid != sae_id:
+            if sid != coder_id:
                 continue
             for rank, (tokens, peak) in enumerate(contexts):
                 values = [0.0] * len(tokens)
                 values[peak] = 4.0 - rank
                 values[max(peak - 1, 1)] = max(values[max(peak - 1, 1)], 0.5)
-                for column, value in (("sae_id", sae_id), ("feature", feature), ("kind", "top"), ("rank", rank),
+                for column, value in (("coder_id", coder_id), ("feature", feature), ("kind", "top"), ("rank", rank),
                                       ("bin_min", None), ("bin_max", None), ("tokens", tokens),
                                       ("token_ids", list(range(len(tokens)))), ("values", values),
                                       ("max_value", values[peak]), ("max_position", peak), ("doc_id", f"d{rank}"),
@@ -156,14 +156,14 @@ def build_catalogue(path, *, with_decoders: bool = True, indexes: bool = True) -
             tokens, peak = contexts[0]
             values = [0.0] * len(tokens)
             values[peak] = 1.0
-            for column, value in (("sae_id", sae_id), ("feature", feature), ("kind", "interval"), ("rank", 0),
+            for column, value in (("coder_id", coder_id), ("feature", feature), ("kind", "interval"), ("rank", 0),
                                   ("bin_min", 0.75), ("bin_max", 1.25), ("tokens", tokens),
                                   ("token_ids", list(range(len(tokens)))), ("values", values), ("max_value", 1.0),
                                   ("max_position", peak), ("doc_id", "d9"), ("context_index", 9)):
                 examples[column].append(value)
         store.write_coder(sae, features, examples)
         if with_decoders:
-            write_decoder_vectors(store, sae_id, mats[sae_id])
+            write_decoder_vectors(store, coder_id, mats[coder_id])
     if indexes:
         create_indexes(store)
     return store
@@ -175,9 +175,9 @@ HTML_TOKENS = ["<bos>", "<script>", "alert('x')", "</script>", " & done"]
 HTML_DESCRIPTION = "<script>alert('x')</script> & <b>bold</b>"
 
 
-def _description(sae_id: str, feature: int, text: str, method: str, **extra) -> dict:
+def _description(coder_id: str, feature: int, text: str, method: str, **extra) -> dict:
     """A descriptions-table row made from the catalogue's one indexing (CREATED)."""
-    return {"sae_id": sae_id, "feature": feature, "description": text, "method": method, "explainer_model": None,
+    return {"coder_id": coder_id, "feature": feature, "description": text, "method": method, "explainer_model": None,
             "explainer_source": None, "prompt_version": "v1", "indexed_at": CREATED, "detection_score": None,
             "fuzz_score": None, "detection_n": None, "fuzz_n": None, "score_details": None,
             "created_at": dt.datetime(2025, 2, 1, tzinfo=dt.timezone.utc), **extra}
@@ -186,12 +186,12 @@ def _description(sae_id: str, feature: int, text: str, method: str, **extra) -> 
 def _add_html_coder(store) -> None:
     """A copy of res-L12's features under HTML_SAE, undescribed (so no search finds them), with
     one example whose tokens are HTML."""
-    sae = store.saes().filter(pl.col("sae_id") == "res-L12").to_dicts()[0] | {"sae_id": HTML_SAE, "layer": 1}
+    sae = store.coders().filter(pl.col("coder_id") == "res-L12").to_dicts()[0] | {"coder_id": HTML_SAE, "layer": 1}
     features = store.features("res-L12")
     undescribed = [pl.lit(None).cast(features.schema[c]).alias(c) for c in DESCRIPTION_COLUMNS]
-    features = features.with_columns(*undescribed, sae_id=pl.lit(HTML_SAE), layer=pl.lit(1, pl.Int32))
+    features = features.with_columns(*undescribed, coder_id=pl.lit(HTML_SAE), layer=pl.lit(1, pl.Int32))
     values = [0.0, 3.0, 1.5, 0.0, 0.5]
-    examples = {"sae_id": [HTML_SAE], "feature": [0], "kind": ["top"], "rank": [0], "bin_min": [None],
+    examples = {"coder_id": [HTML_SAE], "feature": [0], "kind": ["top"], "rank": [0], "bin_min": [None],
                 "bin_max": [None], "tokens": [HTML_TOKENS], "token_ids": [list(range(len(HTML_TOKENS)))],
                 "values": [values], "max_value": [3.0], "max_position": [1], "doc_id": ["html"], "context_index": [0]}
     store.write_coder(sae, features.to_arrow(), examples)
@@ -207,8 +207,9 @@ def known_catalogue(tmp_path_factory) -> Path:
                      explainer_source="https://example.invalid/v1", detection_score=0.8, fuzz_score=0.7,
                      detection_n=20, fuzz_n=20, score_details=json.dumps({"scorer": "gpt-4o-mini"})),
     ]
-    write_descriptions(store, "res-L12", history)
-    write_descriptions(store, "att-L5", [_description("att-L5", 8, HTML_DESCRIPTION, "manual")])
+    write_descriptions(store, "res-L12", history, embedding_model=DEFAULT_EMBEDDING_MODEL, embedder=embed)
+    write_descriptions(store, "att-L5", [_description("att-L5", 8, HTML_DESCRIPTION, "manual")],
+                       embedding_model=DEFAULT_EMBEDDING_MODEL, embedder=embed)
     _add_html_coder(store)
     return path
 
@@ -232,7 +233,7 @@ def index_tiny_model(root: Path, model_dir: Path) -> tuple[Path, list[str]]:
 def build_model_catalogue(root: Path, model_dir: Path) -> Path:
     """`index_tiny_model`, then label every feature with the `tokens` explainer and build the
     search indexes."""
-    from featuredb.indexer.describe import DescribeConfig, run_describe
+    from featuredb.describe import DescribeConfig, run_describe
     from featuredb.query import finalize
 
     db, _ = index_tiny_model(root, model_dir)

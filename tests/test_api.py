@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 import catalogue_fixtures
 import featuredb
 from catalogue_fixtures import HTML_SAE
-from featuredb.query.server import create_app
-from featuredb.query.server.command import COMMANDS, serve
+from featuredb.server import create_app
+from featuredb.cli import main
 from featuredb.store import FeatureStore
 from catalogue_fixtures import FRENCH, MODEL, TRICKY_ID, WIDTH
 
@@ -43,7 +43,7 @@ def ok(response) -> dict:
 
 
 def keys(rows: list[dict]) -> list[tuple[str, int]]:
-    return [(r["sae_id"], r["feature"]) for r in rows]
+    return [(r["coder_id"], r["feature"]) for r in rows]
 
 
 def table_versions(path) -> dict[str, int]:
@@ -54,16 +54,16 @@ def table_versions(path) -> dict[str, int]:
 # --- endpoints ---------------------------------------------------------------------------------
 
 
-def test_saes(client):
-    saes = ok(client.get("/api/saes"))["saes"]
-    assert {s["sae_id"] for s in saes} >= {"res-L12", "mlp-L12", TRICKY_ID, HTML_SAE}
+def test_coders(client):
+    saes = ok(client.get("/api/coders"))["coders"]
+    assert {s["coder_id"] for s in saes} >= {"res-L12", "mlp-L12", TRICKY_ID, HTML_SAE}
     assert all(isinstance(s["created_at"], str) for s in saes)
 
 
 def test_search_modes(client):
     semantic = ok(client.get("/api/search", params={"q": "towns in France", "model": MODEL, "limit": 3}))
     assert set(keys(semantic["results"])) == FRENCH and semantic["mode"] == "semantic"
-    assert list(semantic["results"][0]) == ["sae_id", "feature", "layer", "site", "description", "density",
+    assert list(semantic["results"][0]) == ["coder_id", "feature", "layer", "site", "description", "density",
                                             "max_activation", "top_tokens", "score"]
     keyword = ok(client.get("/api/search", params={"q": "Marseille", "mode": "keyword"}))
     assert set(keys(keyword["results"])) == {("res-L12", 3), (TRICKY_ID, 6)}
@@ -79,13 +79,13 @@ def test_search_filters(client):
         return ok(client.get("/api/search", params={"q": "towns in France", "limit": 50, **params}))["results"]
 
     assert {r["layer"] for r in search(layer=5)} == {5}
-    assert {r["sae_id"] for r in search(site="mlp")} == {"mlp-L12"}
-    assert {r["sae_id"] for r in search(layer=[3, 5])} == {"res-L5", "att-L5", TRICKY_ID}
-    assert {r["sae_id"] for r in search(sae=TRICKY_ID)} == {TRICKY_ID}
+    assert {r["coder_id"] for r in search(site="mlp")} == {"mlp-L12"}
+    assert {r["coder_id"] for r in search(layer=[3, 5])} == {"res-L5", "att-L5", TRICKY_ID}
+    assert {r["coder_id"] for r in search(coder=TRICKY_ID)} == {TRICKY_ID}
     dense = search(q="anything", min_density=0.05, max_density=0.08)
     assert dense and all(0.05 <= r["density"] <= 0.08 for r in dense)
     # an HTML form sends unset fields as empty strings: they mean "no filter"
-    assert keys(search(layer="", sae="", min_density="")) == keys(search())
+    assert keys(search(layer="", coder="", min_density="")) == keys(search())
     # SQL-looking values are compared as values: nothing matches, nothing breaks
     assert search(model="' OR 1=1 --") == [] and search(site="res", model="x'); DROP TABLE features; --") == []
 
@@ -105,7 +105,7 @@ def test_search_paging(client):
 
 def test_feature(client):
     f = ok(client.get("/api/features/res-L12/3"))
-    assert (f["sae_id"], f["feature"], f["layer"], f["model"]) == ("res-L12", 3, 12, MODEL)
+    assert (f["coder_id"], f["feature"], f["layer"], f["model"]) == ("res-L12", 3, 12, MODEL)
     assert f["histogram"]["counts"] == [5, 3, 2, 0] and f["logits"]["top"][0]["token"] == " Paris"
     assert f["top_examples"][0]["tokens"][f["top_examples"][0]["max_position"]] == " Paris"
     assert len(f["interval_examples"]) == 1
@@ -131,15 +131,15 @@ def test_examples_and_similar(client):
     similar = ok(client.get("/api/features/res-L12/3/similar", params={"limit": 3}))
     assert keys(similar["results"])[0] == ("mlp-L12", 6) and similar["uses_decoder_vectors"]
     within = ok(client.get("/api/features/res-L12/3/similar", params={"within": "true", "limit": 5}))
-    assert {r["sae_id"] for r in within["results"]} == {"res-L12"}
+    assert {r["coder_id"] for r in within["results"]} == {"res-L12"}
     layer5 = ok(client.get("/api/features/res-L12/3/similar", params={"layer": 5}))
-    assert {r["sae_id"] for r in layer5["results"]} == {"res-L5"}
+    assert {r["coder_id"] for r in layer5["results"]} == {"res-L5"}
 
 
 def test_openapi_schema_lists_the_api(client):
     paths = ok(client.get("/openapi.json"))["paths"]
-    assert {"/api/search", "/api/saes", "/api/fires_on", "/api/features/{sae_id}/{index}",
-            "/api/features/{sae_id}/{index}/examples", "/api/features/{sae_id}/{index}/similar"} <= set(paths)
+    assert {"/api/search", "/api/coders", "/api/fires_on", "/api/features/{coder_id}/{index}",
+            "/api/features/{coder_id}/{index}/examples", "/api/features/{coder_id}/{index}/similar"} <= set(paths)
     assert "/" not in paths  # the HTML pages are not API
 
 
@@ -147,7 +147,7 @@ def test_openapi_schema_documents_the_errors_the_api_gives(client):
     # Clients generated from the schema (and schemathesis) must find each error status and its
     # body: {"detail": str, "status": int}, which is what every error handler sends.
     schema = ok(client.get("/openapi.json"))
-    responses = schema["paths"]["/api/features/{sae_id}/{index}"]["get"]["responses"]
+    responses = schema["paths"]["/api/features/{coder_id}/{index}"]["get"]["responses"]
     assert {"200", "400", "404", "413", "422"} <= set(responses)
     error = schema["components"]["schemas"]["Error"]
     assert set(error["properties"]) == {"detail", "status"}
@@ -161,16 +161,16 @@ def test_openapi_schema_documents_the_errors_the_api_gives(client):
 
 
 BAD_REQUESTS = [
-    ("/api/features/nope/0", 404, "unknown sae_id"),
-    (f"/api/features/{quote(TRICKY_ID + 'x', safe='')}/0", 404, "unknown sae_id"),
+    ("/api/features/nope/0", 404, "unknown coder_id"),
+    (f"/api/features/{quote(TRICKY_ID + 'x', safe='')}/0", 404, "unknown coder_id"),
     (f"/api/features/res-L12/{WIDTH}", 404, "out of range"),
     ("/api/features/res-L12/-1", 400, "non-negative integer"),
     ("/api/features/res-L12/abc", 400, "non-negative integer"),
     ("/api/features/res-L12/%EF%BC%93", 400, "non-negative integer"),  # a full-width digit
     ("/api/features/res-L12/99999999999999999999", 400, "non-negative integer"),
-    ("/api/features/%00/1", 404, "unknown sae_id"),
+    ("/api/features/%00/1", 404, "unknown coder_id"),
     ("/api/features/res-L12/3/examples?kind=middle", 422, "kind"),
-    ("/api/features/nope/3/similar", 404, "unknown sae_id"),
+    ("/api/features/nope/3/similar", 404, "unknown coder_id"),
     ("/api/search", 422, "q: Field required"),
     ("/api/search?q=", 400, "query is empty"),
     ("/api/search?q=%20%0A", 400, "query is empty"),
@@ -183,8 +183,8 @@ BAD_REQUESTS = [
     ("/api/search?q=x&offset=100000", 422, "offset"),
     ("/api/search?q=x&mode=fuzzy", 422, "mode"),
     ("/api/search?q=x&layer=twelve", 422, "layer"),
-    ("/api/search?q=x&sae=nope", 404, "unknown sae_id"),
-    ("/api/search?q=x&sae=%27%20OR%201%3D1%20--", 404, "unknown sae_id"),
+    ("/api/search?q=x&coder=nope", 404, "unknown coder_id"),
+    ("/api/search?q=x&coder=%27%20OR%201%3D1%20--", 404, "unknown coder_id"),
     ("/api/search?q=x&site=resid", 400, "unknown site"),
     ("/api/search?q=x&min_density=0.5&max_density=0.1", 400, "low is above high"),
     ("/api/search?q=x&min_density=nan", 422, "finite"),
@@ -192,7 +192,7 @@ BAD_REQUESTS = [
     ("/api/fires_on?text=" + "x" * 4500, 413, "at most 4,000"),
     ("/api/fires_on?text=hi&limit=0", 422, "limit"),
     ("/api/fires_on?text=hi&by=mean", 422, "by"),
-    ("/api/fires_on?text=hi&sae=nope", 404, "unknown sae_id"),
+    ("/api/fires_on?text=hi&coder=nope", 404, "unknown coder_id"),
     ("/api/fires_on?text=hi", 400, "the chosen coders belong to 2 models"),
     ("/api/features/res-L12/3?text=" + "x" * 4500, 413, "at most 4,000"),
     ("/api/nope", 404, "no page at /api/nope"),
@@ -257,7 +257,7 @@ def test_search_page(client):
     assert "next →" in page.text  # more results on the next page
     twin = ok(client.get("/api/search", params={"q": "towns in France", "model": MODEL, "limit": 3, "layer": ""}))
     for row in twin["results"]:  # the page lists exactly its JSON twin's rows
-        assert f'/features/{quote(row["sae_id"], safe="")}/{row["feature"]}"' in page.text
+        assert f'/features/{quote(row["coder_id"], safe="")}/{row["feature"]}"' in page.text
 
 
 def test_feature_page(client):
@@ -285,7 +285,7 @@ def test_html_in_tokens_and_descriptions_is_text(client):
 
 
 @pytest.mark.parametrize("url,status,message", [
-    ("/features/nope/0", 404, "unknown sae_id"),
+    ("/features/nope/0", 404, "unknown coder_id"),
     ("/features/res-L12/abc", 400, "non-negative integer"),
     ("/?q=x&limit=0", 422, "limit: Input should be greater than or equal to 1"),
     ("/?q=a%00b", 400, "NUL"),
@@ -308,29 +308,29 @@ def test_fires_on(model_client, model_catalogue):
     posted = ok(model_client.post("/api/fires_on", json={"text": TEXT, "limit": 5, "per_token": 2}))
     assert posted == result
     expected = featuredb.open(str(model_catalogue)).fires_on(TEXT, limit=5, per_token=2)
-    assert keys(result["features"]) == list(expected.features.select("sae_id", "feature").iter_rows())
-    sae_id = result["features"][0]["sae_id"]
-    one = ok(model_client.get("/api/fires_on", params={"text": TEXT, "sae": sae_id, "by": "sum"}))
-    assert {r["sae_id"] for r in one["features"]} == {sae_id}
+    assert keys(result["features"]) == list(expected.features.select("coder_id", "feature").iter_rows())
+    coder_id = result["features"][0]["coder_id"]
+    one = ok(model_client.get("/api/fires_on", params={"text": TEXT, "coder": coder_id, "by": "sum"}))
+    assert {r["coder_id"] for r in one["features"]} == {coder_id}
 
 
 def test_feature_on_a_test_text(model_client, model_catalogue):
     top = ok(model_client.get("/api/fires_on", params={"text": TEXT, "limit": 1}))["features"][0]
-    feature = ok(model_client.get(f"/api/features/{top['sae_id']}/{top['feature']}", params={"text": TEXT}))
+    feature = ok(model_client.get(f"/api/features/{top['coder_id']}/{top['feature']}", params={"text": TEXT}))
     test = feature["test_text"]
-    expected = featuredb.open(str(model_catalogue)).fires_on(TEXT, saes=[top["sae_id"]], limit=1000, per_token=100)
+    expected = featuredb.open(str(model_catalogue)).fires_on(TEXT, coders=[top["coder_id"]], limit=1000, per_token=100)
     per_token = expected.per_token.filter(expected.per_token["feature"] == top["feature"])
     want = [0.0] * len(expected.tokens)
     for position, value in per_token.select("position", "activation").iter_rows():
         want[position] = value
     assert test["tokens"] == expected.tokens and test["values"] == pytest.approx(want)
     assert test["max"] == pytest.approx(top["activation"]) and test["values"][top["position"]] > 0
-    page = model_client.get(f"/features/{top['sae_id']}/{top['feature']}", params={"text": TEXT})
+    page = model_client.get(f"/features/{top['coder_id']}/{top['feature']}", params={"text": TEXT})
     assert page.status_code == 200 and page.text.count('class="tok act') >= 1 and "Max on this text" in page.text
 
 
 def test_fires_page(model_client):
-    page = model_client.get("/fires", params={"text": TEXT, "sae": ""})
+    page = model_client.get("/fires", params={"text": TEXT, "coder": ""})
     assert page.status_code == 200 and 'class="tok act"' in page.text
     assert f"?text={quote(TEXT)}" in page.text.replace("&amp;", "&")  # features link to their test-text view
     assert 'href="/api/fires_on?text=' in page.text
@@ -344,9 +344,9 @@ def test_serve_command_prints_its_url(known_catalogue, monkeypatch):
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
-    result = CliRunner().invoke(serve, ["--db", str(known_catalogue), "--port", "8765"])
+    result = CliRunner().invoke(main, ["serve", "--db", str(known_catalogue), "--port", "8765"])
     assert result.exit_code == 0, result.output
     assert "http://127.0.0.1:8765/" in result.output and served["port"] == 8765
-    assert [c.name for c in COMMANDS] == ["serve"]
-    missing = CliRunner().invoke(serve, ["--db", str(known_catalogue) + "-missing"])
+    assert set(["serve"]) <= set(main.commands)
+    missing = CliRunner().invoke(main, ["serve", "--db", str(known_catalogue) + "-missing"])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: ")

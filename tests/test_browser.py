@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 import catalogue_fixtures
-from featuredb.query.server import create_app
-from featuredb.query.server.background import CHROMIUM_ARGS, chromium, serving
+from featuredb.server import create_app
+from serving import CHROMIUM_ARGS, chromium, serving
 
 CHROMIUM = chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium): "
@@ -52,7 +52,7 @@ def firing_feature(server) -> dict:
     """A feature that fires on TEXT and has stored top examples and similar features."""
     features = httpx.get(f"{server}/api/fires_on", params={"text": TEXT, "limit": 20}, timeout=120).json()["features"]
     for candidate in features:
-        feature = httpx.get(f"{server}/api/features/{candidate['sae_id']}/{candidate['feature']}", timeout=60).json()
+        feature = httpx.get(f"{server}/api/features/{candidate['coder_id']}/{candidate['feature']}", timeout=60).json()
         if feature["top_examples"] and feature["similar"]:
             return feature
     pytest.fail("no feature firing on the test text has examples and similar features")
@@ -91,8 +91,8 @@ def test_search_page_returns_results(server, page):
 
 def test_feature_page_shades_tokens_and_draws_the_histogram(server, page, firing_feature):
     f = firing_feature
-    page.goto(f"{server}/features/{f['sae_id']}/{f['feature']}")
-    assert f"{f['sae_id']} / {f['feature']}" in page.locator("h1").inner_text()
+    page.goto(f"{server}/features/{f['coder_id']}/{f['feature']}")
+    assert f"{f['coder_id']} / {f['feature']}" in page.locator("h1").inner_text()
     assert len(shaded_tokens(page.locator(".example .tok.act"))) >= len(f["top_examples"])
     peak = page.locator(".tok.peak").first
     assert float(peak.get_attribute("data-value")) > 0 and background(peak) not in TRANSPARENT
@@ -104,18 +104,18 @@ def test_feature_page_shades_tokens_and_draws_the_histogram(server, page, firing
 
 def test_similar_feature_link_opens_that_feature(server, page, firing_feature):
     f = firing_feature
-    page.goto(f"{server}/features/{f['sae_id']}/{f['feature']}")
+    page.goto(f"{server}/features/{f['coder_id']}/{f['feature']}")
     link = page.locator("ul.similar a.fref").first
     target = link.inner_text()
     link.click()
     page.wait_for_url(f"**/features/{target}")
-    sae_id, index = target.rsplit("/", 1)
-    assert page.locator("h1").inner_text().replace(" ", "") == f"{sae_id}/{index}"
+    coder_id, index = target.rsplit("/", 1)
+    assert page.locator("h1").inner_text().replace(" ", "") == f"{coder_id}/{index}"
 
 
 def test_test_text_box_shades_the_text(server, page, firing_feature):
     f = firing_feature
-    page.goto(f"{server}/features/{f['sae_id']}/{f['feature']}")
+    page.goto(f"{server}/features/{f['coder_id']}/{f['feature']}")
     page.fill("#test-text textarea", TEXT)
     page.click("#test-text button")
     page.locator(".test-result").wait_for()

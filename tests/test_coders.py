@@ -1,4 +1,4 @@
-"""featuredb.indexer.coders: loading every format, the encode/decode math, and every bad input."""
+"""featuredb.runtime.coders: loading every format, the encode/decode math, and every bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file as load_np_safetensors
 from safetensors.numpy import save_file as save_np_safetensors
 
-from featuredb.indexer.coders import CoderError, SparseCoder, load_coder, parse_coder_spec
+from featuredb.runtime.coders import CoderError, SparseCoder, load_coder, parse_coder_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from coder_formats import write_gemma_scope_1, write_gemma_scope_2, write_saelens  # noqa: E402
@@ -93,7 +93,7 @@ def test_gemma_scope_1_round_trip(tmp_path, site, kind, hook, hook_out):
     coder = load_coder(str(coder_dir))
     assert_tensors(coder, npz_arrays(coder_dir), {n: n for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")})
     assert (coder.architecture, coder.kind, coder.hook, coder.hook_out, coder.layer) == ("jumprelu", kind, hook, hook_out, 3)
-    assert coder.sae_id == f"{site}-layer_3-width_{D_SAE}-average_l0_7"
+    assert coder.coder_id == f"{site}-layer_3-width_{D_SAE}-average_l0_7"
     assert (coder.d_in, coder.d_sae, coder.d_out, coder.width) == (D_IN, D_SAE, D_IN, D_SAE)
     assert coder.model_name == "google/gemma-2-9b-it"
     assert coder.source == str(coder_dir)
@@ -103,13 +103,13 @@ def test_gemma_scope_1_round_trip(tmp_path, site, kind, hook, hook_out):
 def test_gemma_scope_1_spec_may_name_the_npz_file(tmp_path):
     coder_dir = write_gemma_scope_1(tmp_path, "res", 12, D_IN, D_SAE, l0=82)
     coder = load_coder(str(coder_dir / "params.npz"))
-    assert coder.sae_id == f"res-layer_12-width_{D_SAE}-average_l0_82"
+    assert coder.coder_id == f"res-layer_12-width_{D_SAE}-average_l0_82"
     assert coder.hook == "model.layers.12.output"
 
 
 def test_gemma_scope_1_width_label_in_id(tmp_path):
     coder_dir = write_gemma_scope_1(tmp_path, "res", 12, D_IN, 1024, l0=82)
-    assert load_coder(str(coder_dir)).sae_id == "res-layer_12-width_1k-average_l0_82"
+    assert load_coder(str(coder_dir)).coder_id == "res-layer_12-width_1k-average_l0_82"
 
 
 def test_gemma_scope_1_without_path_convention_needs_a_hook(tmp_path):
@@ -129,7 +129,7 @@ def test_gemma_scope_1_without_path_convention_needs_a_hook(tmp_path):
         5,
         "sae",
     )
-    assert coder.sae_id == "my_download"
+    assert coder.coder_id == "my_download"
     # TransformerLens names are accepted too
     assert load_coder(f"{bare}@blocks.4.hook_resid_post").hook == "model.layers.4.output"
 
@@ -153,7 +153,7 @@ def test_gemma_scope_2_sae_round_trip(tmp_path, folder, hook):
     arrays = load_np_safetensors(str(coder_dir / "params.safetensors"))
     assert_tensors(coder, arrays, {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold"})
     assert (coder.architecture, coder.kind, coder.hook, coder.hook_out, coder.layer) == ("jumprelu", "sae", hook, hook, 12)
-    assert coder.sae_id == f"{folder}-layer_12_width_{D_SAE}_l0_medium"
+    assert coder.coder_id == f"{folder}-layer_12_width_{D_SAE}_l0_medium"
     assert coder.model_name == "google/gemma-3-1b-pt"
     assert not coder.apply_b_dec_to_input
 
@@ -168,7 +168,7 @@ def test_gemma_scope_2_transcoder_and_skip_transcoder(tmp_path):
     skip = load_coder(str(skip_dir))
     arrays = load_np_safetensors(str(skip_dir / "params.safetensors"))
     assert skip.kind == "skip_transcoder"
-    assert skip.sae_id == f"transcoder-layer_7_width_{D_SAE}_l0_big_affine"
+    assert skip.coder_id == f"transcoder-layer_7_width_{D_SAE}_l0_big_affine"
     np.testing.assert_array_equal(skip.affine_skip.numpy(), arrays["affine_skip_connection"])  # not transposed
 
 
@@ -188,7 +188,7 @@ def test_saelens_jumprelu_round_trip(tmp_path, cfg_style):
     assert (coder.architecture, coder.kind, coder.hook, coder.hook_out, coder.layer) == (
         "jumprelu", "sae", "model.layers.12.output", "model.layers.12.output", 12,
     )  # fmt: skip
-    assert coder.sae_id == "gemma-2-2b-res-12"
+    assert coder.coder_id == "gemma-2-2b-res-12"
     assert coder.model_name == "gemma-2-2b"
     assert coder.apply_b_dec_to_input is False
 
@@ -244,7 +244,7 @@ def test_saelens_topk_rescaled_by_decoder_norm_matches_saelens_formula(tmp_path)
 def test_id_prefix_and_hook_override(tmp_path):
     sae_dir = write_gemma_scope_1(tmp_path, "res", 3, D_IN, D_SAE)
     coder = load_coder(f"mine=./{os.path.relpath(sae_dir)}@model.layers.4.output")
-    assert (coder.sae_id, coder.hook, coder.hook_out, coder.layer) == ("mine", "model.layers.4.output", "model.layers.4.output", 4)
+    assert (coder.coder_id, coder.hook, coder.hook_out, coder.layer) == ("mine", "model.layers.4.output", "model.layers.4.output", 4)
 
     tc_dir = write_gemma_scope_2(tmp_path, "transcoder", 2, D_IN, D_SAE, kind="transcoder")
     coder = load_coder(f"tc={tc_dir}@model.layers.2.pre_feedforward_layernorm.normalized_input")
@@ -290,7 +290,7 @@ def test_hub_reference_downloads_the_subfolder(tmp_path, monkeypatch, prefix):
     assert calls == [
         ("google/gemma-scope-2b-pt-res", {"allow_patterns": ["layer_3/width_16k/average_l0_50/*"], "cache_dir": str(tmp_path / "hf")})
     ]
-    assert coder.sae_id == "res-layer_3-width_16k-average_l0_50"
+    assert coder.coder_id == "res-layer_3-width_16k-average_l0_50"
     assert (coder.hook, coder.layer, coder.model_name) == ("model.layers.3.output", 3, "google/gemma-2-2b")
     assert coder.source == f"hf://{ref}"
     assert_tensors(coder, npz_arrays(target), {"W_enc": "W_enc", "threshold": "threshold"})
@@ -333,7 +333,7 @@ def test_hub_reference_failure_is_one_clear_line(tmp_path, monkeypatch):
 
 def test_real_hub_call_fails_fast_when_offline(tmp_path):
     script = (
-        "from featuredb.indexer.coders import load_coder, CoderError\n"
+        "from featuredb.runtime.coders import load_coder, CoderError\n"
         "try:\n"
         "    load_coder('google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_50')\n"
         "except CoderError as e:\n"
@@ -362,7 +362,7 @@ def make_coder(architecture: str, *, d_in=D_IN, d_sae=D_SAE, d_out=None, seed=0,
     gen = torch.Generator().manual_seed(seed)
     d_out = d_out or d_in
     return SparseCoder(
-        sae_id="t", architecture=architecture, kind=extra.pop("kind", "sae"), hook="model.layers.0.output",
+        coder_id="t", architecture=architecture, kind=extra.pop("kind", "sae"), hook="model.layers.0.output",
         hook_out=extra.pop("hook_out", "model.layers.0.output"), layer=0,
         W_enc=torch.randn(d_in, d_sae, generator=gen) / d_in**0.5, b_enc=0.1 * torch.randn(d_sae, generator=gen),
         W_dec=torch.randn(d_sae, d_out, generator=gen), b_dec=torch.randn(d_out, generator=gen), **extra,
@@ -413,7 +413,7 @@ def test_jumprelu_encode_matches_reference():
 def test_jumprelu_threshold_edge_cases():
     # identity encoder: pre == x exactly, so the comparison with the threshold is exact
     coder = SparseCoder(
-        sae_id="edge", architecture="jumprelu", kind="sae", hook="model.layers.0.output",
+        coder_id="edge", architecture="jumprelu", kind="sae", hook="model.layers.0.output",
         hook_out="model.layers.0.output", layer=0, W_enc=torch.eye(4), b_enc=torch.zeros(4), W_dec=torch.eye(4),
         b_dec=torch.zeros(4), threshold=torch.tensor([0.5, 0.5, 0.0, 0.25]),
     )  # fmt: skip
@@ -498,7 +498,7 @@ def test_to_casts_weights_but_keeps_threshold_float32():
 
     # threshold 0.999 rounds to 1.0 in bf16; compared in float32, pre = 1.0 still fires
     edge = SparseCoder(
-        sae_id="edge", architecture="jumprelu", kind="sae", hook="model.layers.0.output",
+        coder_id="edge", architecture="jumprelu", kind="sae", hook="model.layers.0.output",
         hook_out="model.layers.0.output", layer=0, W_enc=torch.eye(2), b_enc=torch.zeros(2), W_dec=torch.eye(2),
         b_dec=torch.zeros(2), threshold=torch.tensor([0.999, 1.0]),
     ).to(dtype=torch.bfloat16)  # fmt: skip

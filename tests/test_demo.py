@@ -5,8 +5,8 @@ import json
 import pytest
 
 import featuredb
-from featuredb.demo import DemoConfig, run_demo
-from featuredb.indexer.coders import load_coder
+from featuredb.demo.build import DemoConfig, run_demo
+from featuredb.runtime.coders import load_coder
 from featuredb.store import FeatureStore
 
 
@@ -22,16 +22,16 @@ def small_demo(tmp_path_factory):
 
 def test_every_table_is_filled(small_demo):
     store = FeatureStore(str(small_demo.db))
-    saes = store.saes()
-    assert sorted(saes["sae_id"].to_list()) == sorted(small_demo.sae_dir(L).name for L in small_demo.layers)
+    saes = store.coders()
+    assert sorted(saes["coder_id"].to_list()) == sorted(small_demo.sae_dir(L).name for L in small_demo.layers)
     assert (saes["tokens_indexed"] >= small_demo.tokens).all()
-    for sae_id in saes["sae_id"]:
-        features = store.features(sae_id)
+    for coder_id in saes["coder_id"]:
+        features = store.features(coder_id)
         assert len(features) == small_demo.width
         assert features["description"].null_count() == 0  # every feature gets at least a token label
         assert features["vector"].null_count() == 0 and features["embedding_model"].null_count() == 0
         assert (features["density"] > 0).sum() > small_demo.width // 2
-        assert len(store.examples(sae_id, kind="top")) > 0 and len(store.examples(sae_id, kind="interval")) > 0
+        assert len(store.examples(coder_id, kind="top")) > 0 and len(store.examples(coder_id, kind="interval")) > 0
     assert "descriptions" in store.table_names()
 
 
@@ -49,7 +49,7 @@ def test_search_returns_rows(small_demo):
     catalogue = featuredb.open(str(small_demo.db))
     hits = catalogue.search("the word def in Python code").limit(5).to_polars()
     assert 0 < len(hits) <= 5
-    assert set(hits["sae_id"].to_list()) <= {small_demo.sae_dir(L).name for L in small_demo.layers}
+    assert set(hits["coder_id"].to_list()) <= {small_demo.sae_dir(L).name for L in small_demo.layers}
 
 
 def test_second_run_is_cached(small_demo, capsys):

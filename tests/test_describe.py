@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from featuredb.embedding import DEFAULT_EMBEDDING_MODEL
-from featuredb.indexer.describe import (
+from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
+from featuredb.describe import (
     DESCRIPTIONS_TABLE,
     EXPLAIN_PROMPT_VERSION,
     TOKENS_VERSION,
@@ -38,8 +38,8 @@ from featuredb.indexer.describe import (
     tokens_label,
     write_descriptions,
 )
-from featuredb.indexer.describe.prompts import DETECTION_SYSTEM, EXPLAIN_SYSTEM, FUZZ_SYSTEM
-from featuredb.indexer.describe_command import describe as describe_command
+from featuredb.describe.prompts import DETECTION_SYSTEM, EXPLAIN_SYSTEM, FUZZ_SYSTEM
+from featuredb.cli import main
 from featuredb.store import FeatureStore, StoreError, examples_schema
 
 SAE = "toy"
@@ -75,9 +75,9 @@ def _toks(text: str) -> list[str]:
     return ["<bos>", words[0]] + [" " + w for w in words[1:]]
 
 
-def toy_rows(sae_id: str = SAE, *, created: dt.datetime = CREATED):
+def toy_rows(coder_id: str = SAE, *, created: dt.datetime = CREATED):
     features: dict[str, list] = {name: [] for name in (
-        "sae_id", "feature", "model", "layer", "hook", "site", "active_count", "density", "max_activation",
+        "coder_id", "feature", "model", "layer", "hook", "site", "active_count", "density", "max_activation",
         "mean_activation", "std_activation", "hist_counts", "hist_max", "top_logit_tokens", "top_logit_ids",
         "top_logit_values", "bottom_logit_tokens", "bottom_logit_ids", "bottom_logit_values", "neighbours",
         "neighbour_cosines", "top_tokens", "top_token_counts", "description", "description_method",
@@ -89,7 +89,7 @@ def toy_rows(sae_id: str = SAE, *, created: dt.datetime = CREATED):
         peak = max((v for _, _, v in contexts["top"]), default=0.0)
         logit_tokens, logit_values = contexts["logits"]
         for name, value in dict(
-            sae_id=sae_id, feature=f, model="toy-model", layer=1, hook="blocks.1.hook_resid_post", site="res",
+            coder_id=coder_id, feature=f, model="toy-model", layer=1, hook="blocks.1.hook_resid_post", site="res",
             active_count=len(contexts["top"]) + len(contexts["interval"]),
             density=0.01 if spec else 0.0, max_activation=peak, mean_activation=peak / 2, std_activation=1.0,
             hist_counts=[1, 2], hist_max=16.0, top_logit_tokens=logit_tokens,
@@ -106,7 +106,7 @@ def toy_rows(sae_id: str = SAE, *, created: dt.datetime = CREATED):
                 values[position + 1] = value
                 if position + 2 < len(tokens):
                     values[position + 2] = value / 10
-                row = dict(sae_id=sae_id, feature=f, kind=kind, rank=rank,
+                row = dict(coder_id=coder_id, feature=f, kind=kind, rank=rank,
                            bin_min=None if kind == "top" else value - 0.5,
                            bin_max=None if kind == "top" else value + 0.5,
                            tokens=tokens, token_ids=list(range(len(tokens))), values=values,
@@ -115,17 +115,17 @@ def toy_rows(sae_id: str = SAE, *, created: dt.datetime = CREATED):
                 context_index += 1
                 for name, v in row.items():
                     examples[name].append(v)
-    sae = dict(sae_id=sae_id, model="toy-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
+    sae = dict(coder_id=coder_id, model="toy-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
                site="res", layer=1, architecture="jumprelu", kind="sae", d_in=8, d_out=8, width=8,
                source="test", tokens_indexed=1000, contexts_indexed=context_index, context=16, top_k=4,
                created_at=created)
     return sae, features, examples
 
 
-def make_catalogue(path, sae_ids=(SAE,)) -> FeatureStore:
+def make_catalogue(path, coder_ids=(SAE,)) -> FeatureStore:
     store = FeatureStore(path)
-    for sae_id in sae_ids:
-        store.write_coder(*toy_rows(sae_id))
+    for coder_id in coder_ids:
+        store.write_coder(*toy_rows(coder_id))
     return store
 
 
@@ -341,7 +341,7 @@ def test_llm_sends_the_expected_prompt(db, server):
     assert labels[0] == "Names of European capital cities"
     assert labels[1] == "The keyword def in Python function definitions"
     assert labels[2].startswith("never active")  # dead: keeps its tokens label
-    row = store.feature(SAE, 0)
+    row = store.feature_row(SAE, 0)
     assert (row["description_method"], row["description_model"]) == ("llm", "fake-model")
     llm_rows = [r for r in current_descriptions(store, SAE) if r["method"] == "llm"]
     assert {(r["explainer_model"], r["explainer_source"], r["prompt_version"]) for r in llm_rows} == {
@@ -383,7 +383,7 @@ def test_a_wrong_description_scores_half(db, server):
         return json.dumps([1] * n)
 
     server.reply = always_yes
-    run_describe(llm_config(db, server, score=True, sae_ids=[SAE], limit=1), embedder=fake_embed)
+    run_describe(llm_config(db, server, score=True, coder_ids=[SAE], limit=1), embedder=fake_embed)
     row = next(r for r in current_descriptions(FeatureStore(db), SAE) if r["method"] == "llm")
     assert row["detection_score"] == pytest.approx(0.5) and row["fuzz_score"] == pytest.approx(0.5)
 
@@ -398,7 +398,7 @@ def test_retries_on_5xx_429_and_timeouts(db, server):
 
 def test_non_retryable_error_is_one_line_and_keeps_the_db(db, server):
     server.always = (401, '{"error": {"message": "Incorrect API key provided"}}')
-    result = CliRunner().invoke(describe_command, ["--db", str(db), "--explainer", "llm", "--base-url", server.url,
+    result = CliRunner().invoke(main, ["describe", "--db", str(db), "--explainer", "llm", "--base-url", server.url,
                                                    "--model", "m", "--quiet"], env={"OPENAI_API_KEY": "sk-x"})
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ")
@@ -482,7 +482,7 @@ def test_response_cache_persists(tmp_path):
 
 
 def _row(feature, text="a description", **kw):
-    row = dict(sae_id=SAE, feature=feature, description=text, method="manual", explainer_model=None,
+    row = dict(coder_id=SAE, feature=feature, description=text, method="manual", explainer_model=None,
                explainer_source=None, prompt_version="human", created_at=dt.datetime.now(dt.timezone.utc),
                indexed_at=CREATED, detection_score=None, fuzz_score=None, detection_n=None, fuzz_n=None,
                score_details=None)
@@ -491,7 +491,7 @@ def _row(feature, text="a description", **kw):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(sae_id="other"), "expected 'toy'"),
+    (dict(coder_id="other"), "expected 'toy'"),
     (dict(feature=7), "has no feature 7"),
     (dict(description="  "), "empty description"),
     (dict(method="guess"), "method 'guess'"),
@@ -501,10 +501,10 @@ def _row(feature, text="a description", **kw):
 ])
 def test_write_descriptions_validates_before_writing(db, bad, message):
     store = FeatureStore(db)
-    write_descriptions(store, SAE, [_row(0)], embedder=fake_embed)
+    write_descriptions(store, SAE, [_row(0)], embedding_model=DEFAULT_EMBEDDING_MODEL, embedder=fake_embed)
     versions = {name: store.table(name).version for name in ("features", DESCRIPTIONS_TABLE)}
     with pytest.raises(StoreError, match=message):
-        write_descriptions(store, SAE, [_row(1), _row(3) | bad], embedder=fake_embed)
+        write_descriptions(store, SAE, [_row(1), _row(3) | bad], embedding_model=DEFAULT_EMBEDDING_MODEL, embedder=fake_embed)
     assert {name: store.table(name).version for name in versions} == versions
 
 
@@ -517,18 +517,18 @@ def test_write_descriptions_touches_only_description_columns(db):
     changed = ["description", "description_method", "description_model", "embedding_model", "vector"]
     assert after.drop(changed).equals(before.drop(changed))
     assert after.drop(changed).height == 4
-    row = store.feature(SAE, 1)
+    row = store.feature_row(SAE, 1)
     assert (row["description"], row["description_method"], row["embedding_model"]) == ("written by hand", "manual", "emb")
     # a manual description outranks a later tokens label; the history keeps both
     run_describe(DescribeConfig(db=str(db), progress=False, embedding_model="emb"), embedder=fake_embed)
-    assert store.feature(SAE, 1)["description"] == "written by hand"
+    assert store.feature_row(SAE, 1)["description"] == "written by hand"
     assert [r["method"] for r in current_descriptions(store, SAE, [1])].count("tokens") == 1
 
 
 def test_embedding_dimension_mismatch_is_an_error(db):
     store = FeatureStore(db)
     with pytest.raises(StoreError, match="gives 8-dim vectors"):
-        write_descriptions(store, SAE, [_row(0)], embedder=lambda texts, name: np.ones((len(texts), 8)))
+        write_descriptions(store, SAE, [_row(0)], embedding_model=DEFAULT_EMBEDDING_MODEL, embedder=lambda texts, name: np.ones((len(texts), 8)))
 
 
 def test_reindexed_coder_is_described_again(db):
@@ -553,9 +553,9 @@ def test_changing_the_embedding_model_re_embeds(db):
 
 
 def test_cli_tokens_with_real_embeddings(db):
-    from featuredb.embedding import embed
+    from featuredb.runtime.embedding import embed
 
-    result = CliRunner().invoke(describe_command, ["--db", str(db), "--sae", SAE, "--quiet"])
+    result = CliRunner().invoke(main, ["describe", "--db", str(db), "--coder", SAE, "--quiet"])
     assert result.exit_code == 0, result.output
     assert "described 4 feature(s)" in result.stdout and "embedded 4 description(s)" in result.stdout
     rows = FeatureStore(db).features(SAE).to_dicts()
@@ -571,16 +571,16 @@ def test_cli_tokens_with_real_embeddings(db):
 @pytest.mark.parametrize("args, message", [
     (["--explainer", "llm"], "--explainer llm needs --model"),
     (["--score"], "--score needs an LLM"),
-    (["--sae", "nope"], "no coder 'nope'"),
+    (["--coder", "nope"], "no coder 'nope'"),
 ])
 def test_cli_bad_options(db, args, message):
-    result = CliRunner().invoke(describe_command, ["--db", str(db), *args])
+    result = CliRunner().invoke(main, ["describe", "--db", str(db), *args])
     assert result.exit_code == 1 and result.stderr == f"error: {result.stderr[7:]}"
     assert message in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_cli_missing_db(tmp_path):
-    result = CliRunner().invoke(describe_command, ["--db", str(tmp_path / "nope")])
+    result = CliRunner().invoke(main, ["describe", "--db", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "database does not exist" in result.stderr
     assert not (tmp_path / "nope").exists()
 
@@ -589,7 +589,7 @@ def test_cli_missing_db(tmp_path):
 
 
 def test_local_explainer_runs_in_process(db, tiny_llama, tmp_path):
-    from featuredb.indexer.describe.local import LocalChatModel
+    from featuredb.describe.local import LocalChatModel
 
     backend = LocalChatModel(str(tiny_llama), device="cpu", cache=ResponseCache(db / "_describe_cache.sqlite"))
     plain = backend.prompt_text([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
@@ -612,7 +612,7 @@ def test_local_explainer_runs_in_process(db, tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_local_explainer_smollm2_scores(db):
-    from featuredb.indexer.model import smollm2_gguf_path
+    from featuredb.runtime.model import smollm2_gguf_path
 
     config = DescribeConfig(db=str(db), explainer="local", model=smollm2_gguf_path(), score=True, limit=1,
                             progress=False)

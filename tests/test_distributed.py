@@ -53,12 +53,12 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.Completed
 
 def assert_same_catalogue(db_a: Path, db_b: Path) -> None:
     a, b = FeatureStore(str(db_a)), FeatureStore(str(db_b))
-    assert a.saes().drop("created_at").sort("sae_id").equals(b.saes().drop("created_at").sort("sae_id"))
-    assert len(a.saes()) == 2
-    for sae_id in a.saes()["sae_id"]:
-        assert a.features(sae_id).sort("feature").equals(b.features(sae_id).sort("feature"))
-        examples = a.examples(sae_id)
-        assert len(examples) > 0 and examples.equals(b.examples(sae_id))
+    assert a.coders().drop("created_at").sort("coder_id").equals(b.coders().drop("created_at").sort("coder_id"))
+    assert len(a.coders()) == 2
+    for coder_id in a.coders()["coder_id"]:
+        assert a.features(coder_id).sort("feature").equals(b.features(coder_id).sort("feature"))
+        examples = a.examples(coder_id)
+        assert len(examples) > 0 and examples.equals(b.examples(coder_id))
 
 
 def test_two_processes_equal_one_process(tiny_gemma2, coders, corpus_jsonl, tmp_path):
@@ -100,7 +100,7 @@ def test_resume_every_rank_and_refuse_another_world_size(tiny_gemma2, coders, co
     work_dir = db / "_index_work"
     progress = json.loads((work_dir / "rank-1-of-2" / "checkpoint" / "progress.json").read_text())
     assert progress["contexts"] == 3 and not progress["finished"]
-    assert FeatureStore(str(db)).saes().is_empty()
+    assert FeatureStore(str(db)).coders().is_empty()
 
     # one process cannot resume what two started: one line, and the checkpoints stay
     refused = CliRunner().invoke(main, ["index", *args, "--db", str(db), "--resume"])

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from featuredb.cli import main
-from featuredb.indexer.coders import load_coder
+from featuredb.runtime.coders import load_coder
 from featuredb.indexer.corpus import iter_windows
-from featuredb.indexer.model import load_model
+from featuredb.runtime.model import load_model
 from featuredb.indexer.run import IndexConfig, run_index
 from featuredb.indexer.stats import StatsConfig
 from featuredb.store import FeatureStore
@@ -82,8 +82,8 @@ def brute_force(model_dir, coder_spec, corpus, outlier_ratio=None):
 def check_coder(db, model_dir, coder_spec, corpus, outlier_ratio=None):
     model, coder, dense, n_tokens = brute_force(model_dir, coder_spec, corpus, outlier_ratio)
     store = FeatureStore(str(db))
-    features = store.features(coder.sae_id).sort("feature")
-    examples = store.examples(coder.sae_id)
+    features = store.features(coder.coder_id).sort("feature")
+    examples = store.examples(coder.coder_id)
     flat = dense.reshape(-1, coder.width)
 
     # density and max match
@@ -122,10 +122,10 @@ def fresh_forward_matches(model, coder, examples, n=6):
 def test_index_gemma2_all_formats(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
     db = tmp_path / "db"
     result = index(tiny_gemma2, gemma2_coders, corpus_jsonl, db)
-    assert len(result.sae_ids) == 4 and result.tokens > 0
+    assert len(result.coder_ids) == 4 and result.tokens > 0
     store = FeatureStore(str(db))
-    saes = store.saes()
-    assert sorted(saes["sae_id"].to_list()) == sorted(result.sae_ids)
+    saes = store.coders()
+    assert sorted(saes["coder_id"].to_list()) == sorted(result.coder_ids)
     assert set(saes["site"].to_list()) == {"res", "transcoder", "att"}
     for spec in gemma2_coders:
         model, coder, features, examples = check_coder(db, tiny_gemma2, spec, corpus_jsonl)
@@ -135,7 +135,7 @@ def test_index_gemma2_all_formats(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_
         assert features["top_logit_ids"].list.len().max() == 10
         assert features["neighbours"].list.len().min() == 10
     # doc ids come from the corpus
-    assert set(store.examples(result.sae_ids[0])["doc_id"].unique().to_list()) <= {f"doc{i}" for i in range(8)}
+    assert set(store.examples(result.coder_ids[0])["doc_id"].unique().to_list()) <= {f"doc{i}" for i in range(8)}
 
 
 def test_index_gemma3_transcoders(tiny_gemma3, gemma3_coders, corpus_jsonl, tmp_path):
@@ -150,11 +150,11 @@ def test_interval_samples_sit_in_their_bins(tiny_gemma2, gemma2_coders, corpus_j
     db = tmp_path / "db"
     index(tiny_gemma2, gemma2_coders[:1], corpus_jsonl, db)
     store = FeatureStore(str(db))
-    sae_id = store.saes()["sae_id"][0]
-    intervals = store.examples(sae_id, kind="interval")
+    coder_id = store.coders()["coder_id"][0]
+    intervals = store.examples(coder_id, kind="interval")
     assert len(intervals) > 0
     assert (intervals["max_value"] >= intervals["bin_min"]).all() and (intervals["max_value"] < intervals["bin_max"]).all()
-    hist_max = dict(store.features(sae_id).select("feature", "hist_max").iter_rows())
+    hist_max = dict(store.features(coder_id).select("feature", "hist_max").iter_rows())
     assert all(row["bin_max"] <= hist_max[row["feature"]] for row in intervals.iter_rows(named=True))
 
 
@@ -192,11 +192,11 @@ def test_outlier_tokens_are_left_out_like_bos(tiny_gemma2, gemma2_coders, corpus
 def test_reindex_replaces_rows(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
     db = tmp_path / "db"
     index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db)
-    before = FeatureStore(str(db)).examples(FeatureStore(str(db)).saes()["sae_id"][0])
+    before = FeatureStore(str(db)).examples(FeatureStore(str(db)).coders()["coder_id"][0])
     index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db)
     store = FeatureStore(str(db))
-    assert len(store.saes()) == 2
-    assert store.examples(store.saes()["sae_id"][0]).equals(before)
+    assert len(store.coders()) == 2
+    assert store.examples(store.coders()["coder_id"][0]).equals(before)
 
 
 def test_token_budget(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
@@ -226,17 +226,17 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_gemma2, gemma2_code
     config.resume = True
     with pytest.raises(Interrupt):  # interrupted a second time, later on
         run_index(config, on_batch=interrupt_after(1))
-    assert FeatureStore(str(resumed_db)).saes().is_empty()
+    assert FeatureStore(str(resumed_db)).coders().is_empty()
     run_index(config)
     assert_same_catalogue(whole_db, resumed_db)
 
 
 def assert_same_catalogue(db_a, db_b):
     a, b = FeatureStore(str(db_a)), FeatureStore(str(db_b))
-    assert a.saes().drop("created_at").sort("sae_id").equals(b.saes().drop("created_at").sort("sae_id"))
-    for sae_id in a.saes()["sae_id"]:
-        assert a.features(sae_id).sort("feature").equals(b.features(sae_id).sort("feature"))
-        assert a.examples(sae_id).equals(b.examples(sae_id))
+    assert a.coders().drop("created_at").sort("coder_id").equals(b.coders().drop("created_at").sort("coder_id"))
+    for coder_id in a.coders()["coder_id"]:
+        assert a.features(coder_id).sort("feature").equals(b.features(coder_id).sort("feature"))
+        assert a.examples(coder_id).equals(b.examples(coder_id))
 
 
 def test_resume_after_sigkill(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
@@ -289,7 +289,7 @@ def populated_db(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
 
 def snapshot(db):
     store = FeatureStore(str(db))
-    return {sae_id: (store.features(sae_id).sort("feature"), store.examples(sae_id)) for sae_id in store.saes()["sae_id"]}
+    return {coder_id: (store.features(coder_id).sort("feature"), store.examples(coder_id)) for coder_id in store.coders()["coder_id"]}
 
 
 def run_cli(*args):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from featuredb.indexer.hooks import HookError, HookSite, from_transformer_lens, hook_site_kind, parse_hook
-from featuredb.indexer.model import ModelError, SubjectModel, load_model
+from featuredb.runtime.hooks import HookError, HookSite, from_transformer_lens, hook_site_kind, parse_hook
+from featuredb.runtime.model import ModelError, SubjectModel, load_model
 
 N_LAYERS = 3  # the tiny models of conftest.py
 D_MODEL = 64

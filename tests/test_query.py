@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 
 import featuredb
-from featuredb.embedding import embed
+from featuredb.runtime.embedding import embed
 from featuredb.query import QueryError, create_indexes, optimize
-from featuredb.store.decoders import write_decoder_vectors
-from featuredb.query.commands import COMMANDS, fires, search, show, similar
+from featuredb.store.decoder_vectors import write_decoder_vectors
+from featuredb.cli import main
 from featuredb.store import FeatureStore
 
 from catalogue_fixtures import (DESCRIPTIONS, FRENCH, MODEL, TRICKY_ID, WIDTH, D,
@@ -40,7 +40,7 @@ def cat(catalogue_path):
 
 
 def keys(frame: pl.DataFrame) -> list[tuple[str, int]]:
-    return list(zip(frame["sae_id"].to_list(), frame["feature"].to_list()))
+    return list(zip(frame["coder_id"].to_list(), frame["feature"].to_list()))
 
 
 # --- semantic search -------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def keys(frame: pl.DataFrame) -> list[tuple[str, int]]:
 def test_semantic_search_finds_the_concept(cat):
     frame = cat.search("towns in France").where(model=MODEL).limit(3).to_polars()
     assert set(keys(frame)) == FRENCH
-    assert frame.columns == ["sae_id", "feature", "layer", "site", "description", "density", "max_activation",
+    assert frame.columns == ["coder_id", "feature", "layer", "site", "description", "density", "max_activation",
                              "top_tokens", "score"]
     assert frame["score"].to_list() == sorted(frame["score"].to_list(), reverse=True)
     assert 0.3 < frame["score"].min() <= frame["score"].max() <= 1.0
@@ -72,11 +72,11 @@ def test_filters_exclude_what_they_should(cat):
     layer5 = cat.search("towns in France").where(layer=5).limit(20).to_polars()
     assert keys(layer5)[0] == ("res-L5", 7)
     assert set(layer5["layer"].to_list()) == {5}
-    assert set(layer5["sae_id"].to_list()) == {"res-L5", "att-L5"}  # every layer-5 feature with a description
+    assert set(layer5["coder_id"].to_list()) == {"res-L5", "att-L5"}  # every layer-5 feature with a description
     mlp = cat.search("towns in France").where(site="mlp").limit(20).to_polars()
-    assert set(mlp["sae_id"].to_list()) == {"mlp-L12"} and keys(mlp)[0] == ("mlp-L12", 5)
-    one = cat.search("towns in France").where(sae_id="res-L12").limit(20).to_polars()
-    assert set(one["sae_id"].to_list()) == {"res-L12"} and keys(one)[0] == ("res-L12", 3)
+    assert set(mlp["coder_id"].to_list()) == {"mlp-L12"} and keys(mlp)[0] == ("mlp-L12", 5)
+    one = cat.search("towns in France").where(coder_id="res-L12").limit(20).to_polars()
+    assert set(one["coder_id"].to_list()) == {"res-L12"} and keys(one)[0] == ("res-L12", 3)
     both = cat.search("towns in France").where(layer=[3, 5]).limit(20).to_polars()
     assert set(both["layer"].to_list()) == {3, 5}
     # feature i has density (i+1)/100 and max activation i+1
@@ -85,8 +85,8 @@ def test_filters_exclude_what_they_should(cat):
     low = cat.search("anything").where(max_activation=(None, 4.0)).limit(50).to_polars()
     assert set(low["feature"].to_list()) <= {0, 1, 2, 3} and len(low) == 5
     chained = cat.search("towns in France").where(layer=12).where(site="res").limit(20).to_polars()
-    assert set(chained["sae_id"].to_list()) == {"res-L12", "other-res"}
-    assert cat.search("towns in France").where(layer=12, model="other-model").to_polars()["sae_id"].to_list() == ["other-res"]
+    assert set(chained["coder_id"].to_list()) == {"res-L12", "other-res"}
+    assert cat.search("towns in France").where(layer=12, model="other-model").to_polars()["coder_id"].to_list() == ["other-res"]
     assert cat.search("towns in France").where(layer=7).to_polars().height == 0  # no such layer: empty, not an error
 
 
@@ -106,12 +106,12 @@ def test_vector_plan_follows_the_filter(cat, monkeypatch):
     from featuredb.query.where import Where
 
     # pretend the catalogue holds 611 coders of 16k (10M features) over 26 layers
-    saes = pl.DataFrame({"sae_id": [f"c{j}" for j in range(611)], "layer": [j % 26 for j in range(611)],
+    saes = pl.DataFrame({"coder_id": [f"c{j}" for j in range(611)], "layer": [j % 26 for j in range(611)],
                          "site": ["res"] * 611, "model": [MODEL] * 611, "hook": ["h"] * 611, "width": [16384] * 611})
-    monkeypatch.setattr(cat, "_saes_frame", saes)
-    monkeypatch.setattr(cat, "_saes", lambda refresh=False: saes)
+    monkeypatch.setattr(cat, "_coders_frame", saes)
+    monkeypatch.setattr(cat, "_coder_table", lambda refresh=False: saes)
     assert cat._vector_plan(Where()) .nprobes == 20 and not cat._vector_plan(Where()).exact
-    assert cat._vector_plan(Where().add(sae_id="c3")).exact  # one coder: exact over its 16k rows
+    assert cat._vector_plan(Where().add(coder_id="c3")).exact  # one coder: exact over its 16k rows
     layer = cat._vector_plan(Where().add(layer=5))
     assert not layer.exact and 40 <= layer.nprobes <= 50  # more probes for 1/26 of the rows
     assert cat._vector_plan(Where().add(layer=5), nprobes=7).nprobes == 7
@@ -133,7 +133,7 @@ def test_keyword_search(cat):
     assert set(keys(frame)) == {("res-L12", 3), (TRICKY_ID, 6)}
     assert (frame["score"] > 0).all()
     assert keys(cat.keyword("parentheses").to_polars()) == [("mlp-L12", 1)]
-    assert keys(cat.keyword("Marseille").where(sae_id=TRICKY_ID).to_polars()) == [(TRICKY_ID, 6)]
+    assert keys(cat.keyword("Marseille").where(coder_id=TRICKY_ID).to_polars()) == [(TRICKY_ID, 6)]
     assert keys(cat.keyword("Marseille").where(layer=12).to_polars()) == [("res-L12", 3)]
     assert cat.keyword("zeppelin").to_polars().height == 0
 
@@ -161,11 +161,11 @@ def test_sql_in_filter_values_is_a_value(cat, value):
 
 
 def test_sae_id_with_quotes_matches_only_itself(cat):
-    rows = cat.search("harbour boats").where(sae_id=TRICKY_ID).limit(50).to_polars()
-    assert set(rows["sae_id"].to_list()) == {TRICKY_ID}
+    rows = cat.search("harbour boats").where(coder_id=TRICKY_ID).limit(50).to_polars()
+    assert set(rows["coder_id"].to_list()) == {TRICKY_ID}
     assert cat.feature(TRICKY_ID, 6)["description"] == "Marseille harbour and boats"
-    with pytest.raises(QueryError, match="unknown sae_id"):
-        cat.search("x").where(sae_id="res-L12' OR '1'='1")
+    with pytest.raises(QueryError, match="unknown coder_id"):
+        cat.search("x").where(coder_id="res-L12' OR '1'='1")
 
 
 def test_query_text_with_sql_or_syntax_is_just_text(cat):
@@ -185,12 +185,12 @@ def test_query_text_with_sql_or_syntax_is_just_text(cat):
     lambda c: c.search("a").where(layer=[]), lambda c: c.search("a").where(density=(0.5, 0.1)),
     lambda c: c.search("a").where(density=0.5), lambda c: c.search("a").where(density=(None, None)),
     lambda c: c.search("a").where(max_activation=(float("nan"), 1)), lambda c: c.search("a").where(color="red"),
-    lambda c: c.search("a").where(sae_id="nope"), lambda c: c.search("a").where(site="resid"),
+    lambda c: c.search("a").where(coder_id="nope"), lambda c: c.search("a").where(site="resid"),
     lambda c: c.search("a").where(layer=2**40).to_polars(), lambda c: c.search("a").nprobes(0),
     lambda c: c.feature("nope", 0), lambda c: c.feature("res-L12", WIDTH), lambda c: c.feature("res-L12", -1),
     lambda c: c.feature("res-L12", "3"), lambda c: c.feature("", 0), lambda c: c.similar("res-L12", 99),
     lambda c: c.with_token(""), lambda c: c.with_token("x" * 500), lambda c: c.with_token("a", window=-1),
-    lambda c: c.fires_on(""), lambda c: c.fires_on("hi", by="mean"), lambda c: c.fires_on("hi", saes=["nope"]),
+    lambda c: c.fires_on(""), lambda c: c.fires_on("hi", by="mean"), lambda c: c.fires_on("hi", coders=["nope"]),
     lambda c: c.fires_on("hi", max_density=2.0), lambda c: c.fires_on("hi", limit=0),
 ])
 def test_empty_or_absurd_queries_get_a_clear_error(cat, make):
@@ -217,7 +217,7 @@ def test_open_errors(tmp_path):
 
 def test_feature_has_everything(cat):
     f = cat.feature("res-L12", 8)
-    assert (f["sae_id"], f["feature"], f["layer"], f["site"], f["model"]) == ("res-L12", 8, 12, "res", MODEL)
+    assert (f["coder_id"], f["feature"], f["layer"], f["site"], f["model"]) == ("res-L12", 8, 12, "res", MODEL)
     assert f["density"] == pytest.approx(0.09) and f["max_activation"] == pytest.approx(9.0)
     assert f["histogram"] == {"counts": [5, 3, 2, 0], "max": 16.0, "edges": [0.0, 4.0, 8.0, 12.0, 16.0]}
     assert f["logits"]["top"][0] == {"token": " Paris", "id": 11, "value": 2.5}
@@ -259,7 +259,7 @@ def test_with_token_phrases_and_windows(cat):
     assert cat.with_token("eiffel").to_polars().height == 0  # never the peak itself
     near = cat.with_token("eiffel", window=3).to_polars()
     assert set(keys(near)) == {("res-L12", 3), ("res-L5", 7)}
-    assert cat.with_token("eiffel", window=2).where(sae_id="res-L12").to_polars().height == 0  # 3 tokens away
+    assert cat.with_token("eiffel", window=2).where(coder_id="res-L12").to_polars().height == 0  # 3 tokens away
 
 
 # --- similarity by decoder direction ---------------------------------------------------------------
@@ -278,9 +278,9 @@ def test_similar_across_coders_same_model_and_space(cat):
 
 def test_similar_within_and_filtered(cat):
     within = cat.similar("res-L12", 3, across=False).limit(5).to_polars()
-    assert set(within["sae_id"].to_list()) == {"res-L12"} and keys(within)[0] == ("res-L12", 11)
+    assert set(within["coder_id"].to_list()) == {"res-L12"} and keys(within)[0] == ("res-L12", 11)
     layer5 = cat.similar("res-L12", 3).where(layer=5).limit(5).to_polars()
-    assert set(layer5["sae_id"].to_list()) == {"res-L5"}  # att-L5 is layer 5 too, but another space
+    assert set(layer5["coder_id"].to_list()) == {"res-L5"}  # att-L5 is layer 5 too, but another space
     dense = cat.similar("res-L12", 3).where(density=(0.1, None)).limit(3).to_polars()
     assert (dense["density"] >= 0.1).all() and dense.height == 3
 
@@ -322,20 +322,20 @@ def test_indexes_are_built_and_kept_up_to_date(tmp_path):
     exact = featuredb.open(str(tmp_path / "db")).search("towns in France").limit(5).to_polars()
     created = create_indexes(store, min_vector_rows=1, partitions=1)
     assert "vector_ivf_rq_p1" in created["features"] and "description_idx" in created["features"]
-    assert "sae_id_idx" in created["examples"] and "vector_ivf_rq_p1" in created["decoders_8"]
+    assert "coder_id_idx" in created["examples"] and "vector_ivf_rq_p1" in created["decoders_8"]
     assert create_indexes(store, min_vector_rows=1) == {"examples": [], "features": [], "decoders_8": []}
     cat = featuredb.open(str(tmp_path / "db"))
     assert keys(cat.search("towns in France").limit(5).to_polars()) == keys(exact)
     # a new coder is searchable at once (unindexed rows are searched exactly) and indexed by optimize
-    sae_id, layer = "new-L7", 7
+    coder_id, layer = "new-L7", 7
     new = build_catalogue(tmp_path / "other", with_decoders=False, indexes=False)
-    rows = new.features("res-L12").with_columns(sae_id=pl.lit(sae_id), layer=pl.lit(layer, pl.Int32))
-    sae = new.saes().filter(pl.col("sae_id") == "res-L12").to_dicts()[0] | {"sae_id": sae_id, "layer": layer}
+    rows = new.features("res-L12").with_columns(coder_id=pl.lit(coder_id), layer=pl.lit(layer, pl.Int32))
+    sae = new.coders().filter(pl.col("coder_id") == "res-L12").to_dicts()[0] | {"coder_id": coder_id, "layer": layer}
     FeatureStore(str(tmp_path / "db")).write_coder(sae, rows.to_arrow(), {c: [] for c in
                                                                           new.examples("res-L12").columns})
     assert ("new-L7", 3) in keys(cat.search("towns in France").where(layer=7).to_polars())
     optimize(store)
-    from featuredb.query.indexes import index_summary
+    from featuredb.store.indexes import index_summary
 
     summary = {i["name"]: i for i in index_summary(store)["features"]}
     assert summary["description_idx"]["unindexed_rows"] == 0
@@ -351,15 +351,15 @@ def model_catalogue(tmp_path_factory, tiny_gemma2):
 
 
 def direct_encode(model_dir, coder_spec, text):
-    from featuredb.indexer.coders import load_coder
-    from featuredb.indexer.model import load_model
+    from featuredb.runtime.coders import load_coder
+    from featuredb.runtime.model import load_model
 
     model = load_model(str(model_dir))
     coder = load_coder(coder_spec, model_is_gemma=True)
     ids = [model.bos_token_id] + model.tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([ids])
     x = model.capture(ids, torch.ones_like(ids), [coder.hook])[coder.hook]
-    return coder.sae_id, coder.encode(x.float())[0, 1:].numpy()  # [T, F], BOS dropped
+    return coder.coder_id, coder.encode(x.float())[0, 1:].numpy()  # [T, F], BOS dropped
 
 
 TEXT = "The cat sat on the mat in Paris."
@@ -374,39 +374,39 @@ def test_fires_on_matches_a_direct_encode(model_catalogue, tiny_gemma2):
     assert len(result.tokens) == n_tokens == len(result.token_ids)
     # every feature that fires anywhere, with its max and where it is
     expected = {(s, f): float(a[:, f].max()) for s, a in dense.items() for f in range(a.shape[1]) if a[:, f].max() > 0}
-    got = {(r["sae_id"], r["feature"]): r["activation"] for r in result.features.iter_rows(named=True)}
+    got = {(r["coder_id"], r["feature"]): r["activation"] for r in result.features.iter_rows(named=True)}
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5)
     assert result.features["activation"].to_list() == sorted(result.features["activation"].to_list(), reverse=True)
     for row in result.features.head(20).iter_rows(named=True):
-        assert dense[row["sae_id"]][row["position"], row["feature"]] == pytest.approx(row["activation"], rel=1e-4)
+        assert dense[row["coder_id"]][row["position"], row["feature"]] == pytest.approx(row["activation"], rel=1e-4)
         assert row["density"] is not None and row["layer"] in (0, 1)
     # per token: the top features of each position across both coders
     for position in range(n_tokens):
         everything = sorted(((float(a[position, f]), s, f) for s, a in dense.items() for f in range(a.shape[1])
                              if a[position, f] > 0), key=lambda t: (-t[0], t[1], t[2]))[:3]
         rows = result.per_token.filter(pl.col("position") == position).sort("rank")
-        assert [(r["sae_id"], r["feature"]) for r in rows.iter_rows(named=True)] == [(s, f) for _, s, f in everything]
+        assert [(r["coder_id"], r["feature"]) for r in rows.iter_rows(named=True)] == [(s, f) for _, s, f in everything]
         assert set(rows["token"].to_list()) <= {result.tokens[position]}
 
 
 def test_fires_on_sum_positions_density_and_caching(model_catalogue, tiny_gemma2):
     db, specs = model_catalogue
     cat = featuredb.open(str(db))
-    sae_id, acts = direct_encode(tiny_gemma2, specs[0], TEXT)
-    result = cat.fires_on(TEXT, saes=sae_id, by="sum", positions=[0, -1], limit=5, per_token=0)
+    coder_id, acts = direct_encode(tiny_gemma2, specs[0], TEXT)
+    result = cat.fires_on(TEXT, coders=coder_id, by="sum", positions=[0, -1], limit=5, per_token=0)
     chosen = acts[[0, acts.shape[0] - 1]].sum(axis=0)
     top = np.argsort(-chosen, kind="stable")[:5]
     top = [int(f) for f in top if chosen[f] > 0]
     assert result.features["feature"].to_list() == top
     assert result.features["activation"].to_list() == pytest.approx([float(chosen[f]) for f in top], rel=1e-4)
-    assert set(result.features["sae_id"].to_list()) == {sae_id} and result.per_token.height == 0
+    assert set(result.features["coder_id"].to_list()) == {coder_id} and result.per_token.height == 0
     models, coders = dict(cat._models), dict(cat._coders)
     # density ceiling: dense features disappear
-    densities = dict(FeatureStore(str(db)).features(sae_id).select("feature", "density").iter_rows())
+    densities = dict(FeatureStore(str(db)).features(coder_id).select("feature", "density").iter_rows())
     ceiling = float(np.median(list(densities.values())))
-    filtered = cat.fires_on(TEXT, saes=[sae_id], max_density=ceiling, limit=1000)
+    filtered = cat.fires_on(TEXT, coders=[coder_id], max_density=ceiling, limit=1000)
     assert filtered.features.height > 0
     assert all(densities[f] <= ceiling for f in filtered.features["feature"].to_list())
     assert all(densities[f] <= ceiling for f in filtered.per_token["feature"].to_list())
@@ -425,9 +425,9 @@ def test_fires_on_refuses_a_huge_text(model_catalogue):
 def test_feature_of_an_indexed_catalogue(model_catalogue):
     db, _ = model_catalogue
     cat = featuredb.open(str(db))
-    sae_id = cat.saes()["sae_id"][0]
-    f = cat.feature(sae_id, 0)
-    stored = FeatureStore(str(db)).feature(sae_id, 0)
+    coder_id = cat.coders()["coder_id"][0]
+    f = cat.feature(coder_id, 0)
+    stored = FeatureStore(str(db)).feature_row(coder_id, 0)
     assert f["density"] == stored["density"] and len(f["top_examples"]) <= 4
     assert len(f["neighbours"]) == 10
     # not described yet: semantic search says so; keyword search finds nothing; tokens work
@@ -436,80 +436,80 @@ def test_feature_of_an_indexed_catalogue(model_catalogue):
     with pytest.raises(QueryError, match="describe"):
         cat.hybrid("cats").to_polars()
     assert cat.keyword("cats").to_polars().height == 0
-    examples = FeatureStore(str(db)).examples(sae_id, kind="top")
+    examples = FeatureStore(str(db)).examples(coder_id, kind="top")
     row = next(r for r in examples.iter_rows(named=True) if r["tokens"][r["max_position"]].strip().isalpha())
     peak = row["tokens"][row["max_position"]]
-    found = cat.with_token(peak).where(sae_id=sae_id).limit(1000).to_polars()
-    assert (row["sae_id"], row["feature"]) in keys(found)
+    found = cat.with_token(peak).where(coder_id=coder_id).limit(1000).to_polars()
+    assert (row["coder_id"], row["feature"]) in keys(found)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
 def invoke(command, args, env=None):
-    return CliRunner().invoke(command, args, env=env)
+    return CliRunner().invoke(main, [command, *args], env=env)
 
 
 def test_cli_search(catalogue_path):
     db = ["--db", str(catalogue_path)]
-    result = invoke(search, ["towns in France", "--model", MODEL, "--limit", "3", "--json", *db])
+    result = invoke("search", ["towns in France", "--model", MODEL, "--limit", "3", "--json", *db])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert {(r["sae_id"], r["feature"]) for r in rows} == FRENCH
-    human = invoke(search, ["Marseille", "--keyword", *db])
+    assert {(r["coder_id"], r["feature"]) for r in rows} == FRENCH
+    human = invoke("search", ["Marseille", "--keyword", *db])
     assert human.exit_code == 0 and "res-L12" in human.output and "description" in human.output
-    layer = json.loads(invoke(search, ["Marseille", "--hybrid", "--layer", "12", "--json", *db]).output)
-    assert (layer[0]["sae_id"], layer[0]["feature"]) == ("res-L12", 3)
+    layer = json.loads(invoke("search", ["Marseille", "--hybrid", "--layer", "12", "--json", *db]).output)
+    assert (layer[0]["coder_id"], layer[0]["feature"]) == ("res-L12", 3)
     assert {r["layer"] for r in layer} == {12}
-    env = invoke(search, ["Marseille", "--keyword", "--json"], env={"FEATUREDB_DB": str(catalogue_path)})
+    env = invoke("search", ["Marseille", "--keyword", "--json"], env={"FEATUREDB_DB": str(catalogue_path)})
     assert env.exit_code == 0 and json.loads(env.output)
 
 
-@pytest.mark.parametrize("args", [
-    ["", "--keyword"], ["x", "--limit", "0"], ["x", "--sae", "nope"], ["x", "--layer", "twelve"],
-    ["x", "--site", "resid"], ["x", "--no-such-option"], ["x", "--min-density", "0.5", "--max-density", "0.1"],
+@pytest.mark.parametrize("args, code", [  # 1: bad input; 2: a usage error (click's convention)
+    (["", "--keyword"], 1), (["x", "--limit", "0"], 1), (["x", "--coder", "nope"], 1), (["x", "--layer", "twelve"], 2),
+    (["x", "--site", "resid"], 1), (["x", "--no-such-option"], 2), (["x", "--min-density", "0.5", "--max-density", "0.1"], 1),
 ])
-def test_cli_bad_input_is_one_line_and_exit_1(catalogue_path, args):
-    result = CliRunner().invoke(search, [*args, "--db", str(catalogue_path)])
-    assert result.exit_code == 1
+def test_cli_bad_input_is_one_line_and_nonzero_exit(catalogue_path, args, code):
+    result = invoke("search", [*args, "--db", str(catalogue_path)])
+    assert result.exit_code == code
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert result.stdout == ""
 
 
 def test_cli_missing_catalogue(tmp_path):
-    result = invoke(search, ["x", "--db", str(tmp_path / "nope")])
+    result = invoke("search", ["x", "--db", str(tmp_path / "nope")])
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
 
 
 def test_cli_show(catalogue_path):
-    result = invoke(show, ["res-L12/3", "--db", str(catalogue_path)])
+    result = invoke("show", ["res-L12/3", "--db", str(catalogue_path)])
     assert result.exit_code == 0, result.output
     assert "French cities" in result.output and "[ Paris]" in result.output and "top examples" in result.output
-    data = json.loads(invoke(show, [f"{TRICKY_ID}/6", "--json", "--db", str(catalogue_path)]).output)
+    data = json.loads(invoke("show", [f"{TRICKY_ID}/6", "--json", "--db", str(catalogue_path)]).output)
     assert data["description"] == "Marseille harbour and boats"
     for bad in ["res-L12", "res-L12/x", "nope/1", "res-L12/999"]:
-        result = invoke(show, [bad, "--db", str(catalogue_path)])
+        result = invoke("show", [bad, "--db", str(catalogue_path)])
         assert result.exit_code == 1 and result.stderr.startswith("error: ")
 
 
 def test_cli_similar(catalogue_path):
-    rows = json.loads(invoke(similar, ["res-L12/3", "--json", "--db", str(catalogue_path)]).output)
-    assert (rows[0]["sae_id"], rows[0]["feature"]) == ("mlp-L12", 6)
-    within = invoke(similar, ["res-L12/3", "--within", "--db", str(catalogue_path)])
+    rows = json.loads(invoke("similar", ["res-L12/3", "--json", "--db", str(catalogue_path)]).output)
+    assert (rows[0]["coder_id"], rows[0]["feature"]) == ("mlp-L12", 6)
+    within = invoke("similar", ["res-L12/3", "--within", "--db", str(catalogue_path)])
     assert within.exit_code == 0 and "mlp-L12" not in within.output and "res-L12" in within.output
 
 
 def test_cli_fires(model_catalogue):
     db, _ = model_catalogue
-    result = invoke(fires, [TEXT, "--json", "--limit", "5", "--db", str(db)])
+    result = invoke("fires", [TEXT, "--json", "--limit", "5", "--db", str(db)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert len(data["features"]) == 5 and data["tokens"]
-    human = invoke(fires, [TEXT, "--by", "sum", "--positions", "0,1", "--db", str(db)])
+    human = invoke("fires", [TEXT, "--by", "sum", "--positions", "0,1", "--db", str(db)])
     assert human.exit_code == 0 and "per token" in human.output
-    bad = invoke(fires, [TEXT, "--positions", "a,b", "--db", str(db)])
+    bad = invoke("fires", [TEXT, "--positions", "a,b", "--db", str(db)])
     assert bad.exit_code == 1 and bad.stderr.startswith("error: ")
 
 
 def test_commands_are_exported():
-    assert [c.name for c in COMMANDS] == ["search", "show", "fires", "similar"]
+    assert set(["search", "show", "fires", "similar"]) <= set(main.commands)

@@ -73,15 +73,15 @@ def test_index_to_s3_and_query(s3_bucket, tiny_gemma2, corpus_jsonl, tmp_path, m
 
     # the object-store catalogue holds what a local run stores, row for row
     on_s3, on_disk = FeatureStore(uri, read_only=True), FeatureStore(str(tmp_path / "local"), read_only=True)
-    assert on_s3.saes().drop("created_at").equals(on_disk.saes().drop("created_at"))
-    for sae_id in on_disk.saes()["sae_id"]:
-        assert on_s3.features(sae_id).equals(on_disk.features(sae_id))
-        assert on_s3.examples(sae_id).equals(on_disk.examples(sae_id))
+    assert on_s3.coders().drop("created_at").equals(on_disk.coders().drop("created_at"))
+    for coder_id in on_disk.coders()["coder_id"]:
+        assert on_s3.features(coder_id).equals(on_disk.features(coder_id))
+        assert on_s3.examples(coder_id).equals(on_disk.examples(coder_id))
 
     # and a query server reads it through featuredb.open
     cat = featuredb.open(uri)
-    assert sorted(cat.saes()["sae_id"].to_list()) == sorted(on_disk.saes()["sae_id"].to_list())
-    sae_id = cat.saes()["sae_id"][0]
-    similar = cat.similar(sae_id, 0).limit(3).to_polars()
+    assert sorted(cat.coders()["coder_id"].to_list()) == sorted(on_disk.coders()["coder_id"].to_list())
+    coder_id = cat.coders()["coder_id"][0]
+    similar = cat.similar(coder_id, 0).limit(3).to_polars()
     assert len(similar) == 3
     assert len(cat.with_token(" the").limit(5).to_polars()) > 0

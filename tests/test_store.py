@@ -17,7 +17,7 @@ from featuredb.store import (
     StoreError,
     examples_schema,
     features_schema,
-    saes_schema,
+    coders_schema,
     sql_literal,
 )
 from featuredb.store import feature_store as feature_store_module
@@ -39,9 +39,9 @@ TRICKY_IDS = [
 # --- builders of small coders ------------------------------------------------------------------
 
 
-def make_sae(sae_id: str, width: int = 4, **overrides) -> dict:
+def make_sae(coder_id: str, width: int = 4, **overrides) -> dict:
     sae = dict(
-        sae_id=sae_id, model="tiny-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
+        coder_id=coder_id, model="tiny-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
         site="res", layer=1, architecture="jumprelu", kind="sae", d_in=8, d_out=8, width=width,
         source="local:test", tokens_indexed=1000, contexts_indexed=50, context=3, top_k=2, created_at=CREATED,
     )
@@ -49,12 +49,12 @@ def make_sae(sae_id: str, width: int = 4, **overrides) -> dict:
     return sae
 
 
-def make_features(sae_id: str, indices: list[int], *, seed: int = 0) -> dict:
+def make_features(coder_id: str, indices: list[int], *, seed: int = 0) -> dict:
     n = len(indices)
     # Values are multiples of 1/8 so they survive float32 storage exactly.
     v = [((i + seed) % 8) / 8 for i in indices]
     return {
-        "sae_id": [sae_id] * n, "feature": indices, "model": ["tiny-model"] * n, "layer": [1] * n,
+        "coder_id": [coder_id] * n, "feature": indices, "model": ["tiny-model"] * n, "layer": [1] * n,
         "hook": ["blocks.1.hook_resid_post"] * n, "site": ["res"] * n,
         "active_count": [10 * i for i in indices], "density": [x / 2 for x in v],
         "max_activation": [x + 1 for x in v], "mean_activation": v, "std_activation": v,
@@ -71,12 +71,12 @@ def make_features(sae_id: str, indices: list[int], *, seed: int = 0) -> dict:
     }
 
 
-def make_examples(sae_id: str, indices: list[int], *, top: int = 2, interval: int = 1) -> dict:
+def make_examples(coder_id: str, indices: list[int], *, top: int = 2, interval: int = 1) -> dict:
     rows: dict[str, list] = {name: [] for name in examples_schema().names}
     for i in indices:
         for kind, count in (("top", top), ("interval", interval)):
             for rank in range(count):
-                rows["sae_id"].append(sae_id)
+                rows["coder_id"].append(coder_id)
                 rows["feature"].append(i)
                 rows["kind"].append(kind)
                 rows["rank"].append(rank)
@@ -92,12 +92,12 @@ def make_examples(sae_id: str, indices: list[int], *, top: int = 2, interval: in
     return rows
 
 
-def write(store: FeatureStore, sae_id: str, indices=(0, 1, 2, 3), *, top: int = 2, interval: int = 1, seed: int = 0):
+def write(store: FeatureStore, coder_id: str, indices=(0, 1, 2, 3), *, top: int = 2, interval: int = 1, seed: int = 0):
     indices = list(indices)
     store.write_coder(
-        make_sae(sae_id),
-        make_features(sae_id, indices, seed=seed),
-        make_examples(sae_id, indices, top=top, interval=interval),
+        make_sae(coder_id),
+        make_features(coder_id, indices, seed=seed),
+        make_examples(coder_id, indices, top=top, interval=interval),
     )
 
 
@@ -125,20 +125,20 @@ def store(tmp_path) -> FeatureStore:
 def test_tables_are_created_with_exact_schemas(store):
     assert store.table_names() == []
     write(store, "sae-a")
-    assert store.table_names() == ["examples", "features", "saes"]
-    assert store.table("saes").schema.equals(saes_schema())
+    assert store.table_names() == ["coders", "examples", "features"]
+    assert store.table("coders").schema.equals(coders_schema())
     assert store.table("features").schema.equals(features_schema(DIM))
     assert store.table("examples").schema.equals(examples_schema())
     assert features_schema().field("vector").type == pa.list_(pa.float32(), 384)
-    assert saes_schema().field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert coders_schema().field("created_at").type == pa.timestamp("us", tz="UTC")
 
 
 def test_empty_store_reads_return_typed_empty_frames(store):
-    assert store.saes().shape == (0, len(saes_schema()))
-    assert store.saes().schema == pl.from_arrow(saes_schema().empty_table()).schema
+    assert store.coders().shape == (0, len(coders_schema()))
+    assert store.coders().schema == pl.from_arrow(coders_schema().empty_table()).schema
     assert store.features().columns == features_schema(DIM).names
     assert store.examples("nope").is_empty()
-    assert store.feature("nope", 0) is None
+    assert store.feature_row("nope", 0) is None
     with pytest.raises(StoreError, match="no table named"):
         store.table("features")
 
@@ -151,16 +151,16 @@ def test_write_then_read_back_equal(store):
     features, examples = make_features("sae-a", indices), make_examples("sae-a", indices)
     store.write_coder(make_sae("sae-a"), features, examples)
 
-    saes = store.saes()
+    saes = store.coders()
     assert saes.to_dicts() == [make_sae("sae-a")]
     assert store.features("sae-a").equals(expected_frame(features, features_schema(DIM), ["feature"]))
     assert store.examples("sae-a").equals(
         expected_frame(examples, examples_schema(), ["feature", "kind", "rank"])
     )
-    row = store.feature("sae-a", 2)
+    row = store.feature_row("sae-a", 2)
     assert row == {name: values[2] for name, values in features.items()}
-    assert store.feature("sae-a", 1)["vector"] is None and store.feature("sae-a", 1)["description"] is None
-    assert store.feature("sae-a", 7) is None
+    assert store.feature_row("sae-a", 1)["vector"] is None and store.feature_row("sae-a", 1)["description"] is None
+    assert store.feature_row("sae-a", 7) is None
 
     only = store.examples("sae-a", feature=1, kind="interval")
     assert only.select("feature", "kind", "rank").rows() == [(1, "interval", 0)]
@@ -174,7 +174,7 @@ def test_accepts_arrow_tables_and_numpy_vector_matrix(store):
     features["feature"] = np.array(indices, dtype=np.int32)  # widened to int64
     examples = pa.table(make_examples("sae-a", indices))
     store.write_coder(make_sae("sae-a", width=3), features, examples)
-    assert store.feature("sae-a", 1)["vector"] == [4.0, 5.0, 6.0, 7.0]
+    assert store.feature_row("sae-a", 1)["vector"] == [4.0, 5.0, 6.0, 7.0]
     assert store.examples("sae-a").height == examples.num_rows
 
 
@@ -182,7 +182,7 @@ def test_created_at_defaults_to_now(store):
     sae = make_sae("sae-a")
     del sae["created_at"]
     store.write_coder(sae, make_features("sae-a", [0]), make_examples("sae-a", [0]))
-    created = store.saes()["created_at"][0]
+    created = store.coders()["created_at"][0]
     assert abs(created - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
 
 
@@ -198,13 +198,13 @@ def test_rewrite_with_fewer_rows_leaves_no_stale_rows_or_duplicates(store):
     assert examples.select("feature", "kind", "rank").rows() == [(0, "top", 0), (2, "top", 0)]
     assert store.features("sae-a")["feature"].to_list() == [0, 2]
     assert store.features("sae-a")["description"].to_list() == ["feature 0 (seed 5)", "feature 2 (seed 5)"]
-    assert store.saes().height == 1
+    assert store.coders().height == 1
     assert store.table("examples").count_rows() == 2
 
     write(store, "sae-a", [0, 2], top=1, interval=0, seed=5)  # idempotent
     assert store.table("examples").count_rows() == 2
     assert store.table("features").count_rows() == 2
-    assert store.table("saes").count_rows() == 1
+    assert store.table("coders").count_rows() == 1
 
 
 def test_coders_are_independent(store):
@@ -217,7 +217,7 @@ def test_coders_are_independent(store):
     assert store.features("sae-a")["feature"].to_list() == [1]
 
     store.delete_coder("sae-a")
-    assert store.saes()["sae_id"].to_list() == ["sae-b"]
+    assert store.coders()["coder_id"].to_list() == ["sae-b"]
     assert store.features("sae-a").is_empty() and store.examples("sae-a").is_empty()
     assert store.features("sae-b").equals(b_before[0]) and store.examples("sae-b").equals(b_before[1])
     store.delete_coder("never-written")  # no-op
@@ -228,15 +228,15 @@ def _missing_column(sae, features, examples):
 
 
 def _extra_column(sae, features, examples):
-    examples["surprise"] = [1] * len(examples["sae_id"])
+    examples["surprise"] = [1] * len(examples["coder_id"])
 
 
 def _foreign_sae_id_in_features(sae, features, examples):
-    features["sae_id"][1] = "sae-b"
+    features["coder_id"][1] = "sae-b"
 
 
 def _foreign_sae_id_in_examples(sae, features, examples):
-    examples["sae_id"][-1] = "sae-b"
+    examples["coder_id"][-1] = "sae-b"
 
 
 def _duplicate_feature_index(sae, features, examples):
@@ -277,8 +277,8 @@ def _top_example_with_bin(sae, features, examples):
 
 def _control_character_in_sae_id(sae, features, examples):
     for rows in (features, examples):
-        rows["sae_id"] = ["sae\n-a"] * len(rows["sae_id"])
-    sae["sae_id"] = "sae\n-a"
+        rows["coder_id"] = ["sae\n-a"] * len(rows["coder_id"])
+    sae["coder_id"] = "sae\n-a"
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ def test_bad_input_raises_and_leaves_db_untouched(store, spoil):
     write(store, "sae-a", [0, 1, 2, 3])
     write(store, "sae-b", [0, 1])
     before_files = db_snapshot(Path(store.uri))
-    before = (store.saes(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
+    before = (store.coders(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
 
     sae, features, examples = make_sae("sae-a"), make_features("sae-a", [0, 1, 2]), make_examples("sae-a", [0, 1, 2])
     spoil(sae, features, examples)
@@ -303,7 +303,7 @@ def test_bad_input_raises_and_leaves_db_untouched(store, spoil):
     assert "\n" not in str(error.value).replace("\\n", "")
 
     assert db_snapshot(Path(store.uri)) == before_files
-    after = (store.saes(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
+    after = (store.coders(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
     assert all(a.equals(b) for a, b in zip(after, before))
 
 
@@ -317,18 +317,18 @@ def test_bad_first_write_creates_no_tables(store):
 
 def test_failure_during_write_restores_committed_tables(store, monkeypatch):
     write(store, "sae-a", [0, 1, 2, 3], top=3)
-    before = (store.saes(), store.features(), store.examples("sae-a"))
+    before = (store.coders(), store.features(), store.examples("sae-a"))
     real_replace = feature_store_module._replace_coder_rows
 
-    def fail_on_features(table, rows, key, sae_id):
+    def fail_on_features(table, rows, key, coder_id):
         if table.name == "features":
             raise RuntimeError("disk full")
-        real_replace(table, rows, key, sae_id)
+        real_replace(table, rows, key, coder_id)
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", fail_on_features)
     with pytest.raises(RuntimeError, match="disk full"):
         write(store, "sae-a", [0], top=1, seed=3)
-    after = (store.saes(), store.features(), store.examples("sae-a"))
+    after = (store.coders(), store.features(), store.examples("sae-a"))
     assert all(a.equals(b) for a, b in zip(after, before))
 
 
@@ -350,7 +350,7 @@ def test_read_only(tmp_path):
     assert not (tmp_path / "missing").exists()
     write(FeatureStore(tmp_path / "db", vector_dim=DIM), "sae-a")
     reader = FeatureStore(tmp_path / "db", vector_dim=DIM, read_only=True)
-    assert reader.saes()["sae_id"].to_list() == ["sae-a"]
+    assert reader.coders()["coder_id"].to_list() == ["sae-a"]
     with pytest.raises(StoreError, match="read-only"):
         write(reader, "sae-b")
     with pytest.raises(StoreError, match="read-only"):
@@ -364,7 +364,7 @@ def test_vector_dim_mismatch_is_refused_before_writing(tmp_path):
     features["vector"] = [[0.0] * 8]
     with pytest.raises(StoreError, match="different schema"):
         other.write_coder(make_sae("sae-b"), features, make_examples("sae-b", [0]))
-    assert other.saes()["sae_id"].to_list() == ["sae-a"]
+    assert other.coders()["coder_id"].to_list() == ["sae-a"]
 
 
 def test_directory_is_created(tmp_path):
@@ -377,27 +377,27 @@ def test_directory_is_created(tmp_path):
 
 def test_sql_looking_sae_ids_are_plain_values_in_every_read(store):
     write(store, "plain", [0, 1, 2, 3])
-    for i, sae_id in enumerate(TRICKY_IDS):
-        write(store, sae_id, [0, 1], top=1 + i % 2)
-    assert sorted(store.saes()["sae_id"].to_list()) == sorted(TRICKY_IDS + ["plain"])
+    for i, coder_id in enumerate(TRICKY_IDS):
+        write(store, coder_id, [0, 1], top=1 + i % 2)
+    assert sorted(store.coders()["coder_id"].to_list()) == sorted(TRICKY_IDS + ["plain"])
 
-    for i, sae_id in enumerate(TRICKY_IDS):
-        assert store.features(sae_id)["sae_id"].unique().to_list() == [sae_id]
-        assert store.features(sae_id).height == 2
-        assert store.feature(sae_id, 1)["sae_id"] == sae_id
-        examples = store.examples(sae_id)
-        assert examples["sae_id"].unique().to_list() == [sae_id] and examples.height == 2 * (2 + i % 2)
-        assert store.examples(sae_id, 0, "top").height == 1 + i % 2
+    for i, coder_id in enumerate(TRICKY_IDS):
+        assert store.features(coder_id)["coder_id"].unique().to_list() == [coder_id]
+        assert store.features(coder_id).height == 2
+        assert store.feature_row(coder_id, 1)["coder_id"] == coder_id
+        examples = store.examples(coder_id)
+        assert examples["coder_id"].unique().to_list() == [coder_id] and examples.height == 2 * (2 + i % 2)
+        assert store.examples(coder_id, 0, "top").height == 1 + i % 2
 
     # Injection attempts that are NOT stored match nothing (rather than everything).
     for probe in ["' OR '1'='1", "plain' --", "plain'", "PLAIN", "plain\\"]:
         assert store.features(probe).is_empty()
-        assert store.feature(probe, 0) is None
+        assert store.feature_row(probe, 0) is None
         assert store.examples(probe).is_empty()
 
     store.delete_coder("' OR 1=1 --")
-    assert "' OR 1=1 --" not in store.saes()["sae_id"].to_list()
-    assert store.saes().height == len(TRICKY_IDS)
+    assert "' OR 1=1 --" not in store.coders()["coder_id"].to_list()
+    assert store.coders().height == len(TRICKY_IDS)
     assert store.features("plain").height == 4
 
 
@@ -410,7 +410,7 @@ def test_read_arguments_are_validated(store):
     with pytest.raises(StoreError, match="invalid column name"):
         store.features("sae-a", columns=["feature; DROP"])
     with pytest.raises(StoreError, match="does not fit"):
-        store.feature("sae-a", "1")  # type: ignore[arg-type]
+        store.feature_row("sae-a", "1")  # type: ignore[arg-type]
     with pytest.raises(StoreError, match="control character"):
         store.features("sae-a\x00")
 
@@ -450,14 +450,14 @@ def test_sql_literal_rejects(value):
 
 def test_filter_renders_validated_conjunction():
     schema = features_schema(DIM)
-    base = Filter().eq("sae_id", "it's")
+    base = Filter().eq("coder_id", "it's")
     assert Filter().render(schema) is None
-    assert base.render(schema) == "(`sae_id` = 'it''s')"
+    assert base.render(schema) == "(`coder_id` = 'it''s')"
     full = base.isin("layer", [1, 2]).between("density", 0.25).between("max_activation", None, 2)
     assert full.render(schema) == (
-        "(`sae_id` = 'it''s') AND (`layer` IN (1, 2)) AND (`density` >= 0.25) AND (`max_activation` <= 2)"
+        "(`coder_id` = 'it''s') AND (`layer` IN (1, 2)) AND (`density` >= 0.25) AND (`max_activation` <= 2)"
     )
-    assert base.render(schema) == "(`sae_id` = 'it''s')"  # builders return new filters
+    assert base.render(schema) == "(`coder_id` = 'it''s')"  # builders return new filters
     assert Filter().between("feature", 1, 5).render(schema) == "(`feature` >= 1 AND `feature` <= 5)"
     assert Filter().isin("feature", []).render(schema) == "(false)"
 
@@ -470,13 +470,13 @@ def test_rendered_filters_run_in_lancedb(store):
     def count(where: Filter) -> int:
         return table.count_rows(where.render(table.schema))
 
-    assert count(Filter().eq("sae_id", "it's")) == 4
-    assert count(Filter().eq("sae_id", "it's").isin("feature", [1, 3, 99])) == 2
+    assert count(Filter().eq("coder_id", "it's")) == 4
+    assert count(Filter().eq("coder_id", "it's").isin("feature", [1, 3, 99])) == 2
     assert count(Filter().isin("feature", [])) == 0
     assert count(Filter().between("feature", 2)) == 2
     # densities are 0, 1/16, 1/8, 3/16 for "it's" and 0, 1/16 for "other"
     assert count(Filter().between("density", None, 0.125).eq("layer", 1)) == 5
-    assert count(Filter().eq("sae_id", "it's' OR '1'='1")) == 0
+    assert count(Filter().eq("coder_id", "it's' OR '1'='1")) == 0
 
 
 @pytest.mark.parametrize(
@@ -489,9 +489,9 @@ def test_rendered_filters_run_in_lancedb(store):
         (lambda: Filter().eq("feature", 1.5), "does not fit"),
         (lambda: Filter().eq("feature", True), "does not fit"),
         (lambda: Filter().eq("layer", 2**31), "out of range"),
-        (lambda: Filter().eq("sae_id", 3), "does not fit"),
+        (lambda: Filter().eq("coder_id", 3), "does not fit"),
         (lambda: Filter().eq("hist_counts", 3), "cannot filter"),
-        (lambda: Filter().isin("sae_id", "abc"), "collection"),
+        (lambda: Filter().isin("coder_id", "abc"), "collection"),
         (lambda: Filter().between("density"), "at least one bound"),
     ],
 )
@@ -507,14 +507,14 @@ def _lists(values, rows: int, per_row: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(np.arange(0, rows * per_row + 1, per_row, dtype=np.int32)), values)
 
 
-def _big_coder(sae_id: str, n_features: int, examples_per_feature: int, context: int, dim: int):
+def _big_coder(coder_id: str, n_features: int, examples_per_feature: int, context: int, dim: int):
     """Columnar random data shaped like a real coder (built with numpy; no Python-level rows)."""
     rng = np.random.default_rng(0)
     vocab = pa.array([f"tok{i}" for i in range(5000)])
     n, k = n_features, 10
-    sae = make_sae(sae_id, width=n, context=context)
+    sae = make_sae(coder_id, width=n, context=context)
     # Repeat one small feature row n times, then randomise the columns that matter for size.
-    features = {name: pa.array(values * n) for name, values in make_features(sae_id, [0]).items()}
+    features = {name: pa.array(values * n) for name, values in make_features(coder_id, [0]).items()}
     features.update(
         feature=np.arange(n), active_count=rng.integers(0, 1000, n), density=rng.random(n),
         hist_counts=_lists(pa.array(rng.integers(0, 100, n * 32)), n, 32),
@@ -525,7 +525,7 @@ def _big_coder(sae_id: str, n_features: int, examples_per_feature: int, context:
     m = n * examples_per_feature
     rank = np.tile(np.arange(examples_per_feature, dtype=np.int32), n)
     examples = {
-        "sae_id": pa.array([sae_id] * m), "feature": np.repeat(np.arange(n), examples_per_feature),
+        "coder_id": pa.array([coder_id] * m), "feature": np.repeat(np.arange(n), examples_per_feature),
         "kind": pa.array(["top"] * m), "rank": rank, "bin_min": pa.nulls(m, pa.float32()),
         "bin_max": pa.nulls(m, pa.float32()),
         "tokens": _lists(vocab.take(rng.integers(0, 5000, m * context)), m, context),
@@ -549,3 +549,26 @@ def test_write_speed_100k_features_1m_examples(tmp_path):
         print(f"{attempt}: {time.perf_counter() - start:.1f}s")
     assert store.table("examples").count_rows() == 1_000_000
     assert store.table("features").count_rows() == 100_000
+
+
+def test_catalogue_with_the_old_names_is_upgraded_on_a_writable_open(tmp_path):
+    db = tmp_path / "db"
+    write(FeatureStore(db, vector_dim=DIM), "sae-a")
+    before = {name: FeatureStore(db, vector_dim=DIM).table(name).to_arrow() for name in ("coders", "features", "examples")}
+    # as featuredb 0.1 wrote it: a `saes` table and `sae_id` columns
+    import lancedb
+
+    raw = lancedb.connect(db)
+    raw.create_table("saes", raw.open_table("coders").to_arrow().rename_columns(
+        ["sae_id" if n == "coder_id" else n for n in coders_schema().names]))
+    raw.drop_table("coders")
+    for name in ("features", "examples"):
+        raw.open_table(name).alter_columns({"path": "coder_id", "rename": "sae_id"})
+
+    with pytest.raises(StoreError, match="older featuredb.*featuredb describe --db"):
+        FeatureStore(db, vector_dim=DIM, read_only=True)
+    upgraded = FeatureStore(db, vector_dim=DIM)
+    assert upgraded.table_names() == ["coders", "examples", "features"]
+    for name, frame in before.items():
+        assert upgraded.table(name).to_arrow().equals(frame), name
+    assert FeatureStore(db, vector_dim=DIM, read_only=True).feature_row("sae-a", 0)["coder_id"] == "sae-a"

@@ -1,4 +1,4 @@
-"""featuredb.indexer.train (TopK SAE trainer, SAELens writer) and featuredb.demo_corpus."""
+"""featuredb.demo.train (TopK SAE trainer, SAELens writer) and featuredb.demo.corpus."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from featuredb.demo_corpus import split_text, write_demo_corpus
-from featuredb.indexer.coders import load_coder
-from featuredb.indexer.train import TopKSAE, TrainConfig, evaluate, save_saelens, train_topk_sae
+from featuredb.demo.corpus import split_text, write_demo_corpus
+from featuredb.runtime.coders import load_coder
+from featuredb.demo.train import TopKSAE, TrainConfig, evaluate, save_saelens, train_topk_sae
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ SMALL = TrainConfig(width=128, k=6, batch_size=256, epochs=8, lr=4e-3, dead_afte
 def trained():
     torch.set_num_threads(1)
     x, directions = sparse_data(10_000)
-    coder, metrics = train_topk_sae(x[:8000], SMALL, hook="model.layers.2.output", sae_id="synthetic")
+    coder, metrics = train_topk_sae(x[:8000], SMALL, hook="model.layers.2.output", coder_id="synthetic")
     return coder, metrics, x[8000:], directions
 
 
@@ -149,7 +149,7 @@ def test_save_saelens_round_trip(trained, tmp_path):
 
 def test_trained_coder_fits_a_real_model(tiny_llama, tmp_path):
     """Activations captured from a (tiny) model, trained on, saved, and loaded back for that model."""
-    from featuredb.indexer.model import load_model
+    from featuredb.runtime.model import load_model
     from featuredb.indexer.run import load_coders
 
     from conftest import CORPUS_TEXT
@@ -161,7 +161,7 @@ def test_trained_coder_fits_a_real_model(tiny_llama, tmp_path):
     coder, _ = train_topk_sae(acts, TrainConfig(width=64, k=4, batch_size=256, epochs=2, progress=False), hook=hook)
     save_saelens(coder, tmp_path / "sae", model_name=str(tiny_llama))
     (loaded,) = load_coders([f"mine={tmp_path / 'sae'}"], model, torch.device("cpu"))
-    assert loaded.sae_id == "mine" and loaded.hook == hook
+    assert loaded.coder_id == "mine" and loaded.hook == hook
     assert torch.equal(loaded.encode(acts), coder.encode(acts))
 
 

@@ -6,7 +6,9 @@ splits the run across the 8 processes (see featuredb/indexer/distributed.py and 
 `--coder-groups G` makes each of G groups of them hold only some of the coders.
 """
 
-from ..cli import index
+import sys
+
+from featuredb.cli import main
 
 if __name__ == "__main__":
-    index()
+    main(["index", *sys.argv[1:]], prog_name="featuredb")

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-
-class CorpusError(ValueError):
-    pass
+from featuredb.errors import CorpusError
 
 
 @dataclass(frozen=True)

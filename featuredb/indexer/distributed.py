@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .stats import FeatureStats
-from .workdir import ContextStore, LoadedContexts
+from featuredb.indexer.stats import FeatureStats
+from featuredb.indexer.workdir import ContextStore, LoadedContexts
 
 # Ranks wait in collectives for the slowest rank's last batches and for rank 0's catalogue write.
 COLLECTIVE_TIMEOUT = dt.timedelta(hours=2)

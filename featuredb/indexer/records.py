@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .geometry import LogitTables
-from .stats import FeatureStats
-from .workdir import PAD, ContextStore
+from featuredb.indexer.geometry import LogitTables
+from featuredb.indexer.stats import FeatureStats
+from featuredb.indexer.workdir import PAD, ContextStore
 
 TOP_TOKENS = 10
 
@@ -35,7 +35,7 @@ def _id_strings(ids: np.ndarray, vocab: np.ndarray) -> list[list[str]]:
     return [list(row) for row in vocab[ids]]
 
 
-def example_rows(sae_id: str, stats: FeatureStats, contexts: ContextStore, vocab: np.ndarray) -> dict:
+def example_rows(coder_id: str, stats: FeatureStats, contexts: ContextStore, vocab: np.ndarray) -> dict:
     """Top and interval examples of every feature: token ids and per-token values of each context."""
     parts = []
     # top examples: rank = position in the top-K
@@ -85,7 +85,7 @@ def example_rows(sae_id: str, stats: FeatureStats, contexts: ContextStore, vocab
         columns["context_index"].append(context.astype(np.int64))
 
     if not columns["feature"]:
-        return {"sae_id": []} | {name: [] for name in columns}
+        return {"coder_id": []} | {name: [] for name in columns}
     table = {}
     for name, chunks in columns.items():
         if isinstance(chunks[0], pa.Array):
@@ -94,7 +94,7 @@ def example_rows(sae_id: str, stats: FeatureStats, contexts: ContextStore, vocab
             table[name] = np.concatenate(chunks)
     for name in ("bin_min", "bin_max"):  # NaN marks "no bin" (top examples) -> null
         table[name] = pa.array(table[name], mask=np.isnan(table[name]), type=pa.float32())
-    table["sae_id"] = np.full(len(table["feature"]), sae_id, dtype=object)
+    table["coder_id"] = np.full(len(table["feature"]), coder_id, dtype=object)
     return table
 
 
@@ -124,7 +124,7 @@ def feature_rows(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours
     neighbour_ids, neighbour_cosines = neighbours
     as_lists = lambda t: t.cpu().numpy().tolist()  # noqa: E731
     return {
-        "sae_id": [sae["sae_id"]] * F,
+        "coder_id": [sae["coder_id"]] * F,
         "feature": np.arange(F, dtype=np.int64),
         "model": [sae["model"]] * F,
         "layer": np.full(F, sae["layer"], dtype=np.int32),

@@ -26,21 +26,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..store import FeatureStore
-from ..store.connect import is_remote
-from ..store.decoders import write_decoder_vectors
-from .coders import CoderError, SparseCoder, load_coder
-from .corpus import CorpusError, Window, iter_windows
-from .distributed import (SINGLE, Shard, assign_coders, barrier, gather_contexts, gather_example_contexts,
+from featuredb.store import FeatureStore
+from featuredb.store.connect import is_remote
+from featuredb.store.decoder_vectors import write_decoder_vectors
+from featuredb.runtime.coders import CoderError, SparseCoder, load_coder
+from featuredb.indexer.corpus import CorpusError, Window, iter_windows
+from featuredb.indexer.distributed import (SINGLE, Shard, assign_coders, barrier, gather_contexts, gather_example_contexts,
                           process_group, rank_device, receive_stats, reduce_stats, send_stats, shard_from_env,
                           share_from_writer)
-from .geometry import decoder_neighbours, logit_tables
-from .hooks import hook_site_kind
-from .model import SubjectModel, load_model
-from .records import example_rows, feature_rows, vocabulary_strings
-from .stats import FeatureStats, StatsConfig
-from .workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_coder_groups,
+from featuredb.indexer.geometry import decoder_neighbours, logit_tables
+from featuredb.runtime.hooks import hook_site_kind
+from featuredb.runtime.model import SubjectModel, load_model
+from featuredb.indexer.records import example_rows, feature_rows, vocabulary_strings
+from featuredb.indexer.stats import FeatureStats, StatsConfig
+from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_coder_groups,
                       saved_world_sizes)
+from featuredb.errors import IndexingError
 
 CHECKPOINT_FORMAT = 2  # part of the fingerprint: work dirs of an older layout are not resumed
 
@@ -78,7 +79,7 @@ class IndexConfig:
 
 @dataclass
 class IndexResult:
-    sae_ids: list[str]  # the coders written (on the rank that wrote the catalogue), else those held
+    coder_ids: list[str]  # the coders written (on the rank that wrote the catalogue), else those held
     tokens: int  # of the whole run, all ranks together
     contexts: int
     seconds: float
@@ -86,10 +87,6 @@ class IndexResult:
     written: bool = True  # False on the ranks of a distributed run that did not write the catalogue
     world: int = 1
     coders_held: list[str] = field(default_factory=list)  # the coders this process loaded and indexed
-
-
-class IndexingError(ValueError):
-    """A run that cannot start or finish (bad settings, empty corpus, mismatched checkpoint)."""
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,11 +110,11 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
         raise IndexingError("give at least one --coder")
     is_gemma = "gemma" in type(model.model).__name__.lower()
     coders = [load_coder(spec, model_is_gemma=is_gemma) for spec in specs]
-    _refuse_duplicate_ids([c.sae_id for c in coders])
+    _refuse_duplicate_ids([c.coder_id for c in coders])
     dims = model.hook_dims(sorted({c.hook for c in coders}))
     for coder in coders:
         if dims[coder.hook] != coder.d_in:
-            raise CoderError(f"coder {coder.sae_id} expects d_in={coder.d_in}, but hook {coder.hook} "
+            raise CoderError(f"coder {coder.coder_id} expects d_in={coder.d_in}, but hook {coder.hook} "
                              f"of this model gives {dims[coder.hook]}")
     # encode in float32: JumpReLU thresholds are compared at full precision
     return [c.to(device=device, dtype=torch.float32) for c in coders]
@@ -135,9 +132,9 @@ def probe_coders(specs: list[str], model: SubjectModel) -> list[tuple[str, int]]
     probed = []
     for spec in specs:
         coder = load_coders([spec], model, torch.device("cpu"))[0]
-        probed.append((coder.sae_id, coder.width))
+        probed.append((coder.coder_id, coder.width))
         del coder  # one coder in memory at a time
-    _refuse_duplicate_ids([sae_id for sae_id, _ in probed])
+    _refuse_duplicate_ids([coder_id for coder_id, _ in probed])
     return probed
 
 
@@ -262,7 +259,7 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> I
             _hand_over(stats)  # to rank 0, as it writes
         barrier(shard)  # every rank keeps its checkpoint until the catalogue is written
         _remove_work_dir(work_dir, own_dir, shard)
-    held = [c.sae_id for c in coders]
+    held = [c.coder_id for c in coders]
     return IndexResult(written or held, progress.stream_tokens, progress.stream_contexts,
                        time.perf_counter() - start_time, stream_seconds, written=store is not None,
                        world=shard.world, coders_held=held)
@@ -400,16 +397,16 @@ def _write_catalogue(store: FeatureStore, config: IndexConfig, model: SubjectMod
     vocab = vocabulary_strings(model.tokenizer, unembed.shape[0])
     written = []
     for coder, coder_stats in coders:
-        sae = sae_row(config, coder, progress)
+        sae = coder_record(config, coder, progress)
         logits = logit_tables(coder.W_dec, unembed, model.direction_to_residual(coder.hook_out))
         neighbours = decoder_neighbours(coder.W_dec)
         store.write_coder(
             sae,
             feature_rows(sae, coder_stats, logits, neighbours, contexts, vocab),
-            example_rows(coder.sae_id, coder_stats, contexts, vocab),
+            example_rows(coder.coder_id, coder_stats, contexts, vocab),
         )
-        write_decoder_vectors(store, coder.sae_id, coder.W_dec)  # for similarity search across coders
-        written.append(coder.sae_id)
+        write_decoder_vectors(store, coder.coder_id, coder.W_dec)  # for similarity search across coders
+        written.append(coder.coder_id)
         del coder, coder_stats  # a coder received from another group is freed before the next one
     return written
 
@@ -508,12 +505,12 @@ def _advance_stream(progress: Progress, windows: list[Window], counted: int) -> 
     progress.next_doc, progress.next_window = last.doc_ordinal, last.window_in_doc + 1
 
 
-def sae_row(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict:
+def coder_record(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict:
     site = "transcoder" if coder.kind != "sae" else hook_site_kind(coder.hook)
     if site not in ("res", "mlp", "att", "transcoder"):
         site = "other"
     return dict(
-        sae_id=coder.sae_id, model=config.model, hook=coder.hook, hook_out=coder.hook_out, site=site,
+        coder_id=coder.coder_id, model=config.model, hook=coder.hook, hook_out=coder.hook_out, site=site,
         layer=coder.layer, architecture=coder.architecture, kind=coder.kind, d_in=coder.d_in,
         d_out=coder.d_out, width=coder.width, source=_absolute_if_local(coder.source),
         tokens_indexed=progress.stream_tokens, contexts_indexed=progress.stream_contexts, context=config.context,

@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from ..store import EXAMPLES_TABLE, Filter
-from ..errors import one_line
-from .errors import QueryError
-from .search import DEFAULT_LIMIT, check_limit, check_text
-from .where import Where
+from featuredb.store import EXAMPLES_TABLE, Filter
+from featuredb.errors import one_line
+from featuredb.errors import QueryError
+from featuredb.query.search import DEFAULT_LIMIT, check_limit, check_text
+from featuredb.query.where import Where
 
 if TYPE_CHECKING:
-    from .catalogue import Catalogue
+    from featuredb.query.catalogue import Catalogue
 
 MAX_TEXT_CHARS = 20_000
 MAX_TOKENS = 1024  # a forward pass on CPU stays interactive, and dense chunks stay small
 _CHUNK_ELEMENTS = 1 << 24  # positions x width encoded at once (64 MiB of float32)
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
-INFO_COLUMNS = ["sae_id", "feature", "layer", "site", "description", "density", "max_activation"]
+INFO_COLUMNS = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation"]
 
 
 @dataclass
@@ -39,10 +39,10 @@ class FiresOn:
     """Result of Catalogue.fires_on.
 
     tokens: the text's tokens as strings (BOS excluded); positions index this list.
-    features: ranked features: sae_id, feature, layer, site, description, density,
+    features: ranked features: coder_id, feature, layer, site, description, density,
         max_activation (the catalogue's), activation (max or sum over the chosen positions),
         position (where the max is), active_positions, relative (activation / max_activation).
-    per_token: for every position, its top features: position, token, rank, sae_id, feature,
+    per_token: for every position, its top features: position, token, rank, coder_id, feature,
         activation, description.
     """
 
@@ -58,7 +58,7 @@ class FiresOn:
                 "features": self.features.to_dicts(), "per_token": self.per_token.to_dicts()}
 
 
-def fires_on(cat: Catalogue, text: str, *, saes: list[str] | str | None = None, by: str = "max",
+def fires_on(cat: Catalogue, text: str, *, coders: list[str] | str | None = None, by: str = "max",
              positions: list[int] | None = None, max_density: float | None = None, limit: int = 20,
              per_token: int = 5, device: str | None = None) -> FiresOn:
     text = check_text(text, "text", MAX_TEXT_CHARS)
@@ -70,11 +70,11 @@ def fires_on(cat: Catalogue, text: str, *, saes: list[str] | str | None = None, 
     if max_density is not None:
         if not isinstance(max_density, numbers.Real) or isinstance(max_density, bool) or not 0 < float(max_density) <= 1:
             raise QueryError(f"max_density must be a number in (0, 1], got {max_density!r}")
-    coders = _chosen_coders(cat, saes)
+    coders = _chosen_coders(cat, coders)
     models = sorted(set(coders["model"].to_list()))
     if len(models) > 1:
         raise QueryError(f"the chosen coders belong to {len(models)} models ({', '.join(models)}): "
-                         "choose coders of one model with saes=[...]")
+                         "choose coders of one model with coders=[...]")
     spec = models[0]
 
     model = _model(cat, spec, device)
@@ -102,40 +102,40 @@ def fires_on(cat: Catalogue, text: str, *, saes: list[str] | str | None = None, 
     for coder in loaded:
         pos, feat, val = _sparse_activations(coder, captured[coder.hook][0, 1:])  # BOS dropped
         if max_density is not None and len(feat):
-            density = _coder_density(cat, coder.sae_id, coder.width)
+            density = _coder_density(cat, coder.coder_id, coder.width)
             keep = ~(density[feat] > float(max_density))  # unknown density (NaN) is kept
             pos, feat, val = pos[keep], feat[keep], val[keep]
-        parts.append(pl.DataFrame({"sae_id": pl.Series([coder.sae_id] * len(feat), dtype=pl.String),
+        parts.append(pl.DataFrame({"coder_id": pl.Series([coder.coder_id] * len(feat), dtype=pl.String),
                                    "feature": feat.astype(np.int64), "position": pos.astype(np.int64),
                                    "activation": val.astype(np.float32)}))
     active = pl.concat(parts) if parts else pl.DataFrame(
-        schema={"sae_id": pl.String, "feature": pl.Int64, "position": pl.Int64, "activation": pl.Float32})
+        schema={"coder_id": pl.String, "feature": pl.Int64, "position": pl.Int64, "activation": pl.Float32})
 
     selected = active.filter(pl.col("position").is_in(chosen)) if chosen is not None else active
     ranked = _rank(selected, by).head(limit)
     per = _per_token(active, per_token, tokens)
-    info = _info(cat, ranked.select("sae_id", "feature"), per.select("sae_id", "feature"))
+    info = _info(cat, ranked.select("coder_id", "feature"), per.select("coder_id", "feature"))
     features = (
-        ranked.join(info, on=["sae_id", "feature"], how="left")
+        ranked.join(info, on=["coder_id", "feature"], how="left")
         .with_columns(relative=(pl.col("activation") / pl.col("max_activation")).cast(pl.Float64))
         .select(INFO_COLUMNS + ["activation", "position", "active_positions", "relative"])
     )
-    per = per.join(info.select("sae_id", "feature", "description"), on=["sae_id", "feature"], how="left").sort(
+    per = per.join(info.select("coder_id", "feature", "description"), on=["coder_id", "feature"], how="left").sort(
         ["position", "rank"])
     return FiresOn(model=spec, tokens=tokens, token_ids=list(token_ids), by=by, features=features, per_token=per)
 
 
-def _chosen_coders(cat: Catalogue, saes: list[str] | str | None) -> pl.DataFrame:
-    all_saes = cat._saes(refresh=True)
-    if saes is None:
-        if all_saes.height == 0:
+def _chosen_coders(cat: Catalogue, coders: list[str] | str | None) -> pl.DataFrame:
+    all_coders = cat._coder_table(refresh=True)
+    if coders is None:
+        if all_coders.height == 0:
             raise QueryError("the catalogue holds no coders")
-        return all_saes
-    names = [saes] if isinstance(saes, str) else saes
+        return all_coders
+    names = [coders] if isinstance(coders, str) else coders
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(s, str) and s for s in names):
-        raise QueryError(f"saes must be a sae_id or a non-empty list of them, got {saes!r}")
-    cat._check_sae_ids(set(names))
-    return cat._saes().filter(pl.col("sae_id").is_in(list(names)))
+        raise QueryError(f"saes must be a coder_id or a non-empty list of them, got {coders!r}")
+    cat._check_coder_ids(set(names))
+    return cat._coder_table().filter(pl.col("coder_id").is_in(list(names)))
 
 
 def _positions(positions: list[int] | None, n: int) -> list[int] | None:
@@ -158,7 +158,7 @@ def _positions(positions: list[int] | None, n: int) -> list[int] | None:
 def _model(cat: Catalogue, spec: str, device: str | None):
     import torch
 
-    from ..indexer.model import load_model
+    from featuredb.runtime.model import load_model
 
     device = device or "cpu"
     key = f"{spec}@{device}"
@@ -173,29 +173,29 @@ def _model(cat: Catalogue, spec: str, device: str | None):
         return model
 
 
-def _coder(cat: Catalogue, sae: dict, model):
+def _coder(cat: Catalogue, stored: dict, model):
     """The coder as stored in the catalogue (source + hook), loaded once and kept."""
-    from ..indexer.coders import load_coder
+    from featuredb.runtime.coders import load_coder
 
-    key = (sae["sae_id"], str(model.device))
+    key = (stored["coder_id"], str(model.device))
     with cat._lock:
         coder = cat._coders.get(key)
         if coder is not None:
             return coder
-        source = sae["source"]
+        source = stored["source"]
         if not source:
-            raise QueryError(f"coder {sae['sae_id']!r} has no stored source to load it from")
-        prefix = f"{sae['sae_id']}=" if _ID_CHARS.fullmatch(sae["sae_id"]) else ""
-        spec = f"{prefix}{source}@{sae['hook']}"
+            raise QueryError(f"coder {stored['coder_id']!r} has no stored source to load it from")
+        prefix = f"{stored['coder_id']}=" if _ID_CHARS.fullmatch(stored["coder_id"]) else ""
+        spec = f"{prefix}{source}@{stored['hook']}"
         is_gemma = "gemma" in type(model.model).__name__.lower()
         try:
             coder = load_coder(spec, model_is_gemma=is_gemma)
         except Exception as e:  # CoderError, download failures
-            raise QueryError(f"cannot load coder {sae['sae_id']!r} from {source!r}: {one_line(e)}") from None
-        coder.sae_id = sae["sae_id"]
-        if coder.d_in != sae["d_in"] or coder.width != sae["width"]:
-            raise QueryError(f"coder {sae['sae_id']!r} at {source!r} has d_in={coder.d_in}, width={coder.width}, "
-                             f"but the catalogue recorded d_in={sae['d_in']}, width={sae['width']}")
+            raise QueryError(f"cannot load coder {stored['coder_id']!r} from {source!r}: {one_line(e)}") from None
+        coder.coder_id = stored["coder_id"]
+        if coder.d_in != stored["d_in"] or coder.width != stored["width"]:
+            raise QueryError(f"coder {stored['coder_id']!r} at {source!r} has d_in={coder.d_in}, width={coder.width}, "
+                             f"but the catalogue recorded d_in={stored['d_in']}, width={stored['width']}")
         import torch
 
         coder = coder.to(device=model.device, dtype=torch.float32)
@@ -222,14 +222,14 @@ def _sparse_activations(coder, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(positions), np.concatenate(features), np.concatenate(values)
 
 
-def _coder_density(cat: Catalogue, sae_id: str, width: int) -> np.ndarray:
+def _coder_density(cat: Catalogue, coder_id: str, width: int) -> np.ndarray:
     """Density of each of a coder's features (NaN where a feature is not stored), cached."""
     with cat._lock:
-        cached = cat._coder_stats.get(sae_id)
+        cached = cat._coder_stats.get(coder_id)
         if cached is not None:
             return cached[0]
     table = cat._features_table()
-    rows = (table.search().where(Filter().eq("sae_id", sae_id).render(table.schema))
+    rows = (table.search().where(Filter().eq("coder_id", coder_id).render(table.schema))
             .select(["feature", "density", "max_activation"]).limit(None).to_arrow())
     density = np.full(width, np.nan)
     maximum = np.full(width, np.nan, dtype=np.float32)
@@ -237,31 +237,31 @@ def _coder_density(cat: Catalogue, sae_id: str, width: int) -> np.ndarray:
     density[features] = rows["density"].to_numpy()
     maximum[features] = rows["max_activation"].to_numpy()
     with cat._lock:
-        cat._coder_stats[sae_id] = (density, maximum)
+        cat._coder_stats[coder_id] = (density, maximum)
     return density
 
 
 def _rank(active: pl.DataFrame, by: str) -> pl.DataFrame:
     if active.height == 0:
-        return pl.DataFrame(schema={"sae_id": pl.String, "feature": pl.Int64, "activation": pl.Float32,
+        return pl.DataFrame(schema={"coder_id": pl.String, "feature": pl.Int64, "activation": pl.Float32,
                                     "position": pl.Int64, "active_positions": pl.UInt32})
     score = pl.col("activation").max() if by == "max" else pl.col("activation").sum()
     return (
-        active.group_by("sae_id", "feature")
+        active.group_by("coder_id", "feature")
         .agg(score.alias("activation"),
              pl.col("position").sort_by("activation", descending=True).first().alias("position"),
              pl.len().alias("active_positions"))
-        .sort(["activation", "sae_id", "feature"], descending=[True, False, False])
+        .sort(["activation", "coder_id", "feature"], descending=[True, False, False])
     )
 
 
 def _per_token(active: pl.DataFrame, k: int, tokens: list[str]) -> pl.DataFrame:
-    schema = {"position": pl.Int64, "token": pl.String, "rank": pl.UInt32, "sae_id": pl.String,
+    schema = {"position": pl.Int64, "token": pl.String, "rank": pl.UInt32, "coder_id": pl.String,
               "feature": pl.Int64, "activation": pl.Float32}
     if k == 0 or active.height == 0:
         return pl.DataFrame(schema=schema)
     top = (
-        active.sort(["position", "activation", "sae_id", "feature"], descending=[False, True, False, False])
+        active.sort(["position", "activation", "coder_id", "feature"], descending=[False, True, False, False])
         .group_by("position", maintain_order=True).head(k)
         .with_columns(rank=pl.int_range(pl.len()).over("position").cast(pl.UInt32))
     )
@@ -295,7 +295,7 @@ class TokenQuery:
     examples stored), score = matches / examples and example_max (the highest matching example's
     activation). The `limit` features with the most matches are kept (ties: higher example_max),
     then ordered by matches, score, example_max. Scans the stored top examples: narrow it with
-    where(sae_id=..., layer=...) on a large catalogue.
+    where(coder_id=..., layer=...) on a large catalogue.
     """
 
     catalogue: Catalogue
@@ -310,7 +310,7 @@ class TokenQuery:
 
     def where(self, **conditions: Any) -> TokenQuery:
         where = self.conditions.add(**conditions)
-        self.catalogue._check_sae_ids(where.mentioned_sae_ids())
+        self.catalogue._check_coder_ids(where.mentioned_coder_ids())
         return dataclasses.replace(self, conditions=where)
 
     def limit(self, limit: int) -> TokenQuery:
@@ -327,18 +327,18 @@ class TokenQuery:
         lowered = " ".join(self.text.lower().split())
         first_word = lowered.split()[0]
         window = max(self.window, len(words))
-        schema = {"sae_id": pl.String, "feature": pl.Int64, "matches": pl.UInt32, "example_max": pl.Float32}
+        schema = {"coder_id": pl.String, "feature": pl.Int64, "matches": pl.UInt32, "example_max": pl.Float32}
         if not cat._has_table(EXAMPLES_TABLE):
             return self._finish(pl.DataFrame(schema=schema))
         examples = cat._table(EXAMPLES_TABLE)
-        coders = self.conditions.matching_coders(cat._saes(refresh=True))["sae_id"].to_list()
+        coders = self.conditions.matching_coders(cat._coder_table(refresh=True))["coder_id"].to_list()
         if not coders:
             return self._finish(pl.DataFrame(schema=schema))
         where = Filter().eq("kind", "top")
         if self.conditions.eq:
-            where = where.isin("sae_id", coders)
+            where = where.isin("coder_id", coders)
         query = (examples.search().where(where.render(examples.schema))
-                 .select(["sae_id", "feature", "tokens", "max_position", "max_value"]).limit(None))
+                 .select(["coder_id", "feature", "tokens", "max_position", "max_value"]).limit(None))
         hits = []
         for batch in query.to_batches(batch_size=65536):
             frame = pl.from_arrow(batch)
@@ -359,24 +359,24 @@ class TokenQuery:
                         for t, p in zip(candidates["tokens"].to_list(), candidates["max_position"].to_list())]
                 found = candidates.filter(pl.Series(keep, dtype=pl.Boolean)) if candidates.height else candidates
             if found.height:
-                hits.append(found.select("sae_id", "feature", "max_value"))
+                hits.append(found.select("coder_id", "feature", "max_value"))
         if not hits:
             return self._finish(pl.DataFrame(schema=schema))
-        matched = (pl.concat(hits).group_by("sae_id", "feature")
+        matched = (pl.concat(hits).group_by("coder_id", "feature")
                    .agg(pl.len().cast(pl.UInt32).alias("matches"), pl.col("max_value").max().alias("example_max")))
         return self._finish(matched)
 
     def _finish(self, matched: pl.DataFrame) -> pl.DataFrame:
         cat = self.catalogue
-        columns = ["sae_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
-        out_schema = {"sae_id": pl.String, "feature": pl.Int64, "layer": pl.Int32, "site": pl.String,
+        columns = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
+        out_schema = {"coder_id": pl.String, "feature": pl.Int64, "layer": pl.Int32, "site": pl.String,
                       "description": pl.String, "density": pl.Float64, "max_activation": pl.Float32,
                       "top_tokens": pl.List(pl.String), "matches": pl.UInt32, "examples": pl.UInt32,
                       "score": pl.Float64, "example_max": pl.Float32}
         if matched.height == 0:
             return pl.DataFrame(schema=out_schema)
         if self.conditions.ranges:  # feature-level filters need the features' stats first
-            info = cat._feature_rows(list(matched.select("sae_id", "feature").iter_rows()), ["sae_id", "feature"] +
+            info = cat._feature_rows(list(matched.select("coder_id", "feature").iter_rows()), ["coder_id", "feature"] +
                                      [c for c, _, _ in self.conditions.ranges])
             mask = pl.lit(True)
             for column, low, high in self.conditions.ranges:
@@ -384,28 +384,28 @@ class TokenQuery:
                     mask = mask & (pl.col(column) >= low)
                 if high is not None:
                     mask = mask & (pl.col(column) <= high)
-            matched = matched.join(info.filter(mask).select("sae_id", "feature"), on=["sae_id", "feature"])
-        top = matched.sort(["matches", "example_max", "sae_id", "feature"],
+            matched = matched.join(info.filter(mask).select("coder_id", "feature"), on=["coder_id", "feature"])
+        top = matched.sort(["matches", "example_max", "coder_id", "feature"],
                            descending=[True, True, False, False]).head(self.k)
         if top.height == 0:
             return pl.DataFrame(schema=out_schema)
         totals = self._example_counts(top)
-        info = cat._feature_rows(list(top.select("sae_id", "feature").iter_rows()), columns)
-        out = (top.join(info, on=["sae_id", "feature"], how="left")
-               .join(totals, on=["sae_id", "feature"], how="left")
+        info = cat._feature_rows(list(top.select("coder_id", "feature").iter_rows()), columns)
+        out = (top.join(info, on=["coder_id", "feature"], how="left")
+               .join(totals, on=["coder_id", "feature"], how="left")
                .with_columns(score=(pl.col("matches").cast(pl.Float64) / pl.col("examples").cast(pl.Float64)))
-               .sort(["matches", "score", "example_max", "sae_id", "feature"],
+               .sort(["matches", "score", "example_max", "coder_id", "feature"],
                      descending=[True, True, True, False, False]))
         return out.select([pl.col(c).cast(t) for c, t in out_schema.items()])
 
     def _example_counts(self, top: pl.DataFrame) -> pl.DataFrame:
         examples = self.catalogue._table(EXAMPLES_TABLE)
         frames = []
-        for (sae_id,), group in top.group_by("sae_id"):
-            where = Filter().eq("sae_id", sae_id).eq("kind", "top").isin("feature", group["feature"].to_list())
-            rows = examples.search().where(where.render(examples.schema)).select(["sae_id", "feature"]).limit(None).to_arrow()
+        for (coder_id,), group in top.group_by("coder_id"):
+            where = Filter().eq("coder_id", coder_id).eq("kind", "top").isin("feature", group["feature"].to_list())
+            rows = examples.search().where(where.render(examples.schema)).select(["coder_id", "feature"]).limit(None).to_arrow()
             frames.append(pl.from_arrow(rows))
-        counts = pl.concat(frames).group_by("sae_id", "feature").agg(pl.len().cast(pl.UInt32).alias("examples"))
+        counts = pl.concat(frames).group_by("coder_id", "feature").agg(pl.len().cast(pl.UInt32).alias("examples"))
         return counts
 
 

@@ -28,13 +28,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ..store import EXAMPLES_TABLE, FEATURES_TABLE, SAES_TABLE, FeatureStore, Filter, StoreError
-from ..store.descriptions import DESCRIPTIONS_TABLE
-from ..store.schema import vector_dim_of
-from ..errors import one_line
-from .errors import NotFound, QueryError
-from .search import SearchQuery, check_text, finite_vector
-from .where import Where
+from featuredb.store import EXAMPLES_TABLE, FEATURES_TABLE, CODERS_TABLE, FeatureStore, Filter, StoreError
+from featuredb.store.descriptions import DESCRIPTIONS_TABLE
+from featuredb.store.schema import vector_dim_of
+from featuredb.errors import one_line
+from featuredb.errors import NotFound, QueryError
+from featuredb.query.search import SearchQuery, check_text, finite_vector
+from featuredb.query.where import Where
 
 DEFAULT_DB = "./featuredb-demo/catalogue"
 # Vector search defaults, measured by scripts/bench_query.py (docs/benchmarks.md): recall@10 >= 0.98
@@ -78,17 +78,17 @@ class Catalogue:
             raise QueryError(f"cannot open catalogue {str(uri)!r}: {one_line(e)}") from None
         self.uri = self.store.uri
         names = self.store.table_names()
-        if FEATURES_TABLE not in names or SAES_TABLE not in names:
+        if FEATURES_TABLE not in names or CODERS_TABLE not in names:
             raise QueryError(f"no catalogue at {self.uri}: it has no {FEATURES_TABLE!r} table (run `featuredb index` first)")
         self._lock = threading.RLock()
         self._tables: dict[str, Any] = {}
-        self._saes_frame: pl.DataFrame | None = None
+        self._coders_frame: pl.DataFrame | None = None
         self._schema: pa.Schema | None = None
         self._coder_props: tuple[pl.DataFrame, dict[str, tuple[int, str]]] | None = None
         self._embedding_model = embedding_model
         self._detected_embedding_model: str | None = None
         self._models: dict[str, Any] = {}  # fires_on: loaded subject models by spec
-        self._coders: dict[str, Any] = {}  # fires_on: loaded coders by sae_id
+        self._coders: dict[str, Any] = {}  # fires_on: loaded coders by coder_id
         self._coder_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __repr__(self) -> str:
@@ -96,50 +96,50 @@ class Catalogue:
 
     # --- coders ---------------------------------------------------------------------------------
 
-    def saes(self) -> pl.DataFrame:
-        """The coders in the catalogue, sorted by sae_id."""
-        return self._saes(refresh=True)
+    def coders(self) -> pl.DataFrame:
+        """The coders in the catalogue, sorted by coder_id."""
+        return self._coder_table(refresh=True)
 
-    def _saes(self, refresh: bool = False) -> pl.DataFrame:
+    def _coder_table(self, refresh: bool = False) -> pl.DataFrame:
         with self._lock:
-            if self._saes_frame is None or refresh:
-                self._saes_frame = self.store.saes()
-            return self._saes_frame
+            if self._coders_frame is None or refresh:
+                self._coders_frame = self.store.coders()
+            return self._coders_frame
 
-    def _check_sae_ids(self, sae_ids: set[str] | None) -> None:
-        if not sae_ids:
+    def _check_coder_ids(self, coder_ids: set[str] | None) -> None:
+        if not coder_ids:
             return
-        known = set(self._saes()["sae_id"].to_list())
-        if sae_ids - known:
-            known = set(self._saes(refresh=True)["sae_id"].to_list())
-        unknown = sorted(sae_ids - known)
+        known = set(self._coder_table()["coder_id"].to_list())
+        if coder_ids - known:
+            known = set(self._coder_table(refresh=True)["coder_id"].to_list())
+        unknown = sorted(coder_ids - known)
         if unknown:
-            raise NotFound(f"unknown sae_id {unknown[0]!r}{_known_hint(sorted(known))}")
+            raise NotFound(f"unknown coder_id {unknown[0]!r}{_known_hint(sorted(known))}")
 
     def _with_coder_columns(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """Add each row's coder properties (layer, site) from the saes table."""
+        """Add each row's coder properties (layer, site) from the coders table."""
         coders = self._coder_properties()
-        if any(s not in coders for s in frame["sae_id"].unique().to_list()):
-            self._saes(refresh=True)
+        if any(s not in coders for s in frame["coder_id"].unique().to_list()):
+            self._coder_table(refresh=True)
             coders = self._coder_properties()
-        sae_ids = frame["sae_id"].to_list()
+        coder_ids = frame["coder_id"].to_list()
         return frame.with_columns(
-            layer=pl.Series([coders.get(s, (None, None))[0] for s in sae_ids], dtype=pl.Int32),
-            site=pl.Series([coders.get(s, (None, None))[1] for s in sae_ids], dtype=pl.String),
+            layer=pl.Series([coders.get(s, (None, None))[0] for s in coder_ids], dtype=pl.Int32),
+            site=pl.Series([coders.get(s, (None, None))[1] for s in coder_ids], dtype=pl.String),
         )
 
     def _coder_properties(self) -> dict[str, tuple[int, str]]:
         with self._lock:
-            frame = self._saes()
+            frame = self._coder_table()
             if self._coder_props is None or self._coder_props[0] is not frame:
-                self._coder_props = (frame, {r[0]: (r[1], r[2]) for r in frame.select("sae_id", "layer", "site").iter_rows()})
+                self._coder_props = (frame, {r[0]: (r[1], r[2]) for r in frame.select("coder_id", "layer", "site").iter_rows()})
             return self._coder_props[1]
 
-    def _sae(self, sae_id: object) -> dict:
-        if not isinstance(sae_id, str) or not sae_id:
-            raise QueryError(f"sae_id must be a non-empty string, got {sae_id!r}")
-        self._check_sae_ids({sae_id})
-        return self._saes().filter(pl.col("sae_id") == sae_id).row(0, named=True)
+    def _coder_row(self, coder_id: object) -> dict:
+        if not isinstance(coder_id, str) or not coder_id:
+            raise QueryError(f"coder_id must be a non-empty string, got {coder_id!r}")
+        self._check_coder_ids({coder_id})
+        return self._coder_table().filter(pl.col("coder_id") == coder_id).row(0, named=True)
 
     # --- tables -------------------------------------------------------------------------------
 
@@ -174,8 +174,8 @@ class Catalogue:
 
     def embedding_model(self) -> str:
         """The model that embeds queries: the one given to open(), else the one recorded with the
-        stored description vectors, else featuredb.embedding.DEFAULT_EMBEDDING_MODEL."""
-        from ..embedding import DEFAULT_EMBEDDING_MODEL
+        stored description vectors, else featuredb.runtime.embedding.DEFAULT_EMBEDDING_MODEL."""
+        from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
 
         if self._embedding_model:
             return self._embedding_model
@@ -206,7 +206,7 @@ class Catalogue:
         return dim
 
     def _embed_query(self, text: str) -> np.ndarray:
-        from ..embedding import EmbeddingError, embed
+        from featuredb.runtime.embedding import EmbeddingError, embed
 
         name = self.embedding_model()
         try:
@@ -223,7 +223,7 @@ class Catalogue:
                      exact: bool = False) -> VectorPlan:
         """How to run a vector search under a filter.
 
-        A filter on coders (sae_id, layer, site, model, hook) that keeps few rows is searched exactly
+        A filter on coders (coder_id, layer, site, model, hook) that keeps few rows is searched exactly
         over just those rows: an IVF index finds the top of a narrow subset badly (measured: one
         16k coder of 10M rows had recall@10 0.90 at 400 probes, 1.0 exact in ~15 ms). Otherwise
         the IVF probes grow as the kept fraction shrinks (fraction^-1/4, measured to hold
@@ -246,11 +246,11 @@ class Catalogue:
     def _matching_rows(self, where: Where) -> tuple[float, float]:
         """Estimated (rows, fraction of all rows) kept by the coder-level conditions of a filter,
         from the coders' widths (ranges are not counted)."""
-        saes = self._saes()
-        total = float(saes["width"].sum() or 0)
+        coders = self._coder_table()
+        total = float(coders["width"].sum() or 0)
         if not where.eq or total <= 0:
             return total, 1.0
-        rows = float(where.matching_coders(saes)["width"].sum() or 0)
+        rows = float(where.matching_coders(coders)["width"].sum() or 0)
         return rows, rows / total
 
     # --- searches -----------------------------------------------------------------------------
@@ -278,14 +278,14 @@ class Catalogue:
 
     # --- one feature --------------------------------------------------------------------------
 
-    def feature(self, sae_id: str, index: int) -> dict[str, Any]:
+    def feature(self, coder_id: str, index: int) -> dict[str, Any]:
         """Everything stored about one feature: coder, statistics, histogram, logits, neighbours,
         descriptions, top tokens, top and interval examples."""
-        sae = self._sae(sae_id)
-        index = _feature_index(index, sae)
+        coder = self._coder_row(coder_id)
+        index = _feature_index(index, coder)
         features = self._features_table()
         columns = [c for c in features.schema.names if c != "vector"]
-        where = Filter().eq("sae_id", sae_id).eq("feature", index)
+        where = Filter().eq("coder_id", coder_id).eq("feature", index)
 
         def feature_row() -> list[dict]:
             return features.search().where(where.render(features.schema)).select(columns).limit(1).to_arrow().to_pylist()
@@ -309,29 +309,29 @@ class Catalogue:
             history_future = pool.submit(description_rows)
             rows, examples, history = rows_future.result(), examples_future.result(), history_future.result()
         if not rows:
-            raise NotFound(f"feature {index} of {sae_id!r} is not stored in the catalogue")
+            raise NotFound(f"feature {index} of {coder_id!r} is not stored in the catalogue")
         row = rows[0]
         neighbour_ids = row["neighbours"] or []
-        neighbour_text = self._descriptions(sae_id, neighbour_ids)
-        return _feature_dict(sae, row, examples, neighbour_text, history)
+        neighbour_text = self._descriptions(coder_id, neighbour_ids)
+        return _feature_dict(coder, row, examples, neighbour_text, history)
 
-    def _descriptions(self, sae_id: str, features: list[int]) -> dict[int, str | None]:
+    def _descriptions(self, coder_id: str, features: list[int]) -> dict[int, str | None]:
         if not features:
             return {}
         table = self._features_table()
-        where = Filter().eq("sae_id", sae_id).isin("feature", [int(f) for f in features]).render(table.schema)
+        where = Filter().eq("coder_id", coder_id).isin("feature", [int(f) for f in features]).render(table.schema)
         rows = table.search().where(where).select(["feature", "description"]).limit(None).to_arrow().to_pylist()
         return {r["feature"]: r["description"] for r in rows}
 
     def _feature_rows(self, keys: list[tuple[str, int]], columns: list[str]) -> pl.DataFrame:
-        """Feature rows for (sae_id, feature) keys, one query per coder, in no particular order."""
+        """Feature rows for (coder_id, feature) keys, one query per coder, in no particular order."""
         table = self._features_table()
         by_coder: dict[str, list[int]] = {}
-        for sae_id, feature in keys:
-            by_coder.setdefault(sae_id, []).append(int(feature))
+        for coder_id, feature in keys:
+            by_coder.setdefault(coder_id, []).append(int(feature))
         frames = []
-        for sae_id, features in by_coder.items():
-            where = Filter().eq("sae_id", sae_id).isin("feature", sorted(set(features))).render(table.schema)
+        for coder_id, features in by_coder.items():
+            where = Filter().eq("coder_id", coder_id).isin("feature", sorted(set(features))).render(table.schema)
             frames.append(pl.from_arrow(table.search().where(where).select(columns).limit(None).to_arrow()))
         if not frames:
             return pl.from_arrow(table.schema.empty_table().select(columns))  # type: ignore[return-value]
@@ -339,30 +339,30 @@ class Catalogue:
 
     # --- activation search, similarity, indexes (in their own modules) ------------------------
 
-    def fires_on(self, text: str, saes: list[str] | str | None = None, *, by: str = "max",
+    def fires_on(self, text: str, coders: list[str] | str | None = None, *, by: str = "max",
                  positions: list[int] | None = None, max_density: float | None = None, limit: int = 20,
                  per_token: int = 5, device: str | None = None):
         """Run `text` through the model and the chosen coders (default: all) and return the features
         that fire. See featuredb.query.activation.fires_on."""
-        from .activation import fires_on
+        from featuredb.query.activation import fires_on
 
-        return fires_on(self, text, saes=saes, by=by, positions=positions, max_density=max_density,
+        return fires_on(self, text, coders=coders, by=by, positions=positions, max_density=max_density,
                         limit=limit, per_token=per_token, device=device)
 
     def with_token(self, token_or_phrase: str, *, window: int = 0):
         """Features whose stored top examples peak on this token (or, with a phrase or a window,
         whose context around the peak contains it). No model needed."""
-        from .activation import TokenQuery
+        from featuredb.query.activation import TokenQuery
 
         return TokenQuery(self, check_text(token_or_phrase, "token or phrase", 200), window=window)
 
-    def similar(self, sae_id: str, index: int, *, across: bool = True):
+    def similar(self, coder_id: str, index: int, *, across: bool = True):
         """Nearest features by decoder-direction cosine: within the coder, and with across=True in
         every coder of the same model whose decoder lives in the same space."""
-        from .decoders import SimilarQuery
+        from featuredb.query.similar import SimilarQuery
 
-        sae = self._sae(sae_id)
-        return SimilarQuery(self, sae["sae_id"], _feature_index(index, sae), across=bool(across))
+        coder = self._coder_row(coder_id)
+        return SimilarQuery(self, coder["coder_id"], _feature_index(index, coder), across=bool(across))
 
     def warm(self) -> None:
         """Load the features table's indexes into memory now (a server calls this at start), so the
@@ -375,14 +375,14 @@ class Catalogue:
                 pass
 
     def create_indexes(self, **options: Any) -> dict[str, list[str]]:
-        """Build the vector, full-text and scalar indexes (see featuredb.query.indexes)."""
-        from .indexes import create_indexes
+        """Build the vector, full-text and scalar indexes (see featuredb.store.indexes)."""
+        from featuredb.store.indexes import create_indexes
 
         return create_indexes(self.store, **options)
 
     def optimize(self, **options: Any) -> dict[str, list[str]]:
         """Fold new rows into the indexes, compact files, and create indexes that are missing."""
-        from .indexes import optimize
+        from featuredb.store.indexes import optimize
 
         return optimize(self.store, **options)
 
@@ -412,14 +412,14 @@ def _known_hint(known: list[str]) -> str:
     return f" (known: {shown})"
 
 
-def _feature_index(index: object, sae: dict) -> int:
+def _feature_index(index: object, coder: dict) -> int:
     if not isinstance(index, numbers.Integral) or isinstance(index, bool):
         raise QueryError(f"feature index must be an integer, got {index!r}")
     index = int(index)
     if index < 0:
         raise QueryError(f"feature index must be >= 0, got {index}")
-    if index >= sae["width"]:
-        raise NotFound(f"feature index {index} is out of range for {sae['sae_id']!r} (width {sae['width']})")
+    if index >= coder["width"]:
+        raise NotFound(f"feature index {index} is out of range for {coder['coder_id']!r} (width {coder['width']})")
     return index
 
 
@@ -446,11 +446,11 @@ def _description_entry(stored: dict, indexed_at: Any) -> dict:
     }
 
 
-def _description_list(sae: dict, row: dict, history: list[dict]) -> list[dict]:
+def _description_list(coder: dict, row: dict, history: list[dict]) -> list[dict]:
     """Every description of the feature, the current one (the features row's) first, then the
     others newest first. A current description with no descriptions-table row (written by an
     older featuredb, or directly into the features table) is listed from the features row."""
-    entries = [_description_entry(r, sae["created_at"])
+    entries = [_description_entry(r, coder["created_at"])
                for r in sorted(history, key=lambda r: r["created_at"], reverse=True)]
     if row.get("description") is None:
         return entries
@@ -467,22 +467,22 @@ def _description_list(sae: dict, row: dict, history: list[dict]) -> list[dict]:
     return [current, *entries]
 
 
-def _feature_dict(sae: dict, row: dict, examples: pl.DataFrame, neighbour_text: dict[int, str | None],
+def _feature_dict(coder: dict, row: dict, examples: pl.DataFrame, neighbour_text: dict[int, str | None],
                   history: list[dict]) -> dict:
     counts = list(row["hist_counts"] or [])
     hist_max = float(row["hist_max"])
     edges = [hist_max * i / len(counts) for i in range(len(counts) + 1)] if counts else []
     return {
-        "sae_id": row["sae_id"],
+        "coder_id": row["coder_id"],
         "feature": row["feature"],
         "model": row["model"],
         "layer": row["layer"],
         "hook": row["hook"],
         "site": row["site"],
-        "coder": {k: sae[k] for k in ("kind", "architecture", "width", "d_in", "d_out", "hook_out", "source",
+        "coder": {k: coder[k] for k in ("kind", "architecture", "width", "d_in", "d_out", "hook_out", "source",
                                        "tokens_indexed", "contexts_indexed", "context", "top_k")},
         "description": row.get("description"),
-        "descriptions": _description_list(sae, row, history),
+        "descriptions": _description_list(coder, row, history),
         "density": row["density"],
         "active_count": row["active_count"],
         "max_activation": row["max_activation"],

@@ -5,6 +5,7 @@ Colour goes through click.style, so it disappears when output is not a terminal.
 
 from __future__ import annotations
 
+import math
 import shutil
 from typing import Any
 
@@ -50,8 +51,8 @@ def table(frame: pl.DataFrame, columns: list[str], headers: list[str] | None = N
 def results(frame: pl.DataFrame, score: str = "score") -> str:
     if frame.height == 0:
         return "no matching features"
-    return table(frame, ["score", "sae_id", "feature", "layer", "site", "density", "max_activation", "description"],
-                 [score, "sae_id", "feature", "layer", "site", "density", "max", "description"])
+    return table(frame, ["score", "coder_id", "feature", "layer", "site", "density", "max_activation", "description"],
+                 [score, "coder_id", "feature", "layer", "site", "density", "max", "description"])
 
 
 def sparkline(counts: list[int]) -> str:
@@ -78,7 +79,7 @@ def context(tokens: list[str], values: list[float], peak: int, radius: int = 12)
 
 def dashboard(feature: dict, examples: int = 5) -> str:
     lines = []
-    title = f"{feature['sae_id']}/{feature['feature']}"
+    title = f"{feature['coder_id']}/{feature['feature']}"
     lines.append(click.style(title, bold=True) + f"  ({feature['model']}, layer {feature['layer']}, {feature['site']}, "
                  f"{feature['hook']})")
     lines.append(f"description: {feature['description'] or '(none yet)'}")
@@ -121,13 +122,24 @@ def fires(result, per_token_rows: int = 3) -> str:
     if result.features.height == 0:
         lines.append("no feature fires")
         return "\n".join(lines)
-    lines.append(table(result.features, ["activation", "sae_id", "feature", "position", "density", "description"],
-                       [result.by, "sae_id", "feature", "pos", "density", "description"]))
+    lines.append(table(result.features, ["activation", "coder_id", "feature", "position", "density", "description"],
+                       [result.by, "coder_id", "feature", "pos", "density", "description"]))
     if result.per_token.height:
         lines.append("")
         lines.append(click.style("per token", bold=True))
         for (position,), group in result.per_token.group_by("position", maintain_order=True):
             top = group.head(per_token_rows).iter_rows(named=True)
-            cells = "  ".join(f"{r['sae_id']}/{r['feature']} {r['activation']:.3g}" for r in top)
+            cells = "  ".join(f"{r['coder_id']}/{r['feature']} {r['activation']:.3g}" for r in top)
             lines.append(f"  {position:>4} {result.tokens[position]!r:<14} {cells}")
     return "\n".join(lines)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None so the output is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -18,23 +18,23 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ..errors import one_line
-from .errors import QueryError
-from .where import Where
+from featuredb.errors import one_line
+from featuredb.errors import QueryError
+from featuredb.query.where import Where
 
 if TYPE_CHECKING:
-    from .catalogue import Catalogue
+    from featuredb.query.catalogue import Catalogue
 
 DEFAULT_LIMIT = 10
 MAX_LIMIT = 1000
 MAX_QUERY_CHARS = 1000
 # Columns of every search result row (score is added).
-RESULT_COLUMNS = ["sae_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
+RESULT_COLUMNS = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
 # What a search reads from the index's rows: layer and site are properties of the coder and come
-# from the (cached) saes table instead; every column read costs about 0.3 ms at 10M rows.
-FETCHED_COLUMNS = ["sae_id", "feature", "description", "density", "max_activation", "top_tokens"]
+# from the (cached) coders table instead; every column read costs about 0.3 ms at 10M rows.
+FETCHED_COLUMNS = ["coder_id", "feature", "description", "density", "max_activation", "top_tokens"]
 RESULT_SCHEMA = {
-    "sae_id": pl.String, "feature": pl.Int64, "layer": pl.Int32, "site": pl.String, "description": pl.String,
+    "coder_id": pl.String, "feature": pl.Int64, "layer": pl.Int32, "site": pl.String, "description": pl.String,
     "density": pl.Float64, "max_activation": pl.Float32, "top_tokens": pl.List(pl.String), "score": pl.Float64,
 }
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.)
@@ -82,10 +82,10 @@ class SearchQuery:
     # --- building ---------------------------------------------------------------------------
 
     def where(self, **conditions: Any) -> SearchQuery:
-        """Keep only features with these properties (AND): sae_id, layer, site, model, hook take a
+        """Keep only features with these properties (AND): coder_id, layer, site, model, hook take a
         value or a list of values; density and max_activation a (low, high) pair (None = open)."""
         where = self.conditions.add(**conditions)
-        self.catalogue._check_sae_ids(where.mentioned_sae_ids())
+        self.catalogue._check_coder_ids(where.mentioned_coder_ids())
         return dataclasses.replace(self, conditions=where)
 
     def limit(self, limit: int) -> SearchQuery:
@@ -110,7 +110,7 @@ class SearchQuery:
     # --- running ----------------------------------------------------------------------------
 
     def to_polars(self) -> pl.DataFrame:
-        """Result rows, best first: sae_id, feature, layer, site, description, density,
+        """Result rows, best first: coder_id, feature, layer, site, description, density,
         max_activation, top_tokens, score (cosine similarity, BM25 score or RRF score)."""
         cat = self.catalogue
         condition = self.conditions.render(cat._features_schema())
@@ -203,9 +203,9 @@ def rrf_fuse(legs: list[pl.DataFrame], k: int, rrf_k: int = RRF_K) -> pl.DataFra
         return empty_results()
     combined = pl.concat([r.drop("rank", "score") for r in ranked], how="vertical")
     fused = (
-        combined.group_by("sae_id", "feature", maintain_order=True)
+        combined.group_by("coder_id", "feature", maintain_order=True)
         .agg(pl.all().exclude("rrf").first(), pl.col("rrf").sum().alias("score"))
-        .sort(["score", "sae_id", "feature"], descending=[True, False, False])
+        .sort(["score", "coder_id", "feature"], descending=[True, False, False])
         .head(k)
     )
     return fused.select(list(RESULT_SCHEMA))
@@ -228,7 +228,7 @@ def _finish(frame: pl.DataFrame) -> pl.DataFrame:
     if frame.height == 0:
         return empty_results()
     frame = frame.filter(pl.col("score").is_not_nan())
-    return frame.sort(["score", "sae_id", "feature"], descending=[True, False, False]).select(
+    return frame.sort(["score", "coder_id", "feature"], descending=[True, False, False]).select(
         [pl.col(c).cast(t) for c, t in RESULT_SCHEMA.items()]
     )
 

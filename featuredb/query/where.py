@@ -1,6 +1,6 @@
 """Typed search filters -> featuredb.store.Filter (the only way a filter is built).
 
-`where(layer=12, sae_id=..., site="res", model=..., hook=..., density=(lo, hi),
+`where(layer=12, coder_id=..., site="res", model=..., hook=..., density=(lo, hi),
 max_activation=(lo, hi))`: every value is type-checked here and rendered by Filter as an escaped
 literal, so a value holding quotes or SQL is compared as a value and never parsed.
 """
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
-from ..store import Filter, StoreError
-from ..store.schema import SITES
-from ..errors import one_line
-from .errors import QueryError
+from featuredb.store import Filter, StoreError
+from featuredb.store.schema import SITES
+from featuredb.errors import one_line
+from featuredb.errors import QueryError
 
 # column -> Python type of its values; a list/tuple/set of values means "any of them"
-EQ_COLUMNS: dict[str, type] = {"sae_id": str, "layer": int, "site": str, "model": str, "hook": str}
+EQ_COLUMNS: dict[str, type] = {"coder_id": str, "layer": int, "site": str, "model": str, "hook": str}
 RANGE_COLUMNS: tuple[str, ...] = ("density", "max_activation")
 WHERE_KEYS: tuple[str, ...] = tuple(EQ_COLUMNS) + RANGE_COLUMNS
 MAX_VALUES = 10_000  # values in one isin
@@ -53,17 +53,17 @@ class Where:
     def __bool__(self) -> bool:
         return bool(self.eq or self.ranges)
 
-    def sae_ids(self) -> set[str] | None:
-        """Coders named by sae_id conditions (intersection), or None if no sae_id condition."""
+    def coder_ids(self) -> set[str] | None:
+        """Coders named by coder_id conditions (intersection), or None if no coder_id condition."""
         chosen: set[str] | None = None
         for column, values in self.eq:
-            if column == "sae_id":
+            if column == "coder_id":
                 chosen = set(values) if chosen is None else chosen & set(values)
         return chosen
 
-    def mentioned_sae_ids(self) -> set[str]:
-        """Every sae_id named in any condition (for checking that they exist)."""
-        return {v for column, values in self.eq if column == "sae_id" for v in values}
+    def mentioned_coder_ids(self) -> set[str]:
+        """Every coder_id named in any condition (for checking that they exist)."""
+        return {v for column, values in self.eq if column == "coder_id" for v in values}
 
     def to_filter(self, columns: Iterable[str] | None = None) -> Filter:
         """The Filter over the given columns (all conditions when None)."""
@@ -89,12 +89,12 @@ class Where:
         """The conditions that are properties of a coder (all equality ones)."""
         return self.eq
 
-    def matching_coders(self, saes: pl.DataFrame) -> pl.DataFrame:
-        """The saes rows that satisfy every coder-level condition."""
+    def matching_coders(self, coders: pl.DataFrame) -> pl.DataFrame:
+        """The coders rows that satisfy every coder-level condition."""
         mask = pl.lit(True)
         for column, values in self.eq:
             mask = mask & pl.col(column).is_in(list(values))
-        return saes.filter(mask)
+        return coders.filter(mask)
 
     def describe(self) -> str:
         parts = [f"{c}={v[0]!r}" if len(v) == 1 else f"{c} in {list(v)!r}" for c, v in self.eq]
@@ -146,3 +146,18 @@ def _range(key: str, value: object) -> tuple[float | None, float | None]:
     if low is not None and high is not None and low > high:
         raise QueryError(f"where({key}=({low}, {high})): low is above high")
     return low, high
+
+
+def where_conditions(layer, coder_ids, site, model, min_density, max_density) -> dict:
+    where: dict[str, Any] = {}
+    if layer:
+        where["layer"] = list(layer)
+    if coder_ids:
+        where["coder_id"] = list(coder_ids)
+    if site:
+        where["site"] = list(site)
+    if model:
+        where["model"] = list(model)
+    if min_density is not None or max_density is not None:
+        where["density"] = (min_density, max_density)
+    return where

@@ -1,22 +1,22 @@
 """The feature store: LanceDB tables of coders, features and example contexts."""
 
-from .feature_store import FeatureStore
-from .filters import Filter, column_ref, sql_literal
-from .schema import (
+from featuredb.store.feature_store import FeatureStore
+from featuredb.store.filters import Filter, column_ref, sql_literal
+from featuredb.store.schema import (
     EXAMPLES_TABLE,
     FEATURES_TABLE,
-    SAES_TABLE,
+    CODERS_TABLE,
     TABLE_NAMES,
     StoreError,
     examples_schema,
     features_schema,
-    saes_schema,
+    coders_schema,
 )
 
 __all__ = [
     "EXAMPLES_TABLE",
     "FEATURES_TABLE",
-    "SAES_TABLE",
+    "CODERS_TABLE",
     "TABLE_NAMES",
     "FeatureStore",
     "Filter",
@@ -24,6 +24,6 @@ __all__ = [
     "column_ref",
     "examples_schema",
     "features_schema",
-    "saes_schema",
+    "coders_schema",
     "sql_literal",
 ]

@@ -15,7 +15,7 @@ never inserts or deletes rows and leaves every other column alone). A crash betw
 commits is repaired by the next `sync_features` (every describe run ends with one).
 
 Only descriptions made from the coder's current indexing (`indexed_at` = the coder's
-`saes.created_at`) count: re-indexing a coder makes its old descriptions history.
+`coders.created_at`) count: re-indexing a coder makes its old descriptions history.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..embedding import DEFAULT_EMBEDDING_MODEL
-from . import FEATURES_TABLE, FeatureStore, Filter, StoreError
-from .connect import connect
-from .schema import conform_table, vector_dim_of
+from featuredb.store import FEATURES_TABLE, FeatureStore, Filter, StoreError
+from featuredb.store.connect import connect
+from featuredb.store.schema import conform_table, vector_dim_of
 
 DESCRIPTIONS_TABLE = "descriptions"
 # How descriptions rank against each other when choosing a feature's current one.
@@ -48,7 +47,7 @@ Embedder = Callable[[list[str], str], np.ndarray]
 def descriptions_schema() -> pa.Schema:
     req, opt = (lambda n, t: pa.field(n, t, nullable=False)), (lambda n, t: pa.field(n, t, nullable=True))
     return pa.schema([
-        req("sae_id", pa.string()),
+        req("coder_id", pa.string()),
         req("feature", pa.int64()),
         req("description", pa.string()),
         req("method", pa.string()),  # tokens | llm | local | manual
@@ -56,7 +55,7 @@ def descriptions_schema() -> pa.Schema:
         opt("explainer_source", pa.string()),  # endpoint URL, "local", or null
         req("prompt_version", pa.string()),
         req("created_at", pa.timestamp("us", tz="UTC")),
-        req("indexed_at", pa.timestamp("us", tz="UTC")),  # the coder's saes.created_at it was made from
+        req("indexed_at", pa.timestamp("us", tz="UTC")),  # the coder's coders.created_at it was made from
         opt("detection_score", pa.float32()),
         opt("fuzz_score", pa.float32()),
         opt("detection_n", pa.int32()),
@@ -78,23 +77,23 @@ class SyncResult:
         return self
 
 
-def coder_indexed_at(store: FeatureStore, sae_id: str) -> dt.datetime:
-    rows = [r for r in store.saes().to_dicts() if r["sae_id"] == sae_id]
+def coder_indexed_at(store: FeatureStore, coder_id: str) -> dt.datetime:
+    rows = [r for r in store.coders().to_dicts() if r["coder_id"] == coder_id]
     if not rows:
-        raise StoreError(f"no coder {sae_id!r} in {store.uri}")
+        raise StoreError(f"no coder {coder_id!r} in {store.uri}")
     return rows[0]["created_at"]
 
 
 def write_descriptions(
     store: FeatureStore,
-    sae_id: str,
+    coder_id: str,
     rows: pa.Table | Mapping[str, object] | list[dict],
     *,
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+    embedding_model: str | None = None,
     embedder: Embedder | None = None,
     sync: bool = True,
 ) -> SyncResult:
-    """Record new descriptions of coder `sae_id`'s features and update their current description.
+    """Record new descriptions of coder `coder_id`'s features and update their current description.
 
     `rows` has the columns of `descriptions_schema()` (a table, a dict of columns or a list of row
     dicts). Everything is validated before anything is written: StoreError on bad input.
@@ -102,24 +101,26 @@ def write_descriptions(
     columns itself (an import restoring them exactly); a later `sync_features` repairs any drift.
     """
     _require_writable(store)
+    if sync:
+        _require_embedder(embedder, embedding_model)
     if isinstance(rows, list):
         rows = {name: [r.get(name) for r in rows] for name in descriptions_schema().names}
     table = conform_table(rows, descriptions_schema(), "descriptions")
     if table.num_rows == 0:
         return SyncResult()
-    _validate(store, sae_id, table)
+    _validate(store, coder_id, table)
     target = _open_descriptions(store, create=True)
     target.add(table)
     if not sync:
         return SyncResult()
     features = sorted(set(table["feature"].to_pylist()))
-    return sync_features(store, sae_id, features, embedding_model=embedding_model, embedder=embedder)
+    return sync_features(store, coder_id, features, embedding_model=embedding_model, embedder=embedder)
 
 
-def _validate(store: FeatureStore, sae_id: str, table: pa.Table) -> None:
-    other = [v for v in pc.unique(table["sae_id"]).to_pylist() if v != sae_id]
+def _validate(store: FeatureStore, coder_id: str, table: pa.Table) -> None:
+    other = [v for v in pc.unique(table["coder_id"]).to_pylist() if v != coder_id]
     if other:
-        raise StoreError(f"descriptions: rows carry sae_id {other[0]!r}, expected {sae_id!r}")
+        raise StoreError(f"descriptions: rows carry coder_id {other[0]!r}, expected {coder_id!r}")
     for text in table["description"].to_pylist():
         if not text.strip():
             raise StoreError("descriptions: empty description")
@@ -132,24 +133,24 @@ def _validate(store: FeatureStore, sae_id: str, table: pa.Table) -> None:
         for value in table[column].to_pylist():
             if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise StoreError(f"descriptions: {column} {value!r} is not in [0, 1]")
-    indexed_at = coder_indexed_at(store, sae_id)
+    indexed_at = coder_indexed_at(store, coder_id)
     stale = [v for v in pc.unique(table["indexed_at"]).to_pylist() if v != indexed_at]
     if stale:
-        raise StoreError(f"descriptions: made from an indexing of {sae_id!r} at {stale[0]}, but the "
+        raise StoreError(f"descriptions: made from an indexing of {coder_id!r} at {stale[0]}, but the "
                          f"coder was indexed again at {indexed_at}; describe it again")
     wanted = sorted(set(table["feature"].to_pylist()))
-    stored = {r["feature"] for r in _read(store, FEATURES_TABLE, sae_id, wanted, ["feature"])}
+    stored = {r["feature"] for r in _read(store, FEATURES_TABLE, coder_id, wanted, ["feature"])}
     missing = [f for f in wanted if f not in stored]
     if missing:
-        raise StoreError(f"descriptions: coder {sae_id!r} has no feature {missing[0]}")
+        raise StoreError(f"descriptions: coder {coder_id!r} has no feature {missing[0]}")
 
 
-def current_descriptions(store: FeatureStore, sae_id: str, features: list[int] | None = None) -> list[dict]:
+def current_descriptions(store: FeatureStore, coder_id: str, features: list[int] | None = None) -> list[dict]:
     """Descriptions made from the coder's current indexing (optionally of some features only)."""
     if DESCRIPTIONS_TABLE not in store.table_names():
         return []
-    indexed_at = coder_indexed_at(store, sae_id)
-    rows = _read(store, DESCRIPTIONS_TABLE, sae_id, features, None)
+    indexed_at = coder_indexed_at(store, coder_id)
+    rows = _read(store, DESCRIPTIONS_TABLE, coder_id, features, None)
     return [r for r in rows if r["indexed_at"] == indexed_at]
 
 
@@ -170,23 +171,25 @@ def best_description(rows: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 def sync_features(
     store: FeatureStore,
-    sae_id: str,
+    coder_id: str,
     features: list[int] | None = None,
     *,
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+    embedding_model: str | None = None,
     embedder: Embedder | None = None,
 ) -> SyncResult:
     """Bring the features' description columns in line with their best current description,
     embedding with `embedding_model` whatever changed or was embedded with another model.
-    Features without any current description are left as they are."""
+    Features without any current description are left as they are. The store computes no
+    embeddings itself: `embedder(texts, embedding_model)` does (featuredb.runtime.embedding.embed)."""
     _require_writable(store)
+    _require_embedder(embedder, embedding_model)
     by_feature: dict[int, list[dict]] = {}
-    for row in current_descriptions(store, sae_id, features):
+    for row in current_descriptions(store, coder_id, features):
         by_feature.setdefault(row["feature"], []).append(row)
     if not by_feature:
         return SyncResult()
     columns = ["feature", "description", "description_method", "description_model", "embedding_model"]
-    stored = {r["feature"]: r for r in _read(store, FEATURES_TABLE, sae_id, sorted(by_feature), columns)}
+    stored = {r["feature"]: r for r in _read(store, FEATURES_TABLE, coder_id, sorted(by_feature), columns)}
     changes = []
     for feature, rows in sorted(by_feature.items()):
         best = best_description(rows)
@@ -208,9 +211,9 @@ def sync_features(
                          f"features table's vector column holds {dim}")
     if not np.isfinite(vectors).all():
         raise StoreError(f"embedding model {embedding_model!r} returned non-finite values")
-    fields = [features_table.schema.field(n) for n in ("sae_id", "feature", *DESCRIPTION_COLUMNS)]
+    fields = [features_table.schema.field(n) for n in ("coder_id", "feature", *DESCRIPTION_COLUMNS)]
     update = pa.table({
-        "sae_id": [sae_id] * len(changes),
+        "coder_id": [coder_id] * len(changes),
         "feature": [c[0] for c in changes],
         "description": [c[1] for c in changes],
         "description_method": [c[2] for c in changes],
@@ -219,23 +222,17 @@ def sync_features(
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
     }).cast(pa.schema(fields))
     # Matched rows only: a feature deleted meanwhile is not brought back; other columns untouched.
-    features_table.merge_insert(["sae_id", "feature"]).when_matched_update_all().execute(update)
+    features_table.merge_insert(["coder_id", "feature"]).when_matched_update_all().execute(update)
     return SyncResult(updated=len(changes), embedded=len(changes), embed_seconds=seconds)
 
 
-def _embed(texts: list[str], model: str, embedder: Embedder | None) -> tuple[np.ndarray, float]:
-    """The embeddings and the seconds spent computing them (loading the model is not counted)."""
-    if embedder is None:
-        from transformers.utils import logging as hf_logging
+def _require_embedder(embedder: Embedder | None, embedding_model: str | None) -> None:
+    if embedder is None or not embedding_model:
+        raise StoreError("updating descriptions needs an embedder and the name of its embedding model")
 
-        from ..embedding import embed, load_embedder
 
-        hf_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar would garble our output
-        try:
-            load_embedder(model)  # cached per process
-        finally:
-            hf_logging.enable_progress_bar()
-        embedder = embed
+def _embed(texts: list[str], model: str, embedder: Embedder) -> tuple[np.ndarray, float]:
+    """The embeddings and the seconds spent computing them."""
     started = time.perf_counter()
     vectors = np.asarray(embedder(texts, model), dtype=np.float32)
     return vectors, time.perf_counter() - started
@@ -259,11 +256,11 @@ def _require_writable(store: FeatureStore) -> None:
         raise StoreError(f"store is read-only: {store.uri}")
 
 
-def _read(store: FeatureStore, name: str, sae_id: str, features: list[int] | None, columns: list[str] | None) -> list[dict]:
+def _read(store: FeatureStore, name: str, coder_id: str, features: list[int] | None, columns: list[str] | None) -> list[dict]:
     if name not in store.table_names():
         return []
     table = store.table(name)
-    where = Filter().eq("sae_id", sae_id)
+    where = Filter().eq("coder_id", coder_id)
     if features is not None:
         where = where.isin("feature", [int(f) for f in features])
     query = table.search().limit(None).where(where.render(table.schema))

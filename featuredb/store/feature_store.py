@@ -4,7 +4,7 @@ Write model: `write_coder` replaces everything stored for one coder. All input i
 before the database is touched. Each table is then updated with ONE `merge_insert` commit that
 upserts the coder's rows and deletes its rows missing from the new data, so a reader sees either
 the old or the new rows of that table, never a mix or a gap. Tables are written examples ->
-features -> saes, so a coder appears in `saes` only once its features and examples are stored.
+features -> coders, so a coder appears in `coders` only once its features and examples are stored.
 Known window: the three tables are separate commits; a reader between them can see new examples
 with old features. An exception mid-write restores the tables already committed to their previous
 versions; a hard crash between commits is repaired by simply writing the coder again.
@@ -22,9 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.table import Table
 
-from .connect import connect, is_remote
-from .filters import Filter, column_ref, sql_literal
-from .schema import (
+from featuredb.store.connect import connect, is_remote
+from featuredb.store.decoder_vectors import delete_decoder_vectors
+from featuredb.store.filters import Filter, column_ref, sql_literal
+from featuredb.store.schema import (
     CODER_KINDS,
     DEFAULT_VECTOR_DIM,
     EXAMPLE_KINDS,
@@ -32,15 +33,15 @@ from .schema import (
     EXAMPLES_TABLE,
     FEATURES_KEY,
     FEATURES_TABLE,
-    SAES_KEY,
-    SAES_TABLE,
+    CODERS_KEY,
+    CODERS_TABLE,
     SITES,
     StoreError,
     conform_row,
     conform_table,
     examples_schema,
     features_schema,
-    saes_schema,
+    coders_schema,
 )
 
 __all__ = ["FeatureStore", "StoreError"]
@@ -49,6 +50,7 @@ __all__ = ["FeatureStore", "StoreError"]
 # example rows does not need a second in-memory copy of its data. (16 MiB measured no slower than
 # 64 MiB and clearly faster than 256 MiB on a 2-core machine.)
 _BATCH_BYTES = 16 * 1024 * 1024
+LEGACY_CODERS_TABLE = "saes"  # featuredb 0.1's name for the coders table
 # Columns copied from the coder onto each feature row (for filtering without a join).
 _DENORMALISED_COLUMNS = ("model", "layer", "hook", "site")
 _CONTEXT_COLUMNS = ("tokens", "token_ids", "values")
@@ -59,7 +61,7 @@ class FeatureStore:
 
     def __init__(self, uri: str | Path, *, vector_dim: int = DEFAULT_VECTOR_DIM, read_only: bool = False) -> None:
         self._schemas: dict[str, pa.Schema] = {
-            SAES_TABLE: saes_schema(),
+            CODERS_TABLE: coders_schema(),
             FEATURES_TABLE: features_schema(vector_dim),
             EXAMPLES_TABLE: examples_schema(),
         }
@@ -69,6 +71,26 @@ class FeatureStore:
         # Zero interval: every read checks for the latest version, so tables handed out by
         # `table()` see writes made through other handles or processes.
         self._db = connect(self.uri, consistent_reads=True)
+        self._upgrade_names()
+
+    def _upgrade_names(self) -> None:
+        """Catalogues written before featuredb named everything "coder" hold a `saes` table and
+        `sae_id` columns: a writable open renames them once (metadata only, rows untouched); a
+        read-only one asks for that."""
+        names = self.table_names()
+        if LEGACY_CODERS_TABLE not in names:
+            return
+        if self.read_only:
+            raise StoreError(f"{self.uri} was written by an older featuredb (table 'saes'): upgrade it once with "
+                             f"`featuredb describe --db {self.uri}` (renames sae_id to coder_id, keeps every row)")
+        for name in names:
+            table = self._db.open_table(name)
+            if "sae_id" in table.schema.names:
+                table.alter_columns({"path": "sae_id", "rename": "coder_id"})
+        if CODERS_TABLE not in names:
+            legacy = self._db.open_table(LEGACY_CODERS_TABLE).to_arrow()
+            self._db.create_table(CODERS_TABLE, conform_table(legacy, self._schemas[CODERS_TABLE], "coders"))
+        self._db.drop_table(LEGACY_CODERS_TABLE)
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.uri!r}, vector_dim={self.vector_dim}, read_only={self.read_only})"
@@ -102,36 +124,36 @@ class FeatureStore:
 
     def write_coder(
         self,
-        sae: Mapping[str, object],
+        coder: Mapping[str, object],
         features: pa.Table | Mapping[str, object],
         examples: pa.Table | Mapping[str, object],
     ) -> None:
-        """Store one coder, replacing whatever was stored for its sae_id before.
+        """Store one coder, replacing whatever was stored for its coder_id before.
 
-        `sae` is one row of the saes table (created_at defaults to now); `features` and
+        `coder` is one row of the coders table (created_at defaults to now); `features` and
         `examples` hold all of the coder's rows. Invalid input raises StoreError before anything
         is written.
         """
         self._require_writable()
-        coder = _validated_coder(sae)
-        sae_id = coder["sae_id"][0].as_py()
+        coder_row = _validated_coder(coder)
+        coder_id = coder_row["coder_id"][0].as_py()
         feature_rows = conform_table(features, self._schemas[FEATURES_TABLE], "features")
         example_rows = conform_table(examples, self._schemas[EXAMPLES_TABLE], "examples")
-        _check_features(feature_rows, coder)
-        _check_examples(example_rows, sae_id, feature_rows)
+        _check_features(feature_rows, coder_row)
+        _check_examples(example_rows, coder_id, feature_rows)
         self._check_stored_schemas()
 
         plan = [
             (EXAMPLES_TABLE, example_rows, EXAMPLES_KEY),
             (FEATURES_TABLE, feature_rows, FEATURES_KEY),
-            (SAES_TABLE, coder, SAES_KEY),  # last: listing the coder means it is complete
+            (CODERS_TABLE, coder_row, CODERS_KEY),  # last: listing the coder means it is complete
         ]
         tables = {name: self._open_or_create(name) for name, _, _ in plan}
         versions_before = {name: table.version for name, table in tables.items()}
         written: list[str] = []
         try:
             for name, rows, key in plan:
-                _replace_coder_rows(tables[name], rows, key, sae_id)
+                _replace_coder_rows(tables[name], rows, key, coder_id)
                 written.append(name)
         except Exception as error:
             # Only on a completed failure: after e.g. KeyboardInterrupt LanceDB's background
@@ -142,17 +164,16 @@ class FeatureStore:
                 error.add_note(f"featuredb: rolling back {written} failed: {restore_error}")
             raise
 
-    def delete_coder(self, sae_id: str) -> None:
+    def delete_coder(self, coder_id: str) -> None:
         """Remove a coder and all its rows; a coder that is not stored is a no-op."""
         self._require_writable()
-        # saes first, so a coder is unlisted before its rows start to disappear.
-        for name in (SAES_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):
+        # coders first, so a coder is unlisted before its rows start to disappear.
+        for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):
             table = self._open(name)
             if table is not None:
-                table.delete(Filter().eq("sae_id", sae_id).render(table.schema))
-        from .decoders import delete_decoder_vectors  # decoders.py builds on this module
+                table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
 
-        delete_decoder_vectors(self, sae_id)
+        delete_decoder_vectors(self, coder_id)
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -173,24 +194,24 @@ class FeatureStore:
 
     # --- reading --------------------------------------------------------------------------------
 
-    def saes(self) -> pl.DataFrame:
-        """All coders, sorted by sae_id (an empty frame with the schema when none are stored)."""
-        return self._read(SAES_TABLE, Filter(), None, ["sae_id"])
+    def coders(self) -> pl.DataFrame:
+        """All coders, sorted by coder_id (an empty frame with the schema when none are stored)."""
+        return self._read(CODERS_TABLE, Filter(), None, ["coder_id"])
 
-    def features(self, sae_id: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
-        """Feature rows (of one coder, or all), sorted by (sae_id, feature); optionally only `columns`."""
-        where = Filter() if sae_id is None else Filter().eq("sae_id", sae_id)
-        return self._read(FEATURES_TABLE, where, columns, ["sae_id", "feature"])
+    def features(self, coder_id: str | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+        """Feature rows (of one coder, or all), sorted by (coder_id, feature); optionally only `columns`."""
+        where = Filter() if coder_id is None else Filter().eq("coder_id", coder_id)
+        return self._read(FEATURES_TABLE, where, columns, ["coder_id", "feature"])
 
-    def feature(self, sae_id: str, index: int) -> dict[str, Any] | None:
+    def feature_row(self, coder_id: str, index: int) -> dict[str, Any] | None:
         """One feature row as a dict of Python values, or None if it is not stored."""
-        where = Filter().eq("sae_id", sae_id).eq("feature", index)
+        where = Filter().eq("coder_id", coder_id).eq("feature", index)
         rows = self._read(FEATURES_TABLE, where, None, []).to_dicts()
         return rows[0] if rows else None
 
-    def examples(self, sae_id: str, feature: int | None = None, kind: str | None = None) -> pl.DataFrame:
+    def examples(self, coder_id: str, feature: int | None = None, kind: str | None = None) -> pl.DataFrame:
         """A coder's example contexts, sorted by (feature, kind, rank)."""
-        where = Filter().eq("sae_id", sae_id)
+        where = Filter().eq("coder_id", coder_id)
         if feature is not None:
             where = where.eq("feature", feature)
         if kind is not None:
@@ -224,20 +245,20 @@ class FeatureStore:
 # --- input validation (pure; runs before the database is touched) ----------------------------
 
 
-def _validated_coder(sae: Mapping[str, object]) -> pa.Table:
-    if not isinstance(sae, Mapping):
-        raise StoreError(f"sae: expected a dict, got {type(sae).__name__}")
-    row = dict(sae)
+def _validated_coder(coder: Mapping[str, object]) -> pa.Table:
+    if not isinstance(coder, Mapping):
+        raise StoreError(f"sae: expected a dict, got {type(coder).__name__}")
+    row = dict(coder)
     if row.get("created_at") is None:
         row["created_at"] = dt.datetime.now(dt.timezone.utc)
-    coder = conform_row(row, saes_schema(), "sae")
-    sae_id = coder["sae_id"][0].as_py()
-    if not sae_id:
-        raise StoreError("sae: sae_id must be a non-empty string")
+    coder = conform_row(row, coders_schema(), "sae")
+    coder_id = coder["coder_id"][0].as_py()
+    if not coder_id:
+        raise StoreError("sae: coder_id must be a non-empty string")
     try:
-        sql_literal(sae_id)  # the id must be usable in a filter, which rules out control characters
+        sql_literal(coder_id)  # the id must be usable in a filter, which rules out control characters
     except StoreError as e:
-        raise StoreError(f"sae: invalid sae_id: {e}") from e
+        raise StoreError(f"sae: invalid coder_id: {e}") from e
     for column, allowed in (("site", SITES), ("kind", CODER_KINDS)):
         value = coder[column][0].as_py()
         if value not in allowed:
@@ -245,15 +266,15 @@ def _validated_coder(sae: Mapping[str, object]) -> pa.Table:
     return coder
 
 
-def _check_same_sae_id(rows: pa.Table, sae_id: str, what: str) -> None:
-    other = [v for v in pc.unique(rows["sae_id"]).to_pylist() if v != sae_id]
+def _check_same_coder_id(rows: pa.Table, coder_id: str, what: str) -> None:
+    other = [v for v in pc.unique(rows["coder_id"]).to_pylist() if v != coder_id]
     if other:
-        raise StoreError(f"{what}: rows carry sae_id {other[0]!r}, expected {sae_id!r} for every row")
+        raise StoreError(f"{what}: rows carry coder_id {other[0]!r}, expected {coder_id!r} for every row")
 
 
 def _check_features(rows: pa.Table, coder: pa.Table) -> None:
-    sae_id = coder["sae_id"][0].as_py()
-    _check_same_sae_id(rows, sae_id, "features")
+    coder_id = coder["coder_id"][0].as_py()
+    _check_same_coder_id(rows, coder_id, "features")
     if rows.num_rows == 0:
         return
     width = coder["width"][0].as_py()
@@ -261,7 +282,7 @@ def _check_features(rows: pa.Table, coder: pa.Table) -> None:
     if low.as_py() < 0 or high.as_py() >= width:
         raise StoreError(f"features: feature indices must be in [0, width={width}), got [{low}, {high}]")
     if pc.count_distinct(rows["feature"]).as_py() != rows.num_rows:
-        raise StoreError(f"features: duplicate feature indices for coder {sae_id!r}")
+        raise StoreError(f"features: duplicate feature indices for coder {coder_id!r}")
     if pc.any(pc.is_nan(pc.list_flatten(rows["vector"]))).as_py():
         raise StoreError("features: vector contains NaN (use a null vector for a feature without one)")
     for column in _DENORMALISED_COLUMNS:
@@ -273,8 +294,8 @@ def _check_features(rows: pa.Table, coder: pa.Table) -> None:
             )
 
 
-def _check_examples(rows: pa.Table, sae_id: str, features: pa.Table) -> None:
-    _check_same_sae_id(rows, sae_id, "examples")
+def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:
+    _check_same_coder_id(rows, coder_id, "examples")
     if rows.num_rows == 0:
         return
     kinds = [k for k in pc.unique(rows["kind"]).to_pylist() if k not in EXAMPLE_KINDS]
@@ -300,13 +321,13 @@ def _check_examples(rows: pa.Table, sae_id: str, features: pa.Table) -> None:
 # --- writing helpers -------------------------------------------------------------------------
 
 
-def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], sae_id: str) -> None:
+def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], coder_id: str) -> None:
     """Make the coder's rows in `table` exactly `rows`, in one commit.
 
     Upsert on the row key, and delete this coder's rows the new data no longer has. The delete
     condition is scoped to the coder, so other coders' rows are never touched.
     """
-    own_rows = Filter().eq("sae_id", sae_id).render(table.schema)
+    own_rows = Filter().eq("coder_id", coder_id).render(table.schema)
     (
         table.merge_insert(list(key))
         .when_matched_update_all()

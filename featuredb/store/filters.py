@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .schema import StoreError
+from featuredb.store.schema import StoreError
 
 Scalar = str | int | float | bool
 

@@ -10,23 +10,20 @@ from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
+from featuredb.errors import StoreError
 
 
-class StoreError(ValueError):
-    """Bad input to the store, or a database the store cannot use; always a one-line message."""
-
-
-SAES_TABLE = "saes"
+CODERS_TABLE = "coders"
 FEATURES_TABLE = "features"
 EXAMPLES_TABLE = "examples"
-TABLE_NAMES: tuple[str, ...] = (SAES_TABLE, FEATURES_TABLE, EXAMPLES_TABLE)
+TABLE_NAMES: tuple[str, ...] = (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE)
 
 DEFAULT_VECTOR_DIM = 384
 
 # Columns that identify one row; a coder's rows are replaced by matching on these.
-SAES_KEY: tuple[str, ...] = ("sae_id",)
-FEATURES_KEY: tuple[str, ...] = ("sae_id", "feature")
-EXAMPLES_KEY: tuple[str, ...] = ("sae_id", "feature", "kind", "rank")
+CODERS_KEY: tuple[str, ...] = ("coder_id",)
+FEATURES_KEY: tuple[str, ...] = ("coder_id", "feature")
+EXAMPLES_KEY: tuple[str, ...] = ("coder_id", "feature", "kind", "rank")
 
 SITES: frozenset[str] = frozenset({"res", "mlp", "att", "transcoder", "other"})
 CODER_KINDS: frozenset[str] = frozenset({"sae", "transcoder", "skip_transcoder"})
@@ -41,11 +38,11 @@ def _optional(name: str, type_: pa.DataType) -> pa.Field:
     return pa.field(name, type_, nullable=True)
 
 
-def saes_schema() -> pa.Schema:
+def coders_schema() -> pa.Schema:
     """One row per coder (SAE or transcoder)."""
     return pa.schema(
         [
-            _required("sae_id", pa.string()),
+            _required("coder_id", pa.string()),
             _required("model", pa.string()),
             _required("hook", pa.string()),
             _required("hook_out", pa.string()),
@@ -72,7 +69,7 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
         raise StoreError(f"vector_dim must be a positive int, got {vector_dim!r}")
     return pa.schema(
         [
-            _required("sae_id", pa.string()),
+            _required("coder_id", pa.string()),
             _required("feature", pa.int64()),
             _required("model", pa.string()),
             _required("layer", pa.int32()),
@@ -109,7 +106,7 @@ def examples_schema() -> pa.Schema:
     """Example contexts: `top` (rank by activation) and `interval` (sampled from one histogram bin)."""
     return pa.schema(
         [
-            _required("sae_id", pa.string()),
+            _required("coder_id", pa.string()),
             _required("feature", pa.int64()),
             _required("kind", pa.string()),
             _required("rank", pa.int32()),

@@ -6,12 +6,12 @@ Layout (as Neuronpedia publishes its datasets, one folder per source):
     OUT/{modelId}/{sourceId}/features|activations|explanations/batch-N.jsonl.gz
     OUT/{modelId}/{sourceId}/featuredb/...            (our sidecar, see below)
 
-A coder (`saes` row) is a source `{layer}-{sourceSetName}`; the set name is derived from the
-sae_id without its layer part (`smollm2-res-L15-w4096-k32` -> `smollm2-res-w4096-k32`), the model
+A coder (`coders` row) is a source `{layer}-{sourceSetName}`; the set name is derived from the
+coder_id without its layer part (`smollm2-res-L15-w4096-k32` -> `smollm2-res-w4096-k32`), the model
 id from the model name (`google/gemma-2-2b` -> `gemma-2-2b`); both can be overridden. Batch N of
 each kind holds the rows of the same `batch_size` features (1024, as Neuronpedia's exports).
 
-Sidecar: everything we store that Neuronpedia has no field for (the saes row; per feature
+Sidecar: everything we store that Neuronpedia has no field for (the coders row; per feature
 active_count, mean/std, hist_max, logit token ids, top tokens, the description columns and their
 embedding; per example rank, token_ids, doc_id, context_index; per description method, source,
 prompt version, time and scores) is written to `featuredb/` beside the Neuronpedia files, in
@@ -34,9 +34,9 @@ What goes where:
 - defaults.py: the columns a source without a sidecar lacks, filled in from what it has.
 """
 
-from .export import ExportResult, export_neuronpedia
-from .format import DEFAULT_BATCH_SIZE, model_id_for, source_set_for
-from .load import ImportResult, import_neuronpedia
+from featuredb.store.neuronpedia.export import ExportResult, export_neuronpedia
+from featuredb.store.neuronpedia.format import DEFAULT_BATCH_SIZE, model_id_for, source_set_for
+from featuredb.store.neuronpedia.load import ImportResult, import_neuronpedia
 
 __all__ = ["DEFAULT_BATCH_SIZE", "ExportResult", "ImportResult", "export_neuronpedia", "import_neuronpedia",
            "model_id_for", "source_set_for"]

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..descriptions import best_description
-from .format import SourceIds
-from .jsonl import is_integer, read_jsonl
+from featuredb.store.descriptions import best_description
+from featuredb.store.neuronpedia.format import SourceIds
+from featuredb.store.neuronpedia.jsonl import is_integer, read_jsonl
 
 
-def sae_row_from_metadata(folder: Path, ids: SourceIds, features: dict[int, dict],
+def coder_row_from_metadata(folder: Path, ids: SourceIds, features: dict[int, dict],
                           decoders: dict[int, list[float]]) -> dict:
     """The coder row from the source's ids, source.jsonl (and its saelensConfig) and its rows."""
     source = _read_source_metadata(folder)
@@ -28,7 +28,7 @@ def sae_row_from_metadata(folder: Path, ids: SourceIds, features: dict[int, dict
     context = _non_negative_int(source.get("num_tokens_in_prompt"))
     d_in = len(next(iter(decoders.values()), [])) or _non_negative_int(config.get("d_in"))
     return {
-        "sae_id": f"{ids.model}/{ids.source}", "model": ids.model, "hook": hook, "hook_out": hook, "site": site,
+        "coder_id": f"{ids.model}/{ids.source}", "model": ids.model, "hook": hook, "hook_out": hook, "site": site,
         "layer": ids.layer, "architecture": str(config.get("architecture") or "unknown"),
         "kind": "transcoder" if site == "transcoder" else "sae", "d_in": d_in, "d_out": d_in,
         "width": max(max(features) + 1, _non_negative_int(config.get("d_sae"))),
@@ -81,7 +81,7 @@ def assign_ranks(rows: list[dict], next_rank: Counter) -> None:
         next_rank[key] += 1
 
 
-def fill_derived_columns(sae: dict, features: dict[int, dict], examples: list[pa.Table],
+def fill_derived_columns(coder: dict, features: dict[int, dict], examples: list[pa.Table],
                           descriptions: list[dict]) -> None:
     """Without a sidecar: active counts, top tokens, top_k and current descriptions from what we have."""
     peaks: dict[int, Counter] = {}
@@ -91,14 +91,14 @@ def fill_derived_columns(sae: dict, features: dict[int, dict], examples: list[pa
         for feature, tokens, peak in zip(*(top[c].to_pylist() for c in ("feature", "tokens", "max_position"))):
             peaks.setdefault(feature, Counter())[tokens[peak]] += 1
             top_counts[feature] += 1
-    sae["top_k"] = max(top_counts.values(), default=0)
-    sae["context"] = sae["context"] or max((pc.max(pc.list_value_length(t["tokens"])).as_py() or 0
+    coder["top_k"] = max(top_counts.values(), default=0)
+    coder["context"] = coder["context"] or max((pc.max(pc.list_value_length(t["tokens"])).as_py() or 0
                                             for t in examples), default=0)
     by_feature: dict[int, list[dict]] = {}
     for row in descriptions:
         by_feature.setdefault(row["feature"], []).append(row)
     for index, row in features.items():
-        row["active_count"] = round(row["density"] * sae["tokens_indexed"])
+        row["active_count"] = round(row["density"] * coder["tokens_indexed"])
         common = peaks.get(index, Counter()).most_common()
         row["top_tokens"], row["top_token_counts"] = [t for t, _ in common], [c for _, c in common]
         best = best_description(by_feature.get(index, []))

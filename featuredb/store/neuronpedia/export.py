@@ -30,12 +30,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..decoders import is_decoders_table
-from ..descriptions import current_descriptions
-from ..feature_store import FeatureStore
-from ..filters import Filter
-from ..schema import EXAMPLES_TABLE, FEATURES_TABLE, StoreError
-from .format import (
+from featuredb.store.decoder_vectors import is_decoders_table
+from featuredb.store.descriptions import current_descriptions
+from featuredb.store.feature_store import FeatureStore
+from featuredb.store.filters import Filter
+from featuredb.store.schema import EXAMPLES_TABLE, FEATURES_TABLE, StoreError
+from featuredb.store.neuronpedia.format import (
     CREATOR_ID,
     DEFAULT_BATCH_SIZE,
     DESCRIPTION_EXTRAS,
@@ -53,8 +53,8 @@ from .format import (
     stable_id,
     width_label,
 )
-from .export_activations import activation_frames
-from .jsonl import write_frame, write_jsonl
+from featuredb.store.neuronpedia.export_activations import activation_frames
+from featuredb.store.neuronpedia.jsonl import write_frame, write_jsonl
 
 
 @dataclass
@@ -70,13 +70,13 @@ def export_neuronpedia(
     db: FeatureStore | str | Path,
     out: str | Path,
     *,
-    sae_ids: list[str] | None = None,
+    coder_ids: list[str] | None = None,
     model_id: str | None = None,
     source_set: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
 ) -> ExportResult:
-    """Write the catalogue's coders (or `sae_ids`) to `out` in Neuronpedia's format (see the package
+    """Write the catalogue's coders (or `coder_ids`) to `out` in Neuronpedia's format (see the package
     docstring). `out` must be empty or not exist."""
     started = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -84,16 +84,16 @@ def export_neuronpedia(
     out = Path(out)
     _require_empty_dir(out)
     store = db if isinstance(db, FeatureStore) else FeatureStore(db, read_only=True)
-    coders = _selected_coders(store, sae_ids)
+    coders = _selected_coders(store, coder_ids)
     plans = _source_plans(coders, model_id, source_set)
-    indices = {c["sae_id"]: store.features(c["sae_id"], columns=["feature"])["feature"].to_list() for c in coders}
+    indices = {c["coder_id"]: store.features(c["coder_id"], columns=["feature"])["feature"].to_list() for c in coders}
     result = ExportResult()
     bar = progress_bar(sum(map(len, indices.values())), "export", progress)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for coder in coders:
-            model, set_name = plans[coder["sae_id"]]
-            _export_coder(store, coder, indices[coder["sae_id"]], model, set_name, out, batch_size, bar, result)
+            model, set_name = plans[coder["coder_id"]]
+            _export_coder(store, coder, indices[coder["coder_id"]], model, set_name, out, batch_size, bar, result)
     finally:
         bar.close()
     result.seconds = time.perf_counter() - started
@@ -105,41 +105,41 @@ def _require_empty_dir(out: Path) -> None:
         raise StoreError(f"export directory {out} already exists and is not empty; choose a new --out")
 
 
-def _selected_coders(store: FeatureStore, sae_ids: list[str] | None) -> list[dict]:
-    coders = store.saes().to_dicts()
-    if sae_ids:
-        known = {c["sae_id"] for c in coders}
-        missing = [s for s in sae_ids if s not in known]
+def _selected_coders(store: FeatureStore, coder_ids: list[str] | None) -> list[dict]:
+    coders = store.coders().to_dicts()
+    if coder_ids:
+        known = {c["coder_id"] for c in coders}
+        missing = [s for s in coder_ids if s not in known]
         if missing:
             raise StoreError(f"no coder {missing[0]!r} in {store.uri} (coders: {sorted(known)})")
-        coders = [c for c in coders if c["sae_id"] in set(sae_ids)]
+        coders = [c for c in coders if c["coder_id"] in set(coder_ids)]
     if not coders:
         raise StoreError(f"nothing to export: no coders in {store.uri}")
     return coders
 
 
 def _source_plans(coders: list[dict], model_id: str | None, source_set: str | None) -> dict[str, tuple[str, str]]:
-    """sae_id -> (modelId, sourceSetName); two coders may not become the same source."""
+    """coder_id -> (modelId, sourceSetName); two coders may not become the same source."""
     plans: dict[str, tuple[str, str]] = {}
     taken: dict[str, str] = {}
     for coder in coders:
         model = slug(model_id) if model_id else model_id_for(coder["model"])
-        set_name = slug(source_set) if source_set else source_set_for(coder["sae_id"], coder["site"], coder["width"])
+        set_name = slug(source_set) if source_set else source_set_for(coder["coder_id"], coder["site"], coder["width"])
         if not model or not set_name:
             raise StoreError(f"--model-id / --source-set must contain letters or digits, got {model_id!r} / {source_set!r}")
         source = f"{model}/{coder['layer']}-{set_name}"
         if source in taken:
-            raise StoreError(f"coders {taken[source]!r} and {coder['sae_id']!r} would both be exported as {source}; "
-                             f"export them separately with --sae and --source-set")
-        taken[source] = coder["sae_id"]
-        plans[coder["sae_id"]] = (model, set_name)
+            raise StoreError(f"coders {taken[source]!r} and {coder['coder_id']!r} would both be exported as {source}; "
+                             f"export them separately with --coder and --source-set")
+        taken[source] = coder["coder_id"]
+        plans[coder["coder_id"]] = (model, set_name)
     return plans
 
 
 def _export_coder(store: FeatureStore, coder: dict, indices: list[int], model: str, set_name: str, out: Path,
                   batch_size: int, bar, result: ExportResult) -> None:
     source = _ExportedSource(model, f"{coder['layer']}-{set_name}", set_name, coder,
-                             _descriptions_by_feature(store, coder["sae_id"]), _decoders_table(store, coder["sae_id"]))
+                             _descriptions_by_feature(store, coder["coder_id"]), _decoders_table(store, coder["coder_id"]))
     folder = out / model / source.source_id
     for kind in KINDS:
         (folder / kind).mkdir(parents=True)
@@ -178,10 +178,10 @@ class _ExportedSource:
 def _batch_rows(store: FeatureStore, source: _ExportedSource, low: int, high: int) -> dict[str, tuple]:
     """kind -> (Neuronpedia rows, sidecar rows) for the features low..high of one coder: lists of
     dicts, and data frames for the activations (the bulk, built column-wise)."""
-    sae_id, source_keys = source.coder["sae_id"], source.row_keys
-    features = _rows_between(store.table(FEATURES_TABLE), sae_id, low, high)
-    examples = _arrow_between(store.table(EXAMPLES_TABLE), sae_id, low, high)
-    vectors = {r["feature"]: r["vector"] for r in _rows_between(source.decoders, sae_id, low, high)} \
+    coder_id, source_keys = source.coder["coder_id"], source.row_keys
+    features = _rows_between(store.table(FEATURES_TABLE), coder_id, low, high)
+    examples = _arrow_between(store.table(EXAMPLES_TABLE), coder_id, low, high)
+    vectors = {r["feature"]: r["vector"] for r in _rows_between(source.decoders, coder_id, low, high)} \
         if source.decoders is not None else {}
     rows: dict[str, tuple] = {kind: ([], []) for kind in ("features", "explanations")}
     for row in features:
@@ -223,7 +223,7 @@ def _write_source_metadata(folder: Path, coder: dict, model: str, set_name: str,
         "source.jsonl": {
             "id": source, "modelId": model, "setName": set_name, "creatorId": CREATOR_ID, "hasDashboards": True,
             "num_prompts": coder["contexts_indexed"], "num_tokens_in_prompt": coder["context"],
-            "dataset": None, "notes": f"featuredb coder {coder['sae_id']}", "createdAt": now,
+            "dataset": None, "notes": f"featuredb coder {coder['coder_id']}", "createdAt": now,
         },
     }
     for name, row in rows.items():
@@ -232,29 +232,29 @@ def _write_source_metadata(folder: Path, coder: dict, model: str, set_name: str,
     write_jsonl(folder / SIDECAR_DIR / SIDECAR_CODER_FILE, [coder_row], compress=False)
 
 
-def _descriptions_by_feature(store: FeatureStore, sae_id: str) -> dict[int, list[dict]]:
+def _descriptions_by_feature(store: FeatureStore, coder_id: str) -> dict[int, list[dict]]:
     rows: dict[int, list[dict]] = {}
-    for row in sorted(current_descriptions(store, sae_id), key=lambda r: (r["feature"], r["created_at"])):
+    for row in sorted(current_descriptions(store, coder_id), key=lambda r: (r["feature"], r["created_at"])):
         rows.setdefault(row["feature"], []).append(row)
     return rows
 
 
-def _decoders_table(store: FeatureStore, sae_id: str):
+def _decoders_table(store: FeatureStore, coder_id: str):
     """The decoders_<d> table holding the coder's directions, or None."""
     for name in store.table_names():
         if is_decoders_table(name):
             table = store.table(name)
-            if table.count_rows(Filter().eq("sae_id", sae_id).render(table.schema)):
+            if table.count_rows(Filter().eq("coder_id", coder_id).render(table.schema)):
                 return table
     return None
 
 
-def _rows_between(table, sae_id: str, low: int, high: int) -> list[dict]:
-    return sorted(_arrow_between(table, sae_id, low, high).to_pylist(), key=lambda r: r["feature"])
+def _rows_between(table, coder_id: str, low: int, high: int) -> list[dict]:
+    return sorted(_arrow_between(table, coder_id, low, high).to_pylist(), key=lambda r: r["feature"])
 
 
-def _arrow_between(table, sae_id: str, low: int, high: int) -> pa.Table:
-    where = Filter().eq("sae_id", sae_id).between("feature", low, high).render(table.schema)
+def _arrow_between(table, coder_id: str, low: int, high: int) -> pa.Table:
+    where = Filter().eq("coder_id", coder_id).between("feature", low, high).render(table.schema)
     return table.search().where(where).limit(None).to_arrow()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from .format import CREATOR_ID, TOP_MARKER, stable_id
+from featuredb.store.neuronpedia.format import CREATOR_ID, TOP_MARKER, stable_id
 
 
 def activation_frames(examples: pa.Table, features: dict[int, dict], model: str, source_id: str

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..schema import examples_schema
-from .columnar import (
+from featuredb.store.schema import examples_schema
+from featuredb.store.neuronpedia.columnar import (
     all_true,
     casts,
     equal_to,
@@ -27,7 +27,7 @@ from .columnar import (
     required,
     same_lengths,
 )
-from .format import TOP_MARKER, SourceIds
+from featuredb.store.neuronpedia.format import TOP_MARKER, SourceIds
 
 # The fields the slow path reads (it ignores the others, so Arrow must too), as Python's json
 # gives them: a JSON int where a number is expected becomes a float, as `Line.number` does.
@@ -39,7 +39,7 @@ _SIDECAR_FIELDS = {"id": pa.string(), "rank": pa.int64(), "token_ids": pa.list_(
                    "context_index": pa.int64()}
 
 
-def read_activations_batch(loaded: tuple[bytes | None, ...], ids: SourceIds, sae_id: str, known: pa.Array,
+def read_activations_batch(loaded: tuple[bytes | None, ...], ids: SourceIds, coder_id: str, known: pa.Array,
                            next_rank: Counter) -> pa.Table | None:
     """The examples rows of one activations batch file, from `loaded`: the checked bytes of the
     file and, with a sidecar, of its sidecar batch (columnar.load_jsonl); `known`: the source's
@@ -55,9 +55,9 @@ def read_activations_batch(loaded: tuple[bytes | None, ...], ids: SourceIds, sae
         extra = _sidecar_columns(loaded[1], table["id"], columns["tokens"])
         if extra is None:
             return None
-        return _examples_table(sae_id, {**columns, **extra})
+        return _examples_table(coder_id, {**columns, **extra})
     ranked = _ranked(columns, next_rank)
-    return _examples_table(sae_id, _without_sidecar(ranked)) if ranked is not None else None
+    return _examples_table(coder_id, _without_sidecar(ranked)) if ranked is not None else None
 
 
 def _activation_columns(table: pa.RecordBatch, ids: SourceIds, known: pa.Array) -> dict | None:
@@ -151,9 +151,9 @@ def _without_sidecar(columns: dict) -> dict:
             "context_index": pa.array(np.full(n, -1, dtype=np.int64))}
 
 
-def _examples_table(sae_id: str, columns: dict) -> pa.Table:
+def _examples_table(coder_id: str, columns: dict) -> pa.Table:
     n = len(columns["feature"])
-    columns = {**columns, "sae_id": pa.array([sae_id] * n, pa.string())}
+    columns = {**columns, "coder_id": pa.array([coder_id] * n, pa.string())}
     schema = examples_schema()
     return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 

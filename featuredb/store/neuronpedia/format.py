@@ -46,7 +46,7 @@ DESCRIPTION_EXTRAS = (
     "method", "explainer_source", "prompt_version", "created_at", "detection_score", "fuzz_score", "detection_n",
     "fuzz_n", "score_details",
 )
-# A layer in a sae_id: layer_12, layer-12, blocks.3, L15 (not the l0 of average_l0_82).
+# A layer in a coder_id: layer_12, layer-12, blocks.3, L15 (not the l0 of average_l0_82).
 _LAYER_PART = re.compile(r"(?<![A-Za-z0-9])(?:(?i:layers?|blocks?)[._-]?|L)[0-9]+(?![A-Za-z0-9])")
 SOURCE_ID = re.compile(r"^([0-9]+)-(.+)$")  # {layer}-{sourceSetName}
 
@@ -68,11 +68,11 @@ def model_id_for(model: str) -> str:
     return slug(name) or "model"
 
 
-def source_set_for(sae_id: str, site: str, width: int) -> str:
-    """A source set name from a coder's sae_id without its layer part, else `{site}-{width}`; a
+def source_set_for(coder_id: str, site: str, width: int) -> str:
+    """A source set name from a coder's coder_id without its layer part, else `{site}-{width}`; a
     source imported from Neuronpedia (`{modelId}/{layer}-{set}`) keeps its set name."""
-    imported = SOURCE_ID.match(sae_id.rsplit("/", 1)[-1])
-    name = imported.group(2) if imported else _LAYER_PART.sub("", sae_id)
+    imported = SOURCE_ID.match(coder_id.rsplit("/", 1)[-1])
+    name = imported.group(2) if imported else _LAYER_PART.sub("", coder_id)
     return slug(name) or f"{site}-{width_label(width)}"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from ..schema import StoreError
+from featuredb.store.schema import StoreError
 
 _BATCH_FILE = re.compile(r"^batch-([0-9]+)\.jsonl(\.gz)?$")
 

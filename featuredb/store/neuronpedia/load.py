@@ -1,6 +1,6 @@
 """Import a Neuronpedia export (layout and sidecar: see the package docstring) into a catalogue.
 
-Import of a real Neuronpedia export (no sidecar) fills what it can: sae_id `{modelId}/{sourceId}`;
+Import of a real Neuronpedia export (no sidecar) fills what it can: coder_id `{modelId}/{sourceId}`;
 layer, site and kind from the source id, set name and hookName; width from the highest index (or
 saelensConfig's d_sae); tokens/contexts indexed from source.jsonl (num_prompts x
 num_tokens_in_prompt, else 0); active_count = round(frac_nonzero x tokens indexed); mean/std and
@@ -28,17 +28,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..decoders import write_decoder_vectors
-from ..descriptions import Embedder, current_descriptions, descriptions_schema, sync_features, write_descriptions
-from ..feature_store import FeatureStore
-from ..schema import DEFAULT_VECTOR_DIM, FEATURES_TABLE, StoreError, conform_table, vector_dim_of
-from .format import SIDECAR_DIR, progress_bar
-from .read_source import ImportedCoder, read_source
+from featuredb.store.decoder_vectors import write_decoder_vectors
+from featuredb.store.descriptions import Embedder, current_descriptions, descriptions_schema, sync_features, write_descriptions
+from featuredb.store.feature_store import FeatureStore
+from featuredb.store.schema import DEFAULT_VECTOR_DIM, FEATURES_TABLE, StoreError, conform_table, vector_dim_of
+from featuredb.store.neuronpedia.format import SIDECAR_DIR, progress_bar
+from featuredb.store.neuronpedia.read_source import ImportedCoder, read_source
 
 
 @dataclass
 class ImportResult:
-    sae_ids: list[str] = field(default_factory=list)
+    coder_ids: list[str] = field(default_factory=list)
     features: int = 0
     examples: int = 0
     descriptions: int = 0
@@ -54,15 +54,15 @@ def import_neuronpedia(
     db: str | Path,
     *,
     replace: bool = False,
-    embed: bool = False,
     embedder: Embedder | None = None,
+    embedding_model: str | None = None,
     progress: bool = False,
 ) -> ImportResult:
     """Load a Neuronpedia export (features, activations, explanations) into the catalogue at `db`.
 
     `path` is an export root, a model folder or one source folder. A coder already in `db` is only
-    replaced with `replace=True`. `embed=True` embeds the imported descriptions with the default
-    embedding model (`embedder` overrides how, e.g. in tests)."""
+    replaced with `replace=True`. With an `embedder` (featuredb.runtime.embedding.embed) the imported
+    descriptions are embedded with `embedding_model`; without one they are keyword-searchable only."""
     started = time.perf_counter()
     sources = _find_sources(Path(path))
     result = ImportResult()
@@ -72,7 +72,7 @@ def import_neuronpedia(
         for folder in sources:
             coder = read_source(folder, bar)
             store = store or _open_store(db, coder.vector_dim)
-            _write_imported(store, coder, replace, embed, embedder, result)
+            _write_imported(store, coder, replace, embedder, embedding_model, result)
     finally:
         bar.close()
     result.seconds = time.perf_counter() - started
@@ -102,40 +102,41 @@ def _open_store(db: str | Path, vector_dim: int | None) -> FeatureStore:
     return FeatureStore(db, vector_dim=vector_dim or DEFAULT_VECTOR_DIM)
 
 
-def _write_imported(store: FeatureStore, coder: ImportedCoder, replace: bool, embed: bool,
-                    embedder: Embedder | None, result: ImportResult) -> None:
-    sae_id = coder.sae["sae_id"]
-    exists = store.saes().filter(pl.col("sae_id") == sae_id).height > 0
+def _write_imported(store: FeatureStore, coder: ImportedCoder, replace: bool, embedder: Embedder | None,
+                    embedding_model: str | None, result: ImportResult) -> None:
+    coder_id = coder.row["coder_id"]
+    exists = store.coders().filter(pl.col("coder_id") == coder_id).height > 0
     if exists and not replace:
-        raise StoreError(f"coder {sae_id!r} is already in {store.uri}; import with --replace to overwrite it")
+        raise StoreError(f"coder {coder_id!r} is already in {store.uri}; import with --replace to overwrite it")
     descriptions = conform_table({n: [r[n] for r in coder.descriptions] for n in descriptions_schema().names},
                                  descriptions_schema(), f"{coder.folder}: descriptions")
-    store.write_coder(coder.sae, coder.features, coder.examples)
+    store.write_coder(coder.row, coder.features, coder.examples)
     try:
-        descriptions = _not_yet_stored(store, sae_id, descriptions)
-        write_descriptions(store, sae_id, descriptions, sync=False)
+        descriptions = _not_yet_stored(store, coder_id, descriptions)
+        write_descriptions(store, coder_id, descriptions, sync=False)
         if coder.decoders is not None:
-            result.decoder_vectors += write_decoder_vectors(store, sae_id, coder.decoders)
-        if embed:
-            result.embedded += sync_features(store, sae_id, embedder=embedder).embedded
+            result.decoder_vectors += write_decoder_vectors(store, coder_id, coder.decoders)
+        if embedder is not None:
+            result.embedded += sync_features(store, coder_id, embedding_model=embedding_model,
+                                             embedder=embedder).embedded
     except Exception:
         if not exists:  # leave no half-imported coder behind
-            store.delete_coder(sae_id)
+            store.delete_coder(coder_id)
         raise
-    if not embed:
+    if embedder is None:
         described = pc.is_valid(coder.features["description"])
         result.unembedded += pc.sum(pc.and_(described, pc.is_null(coder.features["vector"]))).as_py() or 0
-    result.sae_ids.append(sae_id)
+    result.coder_ids.append(coder_id)
     result.features += coder.features.num_rows
     result.examples += coder.examples.num_rows
     result.descriptions += descriptions.num_rows
     result.sidecar = result.sidecar and coder.sidecar
 
 
-def _not_yet_stored(store: FeatureStore, sae_id: str, descriptions: pa.Table) -> pa.Table:
+def _not_yet_stored(store: FeatureStore, coder_id: str, descriptions: pa.Table) -> pa.Table:
     """Drop rows already recorded for this indexing, so importing the same export again (or after a
     failed attempt) does not duplicate descriptions."""
     key = ("feature", "description", "method", "created_at")
-    stored = {tuple(r[k] for k in key) for r in current_descriptions(store, sae_id)}
+    stored = {tuple(r[k] for k in key) for r in current_descriptions(store, coder_id)}
     keep = [tuple(r[k] for k in key) not in stored for r in descriptions.to_pylist()]
     return descriptions.filter(pa.array(keep, pa.bool_()))

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..descriptions import MAX_DESCRIPTION_CHARS, METHOD_RANK
-from ..schema import StoreError, conform_table, examples_schema, features_schema, saes_schema
-from .columnar import loading_ahead
-from .defaults import assign_ranks, fill_derived_columns, histogram_from_bars, sae_row_from_metadata
-from .fast_activations import read_activations_batch
-from .format import NEURONPEDIA_SOURCE, SIDECAR_CODER_FILE, SIDECAR_DIR, SOURCE_ID, TOP_MARKER, SourceIds, sidecar_path
-from .jsonl import Line, batch_files, read_jsonl
+from featuredb.store.descriptions import MAX_DESCRIPTION_CHARS, METHOD_RANK
+from featuredb.store.schema import StoreError, conform_table, examples_schema, features_schema, coders_schema
+from featuredb.store.neuronpedia.columnar import loading_ahead
+from featuredb.store.neuronpedia.defaults import assign_ranks, fill_derived_columns, histogram_from_bars, coder_row_from_metadata
+from featuredb.store.neuronpedia.fast_activations import read_activations_batch
+from featuredb.store.neuronpedia.format import NEURONPEDIA_SOURCE, SIDECAR_CODER_FILE, SIDECAR_DIR, SOURCE_ID, TOP_MARKER, SourceIds, sidecar_path
+from featuredb.store.neuronpedia.jsonl import Line, batch_files, read_jsonl
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ImportedCoder:
     """One source, read and validated, ready to write."""
 
     folder: Path
-    sae: dict
+    row: dict  # its coders-table row
     features: pa.Table
     examples: pa.Table
     descriptions: list[dict]
@@ -62,22 +62,22 @@ def read_source(folder: Path, bar) -> ImportedCoder:
             sidecar.check_all_taken()
     if ids is None:
         raise StoreError(f"{folder / 'features'}: no feature rows")
-    sae = sidecar_coder if has_sidecar else sae_row_from_metadata(folder, ids, features, decoders)
-    width = sae["width"]
+    coder = sidecar_coder if has_sidecar else coder_row_from_metadata(folder, ids, features, decoders)
+    width = coder["width"]
     out_of_range = [i for i in features if i >= width]
     if out_of_range:
         raise StoreError(f"{folder / 'features'}: feature index {out_of_range[0]} is out of range for width {width}")
-    examples = _read_examples(folder, ids, sae["sae_id"], features, has_sidecar)
-    descriptions = _read_explanations(folder, ids, features, sae, has_sidecar)
+    examples = _read_examples(folder, ids, coder["coder_id"], features, has_sidecar)
+    descriptions = _read_explanations(folder, ids, features, coder, has_sidecar)
     if not has_sidecar:
-        fill_derived_columns(sae, features, examples, descriptions)
-    feature_table = _features_table(sae, features)
+        fill_derived_columns(coder, features, examples, descriptions)
+    feature_table = _features_table(coder, features)
     example_table = conform_table(_concat_or_empty(examples, examples_schema()), examples_schema(),
                                   f"{folder}: examples")
     vector_dims = {len(r["vector"]) for r in features.values() if r["vector"] is not None}
     if len(vector_dims) > 1:
         raise StoreError(f"{folder}: description vectors of different lengths {sorted(vector_dims)}")
-    return ImportedCoder(folder, sae, feature_table, example_table, descriptions,
+    return ImportedCoder(folder, coder, feature_table, example_table, descriptions,
                          _decoder_matrix(folder, decoders, width), next(iter(vector_dims), None), has_sidecar)
 
 
@@ -116,9 +116,9 @@ def _read_sidecar_coder(folder: Path) -> dict | None:
     if len(lines) != 1:
         raise StoreError(f"{path}: expected one coder row, got {len(lines)}")
     line = lines[0]
-    row = {name: line.row.get(name) for name in saes_schema().names}
+    row = {name: line.row.get(name) for name in coders_schema().names}
     row["created_at"] = line.timestamp("created_at")
-    conform_table({k: [v] for k, v in row.items()}, saes_schema(), f"{path}:1")  # types, before anything else
+    conform_table({k: [v] for k, v in row.items()}, coders_schema(), f"{path}:1")  # types, before anything else
     return row
 
 
@@ -202,9 +202,9 @@ def _feature_columns_from_sidecar(extra: Line) -> dict:
     }
 
 
-def _features_table(sae: dict, features: dict[int, dict]) -> pa.Table:
+def _features_table(coder: dict, features: dict[int, dict]) -> pa.Table:
     names = features_schema().names
-    coder_columns = {name: sae[name] for name in ("sae_id", "model", "layer", "hook", "site")}
+    coder_columns = {name: coder[name] for name in ("coder_id", "model", "layer", "hook", "site")}
     rows = [{**{n: row.get(n) for n in names}, **coder_columns} for _, row in sorted(features.items())]
     return pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names})
 
@@ -224,7 +224,7 @@ def _decoder_matrix(folder: Path, vectors: dict[int, list[float]], width: int) -
 # --- activations ------------------------------------------------------------------------------
 
 
-def _read_examples(folder: Path, ids: SourceIds, sae_id: str, features: dict[int, dict],
+def _read_examples(folder: Path, ids: SourceIds, coder_id: str, features: dict[int, dict],
                    has_sidecar: bool) -> list[pa.Table]:
     """One table of example rows per activations batch file: column-wise where the fast path
     takes the file (fast_activations.py), line by line (naming the line of an error) otherwise."""
@@ -234,14 +234,14 @@ def _read_examples(folder: Path, ids: SourceIds, sae_id: str, features: dict[int
     paths = batch_files(folder / "activations")
     groups = [(path, sidecar_path(folder, "activations", path.name)) if has_sidecar else (path,) for path in paths]
     for path, loaded in zip(paths, loading_ahead(groups)):
-        table = read_activations_batch(loaded, ids, sae_id, known, next_rank)
+        table = read_activations_batch(loaded, ids, coder_id, known, next_rank)
         if table is None:
-            table = _read_activations_by_line(folder, path, ids, sae_id, features, has_sidecar, next_rank)
+            table = _read_activations_by_line(folder, path, ids, coder_id, features, has_sidecar, next_rank)
         tables.append(table)
     return tables
 
 
-def _read_activations_by_line(folder: Path, path: Path, ids: SourceIds, sae_id: str, features: dict[int, dict],
+def _read_activations_by_line(folder: Path, path: Path, ids: SourceIds, coder_id: str, features: dict[int, dict],
                               has_sidecar: bool, next_rank: Counter) -> pa.Table:
     sidecar = _SidecarBatch(folder, "activations", path, "id") if has_sidecar else None
     rows = []
@@ -251,7 +251,7 @@ def _read_activations_by_line(folder: Path, path: Path, ids: SourceIds, sae_id: 
         if sidecar is not None:
             row_id = line.text("id")
             extra = sidecar.take(line, row_id, f"activation {row_id!r}")
-        rows.append({"sae_id": sae_id, **_example_from_activation(line, index, extra)})
+        rows.append({"coder_id": coder_id, **_example_from_activation(line, index, extra)})
     if sidecar is not None:
         sidecar.check_all_taken()
     if not has_sidecar:
@@ -289,7 +289,7 @@ def _concat_or_empty(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
 # --- explanations -----------------------------------------------------------------------------
 
 
-def _read_explanations(folder: Path, ids: SourceIds, features: dict[int, dict], sae: dict,
+def _read_explanations(folder: Path, ids: SourceIds, features: dict[int, dict], coder: dict,
                        has_sidecar: bool) -> list[dict]:
     """descriptions rows (only those that were descriptions rows, with a sidecar)."""
     rows: list[dict] = []
@@ -302,8 +302,8 @@ def _read_explanations(folder: Path, ids: SourceIds, features: dict[int, dict], 
             if not text.strip() or len(text) > MAX_DESCRIPTION_CHARS:
                 raise line.error(f"description must be 1 to {MAX_DESCRIPTION_CHARS} characters")
             type_name, model = line.text("typeName", optional=True), line.text("explanationModelName", optional=True)
-            base = {"sae_id": sae["sae_id"], "feature": index, "description": text, "explainer_model": model,
-                    "indexed_at": sae["created_at"]}
+            base = {"coder_id": coder["coder_id"], "feature": index, "description": text, "explainer_model": model,
+                    "indexed_at": coder["created_at"]}
             if sidecar is None:
                 rows.append({**base, "method": "llm" if model else "manual", "explainer_source": NEURONPEDIA_SOURCE,
                              "prompt_version": type_name or "", "created_at": imported_at, "detection_score": None,

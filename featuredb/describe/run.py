@@ -1,0 +1,306 @@
+"""A describe run: every selected feature gets a `tokens` label, and with `--explainer llm|local`
+an LLM description (optionally scored), written in chunks so a killed run loses at most a chunk.
+
+Resumable and idempotent: a feature is skipped when the descriptions table already holds, for the
+coder's current indexing, a description by the same method, explainer model and prompt version
+(scored, when scores are asked for). LLM replies are cached on disk, so redoing a lost chunk costs
+nothing. Every run ends by syncing the features table (best description, embeddings with the
+requested model), which also repairs a run killed between its two commits.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
+from featuredb.store import FeatureStore
+from featuredb.describe.evidence import FeatureEvidence, NegativePool, load_evidence
+from featuredb.describe.explainers import TOKENS_METHOD, TOKENS_VERSION, ChatExplainer, tokens_label
+from featuredb.describe.llm_client import (
+    ChatBackend,
+    LLMError,
+    OpenAIChatClient,
+    ResponseCache,
+    api_key_from_env,
+    base_url_from_env,
+)
+from featuredb.describe.prompts import EXPLAIN_PROMPT_VERSION, WINDOW_AFTER, WINDOW_BEFORE
+from featuredb.describe.scoring import Scorer, ScoreResult
+from featuredb.store.descriptions import Embedder, SyncResult, current_descriptions, sync_features, write_descriptions
+from featuredb.errors import DescribeError
+
+EXPLAINERS = ("tokens", "llm", "local")
+CACHE_FILE = "_describe_cache.sqlite"
+_REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+@dataclass
+class DescribeConfig:
+    db: str
+    explainer: str = "tokens"
+    coder_ids: list[str] = field(default_factory=list)  # empty: every coder
+    limit: int | None = None  # at most this many features worked on in this run
+    score: bool = False
+    base_url: str | None = None  # llm: default from FEATUREDB_BASE_URL / OPENAI_BASE_URL
+    model: str | None = None  # llm: model name; local: directory, .gguf file or hub id
+    api_key: str | None = None  # llm: default from FEATUREDB_API_KEY / OPENAI_API_KEY
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    backoff: float = 1.0
+    cache: str | None = None  # default: DB/_describe_cache.sqlite (or ~/.cache/featuredb for remote DBs)
+    device: str | None = None  # local explainer
+    n_top: int = 10  # top examples shown to the explainer
+    n_interval: int = 6  # interval examples shown to the explainer
+    n_score: int = 10  # activating (and as many non-activating) contexts per scorer
+    chunk_size: int | None = None  # features per write (default: 1024 for tokens, 64 with an LLM)
+    progress: bool = True
+
+
+@dataclass
+class DescribeResult:
+    coder_ids: list[str]
+    features: int = 0  # features worked on in this run
+    skipped: int = 0  # features already done
+    tokens_labels: int = 0
+    described: int = 0  # llm / local descriptions written
+    scored: int = 0
+    unparsed: int = 0  # llm / local replies without a usable description
+    updated: int = 0  # feature rows whose current description changed
+    embedded: int = 0
+    embed_seconds: float = 0.0
+    seconds: float = 0.0
+    requests: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+
+
+def default_cache_path(db: str) -> Path:
+    if _REMOTE_URI.match(db):
+        return Path.home() / ".cache" / "featuredb" / "describe-cache.sqlite"
+    return Path(db).expanduser() / CACHE_FILE
+
+
+def make_backend(config: DescribeConfig) -> ChatBackend:
+    cache = ResponseCache(config.cache or default_cache_path(config.db))
+    if config.explainer == "llm":
+        return OpenAIChatClient(
+            config.base_url or base_url_from_env(), config.model or "",
+            api_key=config.api_key if config.api_key is not None else api_key_from_env(), cache=cache,
+            timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff,
+            max_concurrency=config.concurrency,
+        )
+    from featuredb.describe.local import LocalChatModel
+
+    return LocalChatModel(config.model or "", device=config.device, cache=cache)
+
+
+def _check(config: DescribeConfig) -> None:
+    if config.explainer not in EXPLAINERS:
+        raise DescribeError(f"unknown explainer {config.explainer!r} (expected one of {', '.join(EXPLAINERS)})")
+    if config.explainer != "tokens" and not config.model:
+        raise DescribeError(f"--explainer {config.explainer} needs --model")
+    if config.score and config.explainer == "tokens":
+        raise DescribeError("--score needs an LLM to score with: use --explainer llm or local")
+    if config.limit is not None and config.limit < 1:
+        raise DescribeError("--limit must be at least 1")
+    if config.concurrency < 1 or (config.chunk_size is not None and config.chunk_size < 1):
+        raise DescribeError("concurrency and chunk size must be at least 1")
+    if not _REMOTE_URI.match(config.db) and not Path(config.db).expanduser().is_dir():
+        raise DescribeError(f"database does not exist: {config.db}")
+
+
+def run_describe(config: DescribeConfig, *, backend: ChatBackend | None = None,
+                 embedder: Embedder | None = None) -> DescribeResult:
+    """Describe the features of the catalogue at `config.db` (see the module docstring)."""
+    started = time.perf_counter()
+    _check(config)
+    if embedder is None:
+        from featuredb.runtime.embedding import embed as embedder
+    store = FeatureStore(config.db)
+    coders = {r["coder_id"]: r for r in store.coders().to_dicts()}
+    if not coders:
+        raise DescribeError(f"no coders in {config.db}: run `featuredb index` first")
+    unknown = [s for s in config.coder_ids if s not in coders]
+    if unknown:
+        raise DescribeError(f"no coder {unknown[0]!r} in {config.db} (coders: {', '.join(sorted(coders))})")
+    selected = list(dict.fromkeys(config.coder_ids)) or sorted(coders)
+    result = DescribeResult(coder_ids=selected)
+
+    chat = config.explainer != "tokens"
+    if chat and backend is None:
+        backend = make_backend(config)
+    explainer = ChatExplainer(backend, config.explainer, config.n_top, config.n_interval) if chat else None
+    scorer = Scorer(backend, config.n_score, n_top_shown=config.n_top, n_interval_shown=config.n_interval) \
+        if config.score else None
+
+    plans = {coder_id: _plan(store, coder_id, config, backend) for coder_id in selected}
+    result.skipped = sum(p.skipped for p in plans.values())
+    budget = config.limit
+    for plan in plans.values():
+        if budget is not None:
+            plan.todo = plan.todo[:budget]
+            budget -= len(plan.todo)
+    total = sum(len(p.todo) for p in plans.values())
+    chunk_size = config.chunk_size or (64 if chat else 1024)
+
+    progress = _progress_bar(total, config.progress)
+    workers = min(config.concurrency, getattr(backend, "max_concurrency", config.concurrency)) if chat else 1
+    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="describe") if chat else None
+    try:
+        for coder_id, plan in plans.items():
+            negatives = NegativePool.load(store, coder_id) if scorer and plan.todo else None
+            for start in range(0, len(plan.todo), chunk_size):
+                chunk = plan.todo[start:start + chunk_size]
+                _describe_chunk(store, coder_id, plan, chunk, config, explainer, scorer, negatives, pool,
+                                progress, result, embedder)
+        # Repair / re-embed anything out of line (cheap when nothing is). Every coder, not only the
+        # selected ones, so a new --embedding-model leaves the catalogue with one embedding model.
+        for coder_id in sorted(coders):
+            result_sync = sync_features(store, coder_id, embedding_model=config.embedding_model, embedder=embedder)
+            _add_sync(result, result_sync)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+        stats = getattr(backend, "stats", None)
+        if stats is not None:
+            result.requests, result.cache_hits, result.retries = stats.requests, stats.cache_hits, stats.retries
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class _Plan:
+    indexed_at: dt.datetime
+    top_k: int
+    todo: list[int]
+    need_tokens: set[int]
+    need_chat: set[int]
+    skipped: int
+
+
+def _plan(store: FeatureStore, coder_id: str, config: DescribeConfig, backend: ChatBackend | None) -> _Plan:
+    coder = next(r for r in store.coders().to_dicts() if r["coder_id"] == coder_id)
+    existing = current_descriptions(store, coder_id)
+    have_tokens = {r["feature"] for r in existing if r["method"] == TOKENS_METHOD and r["prompt_version"] == TOKENS_VERSION}
+    have_chat: set[int] = set()
+    if backend is not None:
+        have_chat = {
+            r["feature"] for r in existing
+            if r["method"] == config.explainer and r["explainer_model"] == backend.model
+            and r["prompt_version"] == EXPLAIN_PROMPT_VERSION and (not config.score or r["score_details"] is not None)
+        }
+    rows = store.features(coder_id, columns=["feature", "active_count"]).to_dicts()
+    need_tokens = {r["feature"] for r in rows if r["feature"] not in have_tokens}
+    need_chat = {r["feature"] for r in rows if backend is not None and r["active_count"] > 0
+                 and r["feature"] not in have_chat}
+    todo = [r["feature"] for r in rows if r["feature"] in need_tokens or r["feature"] in need_chat]
+    return _Plan(coder["created_at"], int(coder["top_k"]), todo, need_tokens, need_chat, len(rows) - len(todo))
+
+
+def _row(coder_id: str, feature: int, text: str, method: str, model: str | None, source: str | None,
+         version: str, indexed_at: dt.datetime, scores: ScoreResult | None = None) -> dict:
+    return {
+        "coder_id": coder_id, "feature": feature, "description": text, "method": method,
+        "explainer_model": model, "explainer_source": source, "prompt_version": version,
+        "created_at": dt.datetime.now(dt.timezone.utc), "indexed_at": indexed_at,
+        "detection_score": scores.detection if scores else None, "fuzz_score": scores.fuzz if scores else None,
+        "detection_n": scores.detection_n if scores else None, "fuzz_n": scores.fuzz_n if scores else None,
+        "score_details": json.dumps(scores.details, sort_keys=True) if scores else None,
+    }
+
+
+def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: DescribeConfig,
+                    explainer: ChatExplainer | None, scorer: Scorer | None, negatives: NegativePool | None,
+                    pool: cf.ThreadPoolExecutor | None, progress, result: DescribeResult,
+                    embedder: Embedder | None) -> None:
+    evidence = load_evidence(store, coder_id, chunk, plan.top_k)
+    rows: list[dict] = []
+    chat_features = [f for f in chunk if f in plan.need_chat and f in evidence
+                     and (evidence[f].top or evidence[f].interval)] if explainer else []
+    for f in chunk:
+        if f in plan.need_tokens and f in evidence:
+            rows.append(_row(coder_id, f, tokens_label(evidence[f]), TOKENS_METHOD, None, None, TOKENS_VERSION,
+                             plan.indexed_at))
+            result.tokens_labels += 1
+        if f not in chat_features:
+            progress.update(1)
+    error: BaseException | None = None
+    if chat_features:
+        assert explainer is not None and pool is not None
+        window = WINDOW_BEFORE + 1 + WINDOW_AFTER
+
+        def work(ev: FeatureEvidence) -> tuple[str | None, ScoreResult | None]:
+            text = explainer.describe(ev)
+            if text is None or scorer is None:
+                return text, None
+            assert negatives is not None
+            return text, scorer.score(text, ev, negatives.sample(ev, config.n_score, window))
+
+        futures = {pool.submit(work, evidence[f]): f for f in chat_features}
+        try:
+            for future in cf.as_completed(futures):
+                try:
+                    text, scores = future.result()
+                except LLMError as e:
+                    error = e
+                    for other in futures:
+                        other.cancel()
+                    continue
+                except cf.CancelledError:
+                    continue
+                progress.update(1)
+                if text is None:
+                    result.unparsed += 1
+                    continue
+                rows.append(_row(coder_id, futures[future], text, explainer.method, explainer.backend.model,
+                                 explainer.backend.source, explainer.prompt_version, plan.indexed_at, scores))
+                result.described += 1
+                result.scored += scores is not None
+        except BaseException:  # e.g. KeyboardInterrupt: keep what is done, then stop
+            for other in futures:
+                other.cancel()
+            _write(store, coder_id, rows, config, result, embedder)
+            raise
+    result.features += len(chunk)
+    _write(store, coder_id, rows, config, result, embedder)
+    if error is not None:
+        raise DescribeError(str(error))
+
+
+def _write(store, coder_id, rows, config, result, embedder) -> None:
+    if rows:
+        rows.sort(key=lambda r: (r["feature"], r["method"] != TOKENS_METHOD))
+        _add_sync(result, write_descriptions(store, coder_id, rows, embedding_model=config.embedding_model,
+                                             embedder=embedder))
+
+
+def _add_sync(result: DescribeResult, sync: SyncResult) -> None:
+    result.updated += sync.updated
+    result.embedded += sync.embedded
+    result.embed_seconds += sync.embed_seconds
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="feature", desc="describe", file=sys.stderr, dynamic_ncols=True)

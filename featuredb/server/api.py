@@ -1,0 +1,105 @@
+"""The JSON API under /api: the Python API's searches and lookups, read-only.
+
+Each route returns its view's data (featuredb.server.views) as it is; errors are JSON
+`{"detail": "...", "status": N}` (see create_app's handlers).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+
+from featuredb.server.views import (
+    Cat,
+    Density,
+    ExampleKind,
+    Filters,
+    Mode,
+    Page,
+    Strings,
+    examples_view,
+    feature_view,
+    filters,
+    fires_view,
+    page,
+    coders_view,
+    search_view,
+    similar_view,
+)
+
+
+
+class Error(BaseModel):
+    """Every error the API answers with: a one-line message and the HTTP status."""
+
+    detail: str
+    status: int
+
+
+ERRORS = {400: "bad request (the message says what is wrong)", 404: "unknown coder or feature",
+          413: "text too long", 422: "a parameter of the wrong type or out of range"}
+router = APIRouter(prefix="/api", tags=["api"],
+                   responses={status: {"model": Error, "description": text} for status, text in ERRORS.items()})
+FeatureLimit = Annotated[int, Query(ge=1, le=100, description="Features returned.")]
+PerToken = Annotated[int, Query(ge=0, le=20, description="Top features listed per token.")]
+
+
+@router.get("/coders")
+def coders(cat: Cat) -> dict:
+    """The catalogue's coders."""
+    return coders_view(cat)
+
+
+@router.get("/search")
+def search(cat: Cat, q: Annotated[str, Query(description="Search text.")],
+           mode: Mode = "semantic", chosen: Filters = Depends(filters), paging: Page = Depends(page)) -> dict:
+    """Search feature descriptions: semantic (embeddings), keyword (BM25) or hybrid (both, RRF);
+    or token: the features whose stored top examples peak on this token or phrase."""
+    return search_view(cat, q, mode, chosen, paging)
+
+
+@router.get("/features/{coder_id}/{index}/examples")
+def examples(cat: Cat, coder_id: str, index: str, kind: ExampleKind = "top", paging: Page = Depends(page)) -> dict:
+    """A feature's stored top-activating or interval examples, with per-token values."""
+    return examples_view(cat, coder_id, index, kind, paging)
+
+
+@router.get("/features/{coder_id}/{index}/similar")
+def similar(cat: Cat, coder_id: str, index: str, within: bool = False, chosen: Filters = Depends(filters),
+            paging: Page = Depends(page)) -> dict:
+    """Features nearest to this one by decoder-direction cosine (within=true: same coder only)."""
+    return similar_view(cat, coder_id, index, within, chosen, paging)
+
+
+@router.get("/features/{coder_id}/{index}")
+def feature(cat: Cat, coder_id: str, index: str,
+            text: Annotated[str | None, Query(description="Also run this text through the model and give "
+                                                          "this feature's activation on each token.")] = None) -> dict:
+    """Everything about one feature: statistics, histogram, logits, descriptions, examples, similar."""
+    return feature_view(cat, coder_id, index, text)
+
+
+@router.get("/fires_on")
+def fires_on(cat: Cat, text: str, coder: Strings = [], by: Literal["max", "sum"] = "max",
+             max_density: Density = None, limit: FeatureLimit = 20, per_token: PerToken = 5) -> dict:
+    """Run a text through the model and the coders (default: all); the features that fire."""
+    return fires_view(cat, text, coder, by, max_density, limit, per_token)
+
+
+class FiresRequest(BaseModel):
+    """fires_on with the text in a JSON body (no URL length limit)."""
+
+    text: str
+    coder: list[str] = []
+    by: Literal["max", "sum"] = "max"
+    max_density: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    limit: int = Field(20, ge=1, le=100)
+    per_token: int = Field(5, ge=0, le=20)
+
+
+@router.post("/fires_on")
+def fires_on_post(cat: Cat, body: FiresRequest) -> dict:
+    """fires_on with a JSON body: {"text": ..., "coder": [...], "by": "max", ...}."""
+    return fires_view(cat, body.text, body.coder, body.by, body.max_density, body.limit, body.per_token)

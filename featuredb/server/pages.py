@@ -1,0 +1,122 @@
+"""The HTML pages: Jinja2 templates rendered on the server from the same views as the JSON API.
+
+Pages: `/` (search, with filters and paging), `/features/{coder_id}/{index}` (a Neuronpedia-style
+feature dashboard with a test-text box), `/fires` (which features fire on a text). Every page
+links its JSON twin. Autoescaping is on, so tokens such as `<script>` render as text.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from featuredb.query.render import format_cell
+from featuredb.server.views import (
+    Cat,
+    Density,
+    Filters,
+    Mode,
+    Page,
+    Strings,
+    feature_view,
+    filters,
+    fires_view,
+    page,
+    coders_view,
+    search_view,
+)
+
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
+Text = Annotated[str | None, Query()]
+
+HIST_WIDTH, HIST_HEIGHT = 560, 120  # SVG user units of the histogram's plot area
+
+
+# --- presentation helpers (template filters) ---------------------------------------------------
+
+
+def shade(value: float | None, top: float | None) -> str:
+    """CSS background for a token: orange, more opaque the closer `value` is to `top`."""
+    if not value or not top or value <= 0 or not math.isfinite(value) or not math.isfinite(top):
+        return ""
+    strength = min(1.0, value / top)
+    return f"background-color: rgba(234, 88, 12, {0.12 + 0.78 * strength:.3f})"
+
+
+def visible(token: str) -> str:
+    """A token with its line breaks and tabs drawn (spaces stay, under `white-space: pre`)."""
+    return token.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+
+
+def url_segment(value: object) -> str:
+    """A value quoted as one URL path segment (coder_ids may hold quotes, spaces, '#', '?')."""
+    return quote(str(value), safe="")
+
+
+def histogram_bars(histogram: dict) -> list[dict]:
+    """SVG bars of the activation histogram, heights on a log scale (the lowest bins hold most
+    tokens; a linear scale would hide the tail, where the feature fires strongly)."""
+    counts, edges = histogram["counts"], histogram["edges"]
+    if not counts or max(counts) <= 0:
+        return []
+    top = math.log1p(max(counts))
+    width = HIST_WIDTH / len(counts)
+    bars = []
+    for i, count in enumerate(counts):
+        if count <= 0:
+            continue
+        height = HIST_HEIGHT * math.log1p(count) / top
+        bars.append({"x": i * width, "y": HIST_HEIGHT - height, "width": max(width - 1, 1), "height": height,
+                     "title": f"{format_cell(edges[i])} – {format_cell(edges[i + 1])}: {count:,} tokens"})
+    return bars
+
+
+templates.env.filters.update(cell=format_cell, shade=shade, visible=visible, url_segment=url_segment)
+templates.env.globals.update(histogram_bars=histogram_bars, HIST_WIDTH=HIST_WIDTH, HIST_HEIGHT=HIST_HEIGHT)
+
+
+def _twin(request: Request, path: str) -> str:
+    """The URL of this page's JSON twin: the same query string on the API route."""
+    return f"{path}?{request.url.query}" if request.url.query else path
+
+
+def error_page(request: Request, status: int, message: str) -> HTMLResponse:
+    return templates.TemplateResponse(request, "error.html", {"status": status, "message": message},
+                                      status_code=status)
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+@router.get("/")
+def search_page(request: Request, cat: Cat, q: Text = None, mode: Mode = "semantic",
+                chosen: Filters = Depends(filters), paging: Page = Depends(page)):
+    result = search_view(cat, q, mode, chosen, paging) if q and q.strip() else None
+    return templates.TemplateResponse(request, "search.html", {
+        "result": result, "q": q or "", "mode": mode, "chosen": chosen, "coders": coders_view(cat)["coders"],
+        "json_url": _twin(request, "/api/search") if result else "/api/coders",
+    })
+
+
+@router.get("/features/{coder_id}/{index}")
+def feature_page(request: Request, cat: Cat, coder_id: str, index: str, text: Text = None):
+    feature = feature_view(cat, coder_id, index, text if text and text.strip() else None)
+    json_url = _twin(request, f"/api/features/{url_segment(coder_id)}/{url_segment(index)}")
+    return templates.TemplateResponse(request, "feature.html", {"f": feature, "json_url": json_url})
+
+
+@router.get("/fires")
+def fires_page(request: Request, cat: Cat, text: Text = None, coder: Strings = [], by: Literal["max", "sum"] = "max",
+               max_density: Density = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    result = fires_view(cat, text, coder, by, max_density, limit, per_token=5) if text and text.strip() else None
+    return templates.TemplateResponse(request, "fires.html", {
+        "result": result, "text": text or "", "by": by, "max_density": max_density, "chosen_coders": coder,
+        "coders": coders_view(cat)["coders"], "json_url": _twin(request, "/api/fires_on") if result else None,
+    })

@@ -1,0 +1,114 @@
+"""Decoder directions, one table per decoder width: `decoders_<d>` (coder_id, feature, model, layer,
+hook, site, space, vector[d]), each row a unit-norm decoder direction, for similarity search.
+
+`space` names the basis a direction lives in, so only comparable directions are compared across
+coders. The indexer writes a coder's rows right after FeatureStore.write_coder; the query layer
+searches them (featuredb.query.similar).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from featuredb.store.connect import connect
+from featuredb.store.filters import Filter
+from featuredb.store.schema import StoreError
+
+if TYPE_CHECKING:  # feature_store builds on this module
+    from featuredb.store.feature_store import FeatureStore
+
+DECODERS_PREFIX = "decoders_"
+_DECODERS_NAME = re.compile(r"^decoders_([0-9]+)$")
+DECODER_COLUMNS = ("coder_id", "feature", "model", "layer", "hook", "site", "space")
+
+
+def decoders_table_name(dim: int) -> str:
+    return f"{DECODERS_PREFIX}{int(dim)}"
+
+
+def is_decoders_table(name: str) -> bool:
+    return bool(_DECODERS_NAME.match(name))
+
+
+def decoders_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("coder_id", pa.string(), nullable=False),
+        pa.field("feature", pa.int64(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("hook", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+        pa.field("space", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), int(dim)), nullable=False),
+    ])
+
+
+def decoder_space(site: str, hook_out: str) -> str:
+    """"residual" when a direction adds into the residual stream as is (residual and MLP-out SAEs,
+    transcoders), else the output hook itself (e.g. attention SAEs before o_proj)."""
+    return "residual" if site in ("res", "mlp", "transcoder") else hook_out
+
+
+def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any) -> int:
+    """Store a coder's decoder directions W_dec [width, d_out] (torch tensor or numpy array) for
+    similarity search, replacing what was stored for it. The coder must already be in the store's
+    coders table. Rows are normalised; all-zero or non-finite rows are skipped. Returns rows written."""
+    coders = store.coders()
+    rows = coders.filter(pl.col("coder_id") == coder_id)
+    if rows.height == 0:
+        raise StoreError(f"write_decoder_vectors: coder {coder_id!r} is not in the store (write_coder it first)")
+    coder = rows.row(0, named=True)
+    if hasattr(W_dec, "detach"):  # torch
+        W_dec = W_dec.detach().float().cpu().numpy()
+    matrix = np.asarray(W_dec, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[0] != coder["width"]:
+        raise StoreError(f"write_decoder_vectors: W_dec of {coder_id!r} has shape {matrix.shape}, "
+                         f"expected [width={coder['width']}, d]")
+    dim = matrix.shape[1]
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
+    good = np.isfinite(norms) & (norms > 0) & np.all(np.isfinite(matrix), axis=1)
+    features = np.nonzero(good)[0].astype(np.int64)
+    # Rows already of unit length (to float32 precision) are kept bit for bit, so writing stored
+    # directions again (e.g. an export imported back) does not perturb their last bits.
+    scale = np.where(np.abs(norms - 1.0) <= 1e-6, 1.0, norms)
+    unit = (matrix[good] / scale[good, None]).astype(np.float32)
+    n = len(features)
+    table_rows = pa.table({
+        "coder_id": pa.array([coder_id] * n, pa.string()),
+        "feature": pa.array(features),
+        "model": pa.array([coder["model"]] * n, pa.string()),
+        "layer": pa.array(np.full(n, coder["layer"], np.int32)),
+        "hook": pa.array([coder["hook"]] * n, pa.string()),
+        "site": pa.array([coder["site"]] * n, pa.string()),
+        "space": pa.array([decoder_space(coder["site"], coder["hook_out"])] * n, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),
+    }, schema=decoders_schema(dim))
+    name = decoders_table_name(dim)
+    db = connect(store.uri)
+    table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
+    own_rows = Filter().eq("coder_id", coder_id).render(table.schema)
+    # a coder lives in one decoders table: drop rows a previous version left in another width
+    for other in store.table_names():
+        if is_decoders_table(other) and other != name:
+            db.open_table(other).delete(Filter().eq("coder_id", coder_id).render(db.open_table(other).schema))
+    (
+        table.merge_insert(["coder_id", "feature"])
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .when_not_matched_by_source_delete(own_rows)
+        .execute(table_rows)
+    )
+    return n
+
+
+def delete_decoder_vectors(store: FeatureStore, coder_id: str) -> None:
+    """Remove a coder's decoder directions (a no-op where none are stored)."""
+    for name in store.table_names():
+        if is_decoders_table(name):
+            table = store.table(name)
+            table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
