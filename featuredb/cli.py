@@ -19,6 +19,7 @@ from featuredb import __version__
 from featuredb.errors import FeaturedbError, QueryError, one_line
 
 DEFAULT_DB_HELP = "Catalogue directory or URI (default: $FEATUREDB_DB, else ./featuredb-demo/catalogue)."
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 # Ctrl-C on these says how to continue
 RESUME_HINTS = {
     "index": "interrupted (rerun with --resume to continue)",
@@ -32,8 +33,22 @@ def fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+class Interrupted(Exception):
+    """Ctrl-C inside a command (click would turn it into a bare Abort)."""
+
+    def __init__(self, command: str | None) -> None:
+        super().__init__(command)
+        self.command = command
+
+
 class FeaturedbGroup(click.Group):
     """The `featuredb` group: the single error path of the command line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(ctx.invoked_subcommand) from None
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)  # errors are always handled here
@@ -43,15 +58,17 @@ class FeaturedbGroup(click.Group):
             sys.exit(e.exit_code)
         except click.Abort:
             fail("aborted", 1)
+        except NO_ARGS_IS_HELP as e:  # bare `featuredb`: the help, as a shell user expects
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
         except click.ClickException as e:  # usage errors (exit 2) and click's own file errors
             fail(one_line(Exception(e.format_message())), e.exit_code)
         except FeaturedbError as e:
             fail(one_line(e))
         except OSError as e:  # a full disk, a read-only or missing directory: the environment, not a bug
             fail(one_line(Exception(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else e)))
-        except KeyboardInterrupt:
-            command = (sys.argv[1:2] or [""])[0] if args is None else (list(args)[:1] or [""])[0]
-            click.echo(RESUME_HINTS.get(command, "interrupted"), err=True)
+        except Interrupted as e:
+            click.echo(RESUME_HINTS.get(e.command or "", "interrupted"), err=True)
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 

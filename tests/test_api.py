@@ -5,6 +5,7 @@ every kind of bad request answered with a 4xx and a clear message while the serv
 
 from __future__ import annotations
 
+import shutil
 from urllib.parse import quote
 
 import pytest
@@ -231,6 +232,24 @@ def test_odd_text_is_just_text(client):
         for mode in ("semantic", "keyword", "hybrid"):
             ok(client.get("/api/search", params={"q": q, "mode": mode}))
     assert ok(client.get("/api/search", params={"q": "Marseille", "mode": "keyword"}))["results"]
+
+
+def test_a_corrupt_data_file_is_a_json_error_and_the_server_keeps_serving(known_catalogue, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(known_catalogue, db)
+    for path in (db / "features.lance" / "data").iterdir():
+        with open(path, "r+b") as f:
+            f.write(b"\0" * min(4096, path.stat().st_size))
+    with TestClient(create_app(str(db))) as broken:
+        for url in ["/api/search?q=Paris", "/api/search?q=Paris&mode=keyword", "/api/search?q=Paris&mode=token",
+                    "/api/features/res-L12/3", "/api/features/res-L12/3/similar"]:
+            response = broken.get(url)
+            assert response.status_code == 400, response.text
+            detail = response.json()["detail"]
+            assert detail.startswith(f"catalogue {db}") and "cannot be read" in detail and "\n" not in detail
+        page = broken.get("/features/res-L12/3")
+        assert page.status_code == 400 and "cannot be read" in page.text and "<html" in page.text.lower()
+        assert ok(broken.get("/api/coders"))["coders"]  # the intact coders table still serves
 
 
 def test_server_keeps_serving_and_writes_nothing(known_catalogue, client):

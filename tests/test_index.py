@@ -22,7 +22,13 @@ from featuredb.indexer.run import IndexConfig, run_index
 from featuredb.indexer.stats import StatsConfig
 from featuredb.store import FeatureStore
 
+from featuredb.errors import IndexingError
+from featuredb.indexer import workdir as workdir_module
+from featuredb.indexer.workdir import ContextStore
+from featuredb.store import feature_store as feature_store_module
+
 from coder_formats import write_gemma_scope_1, write_gemma_scope_2, write_saelens
+from test_store import DISK_FULL, NO_CREDENTIALS_URI, db_snapshot, deny_writes, without_aws_settings
 
 CONTEXT = 16
 STATS = StatsConfig(top_k=4, hist_bins=16, interval_bins=4, interval_per_bin=2)
@@ -345,6 +351,92 @@ def test_db_path_is_a_file(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):
     result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl), "--db", str(db))
     assert result.exit_code == 1 and result.output.startswith("error: ")
     assert db.read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------- the environment fails
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_read_only_catalogue_is_one_line_and_untouched(populated_db, tiny_gemma2, gemma2_coders, corpus_jsonl,
+                                                      monkeypatch):
+    before = db_snapshot(populated_db)
+    deny_writes(populated_db, monkeypatch)
+    result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[1], "--corpus", str(corpus_jsonl),
+                     "--db", str(populated_db))
+    assert one_error_line(result) == f"error: cannot write to the catalogue {populated_db}: its directory is read-only"
+    assert db_snapshot(populated_db) == before  # not even a work dir
+
+
+def test_full_disk_while_writing_the_catalogue_is_one_line_and_keeps_the_rows(populated_db, tiny_gemma2, gemma2_coders,
+                                                                              corpus_jsonl, monkeypatch):
+    before = snapshot(populated_db)
+    real_replace = feature_store_module._replace_coder_rows
+
+    def disk_full_on_features(table, rows, key, coder_id):
+        if table.name == "features":
+            raise DISK_FULL["LanceDB"]()
+        real_replace(table, rows, key, coder_id)
+
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", disk_full_on_features)
+    result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl),
+                     "--db", str(populated_db), "--top-k", "2")  # the same coder again, other rows
+    coder_id = list(before)[0]
+    assert one_error_line(result) == (f"error: could not write coder {coder_id!r} to {populated_db}: "
+                                      "No space left on device (os error 28)")
+    after = snapshot(populated_db)
+    assert before.keys() == after.keys()
+    assert all(before[k][0].equals(after[k][0]) and before[k][1].equals(after[k][1]) for k in before)
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_resumes(tiny_gemma2, gemma2_coders,
+                                                                                  corpus_jsonl, tmp_path, monkeypatch):
+    db = tmp_path / "db"
+    args = ["--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl), "--db", str(db),
+            "--batch-size", "3", "--checkpoint-seconds", "0"]
+    saves = []
+    real_save_file = workdir_module.save_file
+
+    def disk_full_at_the_second_checkpoint(state, path):
+        saves.append(path)
+        if len(saves) == 2:  # safetensors' error, as measured on a full tmpfs
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        real_save_file(state, path)
+
+    monkeypatch.setattr(workdir_module, "save_file", disk_full_at_the_second_checkpoint)
+    work_dir = db / "_index_work"
+    assert one_error_line(run_cli(*args)) == (f"error: could not write a checkpoint to {work_dir}: "
+                                              "No space left on device (os error 28)")
+    progress = json.loads((work_dir / "checkpoint" / "progress.json").read_text())
+    assert progress["contexts"] == 3 and not progress["finished"]  # the first checkpoint is still the live one
+    assert FeatureStore(str(db), read_only=True).coders().is_empty()
+    monkeypatch.undo()
+    resumed = run_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert FeatureStore(str(db), read_only=True).coders().height == 1 and not work_dir.exists()
+
+
+def test_unwritable_work_dir_is_an_indexing_error(tmp_path):
+    (tmp_path / "a-file").write_text("precious")
+    with pytest.raises(IndexingError, match=r"^could not write the indexed contexts to .*a-file/work: "):
+        ContextStore(tmp_path / "a-file" / "work", CONTEXT)
+    assert (tmp_path / "a-file").read_text() == "precious"
+
+
+def test_s3_catalogue_without_aws_settings_is_one_line(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path,
+                                                       monkeypatch):
+    without_aws_settings(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an s3:// db's work dir is under ~/.cache
+    result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl),
+                     "--db", NO_CREDENTIALS_URI)
+    line = one_error_line(result)
+    assert NO_CREDENTIALS_URI in line and "not set: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION" in line
+    assert not (tmp_path / "home").exists()
 
 
 def test_help_on_every_command():

@@ -207,6 +207,17 @@ def test_cli_imports_nothing_heavy_at_start():
     assert out == ""
 
 
+def test_the_store_imports_lancedb_without_its_rest_client_and_the_client_still_loads():
+    import subprocess
+    import sys
+
+    code = ("import sys, featuredb.store; "
+            "print(any(m.startswith('lance_namespace_urllib3_client.api') for m in sys.modules)); "
+            "from lance_namespace_urllib3_client import ApiClient; print(ApiClient.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "ApiClient"]
+
+
 # --- the checks themselves can fail ----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import gzip
 import json
 import re
@@ -29,7 +30,8 @@ from featuredb.query import finalize
 from featuredb.store import FeatureStore, StoreError
 from featuredb.cli import main
 from featuredb.store.neuronpedia import export_neuronpedia, import_neuronpedia, model_id_for, source_set_for
-from test_store import db_snapshot
+from featuredb.store import feature_store as feature_store_module
+from test_store import db_snapshot, deny_writes
 
 # Neuronpedia's field names, as its public dataset export (utils/neuronpedia-utils export-data.py)
 # selects them, plus the correlated_features_* columns of its Neuron table.
@@ -369,6 +371,41 @@ def test_cli_bad_import_is_one_line_and_leaves_db_untouched(name, neuronpedia_ex
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
         assert re.search(message, result.stderr), result.stderr
         assert (db_snapshot(Path(db)) if Path(db).exists() else None) == before
+
+
+def stored(db: Path) -> list[list[dict]]:
+    store = FeatureStore(db, read_only=True)
+    return [all_rows(store, name) for name in ("coders", "features", "examples", "descriptions", "decoders_4")]
+
+
+def test_cli_import_into_a_read_only_catalogue_is_one_line_and_untouched(neuronpedia_export, tmp_path, monkeypatch):
+    db = tmp_path / "db"
+    import_neuronpedia(neuronpedia_export, db)
+    before = db_snapshot(db)
+    deny_writes(db, monkeypatch)
+    result = run("import", "--format", "neuronpedia", neuronpedia_export, "--db", db, "--replace", "--quiet")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"error: cannot write to the catalogue {db}: its directory is read-only\n"
+    assert db_snapshot(db) == before
+
+
+def test_cli_import_refused_a_write_mid_way_is_one_line_and_keeps_the_rows(neuronpedia_export, tmp_path, monkeypatch):
+    db = tmp_path / "db"
+    import_neuronpedia(neuronpedia_export, db)
+    before = stored(db)
+    real_replace = feature_store_module._replace_coder_rows
+
+    def permission_denied_on_features(table, rows, key, coder_id):
+        if table.name == "features":  # examples are committed by then, and undone
+            raise PermissionError(errno.EACCES, "Permission denied", str(db / "features.lance"))
+        real_replace(table, rows, key, coder_id)
+
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", permission_denied_on_features)
+    result = run("import", "--format", "neuronpedia", neuronpedia_export, "--db", db, "--replace", "--quiet")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (f"error: could not write coder '{NP_MODEL}/{NP_SOURCE}' to {db}: "
+                             f"Permission denied: {db / 'features.lance'}\n")
+    assert stored(db) == before
 
 
 def test_cli_bad_import_paths_and_out_of_range_index(exported, tmp_path):

@@ -9,6 +9,7 @@ known decoder vectors and known example contexts, so every answer is known in ad
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -93,7 +94,7 @@ def test_filters_exclude_what_they_should(cat):
 @pytest.mark.parametrize("mode", ["search", "keyword"])
 @pytest.mark.parametrize("density,limit", [((0.02, None), 2), ((None, 0.06), 3), ((0.05, 0.08), 50)])
 def test_range_only_filters_equal_filtering_everything(cat, mode, density, limit):
-    """A range-only filter may run on an overfetched top (see SearchQuery._filtered): same rows."""
+    """A range-only filter may run on an overfetched top (see SearchQuery's _filtered): same rows."""
     query = getattr(cat, mode)("Paris France cities code")
     everything = query.limit(1000).to_polars()
     low, high = density
@@ -108,14 +109,14 @@ def test_vector_plan_follows_the_filter(cat, monkeypatch):
     # pretend the catalogue holds 611 coders of 16k (10M features) over 26 layers
     saes = pl.DataFrame({"coder_id": [f"c{j}" for j in range(611)], "layer": [j % 26 for j in range(611)],
                          "site": ["res"] * 611, "model": [MODEL] * 611, "hook": ["h"] * 611, "width": [16384] * 611})
-    monkeypatch.setattr(cat, "_coders_frame", saes)
-    monkeypatch.setattr(cat, "_coder_table", lambda refresh=False: saes)
-    assert cat._vector_plan(Where()) .nprobes == 20 and not cat._vector_plan(Where()).exact
-    assert cat._vector_plan(Where().add(coder_id="c3")).exact  # one coder: exact over its 16k rows
-    layer = cat._vector_plan(Where().add(layer=5))
+    reader = cat.reader
+    monkeypatch.setattr(reader, "coder_table", lambda refresh=False: saes)
+    assert reader.vector_plan(Where()).nprobes == 20 and not reader.vector_plan(Where()).exact
+    assert reader.vector_plan(Where().add(coder_id="c3")).exact  # one coder: exact over its 16k rows
+    layer = reader.vector_plan(Where().add(layer=5))
     assert not layer.exact and 40 <= layer.nprobes <= 50  # more probes for 1/26 of the rows
-    assert cat._vector_plan(Where().add(layer=5), nprobes=7).nprobes == 7
-    assert cat._vector_plan(Where(), exact=True).exact
+    assert reader.vector_plan(Where().add(layer=5), nprobes=7).nprobes == 7
+    assert reader.vector_plan(Where(), exact=True).exact
 
 
 def test_builders_are_immutable(cat):
@@ -402,7 +403,7 @@ def test_fires_on_sum_positions_density_and_caching(model_catalogue, tiny_gemma2
     assert result.features["feature"].to_list() == top
     assert result.features["activation"].to_list() == pytest.approx([float(chosen[f]) for f in top], rel=1e-4)
     assert set(result.features["coder_id"].to_list()) == {coder_id} and result.per_token.height == 0
-    models, coders = dict(cat._models), dict(cat._coders)
+    models, coders = cat.reader.loaded("models"), cat.reader.loaded("coders")
     # density ceiling: dense features disappear
     densities = dict(FeatureStore(str(db)).features(coder_id).select("feature", "density").iter_rows())
     ceiling = float(np.median(list(densities.values())))
@@ -411,7 +412,7 @@ def test_fires_on_sum_positions_density_and_caching(model_catalogue, tiny_gemma2
     assert all(densities[f] <= ceiling for f in filtered.features["feature"].to_list())
     assert all(densities[f] <= ceiling for f in filtered.per_token["feature"].to_list())
     # the model and the coder were loaded once and reused
-    assert cat._models == models and all(cat._coders[k] is v for k, v in coders.items())
+    assert cat.reader.loaded("models") == models and all(cat.reader.loaded("coders")[k] is v for k, v in coders.items())
     with pytest.raises(QueryError, match="out of range"):
         cat.fires_on(TEXT, positions=[100])
 
@@ -479,6 +480,58 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(catalogue_path, args, code):
 def test_cli_missing_catalogue(tmp_path):
     result = invoke("search", ["x", "--db", str(tmp_path / "nope")])
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
+
+
+def corrupt_copy(catalogue_path, destination, how: str):
+    """A copy of the catalogue whose features data files are truncated or overwritten."""
+    shutil.copytree(catalogue_path, destination)
+    data_files = sorted((destination / "features.lance" / "data").iterdir())
+    assert data_files
+    for path in data_files:
+        size = path.stat().st_size
+        if how == "truncate":
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+        else:
+            with open(path, "r+b") as f:
+                f.write(b"\0" * min(4096, size))
+    return destination
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite"])
+@pytest.mark.parametrize("command, args", [
+    ("search", ["towns in France"]), ("search", ["Marseille", "--keyword"]), ("search", ["Paris", "--hybrid"]),
+    ("show", ["res-L12/3"]), ("similar", ["res-L12/3"]),
+])
+def test_cli_corrupt_data_file_is_one_clear_line(catalogue_path, tmp_path, how, command, args):
+    db = corrupt_copy(catalogue_path, tmp_path / "db", how)
+    result = invoke(command, [*args, "--db", str(db)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"error: catalogue {db}") and "cannot be read" in result.stderr
+    assert result.stderr.count("\n") == 1 and ".rs:" not in result.stderr and result.stdout == ""
+
+
+def test_corrupt_data_file_fails_every_query_kind_with_a_query_error(catalogue_path, tmp_path):
+    cat = featuredb.open(str(corrupt_copy(catalogue_path, tmp_path / "db", "overwrite")))
+    for query in (cat.with_token(" Paris"), cat.similar("res-L12", 3, across=False), cat.search(embed(["x"])[0])):
+        with pytest.raises(QueryError, match="cannot be read"):
+            query.to_polars()
+    assert cat.coders().height > 0  # the intact coders table still reads
+
+
+def test_offset_pages_through_the_same_ranking(cat):
+    for query in (cat.search("towns in France"), cat.keyword("Paris France cities code"), cat.with_token(" Paris"),
+                  cat.similar("res-L12", 3)):
+        everything = query.limit(6).to_polars()
+        assert everything.height >= 2
+        page = query.offset(1).limit(5).to_polars()
+        assert keys(page) == keys(everything)[1:] and page.columns == everything.columns
+        assert query.offset(1).limit(1).to_list() == everything.slice(1, 1).to_dicts()
+    for bad in (-1, 1000, 1.5, True, "2"):
+        with pytest.raises(QueryError, match="offset"):
+            cat.search("x").offset(bad)
+    with pytest.raises(QueryError, match="offset \\+ limit"):
+        cat.keyword("Paris").offset(999).limit(2).to_polars()
 
 
 def test_cli_show(catalogue_path):

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
+from click.testing import CliRunner
+from lancedb.merge import LanceMergeInsertBuilder
+from lancedb.table import LanceTable
 
+from featuredb.cli import main
 from featuredb.store import (
     FeatureStore,
     Filter,
@@ -20,7 +26,11 @@ from featuredb.store import (
     coders_schema,
     sql_literal,
 )
+from featuredb.store import decoder_vectors as decoder_vectors_module
 from featuredb.store import feature_store as feature_store_module
+from featuredb.store.decoder_vectors import write_decoder_vectors
+from featuredb.store.descriptions import current_descriptions, sync_features, write_descriptions
+from featuredb.store.failures import is_io_failure, reason, writing
 
 DIM = 4
 CREATED = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -330,6 +340,177 @@ def test_failure_during_write_restores_committed_tables(store, monkeypatch):
         write(store, "sae-a", [0], top=1, seed=3)
     after = (store.coders(), store.features(), store.examples("sae-a"))
     assert all(a.equals(b) for a, b in zip(after, before))
+
+
+# --- the environment fails: a full disk, a read-only directory, an object store out of reach --------
+
+# A full disk as Python raises it, and as LanceDB does (measured on a full tmpfs).
+DISK_FULL = {
+    "OSError": lambda: OSError(errno.ENOSPC, "No space left on device"),
+    "LanceDB": lambda: RuntimeError("lance error: LanceError(IO): No space left on device (os error 28), "
+                                    "/root/.cargo/registry/src/lance-file-13.0.0/src/writer/structural.rs:191:9"),
+}
+
+
+def stored_rows(store: FeatureStore) -> tuple[pl.DataFrame, ...]:
+    return store.coders(), store.features(), store.examples("sae-a")
+
+
+def same_rows(a: tuple[pl.DataFrame, ...], b: tuple[pl.DataFrame, ...]) -> bool:
+    return all(x.equals(y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("raised", list(DISK_FULL))
+def test_full_disk_while_writing_a_coder_is_one_store_error_and_changes_nothing(store, monkeypatch, raised):
+    write(store, "sae-a", [0, 1, 2, 3], top=3)
+    before = stored_rows(store)
+    real_replace = feature_store_module._replace_coder_rows
+
+    def disk_full_at_the_last_table(table, rows, key, coder_id):
+        if table.name == "coders":  # examples and features are committed by then: both are undone
+            raise DISK_FULL[raised]()
+        real_replace(table, rows, key, coder_id)
+
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", disk_full_at_the_last_table)
+    with pytest.raises(StoreError) as error:
+        write(store, "sae-a", [0], top=1, seed=3)
+    message = str(error.value)
+    assert message.startswith(f"could not write coder 'sae-a' to {store.uri}: No space left on device"), message
+    assert ".rs:" not in message and "\n" not in message
+    assert same_rows(stored_rows(store), before)
+
+
+def test_full_disk_while_writing_decoder_vectors_undoes_the_removal_of_the_old_ones(store, monkeypatch):
+    write(store, "sae-a")
+    write_decoder_vectors(store, "sae-a", np.eye(4, 8, dtype=np.float32))
+    before = store.table("decoders_8").to_arrow().sort_by("feature")
+
+    def disk_full(table, coder_id, rows):
+        raise DISK_FULL["LanceDB"]()
+
+    monkeypatch.setattr(decoder_vectors_module, "_replace_rows_of", disk_full)
+    with pytest.raises(StoreError, match=r"^could not write decoder vectors of coder 'sae-a' to .*: No space left"):
+        write_decoder_vectors(store, "sae-a", np.eye(4, 16, dtype=np.float32))  # its 8-wide rows go first
+    assert store.table("decoders_8").to_arrow().sort_by("feature").equals(before)
+    assert store.table("decoders_16").count_rows() == 0
+
+
+def description_rows(coder_id: str, features: list[int]) -> list[dict]:
+    return [dict(coder_id=coder_id, feature=f, description=f"cats {f}", method="manual", prompt_version="v1",
+                 created_at=CREATED, indexed_at=CREATED) for f in features]
+
+
+def fake_embedder(texts: list[str], model: str) -> np.ndarray:
+    return np.ones((len(texts), DIM), dtype=np.float32) / 2
+
+
+def describe_on_a_full_disk(store: FeatureStore, monkeypatch, lancedb_class: type, method: str) -> str:
+    """The error of write_descriptions when LanceDB's `lancedb_class.method` finds the disk full;
+    the feature rows are checked unchanged."""
+    write(store, "sae-a")
+    features_before = store.features()
+
+    def disk_full(*args, **kwargs):
+        raise DISK_FULL["LanceDB"]()
+
+    monkeypatch.setattr(lancedb_class, method, disk_full)
+    with pytest.raises(StoreError) as error:
+        write_descriptions(store, "sae-a", description_rows("sae-a", [0, 1]), embedding_model="emb",
+                           embedder=fake_embedder)
+    monkeypatch.undo()
+    assert store.features().equals(features_before)
+    return str(error.value)
+
+
+def test_full_disk_while_recording_descriptions_records_none(store, monkeypatch):
+    message = describe_on_a_full_disk(store, monkeypatch, LanceTable, "add")
+    assert message == f"could not write descriptions of coder 'sae-a' to {store.uri}: No space left on device (os error 28)"
+    assert current_descriptions(store, "sae-a") == []
+
+
+def test_full_disk_while_updating_features_leaves_them_for_the_next_sync(store, monkeypatch):
+    message = describe_on_a_full_disk(store, monkeypatch, LanceMergeInsertBuilder, "execute")
+    assert message.startswith(f"could not write the description columns of coder 'sae-a' to {store.uri}: No space")
+    # the descriptions were recorded first (append-only history): the next sync brings them in
+    sync_features(store, "sae-a", embedding_model="emb", embedder=fake_embedder)
+    assert store.feature_row("sae-a", 1)["description"] == "cats 1"
+
+
+def deny_writes(directory: Path, monkeypatch) -> None:
+    """`directory` as on a read-only mount (we run as root: chmod would not stop us writing)."""
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).absolute() == Path(directory).absolute():
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_read_only_directory_is_refused_by_a_writable_open_and_read_by_a_read_only_one(tmp_path, monkeypatch):
+    db = tmp_path / "db"
+    write(FeatureStore(db, vector_dim=DIM), "sae-a")
+    before = db_snapshot(db)
+    deny_writes(db, monkeypatch)
+    with pytest.raises(StoreError, match=f"^cannot write to the catalogue {db}: its directory is read-only$"):
+        FeatureStore(db, vector_dim=DIM)
+    assert FeatureStore(db, vector_dim=DIM, read_only=True).coders()["coder_id"].to_list() == ["sae-a"]
+    assert db_snapshot(db) == before
+
+
+def without_aws_settings(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no wait for an instance's credentials
+
+
+NO_CREDENTIALS_URI = "s3://featuredb-test-no-such-bucket/catalogue"
+
+
+def test_s3_catalogue_without_aws_settings_is_one_store_error(monkeypatch):
+    without_aws_settings(monkeypatch)
+    for read_only in (True, False):
+        with pytest.raises(StoreError) as error:
+            FeatureStore(NO_CREDENTIALS_URI, read_only=read_only)
+        message = str(error.value)
+        assert message.startswith(f"cannot open the catalogue {NO_CREDENTIALS_URI}: "), message
+        assert "not set: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION" in message
+        assert "\n" not in message and len(message) < 300
+
+
+def test_cli_search_of_an_s3_catalogue_without_aws_settings_is_one_line(monkeypatch):
+    without_aws_settings(monkeypatch)
+    result = CliRunner().invoke(main, ["search", "cats", "--db", NO_CREDENTIALS_URI])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.output
+    assert NO_CREDENTIALS_URI in result.stderr and "not set: AWS_ACCESS_KEY_ID" in result.stderr
+
+
+@pytest.mark.parametrize("error, said", [
+    (ValueError('Invalid input, Failed to connect to namespace: IO { source: Generic { store: "N/A", source: IO { '
+                'source: "Failed to get AWS credentials: ProviderError(...)" } } }'), "no AWS credentials found"),
+    (RuntimeError("lance error: LanceError(IO): Generic S3 error: Failed to resolve region for bucket 'b', "
+                  "/root/.cargo/registry/src/lance-io-13.0.0/src/object_store/providers/aws.rs:319:13"),
+     "cannot tell the bucket's region"),
+    (RuntimeError('lance error: LanceError(IO): Read-only file system (os error 30) at path "/db/x.lance/.tmp1", '
+                  "/root/.cargo/registry/src/lance-io-13.0.0/src/object_store.rs:1006:34"),
+     'Read-only file system (os error 30) at path "/db/x.lance/.tmp1"'),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+     "No space left on device (os error 28)"),
+    (PermissionError(errno.EACCES, "Permission denied", "/db/coders.lance"), "Permission denied: /db/coders.lance"),
+])
+def test_reason_keeps_what_a_user_can_act_on(error, said):
+    assert is_io_failure(error) or "credentials" in said or "region" in said
+    assert reason(error) == said
+
+
+def test_only_io_failures_are_translated():
+    assert not is_io_failure(RuntimeError("disk full"))  # a bug, not the environment: its traceback stays
+    assert not is_io_failure(StoreError("features: bad value (os error 28)"))  # already ours
+    with pytest.raises(KeyError):
+        with writing("rows", "/db"):
+            raise KeyError("no such column")
 
 
 # --- locations and modes ---------------------------------------------------------------------

@@ -133,8 +133,8 @@ def _indexed_ids(db: Path) -> dict[str, int]:
 
     if not db.exists():
         return {}
-    saes = FeatureStore(str(db)).coders()
-    return dict(zip(saes["coder_id"].to_list(), saes["tokens_indexed"].to_list()))
+    coders = FeatureStore(str(db)).coders()
+    return dict(zip(coders["coder_id"].to_list(), coders["tokens_indexed"].to_list()))
 
 
 def run_demo(config: DemoConfig) -> None:

@@ -25,15 +25,14 @@ from featuredb.describe.prompts import (
 from featuredb.describe.run import DescribeConfig, DescribeError, DescribeResult, run_describe
 from featuredb.describe.scoring import Scorer, ScoreResult, balanced_accuracy
 from featuredb.store.descriptions import (
-    DESCRIPTIONS_TABLE,
     METHOD_RANK,
     SyncResult,
     best_description,
     current_descriptions,
-    descriptions_schema,
     sync_features,
     write_descriptions,
 )
+from featuredb.store.schema import DESCRIPTIONS_TABLE, descriptions_schema
 
 __all__ = [
     "DESCRIPTIONS_TABLE", "EXPLAIN_PROMPT_VERSION", "METHOD_RANK", "SCORE_PROMPT_VERSION", "TOKENS_METHOD",

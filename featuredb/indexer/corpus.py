@@ -38,6 +38,27 @@ def _check_text(value, where: str) -> str:
         raise CorpusError(f"{where}: the 'text' field is missing or not a string")
     if "\x00" in value:
         raise CorpusError(f"{where}: text holds NUL bytes (binary data?)")
+    _refuse_surrogates(value, "text", where)
+    return value
+
+
+def _check_id(value, fallback: str, where: str) -> str:
+    """The document id as text (`fallback` when there is none); it goes into the catalogue as UTF-8."""
+    if value is None:
+        return fallback
+    return _refuse_surrogates(str(value), "id", where)
+
+
+def _refuse_surrogates(value: str, field: str, where: str) -> str:
+    # A JSON "\ud800" escape decodes to a lone surrogate, which no UTF-8 writer (tokenizer, Arrow) accepts.
+    # Refused with file:line: replacing it would store text that is not what the file says.
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = f"U+{ord(value[e.start]):04X}"
+        raise CorpusError(f"{where}: {field} holds a lone surrogate {char} at character {e.start}, not Unicode") from None
     return value
 
 
@@ -52,9 +73,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, str]]:
                 raise CorpusError(f"{path}:{line_no}: not a JSON line ({type(e).__name__})") from None
             if not isinstance(record, dict):
                 raise CorpusError(f"{path}:{line_no}: a JSON line must be an object with a 'text' field")
-            text = _check_text(record.get("text"), f"{path}:{line_no}")
-            doc_id = record.get("id", record.get("doc_id"))
-            yield (str(doc_id) if doc_id is not None else f"{path.stem}:{line_no}"), text
+            where = f"{path}:{line_no}"
+            text = _check_text(record.get("text"), where)
+            yield _check_id(record.get("id", record.get("doc_id")), f"{path.stem}:{line_no}", where), text
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, str]]:
@@ -70,11 +91,28 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, str]]:
     columns = ["text"] + (["id"] if "id" in names else [])
     row = 0
     for batch in parquet.iter_batches(columns=columns, batch_size=1024):
-        texts = batch.column("text").to_pylist()
-        ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)
+        texts = _column_values(batch.column("text"), path, row)
+        ids = _column_values(batch.column("id"), path, row) if "id" in columns else [None] * len(texts)
         for doc_id, text in zip(ids, texts):
-            yield (str(doc_id) if doc_id is not None else f"{path.stem}:{row}"), _check_text(text, f"{path} row {row}")
+            where = f"{path} row {row}"
+            yield _check_id(doc_id, f"{path.stem}:{row}", where), _check_text(text, where)
             row += 1
+
+
+def _column_values(column, path: Path, first_row: int) -> list:
+    """A column of one batch as Python values. Arrow does not check that a Parquet string column is
+    UTF-8 when it reads one, so invalid bytes surface here: a CorpusError naming the row."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError as e:
+        error, row = e, first_row
+    for i in range(len(column)):  # find the row to name
+        try:
+            column[i].as_py()
+        except UnicodeDecodeError as e:
+            error, row = e, first_row + i
+            break
+    raise CorpusError(f"{path} row {row}: not valid UTF-8 ({error.reason} at byte {error.start})")
 
 
 def _read_text(path: Path) -> Iterator[tuple[str, str]]:
@@ -83,8 +121,9 @@ def _read_text(path: Path) -> Iterator[tuple[str, str]]:
         raise CorpusError(f"{path}: looks binary (NUL bytes); expected UTF-8 text, JSONL or Parquet")
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorpusError(f"{path}: not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise CorpusError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for i, paragraph in enumerate(p for p in text.split("\n\n") if p.strip()):
         yield f"{path.stem}:{i}", paragraph
 
@@ -101,8 +140,8 @@ def _read_hf_dataset(spec: str) -> Iterator[tuple[str, str]]:
     try:
         stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         for i, record in enumerate(stream):
-            doc_id = record.get("id")
-            yield (str(doc_id) if doc_id is not None else f"{name}:{i}"), _check_text(record.get("text"), f"{name} row {i}")
+            where = f"{name} row {i}"
+            yield _check_id(record.get("id"), f"{name}:{i}", where), _check_text(record.get("text"), where)
     except CorpusError:
         raise
     except Exception as e:

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,22 +26,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from featuredb.store import FeatureStore
-from featuredb.store.connect import is_remote
-from featuredb.store.decoder_vectors import write_decoder_vectors
-from featuredb.runtime.coders import CoderError, SparseCoder, load_coder
-from featuredb.indexer.corpus import CorpusError, Window, iter_windows
+from featuredb.errors import CoderError, CorpusError, IndexingError
+from featuredb.indexer.corpus import Window, iter_windows
 from featuredb.indexer.distributed import (SINGLE, Shard, assign_coders, barrier, gather_contexts, gather_example_contexts,
-                          process_group, rank_device, receive_stats, reduce_stats, send_stats, shard_from_env,
-                          share_from_writer)
+                                           process_group, rank_device, receive_stats, reduce_stats, send_stats,
+                                           shard_from_env, share_from_writer)
 from featuredb.indexer.geometry import decoder_neighbours, logit_tables
-from featuredb.runtime.hooks import hook_site_kind
-from featuredb.runtime.model import SubjectModel, load_model
 from featuredb.indexer.records import example_rows, feature_rows, vocabulary_strings
 from featuredb.indexer.stats import FeatureStats, StatsConfig
 from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_coder_groups,
-                      saved_world_sizes)
-from featuredb.errors import IndexingError
+                                       saved_world_sizes)
+from featuredb.runtime.coders import SparseCoder, load_coder
+from featuredb.runtime.hooks import hook_site_kind
+from featuredb.runtime.model import SubjectModel, load_model
+from featuredb.store import FeatureStore
+from featuredb.store.connect import is_remote
+from featuredb.store.decoder_vectors import write_decoder_vectors
 
 CHECKPOINT_FORMAT = 2  # part of the fingerprint: work dirs of an older layout are not resumed
 
@@ -92,6 +92,243 @@ class IndexResult:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None) -> IndexResult:
+    """Index a corpus. `on_batch(n)` is called after each batch this process indexed (tests use it
+    to interrupt a run)."""
+    new_dir = None if is_remote(config.db) or Path(config.db).expanduser().exists() else Path(config.db).expanduser()
+    try:
+        return _run_index(config, on_batch)
+    except BaseException:
+        if new_dir is not None and new_dir.is_dir() and not any(new_dir.iterdir()):
+            new_dir.rmdir()  # a run that failed before writing anything leaves no empty catalogue behind
+        raise
+
+
+def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> IndexResult:
+    start_time = time.perf_counter()
+    check_config(config)
+    shard = _shard(config)
+    device = rank_device(resolve_device(config.device), shard)
+    work_dir = default_work_dir(config)
+    if config.resume:
+        _check_world_size(work_dir, shard)
+        _check_coder_groups(work_dir, shard)
+    with process_group(shard, device):
+        run = Run.start(config, shard, device, work_dir)
+        stream_seconds = run.stream(on_batch)
+        written = run.write_catalogue()
+        run.remove_work_dir()
+    return run.result(written, time.perf_counter() - start_time, stream_seconds)
+
+
+@dataclass
+class Run:
+    """One indexing run on this process: its state, built once by `Run.start`, and its steps in
+    the order `run_index` takes them (stream, write_catalogue, remove_work_dir)."""
+
+    config: IndexConfig
+    shard: Shard  # this process's place in the job (SINGLE when alone)
+    work_dir: Path  # the run's work dir; this rank's own part of it is `own_dir`
+    store: FeatureStore | None  # the catalogue: on rank 0 alone, which writes it
+    model: SubjectModel
+    group_of: list[int]  # the coder group of each coder of config.coders
+    coders: list[SparseCoder]  # the coders this process holds: its group's
+    stats: list[FeatureStats]  # one per coder of `coders`, on the device
+    progress: Progress  # where this rank stands in the corpus stream
+    checkpoints: Checkpoints  # this rank's
+    contexts: ContextStore  # the token ids of the contexts this rank indexed
+
+    @classmethod
+    def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path) -> Run:
+        """Open the catalogue, load the model and this process's coders, and restore this rank's
+        checkpoint when resuming (else start from an empty work dir)."""
+        store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
+        model = load_model(config.model, device=device, dtype=DTYPES[config.dtype] if config.dtype else None)
+        group_of = _coder_groups(config, shard, model)
+        coders = load_coders([spec for spec, g in zip(config.coders, group_of) if g == shard.group], model, device)
+        stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
+        progress = _restore_or_start_over(config, shard, work_dir, stats)
+        own_dir = rank_dir(work_dir, shard.rank, shard.world)
+        contexts = ContextStore(own_dir, config.context)
+        contexts.truncate(progress.contexts, progress.docs_started)
+        return cls(config, shard, work_dir, store, model, group_of, coders, stats, progress, Checkpoints(own_dir),
+                   contexts)
+
+    @property
+    def own_dir(self) -> Path:
+        return rank_dir(self.work_dir, self.shard.rank, self.shard.world)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks this process's coders read."""
+        return sorted({c.hook for c in self.coders})
+
+    # --- streaming ------------------------------------------------------------------------------
+
+    def stream(self, on_batch: Callable[[int], None] | None) -> float:
+        """Index this rank's batches of what is left of the corpus stream, and wait for every rank.
+        Returns the seconds that took (the slowest rank's)."""
+        started = time.perf_counter()
+        if not self.progress.finished:
+            self.read_stream(on_batch)
+        barrier(self.shard)
+        seconds = time.perf_counter() - started
+        if self.progress.stream_contexts == 0:
+            raise CorpusError(f"corpus {self.config.corpus} has no text to index")
+        return seconds
+
+    def read_stream(self, on_batch: Callable[[int], None] | None) -> None:
+        """Read the corpus stream from where `progress` stands and index this rank's batches of it."""
+        config, shard, progress = self.config, self.shard, self.progress
+        windows = iter_windows(config.corpus, self.model.tokenizer, self.model.bos_token_id, config.context,
+                               skip_docs=progress.next_doc, skip_windows=progress.next_window)
+        # Rank 0's bar counts the whole stream as it passes: with balanced ranks, the job's tokens/s.
+        bar = tqdm(total=config.tokens, initial=progress.stream_tokens, unit="tok", unit_scale=True,
+                   desc="indexing" if shard.world == 1 else f"indexing ({shard.world} ranks)",
+                   disable=not config.progress or not shard.is_writer, smoothing=0.1)
+        last_checkpoint = time.monotonic()
+        indexed_batches = 0
+        for group in window_groups(windows, config.batch_size, config.tokens, progress.stream_tokens):
+            own = shard.owns(progress.stream_batches)
+            if own:
+                self.index_batch(make_batch(group, config.context, self.model.pad_token_id))
+                indexed_batches += 1
+            counted = counted_tokens(group)
+            _advance_stream(progress, group, counted)
+            bar.update(counted)
+            if own:
+                if time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
+                    self.save_checkpoint()
+                    last_checkpoint = time.monotonic()
+                if on_batch is not None:
+                    on_batch(indexed_batches)
+        bar.close()
+        progress.finished = True
+        self.save_checkpoint()
+
+    def index_batch(self, batch: Batch) -> None:
+        """Run one batch through the model and every coder; store its contexts. Its contexts' global
+        indices continue the stream's (`progress.stream_contexts`)."""
+        device, progress, hooks = self.device, self.progress, self.hooks
+        activations = self.model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
+        count_mask = batch.count_mask.to(device)
+        counted = int(batch.count_mask.sum())
+        counts = {h: (count_mask, counted) for h in hooks}  # per hook: the positions that count, how many
+        if self.config.outlier_ratio is not None:
+            for h in hooks:
+                typical = typical_tokens(activations[h], count_mask, self.config.outlier_ratio)
+                counts[h] = (typical, int(typical.sum()))
+        first = progress.stream_contexts
+        context_ids = torch.arange(first, first + len(batch.windows), device=device)
+        context_index = np.arange(first, first + len(batch.windows))  # the same on the host: no device sync
+        for coder, coder_stats in zip(self.coders, self.stats):
+            mask, n_counted = counts[coder.hook]
+            acts = coder.encode(activations[coder.hook].float())
+            acts.mul_(mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
+            coder_stats.update(acts, context_ids, n_counted)
+
+        doc_index, new_docs = _document_rows(batch.windows, progress)
+        self.contexts.append(batch.stored_ids, context_index, doc_index, new_docs)
+        progress.contexts += len(batch.windows)
+        progress.tokens_counted += counted
+        progress.docs_started += len(new_docs)
+        progress.last_doc = batch.windows[-1].doc_ordinal
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.progress, [s.state_dict() for s in self.stats])
+
+    # --- writing the catalogue ------------------------------------------------------------------
+
+    def write_catalogue(self) -> list[str]:
+        """Merge every rank's statistics; rank 0 writes every coder's rows (the ids it wrote), the
+        leaders of the other coder groups hand theirs over to it as it goes."""
+        examples_from: ContextStore | LoadedContexts | None = self.contexts
+        if self.shard.world > 1:
+            reduce_stats(self.stats, self.shard)  # each group's leader (rank 0 for group 0) now holds its group's
+            examples_from = gather_contexts(self.contexts, gather_example_contexts(self.stats, self.shard), self.shard)
+        written = []
+        if self.store is not None:
+            written = self.write_coders(self.store, self.every_coder(), examples_from)
+        elif self.shard.groups > 1 and self.shard.member == 0:
+            _hand_over(self.stats)  # to rank 0, as it writes
+        barrier(self.shard)  # every rank keeps its checkpoint until the catalogue is written
+        return written
+
+    def every_coder(self) -> Iterator[tuple[SparseCoder, FeatureStats]]:
+        """Rank 0, after the merge: every coder of the run with its merged statistics, in the order
+        given. Group 0's are already here; another group's coder is loaded again, and its leader
+        sends its statistics (`_hand_over`), one coder at a time, so rank 0 holds at most one of them."""
+        own = iter(zip(self.coders, self.stats))
+        for spec, group in zip(self.config.coders, self.group_of):
+            if group == 0:
+                yield next(own)
+                continue
+            coder = load_coders([spec], self.model, self.device)[0]
+            coder_stats = receive_stats(FeatureStats(coder.width, self.config.context, self.config.stats,
+                                                     device=self.device), src=self.shard.leader(group))
+            yield coder, coder_stats
+            del coder, coder_stats  # before the next coder arrives
+
+    def write_coders(self, store: FeatureStore, coders: Iterator[tuple[SparseCoder, FeatureStats]],
+                     contexts: ContextStore | LoadedContexts) -> list[str]:
+        """Write every coder's rows; returns their ids."""
+        unembed = self.model.unembed()
+        vocab = vocabulary_strings(self.model.tokenizer, unembed.shape[0])
+        written = []
+        for coder, coder_stats in coders:
+            sae = coder_record(self.config, coder, self.progress)
+            logits = logit_tables(coder.W_dec, unembed, self.model.direction_to_residual(coder.hook_out))
+            neighbours = decoder_neighbours(coder.W_dec)
+            store.write_coder(
+                sae,
+                feature_rows(sae, coder_stats, logits, neighbours, contexts, vocab),
+                example_rows(coder.coder_id, coder_stats, contexts, vocab),
+            )
+            write_decoder_vectors(store, coder.coder_id, coder.W_dec)  # for similarity search across coders
+            written.append(coder.coder_id)
+            del coder, coder_stats  # a coder received from another group is freed before the next one
+        return written
+
+    def remove_work_dir(self) -> None:
+        own_dir = self.own_dir
+        shutil.rmtree(own_dir, ignore_errors=True)
+        barrier(self.shard)
+        if own_dir != self.work_dir and self.shard.local_rank == 0:
+            try:
+                os.rmdir(self.work_dir)  # only if empty: the user's own files in a --work-dir stay
+            except OSError:
+                pass
+
+    def result(self, written: list[str], seconds: float, stream_seconds: float) -> IndexResult:
+        held = [c.coder_id for c in self.coders]
+        return IndexResult(written or held, self.progress.stream_tokens, self.progress.stream_contexts, seconds,
+                           stream_seconds, written=self.store is not None, world=self.shard.world, coders_held=held)
+
+
+def _hand_over(stats: list[FeatureStats]) -> None:
+    """The leader of group > 0: its coders' merged statistics to rank 0, in the order rank 0 writes
+    them (that of --coder, which the group's own list keeps)."""
+    while stats:
+        send_stats(stats.pop(0), dst=0)  # and free them
+
+
+# --- setting a run up ---------------------------------------------------------------------------
+
+
+def check_config(config: IndexConfig) -> None:
+    """Refuse settings no run can use, before anything is loaded."""
+    if config.dtype and config.dtype not in DTYPES:
+        raise IndexingError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
+    if config.context < 2 or config.batch_size < 1:
+        raise IndexingError("context must be >= 2 and batch size >= 1")
+    if config.outlier_ratio is not None and not config.outlier_ratio > 1:
+        raise IndexingError(f"outlier ratio must be > 1 (a multiple of the median token norm), got {config.outlier_ratio}")
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,53 +375,6 @@ def probe_coders(specs: list[str], model: SubjectModel) -> list[tuple[str, int]]
     return probed
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T], padded with pad_token_id
-    attention_mask: torch.Tensor  # [B, T]
-    count_mask: torch.Tensor  # [B, T] positions that count: not BOS, not padding
-    stored_ids: np.ndarray  # [B, T] int32 with PAD for padding, for the context store
-    windows: list[Window]
-
-
-def make_batch(windows: list[Window], context: int, pad_token_id: int) -> Batch:
-    B = len(windows)
-    stored = np.full((B, context), PAD, dtype=np.int32)
-    for i, w in enumerate(windows):
-        stored[i, : len(w.token_ids)] = w.token_ids
-    real = torch.from_numpy(stored != PAD)
-    input_ids = torch.from_numpy(np.where(stored != PAD, stored, pad_token_id).astype(np.int64))
-    count_mask = real.clone()
-    count_mask[:, 0] = False  # BOS
-    return Batch(input_ids, real.long(), count_mask, stored, windows)
-
-
-def window_groups(windows: Iterator[Window], batch_size: int, token_budget: int | None,
-                  tokens_done: int) -> Iterator[list[Window]]:
-    """The windows of each batch: `batch_size` at a time until the token budget is spent."""
-    pending: list[Window] = []
-    for window in windows:
-        if token_budget is not None and tokens_done >= token_budget:
-            break
-        pending.append(window)
-        tokens_done += counted_tokens([window])
-        if len(pending) == batch_size:
-            yield pending
-            pending = []
-    if pending:
-        yield pending
-
-
-def counted_tokens(windows: list[Window]) -> int:
-    return sum(len(w.token_ids) - 1 for w in windows)  # BOS does not count
-
-
-def batches(windows: Iterator[Window], batch_size: int, context: int, pad_token_id: int,
-            token_budget: int | None, tokens_done: int) -> Iterator[Batch]:
-    for group in window_groups(windows, batch_size, token_budget, tokens_done):
-        yield make_batch(group, context, pad_token_id)
-
-
 def default_work_dir(config: IndexConfig) -> Path:
     """A local directory: beside a local db, in the user's cache for an object-store db."""
     if config.work_dir:
@@ -194,75 +384,6 @@ def default_work_dir(config: IndexConfig) -> Path:
     if is_remote(config.db):
         return Path.home() / ".cache" / "featuredb" / "index" / hashlib.sha256(config.db.encode()).hexdigest()[:16]
     return Path(config.db).expanduser() / "_index_work"
-
-
-def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None) -> IndexResult:
-    """Index a corpus. `on_batch(n)` is called after each batch this process indexed (tests use it
-    to interrupt a run)."""
-    new_dir = None if is_remote(config.db) or Path(config.db).expanduser().exists() else Path(config.db).expanduser()
-    try:
-        return _run_index(config, on_batch)
-    except BaseException:
-        if new_dir is not None and new_dir.is_dir() and not any(new_dir.iterdir()):
-            new_dir.rmdir()  # a run that failed before writing anything leaves no empty catalogue behind
-        raise
-
-
-def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> IndexResult:
-    start_time = time.perf_counter()
-    dtype = DTYPES.get(config.dtype) if config.dtype else None
-    if config.dtype and dtype is None:
-        raise IndexingError(f"unknown dtype '{config.dtype}' (choose from {', '.join(DTYPES)})")
-    if config.context < 2 or config.batch_size < 1:
-        raise IndexingError("context must be >= 2 and batch size >= 1")
-    if config.outlier_ratio is not None and not config.outlier_ratio > 1:
-        raise IndexingError(f"outlier ratio must be > 1 (a multiple of the median token norm), got {config.outlier_ratio}")
-    shard = _shard(config)
-    device = rank_device(resolve_device(config.device), shard)
-    work_dir = default_work_dir(config)
-    if config.resume:
-        _check_world_size(work_dir, shard)
-        _check_coder_groups(work_dir, shard)
-
-    with process_group(shard, device):
-        store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
-        model = load_model(config.model, device=device, dtype=dtype)
-        group_of = _coder_groups(config, shard, model)
-        coders = load_coders([spec for spec, g in zip(config.coders, group_of) if g == shard.group], model, device)
-        hooks = sorted({c.hook for c in coders})
-
-        stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
-        progress = _restore_or_start_over(config, shard, work_dir, stats)
-        own_dir = rank_dir(work_dir, shard.rank, shard.world)
-        checkpoints = Checkpoints(own_dir)
-        contexts = ContextStore(own_dir, config.context)
-        contexts.truncate(progress.contexts, progress.docs_started)
-
-        stream_start = time.perf_counter()
-        if not progress.finished:
-            _stream(config, shard, model, coders, hooks, stats, contexts, checkpoints, progress, on_batch)
-        barrier(shard)
-        stream_seconds = time.perf_counter() - stream_start  # of the slowest rank
-        if progress.stream_contexts == 0:
-            raise CorpusError(f"corpus {config.corpus} has no text to index")
-
-        examples_from: ContextStore | LoadedContexts | None = contexts
-        if shard.world > 1:
-            reduce_stats(stats, shard)  # each group's leader (rank 0 for group 0) now holds its group's statistics
-            examples_from = gather_contexts(contexts, gather_example_contexts(stats, shard), shard)
-        written = []
-        if store is not None:
-            to_write = zip(coders, stats) if shard.groups == 1 else _every_coder(config, shard, model, device,
-                                                                                  group_of, coders, stats)
-            written = _write_catalogue(store, config, model, to_write, examples_from, progress)
-        elif shard.groups > 1 and shard.member == 0:
-            _hand_over(stats)  # to rank 0, as it writes
-        barrier(shard)  # every rank keeps its checkpoint until the catalogue is written
-        _remove_work_dir(work_dir, own_dir, shard)
-    held = [c.coder_id for c in coders]
-    return IndexResult(written or held, progress.stream_tokens, progress.stream_contexts,
-                       time.perf_counter() - start_time, stream_seconds, written=store is not None,
-                       world=shard.world, coders_held=held)
 
 
 def _shard(config: IndexConfig) -> Shard:
@@ -355,122 +476,54 @@ def _clear_work_dir(work_dir: Path, own_dir: Path, shard: Shard, whole: bool) ->
     barrier(shard)
 
 
-def _remove_work_dir(work_dir: Path, own_dir: Path, shard: Shard) -> None:
-    shutil.rmtree(own_dir, ignore_errors=True)
-    barrier(shard)
-    if own_dir != work_dir and shard.local_rank == 0:
-        try:
-            os.rmdir(work_dir)  # only if empty: the user's own files in a --work-dir stay
-        except OSError:
-            pass
+# --- batches -------------------------------------------------------------------------------------
 
 
-def _every_coder(config: IndexConfig, shard: Shard, model: SubjectModel, device: torch.device, group_of: list[int],
-                 coders: list[SparseCoder], stats: list[FeatureStats]) -> Iterator[tuple[SparseCoder, FeatureStats]]:
-    """Rank 0, after the merge: every coder of the run with its merged statistics, in the order
-    given. Group 0's are already here; another group's coder is loaded again, and its leader sends
-    its statistics (`_hand_over`), one coder at a time, so rank 0 holds at most one of them."""
-    own = iter(zip(coders, stats))
-    for spec, group in zip(config.coders, group_of):
-        if group == 0:
-            yield next(own)
-            continue
-        coder = load_coders([spec], model, device)[0]
-        coder_stats = receive_stats(FeatureStats(coder.width, config.context, config.stats, device=device),
-                                    src=shard.leader(group))
-        yield coder, coder_stats
-        del coder, coder_stats  # before the next coder arrives
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T], padded with pad_token_id
+    attention_mask: torch.Tensor  # [B, T]
+    count_mask: torch.Tensor  # [B, T] positions that count: not BOS, not padding
+    stored_ids: np.ndarray  # [B, T] int32 with PAD for padding, for the context store
+    windows: list[Window]
 
 
-def _hand_over(stats: list[FeatureStats]) -> None:
-    """The leader of group > 0: its coders' merged statistics to rank 0, in the order rank 0 writes
-    them (that of --coder, which the group's own list keeps)."""
-    while stats:
-        send_stats(stats.pop(0), dst=0)  # and free them
+def make_batch(windows: list[Window], context: int, pad_token_id: int) -> Batch:
+    B = len(windows)
+    stored = np.full((B, context), PAD, dtype=np.int32)
+    for i, w in enumerate(windows):
+        stored[i, : len(w.token_ids)] = w.token_ids
+    real = torch.from_numpy(stored != PAD)
+    input_ids = torch.from_numpy(np.where(stored != PAD, stored, pad_token_id).astype(np.int64))
+    count_mask = real.clone()
+    count_mask[:, 0] = False  # BOS
+    return Batch(input_ids, real.long(), count_mask, stored, windows)
 
 
-def _write_catalogue(store: FeatureStore, config: IndexConfig, model: SubjectModel,
-                     coders: Iterable[tuple[SparseCoder, FeatureStats]], contexts: ContextStore | LoadedContexts,
-                     progress: Progress) -> list[str]:
-    """Write every coder's rows; returns their ids."""
-    unembed = model.unembed()
-    vocab = vocabulary_strings(model.tokenizer, unembed.shape[0])
-    written = []
-    for coder, coder_stats in coders:
-        sae = coder_record(config, coder, progress)
-        logits = logit_tables(coder.W_dec, unembed, model.direction_to_residual(coder.hook_out))
-        neighbours = decoder_neighbours(coder.W_dec)
-        store.write_coder(
-            sae,
-            feature_rows(sae, coder_stats, logits, neighbours, contexts, vocab),
-            example_rows(coder.coder_id, coder_stats, contexts, vocab),
-        )
-        write_decoder_vectors(store, coder.coder_id, coder.W_dec)  # for similarity search across coders
-        written.append(coder.coder_id)
-        del coder, coder_stats  # a coder received from another group is freed before the next one
-    return written
+def window_groups(windows: Iterator[Window], batch_size: int, token_budget: int | None,
+                  tokens_done: int) -> Iterator[list[Window]]:
+    """The windows of each batch: `batch_size` at a time until the token budget is spent."""
+    pending: list[Window] = []
+    for window in windows:
+        if token_budget is not None and tokens_done >= token_budget:
+            break
+        pending.append(window)
+        tokens_done += counted_tokens([window])
+        if len(pending) == batch_size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
 
 
-def _stream(config: IndexConfig, shard: Shard, model: SubjectModel, coders: list[SparseCoder], hooks: list[str],
-            stats: list[FeatureStats], contexts: ContextStore, checkpoints: Checkpoints,
-            progress: Progress, on_batch: Callable[[int], None] | None) -> None:
-    """Read the corpus stream from where `progress` stands and index this rank's batches of it."""
-    windows = iter_windows(config.corpus, model.tokenizer, model.bos_token_id, config.context,
-                           skip_docs=progress.next_doc, skip_windows=progress.next_window)
-    # Rank 0's bar counts the whole stream as it passes: with balanced ranks, the job's tokens/s.
-    bar = tqdm(total=config.tokens, initial=progress.stream_tokens, unit="tok", unit_scale=True,
-               desc="indexing" if shard.world == 1 else f"indexing ({shard.world} ranks)",
-               disable=not config.progress or not shard.is_writer, smoothing=0.1)
-    last_checkpoint = time.monotonic()
-    indexed_batches = 0
-    for group in window_groups(windows, config.batch_size, config.tokens, progress.stream_tokens):
-        own = shard.owns(progress.stream_batches)
-        if own:
-            _index_batch(make_batch(group, config.context, model.pad_token_id), config, model, coders, hooks, stats,
-                         contexts, progress)
-            indexed_batches += 1
-        counted = counted_tokens(group)
-        _advance_stream(progress, group, counted)
-        bar.update(counted)
-        if own:
-            if time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
-                checkpoints.save(progress, [s.state_dict() for s in stats])
-                last_checkpoint = time.monotonic()
-            if on_batch is not None:
-                on_batch(indexed_batches)
-    bar.close()
-    progress.finished = True
-    checkpoints.save(progress, [s.state_dict() for s in stats])
+def counted_tokens(windows: list[Window]) -> int:
+    return sum(len(w.token_ids) - 1 for w in windows)  # BOS does not count
 
 
-def _index_batch(batch: Batch, config: IndexConfig, model: SubjectModel, coders: list[SparseCoder],
-                 hooks: list[str], stats: list[FeatureStats], contexts: ContextStore, progress: Progress) -> None:
-    """Run one batch through the model and every coder; store its contexts. Its contexts' global
-    indices continue the stream's (`progress.stream_contexts`)."""
-    device = model.device
-    activations = model.capture(batch.input_ids.to(device), batch.attention_mask.to(device), hooks)
-    count_mask = batch.count_mask.to(device)
-    counted = int(batch.count_mask.sum())
-    counts = {h: (count_mask, counted) for h in hooks}  # per hook: the positions that count, how many
-    if config.outlier_ratio is not None:
-        for h in hooks:
-            typical = typical_tokens(activations[h], count_mask, config.outlier_ratio)
-            counts[h] = (typical, int(typical.sum()))
-    first = progress.stream_contexts
-    context_ids = torch.arange(first, first + len(batch.windows), device=device)
-    context_index = np.arange(first, first + len(batch.windows))  # the same on the host: no device sync
-    for coder, coder_stats in zip(coders, stats):
-        mask, n_counted = counts[coder.hook]
-        acts = coder.encode(activations[coder.hook].float())
-        acts.mul_(mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
-        coder_stats.update(acts, context_ids, n_counted)
-
-    doc_index, new_docs = _document_rows(batch.windows, progress)
-    contexts.append(batch.stored_ids, context_index, doc_index, new_docs)
-    progress.contexts += len(batch.windows)
-    progress.tokens_counted += counted
-    progress.docs_started += len(new_docs)
-    progress.last_doc = batch.windows[-1].doc_ordinal
+def batches(windows: Iterator[Window], batch_size: int, context: int, pad_token_id: int,
+            token_budget: int | None, tokens_done: int) -> Iterator[Batch]:
+    for group in window_groups(windows, batch_size, token_budget, tokens_done):
+        yield make_batch(group, context, pad_token_id)
 
 
 def typical_tokens(x: torch.Tensor, count_mask: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -503,6 +556,9 @@ def _advance_stream(progress: Progress, windows: list[Window], counted: int) -> 
     progress.stream_tokens += counted
     progress.stream_batches += 1
     progress.next_doc, progress.next_window = last.doc_ordinal, last.window_in_doc + 1
+
+
+# --- the catalogue's rows --------------------------------------------------------------------------
 
 
 def coder_record(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict:

@@ -3,7 +3,9 @@
 Contexts are appended to flat binary files as they are indexed, so example rows can be rebuilt at
 the end from context indices alone (the statistics keep only indices and per-token values).
 A checkpoint is a directory of safetensors (one per coder) plus `progress.json`; it is written
-beside the live one and swapped in with renames, so a kill at any moment leaves a usable one.
+beside the live one and swapped in with renames, so a kill at any moment leaves a usable one. A
+write that fails (a full disk, a read-only directory) is an IndexingError saying what and where;
+the last checkpoint stays the one to resume.
 
 Layout: a single-process run keeps its context store and `checkpoint/` in the work dir itself; in
 a distributed run each rank keeps its own in `rank-{r}-of-{world}/` (see `rank_dir`), so every
@@ -16,11 +18,15 @@ import json
 import os
 import re
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file, save_file
+
+from featuredb.errors import IndexingError
+from featuredb.store.failures import writing
 
 PAD = -1  # token id stored for padding positions
 _RANK_DIR = re.compile(r"^rank-(\d+)-of-(\d+)$")
@@ -79,34 +85,40 @@ class ContextStore:
 
     def __init__(self, directory: Path, context: int):
         self.directory, self.context = directory, context
-        directory.mkdir(parents=True, exist_ok=True)
         self.tokens_path = directory / "context_tokens.bin"
         self.index_path = directory / "context_index.bin"
         self.docs_path = directory / "context_docs.bin"
         self.doc_ids_path = directory / "doc_ids.jsonl"
-        for path in (self.tokens_path, self.index_path, self.docs_path, self.doc_ids_path):
-            path.touch()
+        with self.writing():
+            directory.mkdir(parents=True, exist_ok=True)
+            for path in (self.tokens_path, self.index_path, self.docs_path, self.doc_ids_path):
+                path.touch()
         self._doc_ids: list[str] | None = None
+
+    def writing(self) -> AbstractContextManager[None]:
+        return writing("the indexed contexts", self.directory, IndexingError)
 
     def append(self, token_ids: np.ndarray, context_index: np.ndarray, doc_index: np.ndarray,
                new_doc_ids: list[str]) -> None:
         assert token_ids.shape[1] == self.context and len(token_ids) == len(context_index) == len(doc_index)
-        for path, array, dtype in ((self.tokens_path, token_ids, np.int32), (self.index_path, context_index, np.int64),
-                                   (self.docs_path, doc_index, np.int64)):
-            with path.open("ab") as f:
-                f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())
-        if new_doc_ids:
-            with self.doc_ids_path.open("a", encoding="utf-8") as f:
-                f.writelines(json.dumps(d) + "\n" for d in new_doc_ids)
+        with self.writing():  # a partial append is cut off again when the run resumes (truncate)
+            for path, array, dtype in ((self.tokens_path, token_ids, np.int32),
+                                       (self.index_path, context_index, np.int64), (self.docs_path, doc_index, np.int64)):
+                with path.open("ab") as f:
+                    f.write(np.ascontiguousarray(array, dtype=dtype).tobytes())
+            if new_doc_ids:
+                with self.doc_ids_path.open("a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(d) + "\n" for d in new_doc_ids)
         self._doc_ids = None
 
     def truncate(self, contexts: int, docs: int) -> None:
         """Drop whatever was appended after the checkpoint we resume from."""
-        _truncate(self.tokens_path, contexts * self.context * 4)
-        _truncate(self.index_path, contexts * 8)
-        _truncate(self.docs_path, contexts * 8)
-        lines = self.doc_ids_path.read_text(encoding="utf-8").splitlines(keepends=True)[:docs]
-        self.doc_ids_path.write_text("".join(lines), encoding="utf-8")
+        with self.writing():
+            _truncate(self.tokens_path, contexts * self.context * 4)
+            _truncate(self.index_path, contexts * 8)
+            _truncate(self.docs_path, contexts * 8)
+            lines = self.doc_ids_path.read_text(encoding="utf-8").splitlines(keepends=True)[:docs]
+            self.doc_ids_path.write_text("".join(lines), encoding="utf-8")
         self._doc_ids = None
 
     def __len__(self) -> int:
@@ -154,7 +166,7 @@ def _rows(stored: np.ndarray, contexts: np.ndarray) -> np.ndarray:
 
 def _truncate(path: Path, size: int) -> None:
     if path.stat().st_size < size:
-        raise RuntimeError(f"{path} is shorter than its checkpoint says; start over without --resume")
+        raise IndexingError(f"{path} is shorter than its checkpoint says; start over without --resume")
     with path.open("r+b") as f:
         f.truncate(size)
 
@@ -167,17 +179,19 @@ class Checkpoints:
         self.previous = directory / "checkpoint.old"
 
     def save(self, progress: Progress, states: list[dict]) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-        for i, state in enumerate(states):
-            save_file(state, str(self.staging / f"coder_{i}.safetensors"))
-        (self.staging / "progress.json").write_text(json.dumps(asdict(progress)))
-        _fsync_dir(self.staging)
-        shutil.rmtree(self.previous, ignore_errors=True)
-        if self.live.exists():
-            os.replace(self.live, self.previous)
-        os.replace(self.staging, self.live)
-        shutil.rmtree(self.previous, ignore_errors=True)
+        """Stage the new checkpoint, then swap it in; a failure while staging keeps the live one."""
+        with writing("a checkpoint", self.directory, IndexingError):
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
+            for i, state in enumerate(states):
+                save_file(state, str(self.staging / f"coder_{i}.safetensors"))
+            (self.staging / "progress.json").write_text(json.dumps(asdict(progress)))
+            _fsync_dir(self.staging)
+            shutil.rmtree(self.previous, ignore_errors=True)
+            if self.live.exists():
+                os.replace(self.live, self.previous)
+            os.replace(self.staging, self.live)
+            shutil.rmtree(self.previous, ignore_errors=True)
 
     def load(self) -> tuple[Progress, list[dict]] | None:
         candidate = self._saved()

@@ -1,10 +1,10 @@
-"""Fluent search queries over feature descriptions: semantic, keyword (BM25) and hybrid (RRF).
+"""Search queries over feature descriptions: semantic, keyword (BM25) and hybrid (RRF).
 
     cat.search("text").where(layer=12).limit(10).to_polars()
 
-Builders are immutable: every method returns a new query, so a partly built query can be reused.
-Filters are evaluated inside the index (LanceDB prefilter), never after it, so a filtered search
-returns `limit` rows whenever that many features match.
+The fluent part (where, limit, offset, to_polars) is featuredb.query.builder's. Filters are
+evaluated inside the index (LanceDB prefilter), never after it, so a filtered search returns
+`limit` rows whenever that many features match.
 """
 
 from __future__ import annotations
@@ -12,22 +12,14 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from featuredb.errors import one_line
 from featuredb.errors import QueryError
-from featuredb.query.where import Where
+from featuredb.query.builder import QueryBuilder
 
-if TYPE_CHECKING:
-    from featuredb.query.catalogue import Catalogue
-
-DEFAULT_LIMIT = 10
-MAX_LIMIT = 1000
-MAX_QUERY_CHARS = 1000
 # Columns of every search result row (score is added).
 RESULT_COLUMNS = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
 # What a search reads from the index's rows: layer and site are properties of the coder and come
@@ -41,55 +33,22 @@ RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.)
 OVERFETCH = 4  # range-only filters: rows fetched per row asked before filtering (see _filtered)
 
 
-def check_limit(limit: object) -> int:
-    if not isinstance(limit, numbers.Integral) or isinstance(limit, bool):
-        raise QueryError(f"limit must be an integer, got {limit!r}")
-    if not 1 <= int(limit) <= MAX_LIMIT:
-        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
-    return int(limit)
-
-
-def check_text(text: object, what: str = "query", max_chars: int = MAX_QUERY_CHARS) -> str:
-    if not isinstance(text, str):
-        raise QueryError(f"{what} must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise QueryError(f"{what} is empty")
-    if len(text) > max_chars:
-        raise QueryError(f"{what} is {len(text):,} characters long; at most {max_chars:,}")
-    if "\x00" in text:
-        raise QueryError(f"{what} contains a NUL character")
-    return text.strip()
-
-
 def empty_results() -> pl.DataFrame:
     return pl.DataFrame(schema=RESULT_SCHEMA)
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchQuery:
+class SearchQuery(QueryBuilder):
     """A search over feature descriptions; `mode` is "semantic", "keyword" or "hybrid"."""
 
-    catalogue: Catalogue
     mode: str
     text: str | None = None
     vector: tuple[float, ...] | None = None  # semantic/hybrid: a precomputed query embedding
-    conditions: Where = Where()
-    k: int = DEFAULT_LIMIT
-    probes: int | None = None  # None: the catalogue's default (scaled up for narrow filters)
+    probes: int | None = None  # None: the reader's plan (scaled up for narrow filters)
     refine: int | None = None
     exact_search: bool = False
 
-    # --- building ---------------------------------------------------------------------------
-
-    def where(self, **conditions: Any) -> SearchQuery:
-        """Keep only features with these properties (AND): coder_id, layer, site, model, hook take a
-        value or a list of values; density and max_activation a (low, high) pair (None = open)."""
-        where = self.conditions.add(**conditions)
-        self.catalogue._check_coder_ids(where.mentioned_coder_ids())
-        return dataclasses.replace(self, conditions=where)
-
-    def limit(self, limit: int) -> SearchQuery:
-        return dataclasses.replace(self, k=check_limit(limit))
+    # --- vector search options ----------------------------------------------------------------
 
     def nprobes(self, nprobes: int) -> SearchQuery:
         """IVF partitions to search (vector index only); more is slower and finds more."""
@@ -107,56 +66,41 @@ class SearchQuery:
         """Exact (brute-force) vector search, bypassing the vector index."""
         return dataclasses.replace(self, exact_search=bool(exact))
 
-    # --- running ----------------------------------------------------------------------------
-
-    def to_polars(self) -> pl.DataFrame:
+    def _execute(self, n: int) -> pl.DataFrame:
         """Result rows, best first: coder_id, feature, layer, site, description, density,
         max_activation, top_tokens, score (cosine similarity, BM25 score or RRF score)."""
-        cat = self.catalogue
-        condition = self.conditions.render(cat._features_schema())
+        condition = self.conditions.render(self.reader.features_schema())
         if self.mode == "semantic":
-            frame = self._vector_leg(condition, self.k)
-        elif self.mode == "keyword":
-            frame = self._keyword_leg(condition, self.k)
-        else:
-            frame = self._hybrid(condition)
-        return frame
-
-    def to_list(self) -> list[dict]:
-        return self.to_polars().to_dicts()
-
-    def to_arrow(self) -> pa.Table:
-        return self.to_polars().to_arrow()
+            return self._vector_leg(condition, n)
+        if self.mode == "keyword":
+            return self._keyword_leg(condition, n)
+        return self._hybrid(condition, n)
 
     # --- legs ---------------------------------------------------------------------------------
 
     def _query_vector(self) -> np.ndarray:
         if self.vector is not None:
             return np.asarray(self.vector, dtype=np.float32)
-        return self.catalogue._embed_query(self.text)
+        return self.reader.embed_query(self.text)
 
     def _vector_leg(self, condition: str | None, k: int) -> pl.DataFrame:
-        cat = self.catalogue
-        cat._require_embeddings()
+        reader = self.reader
+        reader.require_embeddings()
         vector = self._query_vector()
-        plan = cat._vector_plan(self.conditions, self.probes, self.refine, self.exact_search)
-        table = cat._features_table()
+        plan = reader.vector_plan(self.conditions, self.probes, self.refine, self.exact_search)
+        table = reader.features_table()
 
         def build(limit: int, prefilter: bool):
-            query = table.search(vector, vector_column_name="vector").distance_type("cosine")
-            if plan.exact:
-                query = query.bypass_vector_index()
-            else:
-                query = query.nprobes(plan.nprobes).refine_factor(plan.refine)
+            query = plan.apply(table.search(vector, vector_column_name="vector").distance_type("cosine"))
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
             return query.select(FETCHED_COLUMNS + ["_distance"]).limit(limit)
 
-        frame = cat._with_coder_columns(_frame(self._filtered(build, k)))
+        frame = reader.with_coder_columns(_frame(self._filtered(build, k)))
         return _finish(frame.with_columns(score=(1.0 - pl.col("_distance").cast(pl.Float64))).drop("_distance"))
 
     def _keyword_leg(self, condition: str | None, k: int) -> pl.DataFrame:
-        table = self.catalogue._features_table()
+        table = self.reader.features_table()
 
         def build(limit: int, prefilter: bool):
             query = table.search(self.text, query_type="fts", fts_columns="description")
@@ -164,7 +108,7 @@ class SearchQuery:
                 query = query.where(condition, prefilter=prefilter)
             return query.select(FETCHED_COLUMNS + ["_score"]).limit(limit)
 
-        frame = self.catalogue._with_coder_columns(_frame(self._filtered(build, k)))
+        frame = self.reader.with_coder_columns(_frame(self._filtered(build, k)))
         return _finish(frame.rename({"_score": "score"}).with_columns(pl.col("score").cast(pl.Float64)))
 
     def _filtered(self, build, k: int) -> pa.Table:
@@ -177,18 +121,18 @@ class SearchQuery:
         passing rows (every passing row further down ranks lower). Otherwise the search runs
         again with the prefilter."""
         if self.conditions.ranges and not self.conditions.eq:
-            first = _run(build(OVERFETCH * k, False))
+            first = build(OVERFETCH * k, False).to_arrow()
             if first.num_rows >= k:
                 return first.slice(0, k)
-        return _run(build(k, True))
+        return build(k, True).to_arrow()
 
-    def _hybrid(self, condition: str | None) -> pl.DataFrame:
-        depth = max(2 * self.k, 20)  # each leg returns more than asked, so fusion has room
+    def _hybrid(self, condition: str | None, k: int) -> pl.DataFrame:
+        depth = max(2 * k, 20)  # each leg returns more than asked, so fusion has room
         with ThreadPoolExecutor(max_workers=2) as pool:
             vector_future = pool.submit(self._vector_leg, condition, depth)
             keyword_future = pool.submit(self._keyword_leg, condition, depth)
             semantic, keyword = vector_future.result(), keyword_future.result()
-        return rrf_fuse([semantic, keyword], self.k)
+        return rrf_fuse([semantic, keyword], k)
 
 
 def rrf_fuse(legs: list[pl.DataFrame], k: int, rrf_k: int = RRF_K) -> pl.DataFrame:
@@ -209,13 +153,6 @@ def rrf_fuse(legs: list[pl.DataFrame], k: int, rrf_k: int = RRF_K) -> pl.DataFra
         .head(k)
     )
     return fused.select(list(RESULT_SCHEMA))
-
-
-def _run(query) -> pa.Table:
-    try:
-        return query.to_arrow()
-    except Exception as e:  # LanceDB raises bare RuntimeError/ValueError for bad queries
-        raise QueryError(f"search failed: {one_line(e)}") from None
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:

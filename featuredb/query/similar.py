@@ -16,66 +16,48 @@ after FeatureStore.write_coder); `Catalogue.similar` searches them with a vector
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
+from featuredb.errors import QueryError, one_line
 from featuredb.store import Filter, StoreError
-from featuredb.store.decoder_vectors import decoder_space, decoders_table_name
-from featuredb.errors import one_line
-from featuredb.errors import QueryError
-from featuredb.query.catalogue import DEFAULT_REFINE, EXACT_MAX_FRACTION, EXACT_MAX_ROWS
-from featuredb.query.search import DEFAULT_LIMIT, RESULT_COLUMNS, RESULT_SCHEMA, check_limit, empty_results
-from featuredb.query.where import Where
+from featuredb.store.decoder_vectors import decoder_space
+from featuredb.store.schema import decoders_table_name
+from featuredb.query.builder import QueryBuilder
+from featuredb.query.reader import scope_plan
+from featuredb.query.search import RESULT_COLUMNS, RESULT_SCHEMA, empty_results
 
-if TYPE_CHECKING:
-    from featuredb.query.catalogue import Catalogue
 
 @dataclasses.dataclass(frozen=True)
-class SimilarQuery:
+class SimilarQuery(QueryBuilder):
     """Features nearest to one feature by decoder cosine (score = cosine similarity).
 
     across=False: the same coder only. across=True: every coder of the same model whose decoder
     directions live in the same space (see the module docstring). `where` narrows further
     (coder_id/layer/site/hook inside the index; density/max_activation after it)."""
 
-    catalogue: Catalogue
     coder_id: str
     index: int
     across: bool = True
-    conditions: Where = Where()
-    k: int = DEFAULT_LIMIT
-
-    def where(self, **conditions: Any) -> SimilarQuery:
-        where = self.conditions.add(**conditions)
-        self.catalogue._check_coder_ids(where.mentioned_coder_ids())
-        return dataclasses.replace(self, conditions=where)
-
-    def limit(self, limit: int) -> SimilarQuery:
-        return dataclasses.replace(self, k=check_limit(limit))
-
-    def to_list(self) -> list[dict]:
-        return self.to_polars().to_dicts()
 
     @property
     def uses_decoder_vectors(self) -> bool:
         return self._table() is not None
 
     def _table(self):
-        cat = self.catalogue
-        coder = cat._coder_row(self.coder_id)
+        reader = self.reader
+        coder = reader.coder_row(self.coder_id)
         name = decoders_table_name(coder["d_out"])
-        if not cat._has_table(name):
+        if not reader.has_table(name):
             return None
-        table = cat._table(name)
+        table = reader.table(name)
         return table if table.count_rows(Filter().eq("coder_id", self.coder_id).render(table.schema)) else None
 
-    def to_polars(self) -> pl.DataFrame:
+    def _execute(self, n: int) -> pl.DataFrame:
         table = self._table()
         if table is None:
-            return self._from_neighbours()
-        cat = self.catalogue
+            return self._from_neighbours(n)
         mine = Filter().eq("coder_id", self.coder_id).eq("feature", self.index).render(table.schema)
         own = table.search().where(mine).select(["vector", "model", "space"]).limit(1).to_arrow().to_pylist()
         if not own:
@@ -89,24 +71,21 @@ class SimilarQuery:
             condition = scope.render(table.schema)
         except StoreError as e:
             raise QueryError(one_line(e)) from None
-        depth = self.k + 1 if not self.conditions.ranges else 4 * self.k + 1
-        rows, fraction = self._scope_rows(table, own[0]["model"], own[0]["space"])
-        query = (table.search(np.asarray(own[0]["vector"], dtype=np.float32), vector_column_name="vector")
-                 .distance_type("cosine"))
-        if rows <= EXACT_MAX_ROWS and fraction <= EXACT_MAX_FRACTION:
-            query = query.bypass_vector_index()  # a narrow scope: exact over its rows (see Catalogue._vector_plan)
-        else:
-            query = query.nprobes(cat._probes(fraction)).refine_factor(DEFAULT_REFINE)
+        depth = n + 1 if not self.conditions.ranges else 4 * n + 1
+        # a narrow scope is searched exactly over its rows (see Reader.vector_plan)
+        plan = scope_plan(*self._scope_rows(table, own[0]["model"], own[0]["space"]))
+        query = plan.apply(table.search(np.asarray(own[0]["vector"], dtype=np.float32), vector_column_name="vector")
+                           .distance_type("cosine"))
         query = query.where(condition, prefilter=True).select(["coder_id", "feature", "_distance"]).limit(depth)
         hits = pl.from_arrow(query.to_arrow())
         assert isinstance(hits, pl.DataFrame)
         hits = hits.filter(~((pl.col("coder_id") == self.coder_id) & (pl.col("feature") == self.index)))
         hits = hits.with_columns(score=(1.0 - pl.col("_distance").cast(pl.Float64))).drop("_distance")
-        return self._finish(hits)
+        return self._finish(hits, n)
 
     def _scope_rows(self, table, model: str, space: str) -> tuple[float, float]:
         """Estimated rows of the decoders table the scope keeps, and their fraction."""
-        coders = self.catalogue._coder_table()
+        coders = self.reader.coder_table()
         dim = table.schema.field("vector").type.list_size
         in_table = coders.filter(pl.col("d_out") == dim)
         total = float(in_table["width"].sum() or 0)
@@ -122,28 +101,23 @@ class SimilarQuery:
         rows = float(keep["width"].sum() or 0)
         return rows, max(rows / total, 1e-9)
 
-    def _from_neighbours(self) -> pl.DataFrame:
+    def _from_neighbours(self, n: int) -> pl.DataFrame:
         """Fallback without decoder vectors: the stored top-10 neighbours within the coder."""
-        cat = self.catalogue
-        rows = cat._feature_rows([(self.coder_id, self.index)], ["neighbours", "neighbour_cosines"]).to_dicts()
+        reader = self.reader
+        rows = reader.feature_rows([(self.coder_id, self.index)], ["neighbours", "neighbour_cosines"]).to_dicts()
         if not rows:
             raise QueryError(f"feature {self.index} of {self.coder_id!r} is not stored in the catalogue")
         hits = pl.DataFrame({"coder_id": [self.coder_id] * len(rows[0]["neighbours"]),
                              "feature": rows[0]["neighbours"], "score": rows[0]["neighbour_cosines"]},
                             schema={"coder_id": pl.String, "feature": pl.Int64, "score": pl.Float64})
-        if self.conditions.eq and self.coder_id not in self.conditions.matching_coders(cat._coder_table())["coder_id"].to_list():
+        if self.conditions.eq and self.coder_id not in self.conditions.matching_coders(reader.coder_table())["coder_id"].to_list():
             hits = hits.head(0)
-        return self._finish(hits)
+        return self._finish(hits, n)
 
-    def _finish(self, hits: pl.DataFrame) -> pl.DataFrame:
+    def _finish(self, hits: pl.DataFrame, n: int) -> pl.DataFrame:
         if hits.height == 0:
             return empty_results()
-        info = self.catalogue._feature_rows(list(hits.select("coder_id", "feature").iter_rows()), RESULT_COLUMNS)
-        out = hits.join(info, on=["coder_id", "feature"], how="left")
-        for column, low, high in self.conditions.ranges:
-            if low is not None:
-                out = out.filter(pl.col(column) >= low)
-            if high is not None:
-                out = out.filter(pl.col(column) <= high)
-        out = out.sort(["score", "coder_id", "feature"], descending=[True, False, False]).head(self.k)
+        info = self.reader.feature_rows(list(hits.select("coder_id", "feature").iter_rows()), RESULT_COLUMNS)
+        out = hits.join(info, on=["coder_id", "feature"], how="left").filter(self.conditions.in_ranges())
+        out = out.sort(["score", "coder_id", "feature"], descending=[True, False, False]).head(n)
         return out.select([pl.col(c).cast(t) for c, t in RESULT_SCHEMA.items()])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -33,7 +34,6 @@ class Where:
 
     eq: tuple[tuple[str, tuple], ...] = ()  # (column, allowed values)
     ranges: tuple[tuple[str, float | None, float | None], ...] = ()
-    _keys: frozenset = field(default=frozenset())
 
     def add(self, **conditions: object) -> Where:
         eq, ranges = list(self.eq), list(self.ranges)
@@ -52,14 +52,6 @@ class Where:
 
     def __bool__(self) -> bool:
         return bool(self.eq or self.ranges)
-
-    def coder_ids(self) -> set[str] | None:
-        """Coders named by coder_id conditions (intersection), or None if no coder_id condition."""
-        chosen: set[str] | None = None
-        for column, values in self.eq:
-            if column == "coder_id":
-                chosen = set(values) if chosen is None else chosen & set(values)
-        return chosen
 
     def mentioned_coder_ids(self) -> set[str]:
         """Every coder_id named in any condition (for checking that they exist)."""
@@ -85,10 +77,6 @@ class Where:
         except StoreError as e:
             raise QueryError(one_line(e)) from None
 
-    def coder_conditions(self) -> tuple[tuple[str, tuple], ...]:
-        """The conditions that are properties of a coder (all equality ones)."""
-        return self.eq
-
     def matching_coders(self, coders: pl.DataFrame) -> pl.DataFrame:
         """The coders rows that satisfy every coder-level condition."""
         mask = pl.lit(True)
@@ -96,10 +84,15 @@ class Where:
             mask = mask & pl.col(column).is_in(list(values))
         return coders.filter(mask)
 
-    def describe(self) -> str:
-        parts = [f"{c}={v[0]!r}" if len(v) == 1 else f"{c} in {list(v)!r}" for c, v in self.eq]
-        parts += [f"{c} in [{lo}, {hi}]" for c, lo, hi in self.ranges]
-        return ", ".join(parts)
+    def in_ranges(self) -> pl.Expr:
+        """True for the rows within every range condition (density, max_activation)."""
+        mask = pl.lit(True)
+        for column, low, high in self.ranges:
+            if low is not None:
+                mask = mask & (pl.col(column) >= low)
+            if high is not None:
+                mask = mask & (pl.col(column) <= high)
+        return mask
 
 
 def _values(key: str, value: object, type_: type) -> tuple:

@@ -37,6 +37,8 @@ GS1_WEIGHTS = "params.npz"
 GS2_WEIGHTS, GS2_CONFIG = "params.safetensors", "config.json"
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 _ROOT_FILES = (GS1_WEIGHTS, GS2_WEIGHTS, GS2_CONFIG, SAELENS_WEIGHTS, SAELENS_CONFIG)
+# Pickled PyTorch weights are never loaded: unpickling a downloaded file can run its code.
+_PICKLED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 _HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -298,6 +300,7 @@ def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma:
     elif any(n.startswith("params_layer_") for n in names):
         raise CoderError(f"{directory}: per-layer params_layer_*.safetensors (CLT / crosscoder) are not supported yet")
     else:
+        _refuse_pickled(directory)
         raise CoderError(
             f"{directory}: no recognised coder files (expected params.npz, params.safetensors + config.json, "
             "or cfg.json + sae_weights.safetensors)"
@@ -334,11 +337,22 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:  # never unpickle
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise CoderError(f"{path}: not an .npz archive")
-            return {key: archive[key] for key in archive.files}
+            return {key: _npz_array(archive, key, path) for key in archive.files}
     except CoderError:
         raise
-    except Exception as e:  # BadZipFile, EOFError, ValueError (object arrays), OSError...
+    except Exception as e:  # BadZipFile, EOFError, OSError...
         raise CoderError(f"{path}: corrupt or unreadable npz ({_short_reason(e)})") from None
+
+
+def _npz_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """One array of the archive, which must hold numbers (not strings, nor objects that need unpickling)."""
+    try:
+        array = archive[key]
+    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False", a bad header
+        raise CoderError(f"{path}: corrupt or unreadable npz (array {key!r}: {_short_reason(e)})") from None
+    if array.dtype.kind not in "fiu":
+        raise CoderError(f"{path}: array {key!r} has dtype {array.dtype.str}, expected numbers")
+    return array
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -359,6 +373,16 @@ def _read_json(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise CoderError(f"{path}: expected a JSON object")
     return cfg
+
+
+def _refuse_pickled(directory: Path) -> None:
+    """Name the pickled weights of a coder that has no readable ones, so the user knows what to convert."""
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLED_SUFFIXES)
+    if pickled:
+        raise CoderError(
+            f"{directory}: {', '.join(pickled)}: pickled PyTorch weights are never loaded (unpickling can run code); "
+            "convert them to safetensors"
+        )
 
 
 def _refuse_lfs_pointer(path: Path) -> None:
@@ -435,6 +459,7 @@ def _load_gemma_scope_2(directory: Path, source: str) -> SparseCoder:
     cfg_path, weights_path = directory / GS2_CONFIG, directory / GS2_WEIGHTS
     for needed in (cfg_path, weights_path):
         if not needed.exists():
+            _refuse_pickled(directory)
             raise CoderError(f"{directory}: Gemma Scope 2 coder without {needed.name}")
     cfg = _read_json(cfg_path)
     coder_type = cfg.get("type", "sae")
@@ -480,6 +505,7 @@ _SAELENS_ARCHITECTURES = {"jumprelu": "jumprelu", "topk": "topk", "standard": "r
 def _load_saelens(directory: Path, source: str, model_is_gemma: bool) -> SparseCoder:
     cfg_path, weights_path = directory / SAELENS_CONFIG, directory / SAELENS_WEIGHTS
     if not weights_path.exists():
+        _refuse_pickled(directory)
         raise CoderError(f"{directory}: SAELens coder without {SAELENS_WEIGHTS}")
     cfg = _read_json(cfg_path)
     meta = cfg.get("metadata") or cfg.get("meta") or {}

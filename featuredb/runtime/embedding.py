@@ -48,7 +48,3 @@ def embed(texts: list[str], name: str = DEFAULT_EMBEDDING_MODEL, batch_size: int
     vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                            show_progress_bar=False)
     return np.asarray(vectors, dtype=np.float32)
-
-
-def embedding_dim(name: str = DEFAULT_EMBEDDING_MODEL) -> int:
-    return int(load_embedder(name).get_embedding_dimension())

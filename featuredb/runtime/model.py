@@ -7,11 +7,15 @@ after the deepest hook never run.
 
 from __future__ import annotations
 
+import pickle
+import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -177,6 +181,13 @@ def _rms_normalize(x: Tensor, eps: float) -> Tensor:
 # --- loading -------------------------------------------------------------------------------------
 
 
+# What transformers, torch, safetensors and the GGUF reader raise on a file that is truncated, corrupt,
+# pickled or of an unknown model type; anything else is a bug and keeps its traceback.
+_UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, OverflowError, MemoryError, struct.error,
+               pickle.UnpicklingError, SafetensorError)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SubjectModel:
     """Load a subject model from a local directory, a local .gguf file, or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3Config
@@ -187,20 +198,18 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     from transformers.utils import logging as hf_logging
 
     source, extra = _locate(spec)
+    local = bool(extra) or Path(source).exists()
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown our own output
     try:
-        config = AutoConfig.from_pretrained(source, **extra)
+        # a .gguf spec names the file being read already; a directory's errors name the file in it
+        with _reading(spec, None if extra else "config.json", local):
+            config = AutoConfig.from_pretrained(source, **extra)
         # Gemma 3 4b-27b are multimodal: load the whole model, read the text decoder inside it.
         model_class = Gemma3ForConditionalGeneration if isinstance(config, Gemma3Config) else AutoModelForCausalLM
-        model = model_class.from_pretrained(source, config=config, dtype=dtype, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if extra or Path(source).exists():
-            raise ModelError(f"cannot load model {spec!r}: {reason}") from error
-        raise ModelError(
-            f"cannot load model {spec!r}: not a local path and the hub is unreachable ({reason})"
-        ) from error
+        with _reading(spec, None if extra else _weight_files(source), local):
+            model = model_class.from_pretrained(source, config=config, dtype=dtype, **extra)
+        with _reading(spec, None if extra else "tokenizer", local):
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     finally:
         hf_logging.enable_progress_bar()
     model.to(device)
@@ -233,6 +242,47 @@ def _locate(spec: str) -> tuple[str, dict]:
     if looks_local:
         raise ModelError(f"model path does not exist: {spec}")
     return spec, {}
+
+
+def _weight_files(source: str) -> str:
+    """The weight file names in a model directory, for an error message ("weights" for a hub id)."""
+    directory = Path(source)
+    names = sorted(p.name for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES) if directory.is_dir() else []
+    return ", ".join(names) or "weights"
+
+
+@contextmanager
+def _reading(spec: str, files: str | None, local: bool) -> Iterator[None]:
+    """Turn a library's error while it reads `files` of the model into one ModelError naming them."""
+    try:
+        yield
+    except _UNREADABLE as error:
+        if isinstance(error, OSError) and not local:
+            raise ModelError(
+                f"cannot load model {spec!r}: not a local path and the hub is unreachable ({_first_line(error)})"
+            ) from error
+        where = f"{files}: " if files else ""
+        raise ModelError(f"cannot load model {spec!r}: {where}{_what_is_wrong(error)}") from error
+
+
+def _what_is_wrong(error: BaseException) -> str:
+    if isinstance(error, pickle.UnpicklingError):
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never do that
+        return "not a plain-tensor PyTorch file (torch refused it with weights_only=True); convert it to safetensors"
+    if isinstance(error, SafetensorError):
+        return f"corrupt or truncated safetensors ({_first_line(error)})"
+    if isinstance(error, (struct.error, EOFError, OverflowError)):
+        return f"corrupt or truncated file ({_first_line(error)})"
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of a library's message, cut to its first sentence when that line runs on."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[0] if lines else type(error).__name__
+    if len(line) > 200 and ". " in line:
+        line = line[: line.index(". ") + 1]
+    return line
 
 
 def _bos_token_id(tokenizer: PreTrainedTokenizerBase, spec: str) -> int:

@@ -17,20 +17,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from featuredb.query.render import format_cell
-from featuredb.server.views import (
-    Cat,
-    Density,
-    Filters,
-    Mode,
-    Page,
-    Strings,
-    feature_view,
-    filters,
-    fires_view,
-    page,
-    coders_view,
-    search_view,
-)
+from featuredb.server import views
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -96,27 +83,27 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
 
 
 @router.get("/")
-def search_page(request: Request, cat: Cat, q: Text = None, mode: Mode = "semantic",
-                chosen: Filters = Depends(filters), paging: Page = Depends(page)):
-    result = search_view(cat, q, mode, chosen, paging) if q and q.strip() else None
+def search_page(request: Request, cat: views.Cat, q: Text = None, mode: views.Mode = "semantic",
+                chosen: views.Filters = Depends(views.filters), paging: views.Page = Depends(views.page)):
+    result = views.search_view(cat, q, mode, chosen, paging) if q and q.strip() else None
     return templates.TemplateResponse(request, "search.html", {
-        "result": result, "q": q or "", "mode": mode, "chosen": chosen, "coders": coders_view(cat)["coders"],
+        "result": result, "q": q or "", "mode": mode, "chosen": chosen, "coders": views.coders_view(cat)["coders"],
         "json_url": _twin(request, "/api/search") if result else "/api/coders",
     })
 
 
 @router.get("/features/{coder_id}/{index}")
-def feature_page(request: Request, cat: Cat, coder_id: str, index: str, text: Text = None):
-    feature = feature_view(cat, coder_id, index, text if text and text.strip() else None)
+def feature_page(request: Request, cat: views.Cat, coder_id: str, index: str, text: Text = None):
+    feature = views.feature_view(cat, coder_id, index, text if text and text.strip() else None)
     json_url = _twin(request, f"/api/features/{url_segment(coder_id)}/{url_segment(index)}")
     return templates.TemplateResponse(request, "feature.html", {"f": feature, "json_url": json_url})
 
 
 @router.get("/fires")
-def fires_page(request: Request, cat: Cat, text: Text = None, coder: Strings = [], by: Literal["max", "sum"] = "max",
-               max_density: Density = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
-    result = fires_view(cat, text, coder, by, max_density, limit, per_token=5) if text and text.strip() else None
+def fires_page(request: Request, cat: views.Cat, text: Text = None, coder: views.Strings = [], by: Literal["max", "sum"] = "max",
+               max_density: views.Density = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    result = views.fires_view(cat, text, coder, by, max_density, limit, per_token=5) if text and text.strip() else None
     return templates.TemplateResponse(request, "fires.html", {
         "result": result, "text": text or "", "by": by, "max_density": max_density, "chosen_coders": coder,
-        "coders": coders_view(cat)["coders"], "json_url": _twin(request, "/api/fires_on") if result else None,
+        "coders": views.coders_view(cat)["coders"], "json_url": _twin(request, "/api/fires_on") if result else None,
     })

@@ -16,10 +16,10 @@ import polars as pl
 from fastapi import Depends, Query, Request
 from pydantic import BeforeValidator
 
+from featuredb.errors import QueryError, TooLarge
+from featuredb.query.builder import MAX_LIMIT
 from featuredb.query.catalogue import Catalogue
 from featuredb.query.where import where_conditions
-from featuredb.errors import QueryError, TooLarge
-from featuredb.query.search import MAX_LIMIT
 
 MAX_PAGE = 100  # rows per page
 # A page fetches offset + limit + 1 rows (the extra row says whether a next page exists), and the
@@ -104,8 +104,8 @@ def search_view(cat: Catalogue, q: str, mode: Mode, chosen: Filters, paging: Pag
     """One page of semantic / keyword / hybrid search results, or of the features whose top
     examples peak on a token (`with_token`: score = the share of their top examples that do)."""
     query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid, "token": cat.with_token}[mode](q)
-    frame = query.where(**chosen.where()).limit(paging.offset + paging.limit + 1).to_polars()
-    return {"q": q, "mode": mode, "filters": asdict(chosen), **_paged(frame, paging)}
+    rows = query.where(**chosen.where()).offset(paging.offset).limit(paging.limit + 1).to_list()
+    return {"q": q, "mode": mode, "filters": asdict(chosen), **_page_of(rows, paging)}
 
 
 def feature_view(cat: Catalogue, coder_id: str, index: str, text: str | None = None) -> dict:
@@ -135,9 +135,9 @@ def similar_view(cat: Catalogue, coder_id: str, index: str, within: bool, chosen
     """One page of the features nearest to one feature by decoder-direction cosine."""
     coder_id, number = _feature_key(coder_id, index)
     query = cat.similar(coder_id, number, across=not within).where(**chosen.where())
-    frame = query.limit(paging.offset + paging.limit + 1).to_polars()
+    rows = query.offset(paging.offset).limit(paging.limit + 1).to_list()
     return {"coder_id": coder_id, "feature": number, "within": within, "filters": asdict(chosen),
-            "uses_decoder_vectors": query.uses_decoder_vectors, **_paged(frame, paging)}
+            "uses_decoder_vectors": query.uses_decoder_vectors, **_page_of(rows, paging)}
 
 
 def fires_view(cat: Catalogue, text: str, coders: list[str], by: Literal["max", "sum"], max_density: float | None,
@@ -172,10 +172,6 @@ def _feature_on_text(cat: Catalogue, coder_id: str, number: int, text: str) -> d
     for position, activation in mine.select("position", "activation").iter_rows():
         values[position] = activation
     return {"text": text, "tokens": result.tokens, "values": values, "max": max(values, default=0.0)}
-
-
-def _paged(frame: pl.DataFrame, paging: Page) -> dict:
-    return _page_of(frame.slice(paging.offset).to_dicts(), paging)
 
 
 def _page_of(rows: list[dict], paging: Page) -> dict:

@@ -1,5 +1,6 @@
 """The feature store: LanceDB tables of coders, features and example contexts."""
 
+from featuredb.store import lancedb_loader  # noqa: F401  (first: before anything imports lancedb)
 from featuredb.store.feature_store import FeatureStore
 from featuredb.store.filters import Filter, column_ref, sql_literal
 from featuredb.store.schema import (

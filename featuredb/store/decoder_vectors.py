@@ -2,50 +2,26 @@
 hook, site, space, vector[d]), each row a unit-norm decoder direction, for similarity search.
 
 `space` names the basis a direction lives in, so only comparable directions are compared across
-coders. The indexer writes a coder's rows right after FeatureStore.write_coder; the query layer
+coders (the schema and the table names are in store/schema.py). The indexer writes a coder's rows right after FeatureStore.write_coder; the query layer
 searches them (featuredb.query.similar).
 """
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+from lancedb.table import Table
 
 from featuredb.store.connect import connect
+from featuredb.store.failures import all_or_nothing
 from featuredb.store.filters import Filter
-from featuredb.store.schema import StoreError
+from featuredb.store.schema import StoreError, decoders_schema, decoders_table_name, is_decoders_table
 
 if TYPE_CHECKING:  # feature_store builds on this module
     from featuredb.store.feature_store import FeatureStore
-
-DECODERS_PREFIX = "decoders_"
-_DECODERS_NAME = re.compile(r"^decoders_([0-9]+)$")
-DECODER_COLUMNS = ("coder_id", "feature", "model", "layer", "hook", "site", "space")
-
-
-def decoders_table_name(dim: int) -> str:
-    return f"{DECODERS_PREFIX}{int(dim)}"
-
-
-def is_decoders_table(name: str) -> bool:
-    return bool(_DECODERS_NAME.match(name))
-
-
-def decoders_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("coder_id", pa.string(), nullable=False),
-        pa.field("feature", pa.int64(), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("hook", pa.string(), nullable=False),
-        pa.field("site", pa.string(), nullable=False),
-        pa.field("space", pa.string(), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), int(dim)), nullable=False),
-    ])
 
 
 def decoder_space(site: str, hook_out: str) -> str:
@@ -89,26 +65,34 @@ def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any) -> int
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),
     }, schema=decoders_schema(dim))
     name = decoders_table_name(dim)
-    db = connect(store.uri)
-    table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
-    own_rows = Filter().eq("coder_id", coder_id).render(table.schema)
-    # a coder lives in one decoders table: drop rows a previous version left in another width
-    for other in store.table_names():
-        if is_decoders_table(other) and other != name:
-            db.open_table(other).delete(Filter().eq("coder_id", coder_id).render(db.open_table(other).schema))
+    with all_or_nothing(f"decoder vectors of coder {coder_id!r}", store.uri) as commits:
+        db = connect(store.uri)
+        table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
+        # a coder lives in one decoders table: drop rows a previous version left in another width
+        for other in store.table_names():
+            if is_decoders_table(other) and other != name:
+                commits.commit(db.open_table(other), _delete_rows_of, coder_id)
+        commits.commit(table, _replace_rows_of, coder_id, table_rows)
+    return n
+
+
+def _replace_rows_of(table: Table, coder_id: str, rows: pa.Table) -> None:
+    """The coder's rows in `table` become `rows`, in one commit."""
     (
         table.merge_insert(["coder_id", "feature"])
         .when_matched_update_all()
         .when_not_matched_insert_all()
-        .when_not_matched_by_source_delete(own_rows)
-        .execute(table_rows)
+        .when_not_matched_by_source_delete(Filter().eq("coder_id", coder_id).render(table.schema))
+        .execute(rows)
     )
-    return n
+
+
+def _delete_rows_of(table: Table, coder_id: str) -> None:
+    table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
 
 
 def delete_decoder_vectors(store: FeatureStore, coder_id: str) -> None:
     """Remove a coder's decoder directions (a no-op where none are stored)."""
     for name in store.table_names():
         if is_decoders_table(name):
-            table = store.table(name)
-            table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
+            _delete_rows_of(store.table(name), coder_id)

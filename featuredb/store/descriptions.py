@@ -33,35 +33,15 @@ import pyarrow.compute as pc
 
 from featuredb.store import FEATURES_TABLE, FeatureStore, Filter, StoreError
 from featuredb.store.connect import connect
-from featuredb.store.schema import conform_table, vector_dim_of
+from featuredb.store.failures import writing
+from featuredb.store.schema import DESCRIPTIONS_TABLE, conform_table, descriptions_schema, vector_dim_of
 
-DESCRIPTIONS_TABLE = "descriptions"
 # How descriptions rank against each other when choosing a feature's current one.
 METHOD_RANK = {"tokens": 0, "llm": 1, "local": 1, "manual": 2}
 MAX_DESCRIPTION_CHARS = 2000
 DESCRIPTION_COLUMNS = ("description", "description_method", "description_model", "embedding_model", "vector")
 
 Embedder = Callable[[list[str], str], np.ndarray]
-
-
-def descriptions_schema() -> pa.Schema:
-    req, opt = (lambda n, t: pa.field(n, t, nullable=False)), (lambda n, t: pa.field(n, t, nullable=True))
-    return pa.schema([
-        req("coder_id", pa.string()),
-        req("feature", pa.int64()),
-        req("description", pa.string()),
-        req("method", pa.string()),  # tokens | llm | local | manual
-        opt("explainer_model", pa.string()),  # model name / path (null for tokens)
-        opt("explainer_source", pa.string()),  # endpoint URL, "local", or null
-        req("prompt_version", pa.string()),
-        req("created_at", pa.timestamp("us", tz="UTC")),
-        req("indexed_at", pa.timestamp("us", tz="UTC")),  # the coder's coders.created_at it was made from
-        opt("detection_score", pa.float32()),
-        opt("fuzz_score", pa.float32()),
-        opt("detection_n", pa.int32()),
-        opt("fuzz_n", pa.int32()),
-        opt("score_details", pa.string()),  # JSON: counts, scorer model, prompt version
-    ])
 
 
 @dataclass
@@ -109,8 +89,8 @@ def write_descriptions(
     if table.num_rows == 0:
         return SyncResult()
     _validate(store, coder_id, table)
-    target = _open_descriptions(store, create=True)
-    target.add(table)
+    with writing(f"descriptions of coder {coder_id!r}", store.uri):
+        _descriptions_table(store).add(table)
     if not sync:
         return SyncResult()
     features = sorted(set(table["feature"].to_pylist()))
@@ -222,7 +202,8 @@ def sync_features(
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
     }).cast(pa.schema(fields))
     # Matched rows only: a feature deleted meanwhile is not brought back; other columns untouched.
-    features_table.merge_insert(["coder_id", "feature"]).when_matched_update_all().execute(update)
+    with writing(f"the description columns of coder {coder_id!r}", store.uri):
+        features_table.merge_insert(["coder_id", "feature"]).when_matched_update_all().execute(update)
     return SyncResult(updated=len(changes), embedded=len(changes), embed_seconds=seconds)
 
 
@@ -238,17 +219,15 @@ def _embed(texts: list[str], model: str, embedder: Embedder) -> tuple[np.ndarray
     return vectors, time.perf_counter() - started
 
 
-def _open_descriptions(store: FeatureStore, *, create: bool):
-    name = DESCRIPTIONS_TABLE
-    if name in store.table_names():
-        table = store.table(name)
-        if not table.schema.equals(descriptions_schema()):
-            raise StoreError(f"table {name!r} in {store.uri} has a different schema than featuredb expects")
-        return table
-    if not create:
-        return None
-    # exist_ok: another writer may have created it since we looked
-    return connect(store.uri).create_table(name, schema=descriptions_schema(), exist_ok=True)
+def _descriptions_table(store: FeatureStore):
+    """The descriptions table, created when missing; StoreError if it holds another schema."""
+    if DESCRIPTIONS_TABLE not in store.table_names():
+        # exist_ok: another writer may have created it since we looked
+        return connect(store.uri).create_table(DESCRIPTIONS_TABLE, schema=descriptions_schema(), exist_ok=True)
+    table = store.table(DESCRIPTIONS_TABLE)
+    if not table.schema.equals(descriptions_schema()):
+        raise StoreError(f"table {DESCRIPTIONS_TABLE!r} in {store.uri} has a different schema than featuredb expects")
+    return table
 
 
 def _require_writable(store: FeatureStore) -> None:

@@ -7,12 +7,14 @@ the old or the new rows of that table, never a mix or a gap. Tables are written 
 features -> coders, so a coder appears in `coders` only once its features and examples are stored.
 Known window: the three tables are separate commits; a reader between them can see new examples
 with old features. An exception mid-write restores the tables already committed to their previous
-versions; a hard crash between commits is repaired by simply writing the coder again.
+versions (an I/O failure such as a full disk is then a StoreError saying what could not be written
+where); a hard crash between commits is repaired by simply writing the coder again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from lancedb.table import Table
 
 from featuredb.store.connect import connect, is_remote
 from featuredb.store.decoder_vectors import delete_decoder_vectors
+from featuredb.store.failures import all_or_nothing, writing
 from featuredb.store.filters import Filter, column_ref, sql_literal
 from featuredb.store.schema import (
     CODER_KINDS,
@@ -35,6 +38,7 @@ from featuredb.store.schema import (
     FEATURES_TABLE,
     CODERS_KEY,
     CODERS_TABLE,
+    LEGACY_CODERS_TABLE,
     SITES,
     StoreError,
     conform_row,
@@ -50,7 +54,6 @@ __all__ = ["FeatureStore", "StoreError"]
 # example rows does not need a second in-memory copy of its data. (16 MiB measured no slower than
 # 64 MiB and clearly faster than 256 MiB on a 2-core machine.)
 _BATCH_BYTES = 16 * 1024 * 1024
-LEGACY_CODERS_TABLE = "saes"  # featuredb 0.1's name for the coders table
 # Columns copied from the coder onto each feature row (for filtering without a join).
 _DENORMALISED_COLUMNS = ("model", "layer", "hook", "site")
 _CONTEXT_COLUMNS = ("tokens", "token_ids", "values")
@@ -148,32 +151,21 @@ class FeatureStore:
             (FEATURES_TABLE, feature_rows, FEATURES_KEY),
             (CODERS_TABLE, coder_row, CODERS_KEY),  # last: listing the coder means it is complete
         ]
-        tables = {name: self._open_or_create(name) for name, _, _ in plan}
-        versions_before = {name: table.version for name, table in tables.items()}
-        written: list[str] = []
-        try:
+        with all_or_nothing(f"coder {coder_id!r}", self.uri) as commits:
+            tables = {name: self._open_or_create(name) for name, _, _ in plan}
             for name, rows, key in plan:
-                _replace_coder_rows(tables[name], rows, key, coder_id)
-                written.append(name)
-        except Exception as error:
-            # Only on a completed failure: after e.g. KeyboardInterrupt LanceDB's background
-            # task may still commit, so that case is left like a crash (rewrite to repair).
-            try:
-                _restore(tables, versions_before, written)
-            except Exception as restore_error:
-                error.add_note(f"featuredb: rolling back {written} failed: {restore_error}")
-            raise
+                commits.commit(tables[name], _replace_coder_rows, rows, key, coder_id)
 
     def delete_coder(self, coder_id: str) -> None:
         """Remove a coder and all its rows; a coder that is not stored is a no-op."""
         self._require_writable()
         # coders first, so a coder is unlisted before its rows start to disappear.
-        for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):
-            table = self._open(name)
-            if table is not None:
-                table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
-
-        delete_decoder_vectors(self, coder_id)
+        with writing(f"the removal of coder {coder_id!r}", self.uri):
+            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):
+                table = self._open(name)
+                if table is not None:
+                    table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
+            delete_decoder_vectors(self, coder_id)
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -351,12 +343,6 @@ def _batches(rows: pa.Table) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(rows.schema, generate())
 
 
-def _restore(tables: Mapping[str, Table], versions: Mapping[str, int], written: list[str]) -> None:
-    """Roll the tables already committed back to their versions before this write."""
-    for name in reversed(written):
-        tables[name].restore(versions[name])
-
-
 # --- locations -------------------------------------------------------------------------------
 
 
@@ -376,4 +362,6 @@ def _prepare_uri(uri: str | Path, read_only: bool) -> str:
             raise StoreError(f"cannot create database directory {path}: {e.strerror or e}") from e
     elif not path.is_dir():
         raise StoreError(f"database path is not a directory: {path}")
+    if not read_only and not os.access(path, os.W_OK):  # e.g. a read-only mount: say so before anything runs
+        raise StoreError(f"cannot write to the catalogue {path}: its directory is read-only")
     return str(path)

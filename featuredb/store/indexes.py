@@ -23,7 +23,8 @@ from typing import Any
 from lancedb.index import FTS, BTree, Bitmap, IvfPq, IvfRq
 
 from featuredb.store import EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore
-from featuredb.store.decoder_vectors import is_decoders_table
+from featuredb.store.failures import writing
+from featuredb.store.schema import is_decoders_table
 from featuredb.errors import one_line
 from featuredb.errors import QueryError
 
@@ -146,21 +147,22 @@ def optimize(db: FeatureStore | str, *, cleanup_older_than: timedelta | None = N
     rebuilt: dict[str, list[str]] = {}
     for name in _tables(store):
         table = store.table(name)
-        if _needs_optimize(table, cleanup_older_than):
-            table.optimize(cleanup_older_than=cleanup_older_than)
-        existing = _indexed_columns(table)
-        match = _VECTOR_NAME.match(existing.get("vector", ""))
-        if match:
-            trained = int(match.group(2))
-            rows = _vector_rows(table)
-            wanted = max(1, round(rows / TARGET_PARTITION_ROWS))
-            if wanted >= 2 * trained:  # partitions trained on far fewer rows: retrain
-                index_name = f"vector_{match.group(1)}_p{wanted}"
-                dim = table.schema.field("vector").type.list_size
-                table.drop_index(existing["vector"])
-                table.create_index("vector", config=vector_config(match.group(1), wanted, dim), name=index_name,
-                                   replace=True)
-                rebuilt.setdefault(name, []).append(index_name)
+        with writing(f"the indexes of table {name!r}", store.uri):
+            if _needs_optimize(table, cleanup_older_than):
+                table.optimize(cleanup_older_than=cleanup_older_than)
+            existing = _indexed_columns(table)
+            match = _VECTOR_NAME.match(existing.get("vector", ""))
+            if match:
+                trained = int(match.group(2))
+                rows = _vector_rows(table)
+                wanted = max(1, round(rows / TARGET_PARTITION_ROWS))
+                if wanted >= 2 * trained:  # partitions trained on far fewer rows: retrain
+                    index_name = f"vector_{match.group(1)}_p{wanted}"
+                    dim = table.schema.field("vector").type.list_size
+                    table.drop_index(existing["vector"])
+                    table.create_index("vector", config=vector_config(match.group(1), wanted, dim), name=index_name,
+                                       replace=True)
+                    rebuilt.setdefault(name, []).append(index_name)
     created = create_indexes(store, vector_index=vector_index, min_vector_rows=min_vector_rows)
     for name, made in created.items():
         rebuilt.setdefault(name, []).extend(made)

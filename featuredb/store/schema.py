@@ -1,11 +1,14 @@
-"""Arrow schemas of the three LanceDB tables, plus the keys and allowed values the store enforces.
+"""Arrow schemas and names of every LanceDB table, plus the keys and allowed values the store enforces.
 
-The schemas are the single source of truth: tables are created from them, every write is cast
-to them, and filters are validated against them.
+Tables: `coders`, `features`, `examples` (FeatureStore), `descriptions` (store/descriptions.py)
+and one `decoders_<d>` per decoder width (store/decoder_vectors.py). The schemas are the single
+source of truth: tables are created from them, every write is cast to them, and filters are
+validated against them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,6 +20,10 @@ CODERS_TABLE = "coders"
 FEATURES_TABLE = "features"
 EXAMPLES_TABLE = "examples"
 TABLE_NAMES: tuple[str, ...] = (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE)
+DESCRIPTIONS_TABLE = "descriptions"
+DECODERS_PREFIX = "decoders_"  # + the decoder width: one table per width
+LEGACY_CODERS_TABLE = "saes"  # featuredb 0.1's name for the coders table
+_DECODERS_NAME = re.compile(r"^decoders_([0-9]+)$")
 
 DEFAULT_VECTOR_DIM = 384
 
@@ -36,6 +43,18 @@ def _required(name: str, type_: pa.DataType) -> pa.Field:
 
 def _optional(name: str, type_: pa.DataType) -> pa.Field:
     return pa.field(name, type_, nullable=True)
+
+
+def _feature_and_coder_columns() -> list[pa.Field]:
+    """A feature's key, then the columns of its coder copied onto it (to filter without a join)."""
+    return [
+        _required("coder_id", pa.string()),
+        _required("feature", pa.int64()),
+        _required("model", pa.string()),
+        _required("layer", pa.int32()),
+        _required("hook", pa.string()),
+        _required("site", pa.string()),
+    ]
 
 
 def coders_schema() -> pa.Schema:
@@ -69,12 +88,7 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
         raise StoreError(f"vector_dim must be a positive int, got {vector_dim!r}")
     return pa.schema(
         [
-            _required("coder_id", pa.string()),
-            _required("feature", pa.int64()),
-            _required("model", pa.string()),
-            _required("layer", pa.int32()),
-            _required("hook", pa.string()),
-            _required("site", pa.string()),
+            *_feature_and_coder_columns(),
             _required("active_count", pa.int64()),
             _required("density", pa.float64()),
             _required("max_activation", pa.float32()),
@@ -120,6 +134,47 @@ def examples_schema() -> pa.Schema:
             _required("max_position", pa.int32()),
             _required("doc_id", pa.string()),
             _required("context_index", pa.int64()),
+        ]
+    )
+
+
+def descriptions_schema() -> pa.Schema:
+    """Every description ever made of a feature, with its provenance and scores (append-only)."""
+    return pa.schema(
+        [
+            _required("coder_id", pa.string()),
+            _required("feature", pa.int64()),
+            _required("description", pa.string()),
+            _required("method", pa.string()),  # tokens | llm | local | manual
+            _optional("explainer_model", pa.string()),  # model name / path (null for tokens)
+            _optional("explainer_source", pa.string()),  # endpoint URL, "local", or null
+            _required("prompt_version", pa.string()),
+            _required("created_at", pa.timestamp("us", tz="UTC")),
+            _required("indexed_at", pa.timestamp("us", tz="UTC")),  # the coders.created_at it was made from
+            _optional("detection_score", pa.float32()),
+            _optional("fuzz_score", pa.float32()),
+            _optional("detection_n", pa.int32()),
+            _optional("fuzz_n", pa.int32()),
+            _optional("score_details", pa.string()),  # JSON: counts, scorer model, prompt version
+        ]
+    )
+
+
+def decoders_table_name(dim: int) -> str:
+    return f"{DECODERS_PREFIX}{int(dim)}"
+
+
+def is_decoders_table(name: str) -> bool:
+    return bool(_DECODERS_NAME.match(name))
+
+
+def decoders_schema(dim: int) -> pa.Schema:
+    """Unit-norm decoder directions of width `dim`; `space` names the basis they live in."""
+    return pa.schema(
+        [
+            *_feature_and_coder_columns(),
+            _required("space", pa.string()),
+            _required("vector", pa.list_(pa.float32(), int(dim))),
         ]
     )
 

@@ -30,11 +30,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from featuredb.store.decoder_vectors import is_decoders_table
 from featuredb.store.descriptions import current_descriptions
 from featuredb.store.feature_store import FeatureStore
 from featuredb.store.filters import Filter
-from featuredb.store.schema import EXAMPLES_TABLE, FEATURES_TABLE, StoreError
+from featuredb.store.schema import EXAMPLES_TABLE, FEATURES_TABLE, StoreError, is_decoders_table
 from featuredb.store.neuronpedia.format import (
     CREATOR_ID,
     DEFAULT_BATCH_SIZE,

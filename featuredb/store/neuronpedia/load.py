@@ -29,9 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from featuredb.store.decoder_vectors import write_decoder_vectors
-from featuredb.store.descriptions import Embedder, current_descriptions, descriptions_schema, sync_features, write_descriptions
+from featuredb.store.descriptions import Embedder, current_descriptions, sync_features, write_descriptions
 from featuredb.store.feature_store import FeatureStore
-from featuredb.store.schema import DEFAULT_VECTOR_DIM, FEATURES_TABLE, StoreError, conform_table, vector_dim_of
+from featuredb.store.schema import (DEFAULT_VECTOR_DIM, FEATURES_TABLE, StoreError, conform_table, descriptions_schema,
+                                    vector_dim_of)
 from featuredb.store.neuronpedia.format import SIDECAR_DIR, progress_bar
 from featuredb.store.neuronpedia.read_source import ImportedCoder, read_source
 

@@ -1,0 +1,107 @@
+"""One feature as a plain dict: the features row, its examples and descriptions, assembled for
+`Catalogue.feature` (the CLI's `show`, the server's feature page and JSON)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from featuredb.errors import NotFound, QueryError
+
+if TYPE_CHECKING:
+    from featuredb.query.reader import StoredFeature
+
+
+def feature_index(index: object, coder: dict) -> int:
+    """`index` checked as a feature of the coder row `coder`."""
+    if not isinstance(index, numbers.Integral) or isinstance(index, bool):
+        raise QueryError(f"feature index must be an integer, got {index!r}")
+    index = int(index)
+    if index < 0:
+        raise QueryError(f"feature index must be >= 0, got {index}")
+    if index >= coder["width"]:
+        raise NotFound(f"feature index {index} is out of range for {coder['coder_id']!r} (width {coder['width']})")
+    return index
+
+
+def examples_of_kind(examples: pl.DataFrame, kind: str) -> list[dict]:
+    if examples.height == 0:
+        return []
+    keep = ["rank", "tokens", "token_ids", "values", "max_value", "max_position", "doc_id", "context_index"]
+    if kind == "interval":
+        keep[1:1] = ["bin_min", "bin_max"]
+    return examples.filter(pl.col("kind") == kind).sort("rank").select(keep).to_dicts()
+
+
+def description_entry(stored: dict, indexed_at: Any) -> dict:
+    """One row of the descriptions table as plain values: text, provenance and scores."""
+    return {
+        "description": stored["description"], "method": stored["method"], "model": stored["explainer_model"],
+        "explainer_source": stored["explainer_source"], "prompt_version": stored["prompt_version"],
+        "created_at": stored["created_at"].isoformat(), "embedding_model": None, "current": False,
+        # made from an older indexing of the coder: history, never the current description
+        "stale": stored["indexed_at"] != indexed_at,
+        "scores": {"detection": stored["detection_score"], "fuzz": stored["fuzz_score"],
+                   "detection_n": stored["detection_n"], "fuzz_n": stored["fuzz_n"],
+                   "details": stored["score_details"]},
+    }
+
+
+def description_list(coder: dict, row: dict, history: list[dict]) -> list[dict]:
+    """Every description of the feature, the current one (the features row's) first, then the
+    others newest first. A current description with no descriptions-table row (written by an
+    older featuredb, or directly into the features table) is listed from the features row."""
+    entries = [description_entry(r, coder["created_at"])
+               for r in sorted(history, key=lambda r: r["created_at"], reverse=True)]
+    if row.get("description") is None:
+        return entries
+    current_key = (row["description"], row.get("description_method"), row.get("description_model"))
+    current = next((e for e in entries if not e["stale"] and (e["description"], e["method"], e["model"]) == current_key),
+                   None)
+    if current is None:
+        current = {"description": row["description"], "method": row.get("description_method"),
+                   "model": row.get("description_model"), "explainer_source": None, "prompt_version": None,
+                   "created_at": None, "stale": False, "scores": None}
+    else:
+        entries.remove(current)
+    current.update(current=True, embedding_model=row.get("embedding_model"))
+    return [current, *entries]
+
+
+def feature_dict(coder: dict, stored: StoredFeature) -> dict:
+    """Everything about one feature as plain values (what `Catalogue.feature` returns)."""
+    row, examples, neighbour_text = stored.row, stored.examples, stored.neighbour_text
+    counts = list(row["hist_counts"] or [])
+    hist_max = float(row["hist_max"])
+    edges = [hist_max * i / len(counts) for i in range(len(counts) + 1)] if counts else []
+    return {
+        "coder_id": row["coder_id"],
+        "feature": row["feature"],
+        "model": row["model"],
+        "layer": row["layer"],
+        "hook": row["hook"],
+        "site": row["site"],
+        "coder": {k: coder[k] for k in ("kind", "architecture", "width", "d_in", "d_out", "hook_out", "source",
+                                       "tokens_indexed", "contexts_indexed", "context", "top_k")},
+        "description": row.get("description"),
+        "descriptions": description_list(coder, row, stored.history),
+        "density": row["density"],
+        "active_count": row["active_count"],
+        "max_activation": row["max_activation"],
+        "mean_activation": row["mean_activation"],
+        "std_activation": row["std_activation"],
+        "histogram": {"counts": counts, "max": hist_max, "edges": edges},
+        "logits": {
+            "top": [{"token": t, "id": i, "value": v} for t, i, v in
+                    zip(row["top_logit_tokens"], row["top_logit_ids"], row["top_logit_values"])],
+            "bottom": [{"token": t, "id": i, "value": v} for t, i, v in
+                       zip(row["bottom_logit_tokens"], row["bottom_logit_ids"], row["bottom_logit_values"])],
+        },
+        "neighbours": [{"feature": f, "cosine": c, "description": neighbour_text.get(f)}
+                       for f, c in zip(row["neighbours"], row["neighbour_cosines"])],
+        "top_tokens": [{"token": t, "count": c} for t, c in zip(row["top_tokens"], row["top_token_counts"])],
+        "top_examples": examples_of_kind(examples, "top"),
+        "interval_examples": examples_of_kind(examples, "interval"),
+    }
