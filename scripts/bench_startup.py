@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = "from featuredb.cli import main; main()"
 
 
-def wall_seconds(argv: list[str], env: dict[str, str]) -> float:
+def wall_seconds(argv: list[str], env: dict[str, str], checkout: str) -> float:
+    """One run from the checkout's folder (`python -c` puts the working directory first on sys.path)."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CLI, *argv], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", CLI, *argv], env=env, cwd=checkout, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise click.ClickException(f"featuredb {' '.join(argv)} failed: {done.stderr.strip()[-300:]}")
@@ -40,7 +41,7 @@ def known_catalogue(checkout: str, folder: Path) -> str:
     differently)."""
     build = "import sys; from catalogue_fixtures import build_catalogue; build_catalogue(sys.argv[1])"
     env = os.environ | {"PYTHONPATH": os.pathsep.join([checkout, str(Path(checkout) / "tests")])}
-    subprocess.run([sys.executable, "-c", build, str(folder)], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", build, str(folder)], env=env, cwd=checkout, check=True, capture_output=True)
     return str(folder)
 
 
@@ -64,8 +65,8 @@ def main(db, query, runs, others):
             row = f"{label:<20}"
             for path in checkouts.values():
                 env = os.environ | {"PYTHONPATH": path, "FEATUREDB_DB": catalogues[path]}
-                wall_seconds(argv, env)  # warm the file cache once
-                row += f"{statistics.median(wall_seconds(argv, env) for _ in range(runs)):>26.2f}"
+                wall_seconds(argv, env, path)  # warm the file cache once
+                row += f"{statistics.median(wall_seconds(argv, env, path) for _ in range(runs)):>26.2f}"
             print(row)
 
 
