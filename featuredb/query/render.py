@@ -15,6 +15,27 @@ import polars as pl
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(text: str) -> str:
+    """`text` with every control character drawn as an escape (`\\n`, `\\x07`, `\\u202e`): stored
+    tokens and descriptions come from data, and a raw BEL, ESC or bidi override would act on the
+    terminal instead of being shown."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ch in _NAMED_ESCAPES:
+            out.append(_NAMED_ESCAPES[ch])
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _width() -> int:
     return max(60, shutil.get_terminal_size((120, 24)).columns)
 
@@ -30,7 +51,7 @@ def format_cell(value: Any) -> str:
         return f"{value:.2e}"
     if isinstance(value, (list, tuple)):
         return ", ".join(format_cell(v) for v in value)
-    return str(value).replace("\n", "\\n")
+    return printable(str(value))
 
 
 def table(frame: pl.DataFrame, columns: list[str], headers: list[str] | None = None, wrap_last: bool = True) -> str:
@@ -67,7 +88,7 @@ def context(tokens: list[str], values: list[float], peak: int, radius: int = 12)
     lo, hi = max(0, peak - radius), min(len(tokens), peak + radius + 1)
     out = []
     for i in range(lo, hi):
-        text = tokens[i].replace("\n", "\\n")
+        text = printable(tokens[i])
         if i == peak:
             out.append(click.style(f"[{text}]", fg="red", bold=True))
         elif values[i] > 0:
@@ -79,14 +100,14 @@ def context(tokens: list[str], values: list[float], peak: int, radius: int = 12)
 
 def dashboard(feature: dict, examples: int = 5) -> str:
     lines = []
-    title = f"{feature['coder_id']}/{feature['feature']}"
-    lines.append(click.style(title, bold=True) + f"  ({feature['model']}, layer {feature['layer']}, {feature['site']}, "
-                 f"{feature['hook']})")
-    lines.append(f"description: {feature['description'] or '(none yet)'}")
+    title = printable(f"{feature['coder_id']}/{feature['feature']}")
+    lines.append(click.style(title, bold=True) + printable(f"  ({feature['model']}, layer {feature['layer']}, "
+                                                           f"{feature['site']}, {feature['hook']})"))
+    lines.append(f"description: {printable(feature['description'] or '(none yet)')}")
     for extra in feature["descriptions"]:
         source = ", ".join(str(extra[k]) for k in ("method", "model") if extra.get(k))
         if source:
-            lines.append(f"  ({source})")
+            lines.append(f"  ({printable(source)})")
     lines.append(f"density {format_cell(feature['density'])}  max {format_cell(feature['max_activation'])}  "
                  f"mean {format_cell(feature['mean_activation'])}  std {format_cell(feature['std_activation'])}  "
                  f"active tokens {feature['active_count']:,}")
@@ -116,7 +137,7 @@ def dashboard(feature: dict, examples: int = 5) -> str:
 
 
 def fires(result, per_token_rows: int = 3) -> str:
-    lines = [f"model {result.model}: {len(result.tokens)} tokens (BOS not counted)"]
+    lines = [printable(f"model {result.model}: {len(result.tokens)} tokens (BOS not counted)")]
     lines.append("  ".join(f"{i}:{t!r}" for i, t in enumerate(result.tokens)))
     lines.append("")
     if result.features.height == 0:
