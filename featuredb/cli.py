@@ -472,5 +472,46 @@ def demo(out, tokens, train_tokens, layers, width, k, model, dtype, quiet):
                         layers=layers, width=width, k=k, model=model, dtype=dtype, progress=not quiet))
 
 
+# ---------------------------------------------------------------------------------------------
+# coders by name
+
+@main.group()
+def coders() -> None:
+    """Gemma Scope coders by SAELens's release names (resolved offline)."""
+
+
+@coders.command("resolve")
+@click.argument("release")
+@click.argument("sae_id")
+@json_option
+def coders_resolve(release, sae_id, as_json):
+    """Where RELEASE / SAE_ID lives: hub repo, folder, Neuronpedia id, model and hook."""
+    from featuredb.runtime.registry import resolve
+
+    resolved = resolve(release, sae_id)
+    if as_json:
+        echo_json(resolved.to_dict())
+        return
+    for key, value in resolved.to_dict().items():
+        click.echo(f"{key:<12} {value if value is not None else '-'}")
+
+
+@coders.command("list")
+@click.option("--model", default=None, help="Only releases for this model (e.g. gemma-2-2b, google/gemma-3-270m).")
+@json_option
+def coders_list(model, as_json):
+    """Every Gemma Scope release featuredb can name, with its model, repo and coder count."""
+    from featuredb.runtime.registry import release_rows
+
+    rows = release_rows(model)
+    if as_json:
+        echo_json(rows)
+    elif not rows:
+        raise QueryError(f"no release for model {model!r} (`featuredb coders list` lists every release)")
+    else:
+        width = max(len(r["release"]) for r in rows)
+        for r in rows:
+            click.echo(f"{r['release']:<{width}}  {r['model']:<22} {r['coders']:>5} coders  {r['repo_id']}")
+
 if __name__ == "__main__":
     main()
