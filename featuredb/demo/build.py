@@ -25,7 +25,8 @@ from featuredb.demo.corpus import write_demo_corpus
 from featuredb.indexer.corpus import iter_windows
 from featuredb.runtime.model import SubjectModel, load_model, smollm2_gguf_path
 from featuredb.indexer.run import IndexConfig, batches, run_index
-from featuredb.demo.train import TrainConfig, cpu_has_fast_bf16, evaluate, save_saelens, train_topk_sae
+from featuredb.demo.train import TrainConfig, evaluate, save_saelens, train_topk_sae
+from featuredb.runtime.device import cpu_has_fast_bf16
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

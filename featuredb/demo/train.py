@@ -55,6 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from featuredb.runtime.coders import SparseCoder
+from featuredb.runtime.device import cpu_has_fast_bf16
 from featuredb.runtime.hooks import HookError, parse_hook
 
 
@@ -321,16 +322,6 @@ def _select_dtype(name: str) -> torch.dtype:
     if name != "auto":
         raise ValueError(f"select_dtype must be float32, bfloat16 or auto, got {name!r}")
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there a bf16 product is ~3x faster than float32,
-    elsewhere it is emulated and slower. Read from the CPU flags, so a run does not depend on timing."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --- evaluation --------------------------------------------------------------------------------------
