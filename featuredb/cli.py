@@ -122,10 +122,16 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(json_safe(value), default=_json_default, ensure_ascii=False, indent=1))
 
 
-def open_catalogue(db: str | None):
+def open_catalogue(db: str | None, trust_models: bool = False):
     from featuredb.query import open as open_
 
-    return open_(db)
+    return open_(db, trust_models=trust_models)
+
+
+def trust_option(f):
+    return click.option("--trust-models", is_flag=True,
+                        help="Load the models, coder weights and embedding model that imported coders name "
+                             "(`featuredb import` data chose them, not you).")(f)
 
 
 def feature_ref(ref: str) -> tuple[str, int]:
@@ -164,7 +170,10 @@ def finalize(db: str) -> None:
               help="Leave out tokens whose hooked activation norm is above this many times their context's median "
                    "(attention sinks), as BOS is left out. Default: keep every token.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
-@click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Seconds between checkpoints.")
+@click.option("--replace", "replace_coders", is_flag=True,
+              help="Re-index coders already in the catalogue, dropping their descriptions and embeddings.")
+@click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True,
+              help="Seconds between checkpoints (>= 0; a failed run keeps its work dir only once one is saved).")
 @click.option("--work-dir", default=None,
               help="Local checkpoint directory (default: DB/_index_work; for an s3:// DB ~/.cache/featuredb/index/...).")
 @click.option("--distributed", is_flag=True, default=None,
@@ -174,7 +183,7 @@ def finalize(db: str) -> None:
                    "(when their statistics do not fit on one device); every group reads the whole corpus.")
 @quiet_option
 def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
-          outlier_ratio, resume, checkpoint_seconds, work_dir, distributed, coder_groups, quiet):
+          outlier_ratio, resume, replace_coders, checkpoint_seconds, work_dir, distributed, coder_groups, quiet):
     """Run a corpus through a model and its coders; store per-feature statistics and examples.
 
     Under torchrun (`torchrun --nproc-per-node N -m featuredb.indexer ...`) each process indexes
@@ -187,8 +196,8 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
     config = IndexConfig(
         model=model, coders=list(coders), corpus=corpus, db=db, tokens=tokens, context=context,
         batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
-        device=device, dtype=dtype, outlier_ratio=outlier_ratio, resume=resume, work_dir=work_dir,
-        checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
+        device=device, dtype=dtype, outlier_ratio=outlier_ratio, resume=resume, replace=replace_coders,
+        work_dir=work_dir, checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
         coder_groups=coder_groups,
     )
     result = run_index(config)
@@ -269,11 +278,12 @@ def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
 @db_option
 @json_option
-def search(text, mode, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json):
+@trust_option
+def search(text, mode, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json, trust_models):
     """Search features by what their descriptions say."""
     from featuredb.query.where import where_conditions
 
-    cat = open_catalogue(db)
+    cat = open_catalogue(db, trust_models)
     query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid}[mode](text)
     frame = query.where(**where_conditions(layer, coder_ids, site, model, min_density, max_density)).limit(limit).to_polars()
     if as_json:
@@ -320,12 +330,15 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--limit", "-n", type=int, default=20, show_default=True, help="Number of features.")
 @click.option("--per-token", type=int, default=3, show_default=True, help="Top features listed per token.")
 @click.option("--device", default=None, help="cpu (default), cuda, ...")
+@click.option("--model", default=None, help="Subject model to run (default: the one the coders record).")
 @db_option
 @json_option
-def fires(text, coder_ids, by, positions, max_density, limit, per_token, device, db, as_json):
+@trust_option
+def fires(text, coder_ids, by, positions, max_density, limit, per_token, device, model, db, as_json, trust_models):
     """Run TEXT through the model and the catalogue's coders; show the features that fire."""
-    result = open_catalogue(db).fires_on(text, coders=list(coder_ids) or None, by=by, positions=_int_list(positions),
-                                         max_density=max_density, limit=limit, per_token=per_token, device=device)
+    cat = open_catalogue(db, trust_models)
+    result = cat.fires_on(text, coders=list(coder_ids) or None, by=by, positions=_int_list(positions),
+                          max_density=max_density, limit=limit, per_token=per_token, device=device, model=model)
     if as_json:
         echo_json(result.to_dict())
     else:
@@ -367,13 +380,14 @@ def similar(ref, within, layer, coder_ids, site, model, min_density, max_density
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
-def serve(db, host, port):
+@trust_option
+def serve(db, host, port, trust_models):
     """Serve the catalogue read-only: a JSON API under /api (schema at /openapi.json) and HTML pages."""
     import uvicorn
 
     from featuredb.server import create_app
 
-    app = create_app(db, warm=True)
+    app = create_app(db, warm=True, trust_models=trust_models)
     shown_host = f"[{host}]" if ":" in host else host
     click.echo(f"serving {app.state.catalogue.uri} at http://{shown_host}:{port}/ "
                f"(JSON API under /api, schema at /openapi.json); Ctrl-C stops")

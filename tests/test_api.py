@@ -369,3 +369,24 @@ def test_serve_command_prints_its_url(known_catalogue, monkeypatch):
     assert set(["serve"]) <= set(main.commands)
     missing = CliRunner().invoke(main, ["serve", "--db", str(known_catalogue) + "-missing"])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: ")
+
+
+def test_every_server_error_says_connection_close(known_catalogue):
+    """After a 500, Starlette re-raises and uvicorn drops the connection: the response must say
+    `Connection: close`, so a keep-alive client opens a new one instead of failing."""
+    import httpx
+    from serving import serving
+
+    app = create_app(str(known_catalogue))
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    app.state.catalogue.coders = broken  # /api/coders and the search page's coder list
+    with serving(app) as url, httpx.Client(base_url=url) as keep_alive:
+        for path in ["/api/coders", "/", "/api/coders"]:
+            response = keep_alive.get(path)
+            assert response.status_code == 500 and response.headers["connection"] == "close", path
+            assert "internal error (RuntimeError)" in response.text
+            # the next request on the same client works
+            assert keep_alive.get("/api/search", params={"q": "Paris", "mode": "keyword"}).status_code == 200

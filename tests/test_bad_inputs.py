@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
 
 from featuredb.cli import main
 from featuredb.store import FeatureStore
@@ -239,18 +240,52 @@ def test_bad_file_is_one_line_and_catalogue_unchanged(case, catalogue, tiny_gemm
     breaks, named = CASES[case]
     bad = {"model": tiny_gemma2, "coder": coder, "corpus": corpus, **breaks(tmp_path, tiny_gemma2)}
     before = versions(db)
-    result = index(bad["model"], bad["coder"], bad["corpus"], db)
+    rerun = bad["coder"] if "=" in str(bad["coder"]) else f"rerun={bad['coder']}"  # a new id: no --replace needed
+    result = index(bad["model"], rerun, bad["corpus"], db)
     assert_one_line_error(result, *named)
     assert versions(db) == before
     assert not list(tmp_path.rglob("UNPICKLED")), "a pickle was unpickled"
 
 
-def test_bad_model_leaves_no_new_catalogue(tiny_gemma2, catalogue, tmp_path):
+def model_without_tokenizer(tmp_path, model):
+    copy = model_copy(tmp_path, model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / name).unlink()
+    return {"model": copy}
+
+
+def nan_in_coder(tmp_path, model):
+    coder = gemma_scope_2_dir(tmp_path)
+    tensors = load_file(str(coder / "params.safetensors"))
+    tensors["w_dec"][3, 17] = np.nan  # NaN in one decoder row made every feature's neighbour cosines NaN
+    save_file(tensors, str(coder / "params.safetensors"))
+    return {"coder": coder}
+
+
+def inf_threshold_in_saelens(tmp_path, model):
+    coder = write_saelens(tmp_path / "saelens", "jumprelu", D_MODEL, 16, "blocks.1.hook_resid_post")
+    tensors = load_file(str(coder / "sae_weights.safetensors"))
+    tensors["threshold"][5] = -np.inf
+    save_file(tensors, str(coder / "sae_weights.safetensors"))
+    return {"coder": coder}
+
+
+NEW_CATALOGUE_CASES = {  # case -> (what it breaks, texts the one-line error must hold)
+    "truncated_model_weights": (truncated_model_weights, ["model.safetensors"]),
+    "model_without_tokenizer": (model_without_tokenizer, ["no tokenizer in", "tokenizer.json", "tokenizer.model"]),
+    "nan_in_coder": (nan_in_coder, ["params.safetensors", "w_dec[3, 17] is nan"]),
+    "inf_threshold_in_saelens": (inf_threshold_in_saelens, ["sae_weights.safetensors", "threshold[5] is -inf"]),
+}
+
+
+@pytest.mark.parametrize("case", NEW_CATALOGUE_CASES)
+def test_bad_input_leaves_no_new_catalogue(case, tiny_gemma2, catalogue, tmp_path):
     _, coder, corpus = catalogue
-    model = truncated_model_weights(tmp_path, tiny_gemma2)["model"]
+    breaks, named = NEW_CATALOGUE_CASES[case]
+    bad = {"model": tiny_gemma2, "coder": coder, **breaks(tmp_path, tiny_gemma2)}
     db = tmp_path / "new-db"
-    result = index(model, coder, corpus, db)
-    assert_one_line_error(result, "model.safetensors")
+    result = index(bad["model"], bad["coder"], corpus, db)
+    assert_one_line_error(result, *named)
     assert not db.exists()
 
 

@@ -726,3 +726,78 @@ def test_direct_construction_is_checked():
         make_coder("relu", affine_skip=torch.zeros(D_IN, D_IN))
     with pytest.raises(CoderError, match="reconstruct its input"):
         make_coder("relu", d_out=D_IN + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite weights: refused at load, naming the file, the tensor and the first bad index
+
+
+def write_format(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
+    """(coder directory, weights file) of a coder in `fmt` holding every tensor that format has."""
+    if fmt == "gemma_scope_1":
+        coder_dir = write_gemma_scope_1(tmp_path, "res", 1, D_IN, D_SAE)
+        return coder_dir, coder_dir / "params.npz"
+    if fmt == "gemma_scope_2":
+        coder_dir = write_gemma_scope_2(tmp_path, "transcoder", 1, D_IN, D_SAE, kind="transcoder", affine=True)
+        return coder_dir, coder_dir / "params.safetensors"
+    log = fmt == "saelens_log_threshold"
+    coder_dir = write_saelens(tmp_path / "s", "jumprelu", D_IN, D_SAE, "blocks.1.hook_resid_post", log_threshold=log)
+    return coder_dir, coder_dir / "sae_weights.safetensors"
+
+
+def poison(weights: Path, key: str, value: float) -> str:
+    """Set one element (two thirds in, not the first) of tensor `key` to `value`; returns "[i, j]"."""
+    load, save = (npz_arrays, None) if weights.suffix == ".npz" else (load_np_safetensors, save_np_safetensors)
+    arrays = load(weights.parent) if weights.suffix == ".npz" else dict(load(str(weights)))
+    array = arrays[key].copy()
+    index = np.unravel_index(array.size * 2 // 3, array.shape)
+    array[index] = value
+    arrays[key] = array
+    if save is None:
+        np.savez(weights, **arrays)
+    else:
+        save(arrays, str(weights))
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
+NON_FINITE_CASES = [
+    *[("gemma_scope_1", key) for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")],
+    *[("gemma_scope_2", key) for key in ("w_enc", "w_dec", "b_enc", "b_dec", "threshold", "affine_skip_connection")],
+    *[("saelens", key) for key in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")],
+    ("saelens_log_threshold", "log_threshold"),
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("fmt, key", NON_FINITE_CASES)
+def test_non_finite_weights_are_refused_naming_file_tensor_and_index(tmp_path, fmt, key, value):
+    coder_dir, weights = write_format(tmp_path, fmt)
+    load_coder(str(coder_dir))  # loads before the damage
+    index = poison(weights, key, value)
+    message = expect_error(str(coder_dir), "must be finite", weights)
+    assert f"{key}{index} is {value}" in message, message
+
+
+def test_derived_non_finite_weights_are_refused(tmp_path):
+    # a zero decoder row cannot be folded into a topk coder that rescales by the decoder norm
+    coder_dir = write_saelens(tmp_path, "topk", D_IN, D_SAE, "blocks.1.hook_resid_post", k=4,
+                              rescale_acts_by_decoder_norm=True)
+    weights = coder_dir / "sae_weights.safetensors"
+    tensors = load_np_safetensors(str(weights))
+    tensors["W_dec"][5] = 0.0
+    save_np_safetensors(tensors, str(weights))
+    expect_error(str(coder_dir), r"W_dec\[5, 0\] is nan")
+    # and a coder built in code
+    with pytest.raises(CoderError, match=r"threshold\[3\] is nan"):  # would make every feature fire
+        make_coder("jumprelu", threshold=torch.zeros(D_SAE).index_fill(0, torch.tensor([3]), float("nan")))
+
+
+def test_finite_check_is_cheap_and_exact():
+    from featuredb.runtime.coders import non_finite
+
+    big = torch.randn(1024, 4096)
+    assert non_finite(big) is None
+    assert non_finite(torch.full((4,), 6e4, dtype=torch.float16)) is None  # the sum overflows, values are fine
+    big[700, 3] = float("nan")
+    big[900, 1] = float("inf")
+    assert non_finite(big) == "[700, 3] is nan"

@@ -23,6 +23,7 @@ from featuredb.describe import (
     TOKENS_VERSION,
     Context,
     DescribeConfig,
+    DescribeError,
     FeatureEvidence,
     LLMError,
     OpenAIChatClient,
@@ -621,3 +622,40 @@ def test_local_explainer_smollm2_scores(db):
     row = next(r for r in current_descriptions(FeatureStore(db), SAE) if r["method"] == "local")
     assert row["description"] and row["explainer_source"] == "local"
     assert json.loads(row["score_details"])["activating"] > 0
+
+
+# --- the reply cache a failed run leaves ---------------------------------------------------------
+
+
+def cache_files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("_describe_cache"))
+
+
+def test_a_failed_llm_run_leaves_no_empty_cache(db, server):
+    server.always = (401, '{"error": {"message": "Incorrect API key provided"}}')
+    result = CliRunner().invoke(main, ["describe", "--db", str(db), "--explainer", "llm", "--base-url", server.url,
+                                       "--model", "m", "--quiet"], env={"OPENAI_API_KEY": "sk-x"})
+    assert result.exit_code == 1 and "HTTP 401" in result.stderr
+    assert cache_files(db) == []
+
+
+def test_a_failed_llm_run_keeps_the_replies_it_paid_for(db, server):
+    def one_reply_then_refuse(messages):
+        server.always = (401, '{"error": {"message": "quota exceeded"}}')  # every later request
+        return fake_reply(messages)
+
+    server.reply = one_reply_then_refuse
+    with pytest.raises(DescribeError, match="quota exceeded"):
+        run_describe(llm_config(db, server, concurrency=1), embedder=fake_embed)
+    kept = ResponseCache(db / "_describe_cache.sqlite")
+    assert len(kept) == 1  # the reply paid for, there for the rerun
+    kept.close()
+
+
+def test_an_existing_empty_cache_is_left_alone(db, server):
+    cache = ResponseCache(db / "_describe_cache.sqlite")  # the user's, made before the run
+    cache.close()
+    server.always = (401, "{}")
+    with pytest.raises(DescribeError):
+        run_describe(llm_config(db, server), embedder=fake_embed)
+    assert "_describe_cache.sqlite" in cache_files(db)

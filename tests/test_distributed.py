@@ -215,3 +215,17 @@ def test_bad_coder_groups_are_one_line_errors(tiny_gemma2, coders, corpus_jsonl,
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert message in lines[0]
     assert not (tmp_path / "db").exists()
+
+
+def test_rank_0_alone_checks_and_reports_what_replace_drops(tiny_gemma2, coders, corpus_jsonl, tmp_path):
+    args = index_args(tiny_gemma2, coders, corpus_jsonl)
+    db = tmp_path / "db"
+    index_one_process(args, db)
+    refused = torchrun(["-m", "featuredb.indexer", *args, "--db", str(db)], cwd=tmp_path)
+    assert refused.returncode != 0 and "--replace" in refused.stderr, refused.stderr[:3000]
+    assert "rank 0 stopped" in refused.stderr  # rank 1 did not wait for it
+    replaced = torchrun(["-m", "featuredb.indexer", *args, "--db", str(db), "--replace"], cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    notes = [line for line in replaced.stderr.splitlines() if line.startswith("replacing coder ")]
+    assert len(notes) == len(coders)  # once each: rank 0 alone
+    assert_same_catalogue(db, db)

@@ -199,7 +199,7 @@ def test_reindex_replaces_rows(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_pat
     db = tmp_path / "db"
     index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db)
     before = FeatureStore(str(db)).examples(FeatureStore(str(db)).coders()["coder_id"][0])
-    index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db)
+    index(tiny_gemma2, gemma2_coders[:2], corpus_jsonl, db, replace=True)
     store = FeatureStore(str(db))
     assert len(store.coders()) == 2
     assert store.examples(store.coders()["coder_id"][0]).equals(before)
@@ -385,10 +385,12 @@ def test_full_disk_while_writing_the_catalogue_is_one_line_and_keeps_the_rows(po
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", disk_full_on_features)
     result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl),
-                     "--db", str(populated_db), "--top-k", "2")  # the same coder again, other rows
+                     "--db", str(populated_db), "--top-k", "2", "--replace")  # the same coder again, other rows
     coder_id = list(before)[0]
-    assert one_error_line(result) == (f"error: could not write coder {coder_id!r} to {populated_db}: "
-                                      "No space left on device (os error 28)")
+    assert result.exit_code == 1, result.output
+    note, error = [line for line in result.output.splitlines() if line.strip()]  # what --replace said, then why it failed
+    assert note.startswith(f"replacing coder {coder_id} ")
+    assert error == f"error: could not write coder {coder_id!r} to {populated_db}: No space left on device (os error 28)"
     after = snapshot(populated_db)
     assert before.keys() == after.keys()
     assert all(before[k][0].equals(after[k][0]) and before[k][1].equals(after[k][1]) for k in before)

@@ -141,6 +141,20 @@ def test_missing_model_path_is_a_model_error(tmp_path):
         load_model("./no/such/model.gguf")
 
 
+def test_model_directory_without_tokenizer_is_refused(tiny_llama, tmp_path):
+    """transformers builds a special-tokens-only tokenizer for it, which reads every text as <unk>."""
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / name).unlink()
+    with pytest.raises(ModelError) as error:
+        load_model(str(copy))
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"no tokenizer in {copy}" in message and "tokenizer.json" in message and "vocab.json" in message
+
+
 def test_unreachable_hub_is_a_model_error(monkeypatch):
     import huggingface_hub.constants
 
@@ -441,3 +455,33 @@ def test_gguf_model_loads_and_captures():
     captured = subject.capture(input_ids, torch.ones_like(input_ids), [hook])
     assert captured[hook].shape == (1, input_ids.shape[1], 576)
     assert torch.isfinite(captured[hook]).all()
+
+
+def test_no_remote_code_is_ever_run(tiny_gemma2, monkeypatch):
+    """Model, config, tokenizer and embedding model are loaded with trust_remote_code=False, said
+    explicitly: a catalogue or a hub repo can name a model, never make us run its code."""
+    import sentence_transformers
+    import transformers
+
+    seen = []
+
+    def recording(original):
+        def call(*args, **kwargs):
+            seen.append(kwargs.get("trust_remote_code", "missing"))
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", recording(transformers.AutoConfig.from_pretrained))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        recording(transformers.AutoTokenizer.from_pretrained))
+    load_model(str(tiny_gemma2))
+    assert seen and all(flag is False for flag in seen)
+
+    calls = []
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", lambda *a, **kw: calls.append(kw) or object())
+    from featuredb.runtime.embedding import load_embedder
+
+    load_embedder.cache_clear()
+    load_embedder("some/model")
+    load_embedder.cache_clear()
+    assert calls == [{"device": "cpu", "trust_remote_code": False}]

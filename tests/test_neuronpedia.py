@@ -11,16 +11,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import gzip
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import numpy as np
+import polars as pl
 import pytest
 from click.testing import CliRunner
 
@@ -155,7 +162,9 @@ def test_round_trip_restores_every_table_row_for_row(known_catalogue, reimported
     for coder_id in before.coders()["coder_id"]:
         assert after.features(coder_id).equals(before.features(coder_id)), coder_id  # vectors included
         assert after.examples(coder_id).equals(before.examples(coder_id)), coder_id
-    assert sorted(after.table_names()) == sorted(before.table_names())
+    # every table of the original, plus the record that these coders came from an import
+    assert sorted(after.table_names()) == sorted(before.table_names() + ["imports"])
+    assert after.imported_coder_ids() == set(before.coders()["coder_id"])
     for table in ("descriptions", "decoders_8"):
         assert all_rows(after, table) == all_rows(before, table), table
     assert len(all_rows(after, "descriptions")) == 3
@@ -590,3 +599,238 @@ def test_activation_frames_with_non_finite_numbers_are_not_written(tmp_path):
     for frame in (pl.DataFrame({"values": [[1.0], [float("nan")]]}), pl.DataFrame({"maxValue": [float("inf")]})):
         with pytest.raises(StoreError, match=r"bad\.jsonl\.gz: cannot write a non-finite number as JSON"):
             write_frame(tmp_path / "bad.jsonl.gz", frame)
+
+
+# --- an import killed part-way, then run again ----------------------------------------------------
+# A kill is simulated as an exception no `except Exception` sees, raised right after the N-th
+# write to the catalogue (every table commit, create and drop counts), for every N.
+
+WRITES = {"LanceTable": ("add", "delete", "_do_merge", "restore"), "LanceDBConnection": ("create_table", "drop_table")}
+
+
+class Killed(BaseException):
+    """The process died here: nothing after this line of the import runs, nothing is undone."""
+
+
+@contextlib.contextmanager
+def killed_after(writes: int | None) -> Iterator[list[str]]:
+    """Count the catalogue writes made inside the block (listed in the yielded list); with
+    `writes`, raise Killed right after that many."""
+    import lancedb.db
+    import lancedb.table
+
+    made: list[str] = []
+    patcher = pytest.MonkeyPatch()
+
+    def counted(cls, name):
+        real = getattr(cls, name)
+
+        def write(*args, **kwargs):
+            result = real(*args, **kwargs)
+            made.append(name)
+            if len(made) == writes:
+                raise Killed(f"after write {writes} ({name})")
+            return result
+        return write
+
+    for cls in (lancedb.table.LanceTable, lancedb.db.LanceDBConnection):
+        for name in WRITES[cls.__name__]:
+            patcher.setattr(cls, name, counted(cls, name))
+    try:
+        yield made
+    finally:
+        patcher.undo()
+
+
+TIMESTAMPS = {"coders": ("created_at",), "descriptions": ("created_at", "indexed_at")}
+
+
+def sorted_rows(rows: list[dict], table: str, timestamps: bool) -> list[dict]:
+    """Rows in a fixed order, without the import-time stamps (of a source without sidecar) if asked."""
+    drop = () if timestamps else TIMESTAMPS.get(table, ())
+    return sorted(({k: v for k, v in r.items() if k not in drop} for r in rows),
+                  key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+def catalogue_rows(db: Path, *, timestamps: bool = True) -> dict[str, list[dict]]:
+    """Every row of every table."""
+    store = FeatureStore(db, read_only=True)
+    return {name: sorted_rows(store.table(name).to_arrow().to_pylist(), name, timestamps)
+            for name in store.table_names()}
+
+
+def coder_state(db: Path, coder_id: str, *, timestamps: bool = True) -> dict[str, list[dict]]:
+    """What a reader sees of one coder: its rows in each table (descriptions: its current ones)."""
+    from featuredb.store.descriptions import current_descriptions
+
+    store = FeatureStore(db, read_only=True)
+    tables = [name for name in store.table_names() if name in ("coders", "features", "examples")
+              or name.startswith("decoders_")]
+    rows = {name: sorted_rows([r for r in all_rows(store, name) if r["coder_id"] == coder_id], name, timestamps)
+            for name in tables}
+    rows["descriptions"] = sorted_rows(current_descriptions(store, coder_id), "descriptions", timestamps)
+    return rows
+
+
+def listed(db: Path, coder_id: str) -> bool:
+    return coder_id in FeatureStore(db, read_only=True).coders()["coder_id"].to_list()
+
+
+def older_version(source: Path, out: Path) -> Path:
+    """The same source with other numbers and one explanation fewer: an earlier export of the coder."""
+    shutil.copytree(source, out)
+    for path in [*sorted((out / "features").glob("*.gz")), *sorted((out / "explanations").glob("*.gz"))][:2]:
+        rows = read_rows(path)
+        write_gz(path, [r | {"maxActApprox": r["maxActApprox"] + 1.0} if "maxActApprox" in r else r for r in rows[1:]]
+                 if path.parent.name == "explanations" else
+                 [r | {"maxActApprox": r["maxActApprox"] + 1.0} for r in rows])
+    return out
+
+
+KILLED_IMPORTS = {  # (the source, whether it has our sidecar, whether the catalogue already holds the coder)
+    "new coder, sidecar": ("sidecar", False),
+    "new coder, Neuronpedia's own rows": ("neuronpedia", False),
+    "--replace of a stored coder": ("sidecar", True),
+}
+
+
+@pytest.mark.parametrize("name", list(KILLED_IMPORTS))
+def test_an_import_killed_after_any_write_is_finished_by_a_plain_rerun(name, exported, neuronpedia_export, tmp_path):
+    kind, stored_before = KILLED_IMPORTS[name]
+    source = exported / "tiny-model" / "12-res" if kind == "sidecar" else neuronpedia_export / NP_MODEL / NP_SOURCE
+    coder_id = "res-L12" if kind == "sidecar" else f"{NP_MODEL}/{NP_SOURCE}"
+    start = tmp_path / "start"
+    if stored_before:
+        import_neuronpedia(older_version(source, tmp_path / "older"), start)
+        import_neuronpedia(exported / "tiny-model" / "5-res", start)  # another coder, never touched
+    else:
+        start.mkdir()
+    exact = kind == "sidecar"  # without our sidecar, rows are stamped with the time of the import
+    old_state = coder_state(start, coder_id, timestamps=exact) if stored_before else None
+    whole = tmp_path / "whole"
+    shutil.copytree(start, whole)
+    with killed_after(None) as writes:
+        import_neuronpedia(source, whole, replace=stored_before)
+    expected, new_state = catalogue_rows(whole, timestamps=exact), coder_state(whole, coder_id, timestamps=exact)
+    assert len(writes) >= 5, writes
+
+    for n in range(1, len(writes)):  # (after the last write the import is complete)
+        db = tmp_path / f"killed-{n}"
+        shutil.copytree(start, db)
+        with pytest.raises(Killed), killed_after(n):
+            import_neuronpedia(source, db, replace=stored_before)
+        # a reader sees the coder complete (the old or the new one) or not at all
+        if listed(db, coder_id):
+            state = coder_state(db, coder_id, timestamps=exact)
+            assert state in (old_state, new_state), f"killed after write {n}: {writes[n - 1]}"
+        import_neuronpedia(source, db)  # a plain rerun finishes the job
+        assert catalogue_rows(db, timestamps=exact) == expected, f"killed after write {n}"
+        coder = FeatureStore(db, read_only=True).coders().filter(pl.col("coder_id") == coder_id).row(0, named=True)
+        indexed_at = {r["indexed_at"] for r in all_rows(FeatureStore(db, read_only=True), "descriptions")
+                      if r["coder_id"] == coder_id}
+        assert indexed_at == {coder["created_at"]}, f"killed after write {n}"  # its descriptions are current
+        with pytest.raises(StoreError, match="already in .* --replace"):  # once complete, it needs --replace
+            import_neuronpedia(source, db)
+
+
+def markers(db: Path) -> list[str]:
+    return [n for n in FeatureStore(db, read_only=True).table_names() if n.startswith("import_in_progress_")]
+
+
+def test_a_rerun_finishes_every_source_of_a_killed_run_and_keeps_its_replace(exported, tmp_path):
+    root = tmp_path / "two"
+    for name in ("12-res", "5-res"):
+        shutil.copytree(exported / "tiny-model" / name, root / "tiny-model" / name)
+    whole = tmp_path / "whole"
+    with killed_after(None) as writes:
+        import_neuronpedia(root, whole)
+    expected = catalogue_rows(whole)
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed), killed_after(len(writes) - 3):  # in the second source, after the first is complete
+        import_neuronpedia(root, killed)
+    assert listed(killed, "res-L12") and not listed(killed, "res-L5") and markers(killed)
+    import_neuronpedia(root, killed)  # writes res-L12 again (this run's), then res-L5
+    assert catalogue_rows(killed) == expected and not markers(killed)
+
+    with pytest.raises(Killed), killed_after(3):  # a --replace run, killed in its first source...
+        import_neuronpedia(root, killed, replace=True)
+    import_neuronpedia(root, killed)  # ...is finished by a plain rerun: it replaces both
+    assert catalogue_rows(killed) == expected and not markers(killed)
+
+
+def test_another_import_of_a_half_imported_coder_takes_it_over(exported, tmp_path):
+    source, db = exported / "tiny-model" / "12-res", tmp_path / "db"
+    other = older_version(source, tmp_path / "other")
+    with pytest.raises(Killed), killed_after(8):
+        import_neuronpedia(source, db)
+    assert not listed(db, "res-L12")  # half-imported: unlisted, so another import needs no --replace
+    import_neuronpedia(other, db)
+    taken_over = {name: rows for name, rows in catalogue_rows(db).items() if name not in markers(db)}
+    with pytest.raises(StoreError, match="already in .* --replace"):  # resuming the first must not overwrite it
+        import_neuronpedia(source, db)
+    assert catalogue_rows(db) == taken_over  # and the first run has ended: its marker is gone
+
+
+def test_a_failed_import_is_undone_and_leaves_no_marker(exported, tmp_path, monkeypatch):
+    source, db = exported / "tiny-model" / "12-res", tmp_path / "db"
+    import_neuronpedia(older_version(source, tmp_path / "older"), db)
+    before = catalogue_rows(db)
+    real_replace = feature_store_module._replace_coder_rows
+
+    def no_space_for_coders(table, rows, key, coder_id):
+        if table.name == "coders":  # everything else of the coder is written by then
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(table, rows, key, coder_id)
+
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", no_space_for_coders)
+    with pytest.raises(StoreError, match="No space left on device"):
+        import_neuronpedia(source, db, replace=True)
+    assert catalogue_rows(db) == before  # the old coder, its decoder vectors and descriptions as they were
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="already in .* --replace"):  # not a killed run: no resuming
+        import_neuronpedia(source, db)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 60.0) -> float:
+    """Poll until `condition()` holds (or the process ended); the time it took."""
+    started = time.perf_counter()
+    while not condition() and process.poll() is None and time.perf_counter() - started < timeout:
+        time.sleep(0.002)
+    return time.perf_counter() - started
+
+
+def import_process(source: Path, db: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from featuredb.cli import main; main()", "import", "--format",
+                             "neuronpedia", str(source), "--db", str(db), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_cli_import_sigkilled_at_random_points_is_finished_by_a_plain_rerun(exported, tmp_path):
+    """`featuredb import` of a 7-source export, SIGKILLed at 10 random moments of its writing
+    phase (from its marker's creation to its exit), each followed by a plain rerun."""
+    writing = lambda db: any(db.glob("import_in_progress_*"))  # noqa: E731
+    whole = tmp_path / "whole"
+    process = import_process(exported, whole)
+    wait_for(lambda: writing(whole), process)
+    duration = wait_for(lambda: False, process)  # the writing phase
+    assert process.returncode == 0, process.stderr.read()
+    expected = catalogue_rows(whole)
+    rng = np.random.default_rng(13)
+    resumed = 0
+    for i, delay in enumerate(rng.uniform(0.0, duration, size=10)):
+        db = tmp_path / f"killed-{i}"
+        process = import_process(exported, db)
+        wait_for(lambda: writing(db), process)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        left = markers(db) if db.exists() else "no catalogue"
+        finished = not left and catalogue_rows(db) == expected  # killed on its way out: nothing to resume
+        rerun = import_process(exported, db)
+        status, stderr = rerun.wait(timeout=120), rerun.stderr.read()
+        what = f"kill {i}, {delay:.2f}s into {duration:.2f}s, left {left}: {stderr}"
+        assert status == 0 or (finished and "already in" in stderr), what  # a finished import needs --replace
+        assert catalogue_rows(db) == expected, what
+        resumed += bool(left)
+    assert resumed >= 5  # most kills landed mid-import

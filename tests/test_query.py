@@ -566,3 +566,136 @@ def test_cli_fires(model_catalogue):
 
 def test_commands_are_exported():
     assert set(["search", "show", "fires", "similar"]) <= set(main.commands)
+
+
+# --- models named by imported data load only when the user says so ------------------------------
+
+
+@pytest.fixture(scope="module")
+def imported_catalogue(model_catalogue, tmp_path_factory):
+    """The tiny model's catalogue exported and imported back as a Neuronpedia export without our
+    sidecar (as Neuronpedia publishes them): its coders' model and source are names from the data."""
+    from featuredb.store.neuronpedia import export_neuronpedia, import_neuronpedia
+
+    root = tmp_path_factory.mktemp("imported")
+    export_neuronpedia(str(model_catalogue[0]), root / "export")
+    for sidecar in (root / "export").glob("*/*/featuredb"):
+        shutil.rmtree(sidecar)
+    import_neuronpedia(root / "export", root / "db")
+    return root / "db"
+
+
+def test_a_sidecar_import_is_recorded_as_imported_until_reindexed(model_catalogue, tmp_path, tiny_gemma2):
+    """With our sidecar an import restores the exported coder rows exactly, so nothing in them says
+    "imported": the store's imports table does, and loading its models needs the user's word."""
+    from featuredb.store import FeatureStore
+    from featuredb.store.neuronpedia import export_neuronpedia, import_neuronpedia
+
+    export_neuronpedia(str(model_catalogue[0]), tmp_path / "export")
+    import_neuronpedia(tmp_path / "export", tmp_path / "db")
+    cat = featuredb.open(str(tmp_path / "db"))
+    coder_ids = cat.coders()["coder_id"].to_list()
+    coder_id = coder_ids[0]
+    assert len(coder_ids) >= 2 and set(coder_ids) == FeatureStore(tmp_path / "db", read_only=True).imported_coder_ids()
+    with pytest.raises(QueryError, match="came from `featuredb import`"):
+        cat.fires_on(TEXT, coders=[coder_id])
+    assert featuredb.open(str(tmp_path / "db"), trust_models=True).fires_on(TEXT, coders=[coder_id]).features.height
+    store = FeatureStore(tmp_path / "db")
+    store.forget_import(coder_id)  # what re-indexing the coder here does after writing it
+    assert coder_id not in store.imported_coder_ids()
+    store.delete_coder(coder_ids[-1])
+    assert store.imported_coder_ids() == set(coder_ids[1:-1])
+
+
+def test_fires_on_an_imported_catalogue_needs_the_users_word(imported_catalogue, tiny_gemma2, monkeypatch):
+    coders = featuredb.open(str(imported_catalogue)).coders()
+    model, coder_id = coders["model"][0], coders["coder_id"][0]
+    loads = []
+    import featuredb.runtime.model as runtime_model
+    real_load = runtime_model.load_model
+    monkeypatch.setattr(runtime_model, "load_model", lambda spec, **kw: loads.append(spec) or real_load(spec, **kw))
+
+    cat = featuredb.open(str(imported_catalogue))
+    with pytest.raises(QueryError, match=f"came from `featuredb import`, so its model '{model}' is named by the "
+                                         "imported data.*--model.*--trust-models"):
+        cat.fires_on(TEXT)
+    # naming the model is not enough: the coder weights are still the data's choice
+    with pytest.raises(QueryError, match=f"its weights 'neuronpedia:.*' are named by the imported data.*--trust-models"):
+        cat.fires_on(TEXT, coders=[coder_id], model=str(tiny_gemma2))
+    assert loads == []  # nothing was loaded
+    # trusted: the names load (and fail here as the names of an export do: no such weights)
+    trusted = featuredb.open(str(imported_catalogue), trust_models=True)
+    with pytest.raises(QueryError) as error:
+        trusted.fires_on(TEXT, coders=[coder_id], model=str(tiny_gemma2))
+    assert "trust" not in str(error.value) and "cannot load coder" in str(error.value)
+    assert loads == [str(tiny_gemma2)]
+
+
+def test_cli_refuses_models_named_by_imported_data(imported_catalogue, tiny_gemma2):
+    coders = featuredb.open(str(imported_catalogue)).coders()
+    refused = invoke("fires", [TEXT, "--db", str(imported_catalogue)])
+    assert refused.exit_code == 1 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: ") and repr(coders["model"][0]) in refused.stderr
+    assert "--trust-models" in refused.stderr
+    trusted = invoke("fires", [TEXT, "--db", str(imported_catalogue), "--model", str(tiny_gemma2), "--trust-models"])
+    assert trusted.exit_code == 1 and "--trust-models" not in trusted.stderr and "cannot load coder" in trusted.stderr
+
+
+def test_indexed_catalogues_load_their_own_models(model_catalogue):
+    cat = featuredb.open(str(model_catalogue[0]))
+    assert cat.reader.imported_coder_ids() == set()
+    assert cat.fires_on(TEXT, limit=3).features.height == 3
+
+
+def test_search_refuses_an_embedding_model_named_only_by_imported_data(imported_catalogue, tmp_path, monkeypatch):
+    from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
+    from featuredb.store.descriptions import sync_features, write_descriptions
+
+    db = tmp_path / "db"
+    shutil.copytree(imported_catalogue, db)
+    store = FeatureStore(str(db))
+    coder_id = store.coders()["coder_id"][0]
+    description = {"coder_id": coder_id, "feature": 0, "description": "cats and dogs", "method": "manual",
+                   "explainer_model": None, "explainer_source": None, "prompt_version": "v1",
+                   "indexed_at": store.coders()["created_at"][0], "detection_score": None, "fuzz_score": None,
+                   "detection_n": None, "fuzz_n": None, "score_details": None,
+                   "created_at": store.coders()["created_at"][0]}
+    write_descriptions(store, coder_id, [description], sync=False)
+    sync_features(store, coder_id, embedding_model="someone/else", embedder=lambda texts, name: embed(texts))
+    with pytest.raises(QueryError, match="'someone/else' is recorded only with coders from `featuredb import`"
+                                         ".*--trust-models"):
+        featuredb.open(str(db)).search("cats").to_list()
+    refused = invoke("search", ["cats", "--db", str(db)])
+    assert refused.exit_code == 1 and "--trust-models" in refused.stderr
+    # the user's own embedding model, or trust, lets it through
+    named = featuredb.open(str(db), embedding_model=DEFAULT_EMBEDDING_MODEL).search("cats").to_list()
+    assert [(r["coder_id"], r["feature"]) for r in named][:1] == [(coder_id, 0)]
+    import featuredb.runtime.embedding as runtime_embedding
+    tried = []
+
+    def load_embedder(name, device="cpu"):  # no hub here: record what trust lets load
+        tried.append(name)
+        raise runtime_embedding.EmbeddingError(f"cannot load embedding model {name!r}: offline")
+
+    monkeypatch.setattr(runtime_embedding, "load_embedder", load_embedder)
+    with pytest.raises(QueryError, match="cannot load embedding model 'someone/else'"):
+        featuredb.open(str(db), trust_models=True).search("cats").to_list()
+    assert tried == ["someone/else"]
+    assert featuredb.open(str(db)).keyword("cats").to_list()  # keyword search loads no model
+
+
+def test_rows_of_an_unlisted_coder_are_never_returned(catalogue_path, tmp_path):
+    """A kill between a coder's features and its coders row leaves features of an unlisted coder:
+    searches must not show them (the coder is not in the catalogue)."""
+    import shutil
+
+    from featuredb.store import FeatureStore
+
+    db = tmp_path / "db"
+    shutil.copytree(catalogue_path, db)
+    before = featuredb.open(str(db)).keyword("Paris").limit(50).to_polars()
+    assert "res-L12" in before["coder_id"].to_list()
+    coders = FeatureStore(db).table("coders")
+    coders.delete("coder_id = 'res-L12'")  # unlisted, its features still stored
+    after = featuredb.open(str(db)).keyword("Paris").limit(50).to_polars()
+    assert "res-L12" not in after["coder_id"].to_list() and after["layer"].null_count() == 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from featuredb.indexer.stats import FeatureStats, StatsConfig, hash_priority, scale_for
+from featuredb.indexer.stats import FeatureStats, StatsConfig, hash_priority, scale_for, state_bytes
 
 F, T = 24, 10
 
@@ -128,3 +128,18 @@ def test_checkpoint_roundtrip_continues_identically():
 def test_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         StatsConfig(hist_bins=10)
+
+
+@pytest.mark.parametrize("width, context, config", [
+    (24, 10, StatsConfig()),
+    (7, 33, StatsConfig(top_k=100, hist_bins=8, interval_bins=4, interval_per_bin=0)),
+    (5, 2, StatsConfig(top_k=1, interval_per_bin=5)),
+])
+def test_state_bytes_is_what_the_statistics_allocate(width, context, config):
+    """The memory check before a run (indexer/preflight.py) counts exactly the tensors a run holds."""
+    stats = FeatureStats(width, context, config)
+    allocated = sum(getattr(stats, name).nbytes for name in FeatureStats.TENSORS)
+    assert state_bytes(width, context, config) == allocated
+    assert state_bytes(2 * width, context, config) == 2 * allocated  # linear in the width
+    # the per-token values dominate: features x (top-K + interval slots) x context x 4 bytes
+    assert allocated >= width * (config.top_k + config.interval_slots) * context * 4

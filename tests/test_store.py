@@ -301,6 +301,11 @@ def _control_character_in_sae_id(sae, features, examples):
     ],
 )
 def test_bad_input_raises_and_leaves_db_untouched(store, spoil):
+    refused_and_untouched(store, spoil)
+
+
+def refused_and_untouched(store: FeatureStore, spoil) -> str:
+    """Write two coders, then a spoiled rewrite of one: one StoreError line, every file as it was."""
     write(store, "sae-a", [0, 1, 2, 3])
     write(store, "sae-b", [0, 1])
     before_files = db_snapshot(Path(store.uri))
@@ -315,6 +320,38 @@ def test_bad_input_raises_and_leaves_db_untouched(store, spoil):
     assert db_snapshot(Path(store.uri)) == before_files
     after = (store.coders(), store.features(), store.examples("sae-a"), store.examples("sae-b"))
     assert all(a.equals(b) for a, b in zip(after, before))
+    return str(error.value)
+
+
+NON_FINITE_COLUMNS = [  # (table, column, row): every float column, scalar or list, of both tables
+    ("features", "density", 2), ("features", "max_activation", 1), ("features", "mean_activation", 0),
+    ("features", "std_activation", 2), ("features", "hist_max", 1), ("features", "top_logit_values", 2),
+    ("features", "bottom_logit_values", 1), ("features", "neighbour_cosines", 2),
+    ("examples", "values", 4), ("examples", "max_value", 3), ("examples", "bin_min", 2), ("examples", "bin_max", 5),
+]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("table, column, row", NON_FINITE_COLUMNS)
+def test_non_finite_statistics_are_refused_naming_column_and_row(store, table, column, row, value):
+    def spoil(sae, features, examples):
+        rows = features if table == "features" else examples
+        rows[column] = list(rows[column])  # make_features shares one list between columns
+        cell = rows[column][row]
+        rows[column][row] = [*cell[:-1], value] if isinstance(cell, list) else value
+
+    message = refused_and_untouched(store, spoil)
+    assert f"column {column!r} holds {value} in row {row}" in message, message
+
+
+def test_null_stays_the_way_to_say_absent(store):
+    """Absent values are null (bins of top examples, vectors), and a never-fired feature has 0
+    statistics, as the indexer writes them: still accepted."""
+    features = make_features("sae-a", [0, 1])
+    for name in ("density", "max_activation", "mean_activation", "std_activation", "hist_max"):
+        features[name][1] = 0.0
+    store.write_coder(make_sae("sae-a"), features, make_examples("sae-a", [0, 1]))
+    assert store.examples("sae-a", kind="top")["bin_min"].null_count() == 4
 
 
 def test_bad_first_write_creates_no_tables(store):

@@ -178,6 +178,7 @@ def run_demo(config: DemoConfig) -> None:
         result = run_index(IndexConfig(
             model=model_spec, coders=sae_dirs, corpus=str(config.corpus), db=str(config.db), tokens=config.tokens,
             context=config.context, batch_size=16, dtype=str(dtype).removeprefix("torch."), resume=True,
+            replace=True,  # the demo owns its catalogue: more --tokens re-index its own coders
             outlier_ratio=config.outlier_ratio,  # the tokens the SAEs were trained without
             checkpoint_seconds=60, progress=config.progress))
         click.echo(f"  indexed {result.tokens:,} tokens in {result.seconds:.0f}s (model loading and writing included)")

@@ -115,6 +115,12 @@ class ResponseCache:
         with self._lock:
             self._conn.close()
 
+    def remove(self) -> None:
+        """Close the cache and delete its files (SQLite's write-ahead log and shared memory too)."""
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+
 
 class Counters:
     """Thread-safe request statistics."""

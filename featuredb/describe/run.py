@@ -16,6 +16,8 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +91,21 @@ def default_cache_path(db: str) -> Path:
     return Path(db).expanduser() / CACHE_FILE
 
 
-def make_backend(config: DescribeConfig) -> ChatBackend:
-    cache = ResponseCache(config.cache or default_cache_path(config.db))
+@contextmanager
+def reply_cache(path: Path) -> Iterator[ResponseCache]:
+    """The reply cache at `path` for the length of a run. A cache file the run created is removed
+    again when the run leaves it empty (a failed first request, every feature already described):
+    a cache worth keeping holds replies to reuse."""
+    created = not path.exists()
+    cache = ResponseCache(path)
+    try:
+        yield cache
+    finally:
+        if created and len(cache) == 0:
+            cache.remove()
+
+
+def make_backend(config: DescribeConfig, cache: ResponseCache) -> ChatBackend:
     if config.explainer == "llm":
         return OpenAIChatClient(
             config.base_url or base_url_from_env(), config.model or "",
@@ -132,12 +147,21 @@ def run_describe(config: DescribeConfig, *, backend: ChatBackend | None = None,
     unknown = [s for s in config.coder_ids if s not in coders]
     if unknown:
         raise DescribeError(f"no coder {unknown[0]!r} in {config.db} (coders: {', '.join(sorted(coders))})")
-    selected = list(dict.fromkeys(config.coder_ids)) or sorted(coders)
-    result = DescribeResult(coder_ids=selected)
+    if config.explainer == "tokens" or backend is not None:
+        result = _describe(store, sorted(coders), config, backend, embedder)
+    else:
+        with reply_cache(Path(config.cache or default_cache_path(config.db)).expanduser()) as cache:
+            result = _describe(store, sorted(coders), config, make_backend(config, cache), embedder)
+    result.seconds = time.perf_counter() - started
+    return result
 
+
+def _describe(store: FeatureStore, coders: list[str], config: DescribeConfig, backend: ChatBackend | None,
+              embedder: Embedder) -> DescribeResult:
+    """The run itself: plan, describe in chunks, sync every coder's feature rows."""
+    selected = list(dict.fromkeys(config.coder_ids)) or coders
+    result = DescribeResult(coder_ids=selected)
     chat = config.explainer != "tokens"
-    if chat and backend is None:
-        backend = make_backend(config)
     explainer = ChatExplainer(backend, config.explainer, config.n_top, config.n_interval) if chat else None
     scorer = Scorer(backend, config.n_score, n_top_shown=config.n_top, n_interval_shown=config.n_interval) \
         if config.score else None
@@ -164,7 +188,7 @@ def run_describe(config: DescribeConfig, *, backend: ChatBackend | None = None,
                                 progress, result, embedder)
         # Repair / re-embed anything out of line (cheap when nothing is). Every coder, not only the
         # selected ones, so a new --embedding-model leaves the catalogue with one embedding model.
-        for coder_id in sorted(coders):
+        for coder_id in coders:
             result_sync = sync_features(store, coder_id, embedding_model=config.embedding_model, embedder=embedder)
             _add_sync(result, result_sync)
     finally:
@@ -174,7 +198,6 @@ def run_describe(config: DescribeConfig, *, backend: ChatBackend | None = None,
         stats = getattr(backend, "stats", None)
         if stats is not None:
             result.requests, result.cache_hits, result.retries = stats.requests, stats.cache_hits, stats.retries
-    result.seconds = time.perf_counter() - started
     return result
 
 

@@ -5,17 +5,35 @@ A corpus is a JSONL file (a `text` field, optional `id`), a Parquet file (a `tex
 (`hf:NAME[:CONFIG][@SPLIT]`, streamed). Each document is tokenized on its own and cut into windows of
 `context` tokens that each start with BOS, so every window looks like the start of a document to the
 model, as the coders saw in training. The final short window of a document is kept and padded.
+
+Memory follows the windows asked for, not the document: a long document is tokenized in pieces of
+about PIECE_CHARS characters, and its windows are yielded as the pieces are tokenized, so a run that
+stops after `--tokens` never tokenizes the rest. A piece ends just before a space that starts a word
+(" word"): every pre-tokenizer in use (byte-level BPE regexes, SentencePiece's Metaspace, WordPiece)
+starts a new pre-token there, and a vocabulary trained on whitespace-split words (Gemma's, applied to
+the whole text) has no token that spans it, so the windows are exactly those of the whole document.
+Only a text with no such space in PIECE_CHARS characters (CJK, minified data) is cut between two
+characters, where the tokens around that seam may differ from tokenizing it whole.
+
+A tokenizer that cannot read the corpus (a model directory's stub tokenizer, a vocabulary without the
+corpus' script) turns it into <unk>: more than half unknown tokens in the first UNK_SAMPLE_TOKENS
+tokens of the run (or the whole of a shorter corpus) is a CorpusError, before any window is yielded.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from featuredb.errors import CorpusError
+
+PIECE_CHARS = 1 << 16  # ~16k tokens of English per tokenizer call
+UNK_SAMPLE_TOKENS = 1024
+UNK_MAX_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -172,26 +190,108 @@ def read_documents(spec: str | Path, skip: int = 0) -> Iterator[Document]:
         yield Document(ordinal, doc_id, text)
 
 
+def text_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most about `piece_chars` characters, each after the first
+    starting with a space that starts a word (see the module doc); "".join(pieces) == text."""
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = _word_start(text, start, start + piece_chars)
+        yield text[start:cut]
+        start = cut
+    if start < len(text) or not text:
+        yield text[start:]
+
+
+def _word_start(text: str, start: int, end: int) -> int:
+    """The last i in (start, end] where text[i] is a space between a non-space and a letter or digit;
+    failing that, end moved back off combining marks (they belong to the character before)."""
+    i = text.rfind(" ", start + 1, end + 1)
+    while i > start:
+        if i + 1 < len(text) and not text[i - 1].isspace() and text[i + 1].isalnum():
+            return i
+        i = text.rfind(" ", start + 1, i)
+    while end > start + 1 and unicodedata.combining(text[end]):
+        end -= 1
+    return end
+
+
+def stream_windows(pieces: Iterable[list[int]], bos_token_id: int, context: int) -> Iterator[np.ndarray]:
+    """Windows of `context` tokens, each starting with BOS, over one document's token pieces, yielded as
+    soon as each is full; the last, short one at the end."""
+    body = context - 1
+    pending = np.empty(0, dtype=np.int64)
+    started = False
+    for ids in pieces:
+        ids = np.asarray(ids, dtype=np.int64)
+        if not started and len(ids):
+            started = True
+            if ids[0] == bos_token_id:  # a tokenizer that adds BOS by itself
+                ids = ids[1:]
+        pending = np.concatenate([pending, ids])
+        full = len(pending) // body * body
+        for start in range(0, full, body):
+            yield _window(bos_token_id, pending[start:start + body])
+        pending = pending[full:]
+    if len(pending):
+        yield _window(bos_token_id, pending)
+
+
+def _window(bos_token_id: int, body: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray([bos_token_id], dtype=np.int64), body])
+
+
 def document_windows(token_ids: list[int], bos_token_id: int, context: int) -> list[np.ndarray]:
     """Cut one document's tokens into windows of `context` tokens, each starting with BOS."""
-    body = context - 1
-    if token_ids and token_ids[0] == bos_token_id:  # a tokenizer that adds BOS by itself
-        token_ids = token_ids[1:]
-    return [
-        np.asarray([bos_token_id] + token_ids[start:start + body], dtype=np.int64)
-        for start in range(0, len(token_ids), body)
-    ]
+    return list(stream_windows([token_ids], bos_token_id, context))
+
+
+class UnknownTokenGuard:
+    """Counts the tokenizer's unknown token over the first UNK_SAMPLE_TOKENS tokens and refuses a
+    corpus it mostly cannot read. A tokenizer without an unknown token (byte-level) always passes."""
+
+    def __init__(self, tokenizer, spec: str | Path) -> None:
+        self.unk_id = getattr(tokenizer, "unk_token_id", None)
+        self.unk_token = getattr(tokenizer, "unk_token", None)
+        self.spec = spec
+        self.seen = self.unknown = 0
+        self.decided = self.unk_id is None
+
+    def observe(self, ids: list[int]) -> list[int]:
+        if not self.decided:
+            self.seen += len(ids)
+            self.unknown += sum(1 for i in ids if i == self.unk_id)
+            if self.seen >= UNK_SAMPLE_TOKENS:
+                self.decide()
+        return ids
+
+    def decide(self) -> None:
+        self.decided = True
+        if self.seen and self.unknown / self.seen > UNK_MAX_SHARE:
+            raise CorpusError(
+                f"{self.spec}: {self.unknown / self.seen:.0%} of the first {self.seen} tokens are the tokenizer's "
+                f"unknown token {self.unk_token!r}: this tokenizer cannot read the corpus (wrong model, or a "
+                "model directory without its real tokenizer files)"
+            )
 
 
 def iter_windows(
-    spec: str | Path, tokenizer, bos_token_id: int, context: int, skip_docs: int = 0, skip_windows: int = 0
+    spec: str | Path, tokenizer, bos_token_id: int, context: int, skip_docs: int = 0, skip_windows: int = 0,
+    piece_chars: int = PIECE_CHARS,
 ) -> Iterator[Window]:
     """All windows of the corpus, in order. Resuming starts at document `skip_docs`, window `skip_windows`."""
     if context < 2:
         raise CorpusError("context must be at least 2 tokens (BOS + one token)")
+    guard = UnknownTokenGuard(tokenizer, spec)
+    held: list[Window] = []  # windows read before the guard has decided
     for doc in read_documents(spec, skip=skip_docs):
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-        for w, window in enumerate(document_windows(ids, bos_token_id, context)):
+        pieces = (guard.observe(tokenizer(piece, add_special_tokens=False)["input_ids"])
+                  for piece in text_pieces(doc.text, piece_chars))
+        for w, tokens in enumerate(stream_windows(pieces, bos_token_id, context)):
             if doc.ordinal == skip_docs and w < skip_windows:
                 continue
-            yield Window(doc.ordinal, doc.doc_id, w, window)
+            held.append(Window(doc.ordinal, doc.doc_id, w, tokens))
+            if guard.decided:
+                yield from held
+                held.clear()
+    guard.decide()
+    yield from held

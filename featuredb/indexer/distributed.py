@@ -30,19 +30,22 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from featuredb.errors import IndexingError
 from featuredb.indexer.stats import FeatureStats
 from featuredb.indexer.workdir import ContextStore, LoadedContexts
 
 # Ranks wait in collectives for the slowest rank's last batches and for rank 0's catalogue write.
 COLLECTIVE_TIMEOUT = dt.timedelta(hours=2)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Shard:
     world: int = 1
     local_rank: int = 0
     groups: int = 1
+    local_world: int = 1  # processes on this node (they share its memory)
 
     @property
     def members(self) -> int:
@@ -93,8 +97,9 @@ def shard_from_env() -> Shard | None:
     """The shard torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) describes; None outside torchrun."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    return Shard(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
-                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ["WORLD_SIZE"])
+    return Shard(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                 local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def rank_device(device: torch.device, shard: Shard) -> torch.device:
@@ -133,6 +138,30 @@ def share_from_writer(value: object, shard: Shard) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decided_by_writer(decide: Callable[[], T], shard: Shard) -> T:
+    """`decide()` run on rank 0 alone (a check of the catalogue, a probe of the coders), its result
+    handed to every rank. When it fails, rank 0 raises its error and every other rank one saying so,
+    instead of waiting for a rank that stopped."""
+    if shard.world == 1:
+        return decide()
+    outcome: object = None
+    if shard.is_writer:
+        try:
+            outcome = decide()
+        except Exception as e:
+            share_from_writer(_Failed(str(e)), shard)
+            raise
+    outcome = share_from_writer(outcome, shard)
+    if isinstance(outcome, _Failed):
+        raise IndexingError(f"rank 0 stopped: {outcome.message}")
+    return outcome  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    message: str
 
 
 # ---------------------------------------------------------------------------- coder groups

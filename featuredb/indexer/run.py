@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -28,14 +30,15 @@ from tqdm.auto import tqdm
 
 from featuredb.errors import CoderError, CorpusError, IndexingError
 from featuredb.indexer.corpus import Window, iter_windows
-from featuredb.indexer.distributed import (SINGLE, Shard, assign_coders, barrier, gather_contexts, gather_example_contexts,
-                                           process_group, rank_device, receive_stats, reduce_stats, send_stats,
-                                           shard_from_env, share_from_writer)
+from featuredb.indexer.distributed import (SINGLE, Shard, assign_coders, barrier, decided_by_writer, gather_contexts,
+                                           gather_example_contexts, process_group, rank_device, receive_stats,
+                                           reduce_stats, send_stats, shard_from_env)
 from featuredb.indexer.geometry import decoder_neighbours, logit_tables
+from featuredb.indexer.preflight import check_memory, check_replacements, coder_sizes, refuse_duplicate_ids
 from featuredb.indexer.records import example_rows, feature_rows, vocabulary_strings
 from featuredb.indexer.stats import FeatureStats, StatsConfig
-from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir, saved_coder_groups,
-                                       saved_world_sizes)
+from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir,
+                                       removed_unless_resumable, saved_coder_groups, saved_world_sizes)
 from featuredb.runtime.coders import SparseCoder, load_coder
 from featuredb.runtime.hooks import hook_site_kind
 from featuredb.runtime.model import SubjectModel, load_model
@@ -59,6 +62,7 @@ class IndexConfig:
     device: str | None = None  # default: cuda when available
     dtype: str | None = None  # model dtype; default float32 on CPU, bfloat16 on CUDA
     resume: bool = False
+    replace: bool = False  # coders already in the catalogue may be replaced (their descriptions are dropped)
     work_dir: str | None = None  # a local directory; default: <db>/_index_work, or a cache dir for s3://
     checkpoint_seconds: float = 300.0
     progress: bool = True
@@ -92,19 +96,25 @@ class IndexResult:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None) -> IndexResult:
+def say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None,
+              notify: Callable[[str], None] = say_on_stderr) -> IndexResult:
     """Index a corpus. `on_batch(n)` is called after each batch this process indexed (tests use it
-    to interrupt a run)."""
+    to interrupt a run); `notify` gets what the run says before it starts (coders it replaces)."""
     new_dir = None if is_remote(config.db) or Path(config.db).expanduser().exists() else Path(config.db).expanduser()
     try:
-        return _run_index(config, on_batch)
+        return _run_index(replace(config, model=model_reference(config.model)), on_batch, notify)
     except BaseException:
         if new_dir is not None and new_dir.is_dir() and not any(new_dir.iterdir()):
             new_dir.rmdir()  # a run that failed before writing anything leaves no empty catalogue behind
         raise
 
 
-def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> IndexResult:
+def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None,
+               notify: Callable[[str], None]) -> IndexResult:
     start_time = time.perf_counter()
     check_config(config)
     shard = _shard(config)
@@ -113,8 +123,8 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None) -> I
     if config.resume:
         _check_world_size(work_dir, shard)
         _check_coder_groups(work_dir, shard)
-    with process_group(shard, device):
-        run = Run.start(config, shard, device, work_dir)
+    with removed_unless_resumable(work_dir, rank_dir(work_dir, shard.rank, shard.world)), process_group(shard, device):
+        run = Run.start(config, shard, device, work_dir, notify)
         stream_seconds = run.stream(on_batch)
         written = run.write_catalogue()
         run.remove_work_dir()
@@ -139,11 +149,14 @@ class Run:
     contexts: ContextStore  # the token ids of the contexts this rank indexed
 
     @classmethod
-    def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path) -> Run:
-        """Open the catalogue, load the model and this process's coders, and restore this rank's
-        checkpoint when resuming (else start from an empty work dir)."""
+    def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path,
+              notify: Callable[[str], None]) -> Run:
+        """Open the catalogue, check it and the memory needed, load the model and this process's
+        coders, and restore this rank's checkpoint when resuming (else start from an empty work dir)."""
         store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
+        notes = decided_by_writer(lambda: check_before_loading(config, shard, device, work_dir, store), shard)
         model = load_model(config.model, device=device, dtype=DTYPES[config.dtype] if config.dtype else None)
+        check_context(model, config.context)
         group_of = _coder_groups(config, shard, model)
         coders = load_coders([spec for spec, g in zip(config.coders, group_of) if g == shard.group], model, device)
         stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
@@ -151,6 +164,9 @@ class Run:
         own_dir = rank_dir(work_dir, shard.rank, shard.world)
         contexts = ContextStore(own_dir, config.context)
         contexts.truncate(progress.contexts, progress.docs_started)
+        if shard.is_writer:  # said once everything has loaded: the run starts now
+            for note in notes:
+                notify(note)
         return cls(config, shard, work_dir, store, model, group_of, coders, stats, progress, Checkpoints(own_dir),
                    contexts)
 
@@ -176,10 +192,7 @@ class Run:
         if not self.progress.finished:
             self.read_stream(on_batch)
         barrier(self.shard)
-        seconds = time.perf_counter() - started
-        if self.progress.stream_contexts == 0:
-            raise CorpusError(f"corpus {self.config.corpus} has no text to index")
-        return seconds
+        return time.perf_counter() - started
 
     def read_stream(self, on_batch: Callable[[int], None] | None) -> None:
         """Read the corpus stream from where `progress` stands and index this rank's batches of it."""
@@ -207,6 +220,8 @@ class Run:
                 if on_batch is not None:
                     on_batch(indexed_batches)
         bar.close()
+        if progress.stream_contexts == 0:  # every rank reads the whole stream: all of them stop here
+            raise CorpusError(f"corpus {config.corpus} has no text to index")  # and leave no checkpoint
         progress.finished = True
         self.save_checkpoint()
 
@@ -280,15 +295,16 @@ class Run:
         vocab = vocabulary_strings(self.model.tokenizer, unembed.shape[0])
         written = []
         for coder, coder_stats in coders:
-            sae = coder_record(self.config, coder, self.progress)
+            record = coder_record(self.config, coder, self.progress)
             logits = logit_tables(coder.W_dec, unembed, self.model.direction_to_residual(coder.hook_out))
             neighbours = decoder_neighbours(coder.W_dec)
             store.write_coder(
-                sae,
-                feature_rows(sae, coder_stats, logits, neighbours, contexts, vocab),
+                record,
+                feature_rows(record, coder_stats, logits, neighbours, contexts, vocab),
                 example_rows(coder.coder_id, coder_stats, contexts, vocab),
             )
             write_decoder_vectors(store, coder.coder_id, coder.W_dec)  # for similarity search across coders
+            store.forget_import(coder.coder_id)  # indexed here now: its model and coder are the user's
             written.append(coder.coder_id)
             del coder, coder_stats  # a coder received from another group is freed before the next one
         return written
@@ -327,6 +343,46 @@ def check_config(config: IndexConfig) -> None:
         raise IndexingError("context must be >= 2 and batch size >= 1")
     if config.outlier_ratio is not None and not config.outlier_ratio > 1:
         raise IndexingError(f"outlier ratio must be > 1 (a multiple of the median token norm), got {config.outlier_ratio}")
+    if not (math.isfinite(config.checkpoint_seconds) and config.checkpoint_seconds >= 0):
+        raise IndexingError(f"--checkpoint-seconds must be a number of seconds >= 0, got {config.checkpoint_seconds}")
+
+
+def check_before_loading(config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path,
+                         store: FeatureStore | None) -> list[str]:
+    """Rank 0, before the model is loaded: the coders it would replace in the catalogue (what
+    replacing them drops, to say once the run starts), and the memory their statistics need."""
+    assert store is not None, "rank 0 holds the catalogue"
+    sizes = coder_sizes(config.coders)
+    resumed = _resumed_progress(config, work_dir, shard)
+    may_replace = config.replace or (resumed is not None and resumed.replace)
+    started_at = resumed.started_at if resumed is not None and resumed.started_at else None
+    notes = check_replacements(store, [s.coder_id for s in sizes], may_replace, started_at)
+    check_memory([s.width for s in sizes], config.context, config.stats, shard, device)
+    return notes
+
+
+def _resumed_progress(config: IndexConfig, work_dir: Path, shard: Shard) -> Progress | None:
+    """Rank 0's saved progress when this run resumes it (else None)."""
+    saved = Checkpoints(rank_dir(work_dir, 0, shard.world)).load_progress() if config.resume else None
+    return saved if saved is not None and saved.fingerprint == config.fingerprint() else None
+
+
+def check_context(model: SubjectModel, context: int) -> None:
+    """A context longer than the model's position embeddings gives it positions it never saw."""
+    model_config = model.model.config
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and context > limit:
+        raise IndexingError(f"--context {context} is longer than model {model.name} takes (max_position_embeddings "
+                            f"{limit}): use --context {limit} or less")
+
+
+def model_reference(spec: str) -> str:
+    """What reloads the model from any directory: a local directory or .gguf file as an absolute
+    path (not resolved: a .gguf in the hub cache is a symlink to a blob without the suffix), a
+    hub id as given."""
+    path = Path(spec).expanduser()
+    return os.path.abspath(path) if spec.strip() and path.exists() else spec
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -347,7 +403,7 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
         raise IndexingError("give at least one --coder")
     is_gemma = "gemma" in type(model.model).__name__.lower()
     coders = [load_coder(spec, model_is_gemma=is_gemma) for spec in specs]
-    _refuse_duplicate_ids([c.coder_id for c in coders])
+    refuse_duplicate_ids([c.coder_id for c in coders])
     dims = model.hook_dims(sorted({c.hook for c in coders}))
     for coder in coders:
         if dims[coder.hook] != coder.d_in:
@@ -355,12 +411,6 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
                              f"of this model gives {dims[coder.hook]}")
     # encode in float32: JumpReLU thresholds are compared at full precision
     return [c.to(device=device, dtype=torch.float32) for c in coders]
-
-
-def _refuse_duplicate_ids(ids: list[str]) -> None:
-    duplicates = {i for i in ids if ids.count(i) > 1}
-    if duplicates:
-        raise IndexingError(f"two coders share the id {sorted(duplicates)[0]!r}: name them with ID=PATH")
 
 
 def probe_coders(specs: list[str], model: SubjectModel) -> list[tuple[str, int]]:
@@ -371,7 +421,7 @@ def probe_coders(specs: list[str], model: SubjectModel) -> list[tuple[str, int]]
         coder = load_coders([spec], model, torch.device("cpu"))[0]
         probed.append((coder.coder_id, coder.width))
         del coder  # one coder in memory at a time
-    _refuse_duplicate_ids([coder_id for coder_id, _ in probed])
+    refuse_duplicate_ids([coder_id for coder_id, _ in probed])
     return probed
 
 
@@ -417,16 +467,7 @@ def _coder_groups(config: IndexConfig, shard: Shard, model: SubjectModel) -> lis
     (and checks every coder) and shares the widths, so each rank then loads only its own group's."""
     if shard.groups == 1:
         return [0] * len(config.coders)
-    probed: list[tuple[str, int]] | str = []
-    if shard.is_writer:
-        try:
-            probed = probe_coders(config.coders, model)
-        except Exception as e:  # tell the other ranks, which wait in the broadcast, to stop too
-            share_from_writer(f"rank 0 could not load the coders: {e}", shard)
-            raise
-    probed = share_from_writer(probed, shard)
-    if isinstance(probed, str):
-        raise IndexingError(probed)
+    probed = decided_by_writer(lambda: probe_coders(config.coders, model), shard)
     return assign_coders([width for _, width in probed], shard.groups)
 
 
@@ -455,7 +496,8 @@ def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, st
     saved = Checkpoints(own_dir).load() if config.resume else None
     if saved is None:
         _clear_work_dir(work_dir, own_dir, shard, whole=not config.resume)
-        return Progress(fingerprint=config.fingerprint(), coder_groups=shard.groups)
+        return Progress(fingerprint=config.fingerprint(), coder_groups=shard.groups, replace=config.replace,
+                        started_at=time.time())
     progress, states = saved
     if progress.fingerprint != config.fingerprint() or len(states) != len(stats):
         raise IndexingError(f"the checkpoint in {own_dir} was made with other settings; "

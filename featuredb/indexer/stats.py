@@ -20,6 +20,7 @@ and interval merges touch only the features that have a candidate able to enter 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,46 @@ class StatsConfig:
     @property
     def interval_slots(self) -> int:
         return self.interval_bins * self.interval_per_bin
+
+
+@dataclass(frozen=True)
+class StateSlot:
+    """One per-feature tensor of the state: its shape after the feature dimension, dtype, initial value."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: int | float = 0
+
+    @property
+    def bytes_per_feature(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def state_layout(context: int, config: StatsConfig, value_dtype: torch.dtype = torch.float32) -> dict[str, StateSlot]:
+    """Every tensor of a FeatureStats, per feature: what __init__ allocates and `state_bytes` counts."""
+    T, K, S = context, config.top_k, config.interval_slots
+    return {
+        "active_count": StateSlot((), torch.int64),
+        "act_sum": StateSlot((), torch.float64),
+        "act_sumsq": StateSlot((), torch.float64),
+        "act_max": StateSlot((), torch.float32),
+        "scale": StateSlot((), torch.float32),
+        "hist": StateSlot((config.hist_bins,), torch.int64),
+        # top-K contexts by in-context max; empty slots have value 0 and context -1
+        "top_value": StateSlot((K,), torch.float32),
+        "top_context": StateSlot((K,), torch.int64, -1),
+        "top_token_values": StateSlot((K, T), value_dtype),
+        # interval samples: slot = bin * interval_per_bin + rank within bin (lowest priority first)
+        "interval_value": StateSlot((S,), torch.float32),
+        "interval_context": StateSlot((S,), torch.int64, -1),
+        "interval_priority": StateSlot((S,), torch.int64, EMPTY_PRIORITY),
+        "interval_token_values": StateSlot((S, T), value_dtype),
+    }
+
+
+def state_bytes(width: int, context: int, config: StatsConfig, value_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a FeatureStats of `width` features holds (dominated by width * (K + slots) * context * 4)."""
+    return width * sum(slot.bytes_per_feature for slot in state_layout(context, config, value_dtype).values())
 
 
 def scale_for(max_value: Tensor) -> Tensor:
@@ -84,30 +125,30 @@ def hash_priority(context: Tensor, feature: Tensor, seed: int) -> Tensor:
 
 
 class FeatureStats:
-    """Mergeable statistics of one coder's features. See the module docstring."""
+    """Mergeable statistics of one coder's features. See the module docstring. Its tensors are
+    those of `state_layout`, each [width, *shape]."""
+
+    active_count: Tensor
+    act_sum: Tensor
+    act_sumsq: Tensor
+    act_max: Tensor
+    scale: Tensor
+    hist: Tensor
+    top_value: Tensor
+    top_context: Tensor
+    top_token_values: Tensor
+    interval_value: Tensor
+    interval_context: Tensor
+    interval_priority: Tensor
+    interval_token_values: Tensor
 
     def __init__(self, width: int, context: int, config: StatsConfig = StatsConfig(),
                  device: str | torch.device = "cpu", value_dtype: torch.dtype = torch.float32):
         self.width, self.context, self.config = width, context, config
         self.device, self.value_dtype = torch.device(device), value_dtype
-        F, T, K, S = width, context, config.top_k, config.interval_slots
-        z = dict(device=self.device)
         self.tokens_counted = 0
-        self.active_count = torch.zeros(F, dtype=torch.int64, **z)
-        self.act_sum = torch.zeros(F, dtype=torch.float64, **z)
-        self.act_sumsq = torch.zeros(F, dtype=torch.float64, **z)
-        self.act_max = torch.zeros(F, dtype=torch.float32, **z)
-        self.scale = torch.zeros(F, dtype=torch.float32, **z)
-        self.hist = torch.zeros(F, config.hist_bins, dtype=torch.int64, **z)
-        # top-K contexts by in-context max; empty slots have value 0 and context -1
-        self.top_value = torch.zeros(F, K, dtype=torch.float32, **z)
-        self.top_context = torch.full((F, K), -1, dtype=torch.int64, **z)
-        self.top_token_values = torch.zeros(F, K, T, dtype=value_dtype, **z)
-        # interval samples: slot = bin * interval_per_bin + rank within bin (lowest priority first)
-        self.interval_value = torch.zeros(F, S, dtype=torch.float32, **z)
-        self.interval_context = torch.full((F, S), -1, dtype=torch.int64, **z)
-        self.interval_priority = torch.full((F, S), EMPTY_PRIORITY, dtype=torch.int64, **z)
-        self.interval_token_values = torch.zeros(F, S, T, dtype=value_dtype, **z)
+        for name, slot in state_layout(context, config, value_dtype).items():
+            setattr(self, name, torch.full((width, *slot.shape), slot.fill, dtype=slot.dtype, device=self.device))
 
     # ------------------------------------------------------------------ streaming update
     @torch.no_grad()
@@ -262,9 +303,7 @@ class FeatureStats:
                 self.interval_token_values.gather(1, order[..., None].expand_as(self.interval_token_values)))
 
     # ------------------------------------------------------------------ checkpoints
-    TENSORS = ("active_count", "act_sum", "act_sumsq", "act_max", "scale", "hist",
-               "top_value", "top_context", "top_token_values",
-               "interval_value", "interval_context", "interval_priority", "interval_token_values")
+    TENSORS = tuple(state_layout(1, StatsConfig()))  # names, in the order checkpoints and collectives use
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {name: getattr(self, name).contiguous().cpu() for name in self.TENSORS}

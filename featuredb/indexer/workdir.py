@@ -10,6 +10,11 @@ the last checkpoint stays the one to resume.
 Layout: a single-process run keeps its context store and `checkpoint/` in the work dir itself; in
 a distributed run each rank keeps its own in `rank-{r}-of-{world}/` (see `rank_dir`), so every
 rank resumes from its own checkpoint and a work dir records the world size it was made with.
+
+Leftovers: a run that fails (bad input found on the way, a full disk, Ctrl-C) leaves its work dir
+only when it holds a checkpoint, which --resume continues from. A work dir the run created that
+holds none is removed (`removed_unless_resumable`): --resume could only start over from it. A
+killed run (kill -9, a lost node) leaves its work dir as it was, checkpoint or not.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import json
 import os
 import re
 import shutil
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +56,8 @@ class Progress:
     stream_batches: int = 0  # batches of the stream read so far (batch b: member b % members of each group)
     finished: bool = False
     coder_groups: int = 1  # the run's --coder-groups: a rank's checkpoint holds only its group's coders
+    replace: bool = False  # the run was started with --replace: its resumption may replace coders too
+    started_at: float = 0.0  # epoch seconds: coders written since are this run's own (resuming its writes)
 
 
 def rank_dir(work_dir: Path, rank: int, world: int) -> Path:
@@ -76,6 +84,29 @@ def saved_coder_groups(work_dir: Path) -> set[int]:
             if saved is not None:
                 groups.add(saved.coder_groups)
     return groups
+
+
+def holds_checkpoint(work_dir: Path) -> bool:
+    """Whether any run (or any rank of one) left a checkpoint to resume in `work_dir`."""
+    if Checkpoints(work_dir).load_progress() is not None:
+        return True
+    ranks = [name for name in os.listdir(work_dir) if _RANK_DIR.match(name)] if work_dir.is_dir() else []
+    return any(Checkpoints(work_dir / name).load_progress() is not None for name in ranks)
+
+
+@contextmanager
+def removed_unless_resumable(work_dir: Path, own_dir: Path) -> Iterator[None]:
+    """Run the body; if it fails, remove this rank's part of a work dir the run created when no
+    checkpoint was saved there (and the work dir itself once empty: other ranks' parts stay)."""
+    created = not work_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if created and not holds_checkpoint(work_dir):
+            shutil.rmtree(own_dir, ignore_errors=True)
+            with suppress(OSError):
+                work_dir.rmdir()  # only if empty
+        raise
 
 
 class ContextStore:

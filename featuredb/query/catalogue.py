@@ -40,18 +40,22 @@ def default_db() -> str:
     return os.environ.get("FEATUREDB_DB") or DEFAULT_DB
 
 
-def open(path_or_uri: str | os.PathLike | None = None, *, embedding_model: str | None = None) -> Catalogue:  # noqa: A001
+def open(path_or_uri: str | os.PathLike | None = None, *, embedding_model: str | None = None,  # noqa: A001
+         trust_models: bool = False) -> Catalogue:
     """Open a catalogue written by `featuredb index` (a local directory or an object-store URI).
     `embedding_model` overrides the sentence-transformers model used to embed queries (by default
-    the one recorded beside the stored description vectors)."""
-    return Catalogue(default_db() if path_or_uri is None else path_or_uri, embedding_model=embedding_model)
+    the one recorded beside the stored description vectors). The models, coder weights and
+    embedding model that coders from `featuredb import` name are the export's choice, so they
+    load only with trust_models=True (or, for the subject model, fires_on(model=...))."""
+    return Catalogue(default_db() if path_or_uri is None else path_or_uri, embedding_model=embedding_model,
+                     trust_models=trust_models)
 
 
 class Catalogue:
     """A read-mostly view of a feature catalogue (see the module docstring)."""
 
-    def __init__(self, uri: str | os.PathLike, *, embedding_model: str | None = None) -> None:
-        self.reader = Reader(uri, embedding_model=embedding_model)
+    def __init__(self, uri: str | os.PathLike, *, embedding_model: str | None = None, trust_models: bool = False) -> None:
+        self.reader = Reader(uri, embedding_model=embedding_model, trust_models=trust_models)
         self.store, self.uri = self.reader.store, self.reader.uri
 
     def __repr__(self) -> str:
@@ -95,11 +99,12 @@ class Catalogue:
 
     def fires_on(self, text: str, coders: list[str] | str | None = None, *, by: str = "max",
                  positions: list[int] | None = None, max_density: float | None = None, limit: int = 20,
-                 per_token: int = 5, device: str | None = None) -> FiresOn:
+                 per_token: int = 5, device: str | None = None, model: str | None = None) -> FiresOn:
         """Run `text` through the model and the chosen coders (default: all) and return the features
-        that fire. See featuredb.query.fires_on."""
+        that fire. `model` runs that subject model instead of the one the coders record. Safe to
+        call from many threads at once. See featuredb.query.fires_on."""
         return fires_on(self.reader, text, coders=coders, by=by, positions=positions, max_density=max_density,
-                        limit=limit, per_token=per_token, device=device)
+                        limit=limit, per_token=per_token, device=device, model=model)
 
     def with_token(self, token_or_phrase: str, *, window: int = 0) -> TokenQuery:
         """Features whose stored top examples peak on this token (or, with a phrase or a window,

@@ -3,7 +3,10 @@
 The text is tokenized like the indexer's windows (BOS first, then the tokens), run once
 through the subject model with every needed hook, and each coder's activations are kept sparse
 (only nonzero entries), so a 1M-wide coder costs memory in proportion to what fires. BOS never
-counts. Models and coders load lazily and stay cached in the Reader for the next call.
+counts. Models and coders load lazily and stay cached in the Reader for the next call; the model
+is a `forward.SharedModel`, so concurrent calls (the server's) each get a lone call's answer, and
+texts that arrive together share a forward pass. Models and coder weights named by imported data
+load only when the user allows it (Reader.check_loadable).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import polars as pl
 from featuredb.errors import ModelError, QueryError, one_line
 from featuredb.store import Filter
 from featuredb.query.builder import check_limit, check_text
+from featuredb.query.forward import SharedModel
 
 if TYPE_CHECKING:
     from featuredb.query.reader import Reader
@@ -56,57 +60,28 @@ class FiresOn:
 
 def fires_on(reader: Reader, text: str, *, coders: list[str] | str | None = None, by: str = "max",
              positions: list[int] | None = None, max_density: float | None = None, limit: int = 20,
-             per_token: int = 5, device: str | None = None) -> FiresOn:
+             per_token: int = 5, device: str | None = None, model: str | None = None) -> FiresOn:
     text = check_text(text, "text", MAX_TEXT_CHARS)
-    if by not in ("max", "sum"):
-        raise QueryError(f"by must be 'max' or 'sum', got {by!r}")
-    limit = check_limit(limit)
-    if not isinstance(per_token, numbers.Integral) or isinstance(per_token, bool) or not 0 <= per_token <= 100:
-        raise QueryError(f"per_token must be an integer in [0, 100], got {per_token!r}")
-    if max_density is not None:
-        if not isinstance(max_density, numbers.Real) or isinstance(max_density, bool) or not 0 < float(max_density) <= 1:
-            raise QueryError(f"max_density must be a number in (0, 1], got {max_density!r}")
+    limit = _check_options(by, limit, per_token, max_density)
     coders = _chosen_coders(reader, coders)
-    models = sorted(set(coders["model"].to_list()))
-    if len(models) > 1:
-        raise QueryError(f"the chosen coders belong to {len(models)} models ({', '.join(models)}): "
-                         "choose coders of one model with coders=[...]")
-    spec = models[0]
+    spec = _model_spec(coders, model)
+    reader.check_loadable(coders, explicit_model=model)
 
-    model = _model(reader, spec, device)
-    token_ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if token_ids and token_ids[0] == model.bos_token_id:
-        token_ids = token_ids[1:]
+    shared = _model(reader, spec, device)
+    token_ids = shared.token_ids(text)
     if not token_ids:
         raise QueryError("the text has no tokens")
     if len(token_ids) > MAX_TOKENS:
         raise QueryError(f"the text is {len(token_ids):,} tokens long; at most {MAX_TOKENS:,}")
-    n = len(token_ids)
-    chosen = _positions(positions, n)
-    loaded = [_coder(reader, row, model) for row in coders.iter_rows(named=True)]
-
-    import torch
-
-    ids = torch.tensor([[model.bos_token_id] + list(token_ids)], dtype=torch.long)
+    chosen = _positions(positions, len(token_ids))
+    loaded = [_coder(reader, row, shared.model) for row in coders.iter_rows(named=True)]
     try:
-        captured = model.capture(ids, torch.ones_like(ids), sorted({c.hook for c in loaded}))
+        captured = shared.capture(token_ids, {c.hook for c in loaded})
     except Exception as e:  # HookError / ModelError / torch errors: one line for the user
         raise QueryError(f"forward pass failed: {one_line(e)}") from None
 
-    tokens = [model.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in token_ids]
-    parts = []
-    for coder in loaded:
-        pos, feat, val = _sparse_activations(coder, captured[coder.hook][0, 1:])  # BOS dropped
-        if max_density is not None and len(feat):
-            density = _coder_density(reader, coder.coder_id, coder.width)
-            keep = ~(density[feat] > float(max_density))  # unknown density (NaN) is kept
-            pos, feat, val = pos[keep], feat[keep], val[keep]
-        parts.append(pl.DataFrame({"coder_id": pl.Series([coder.coder_id] * len(feat), dtype=pl.String),
-                                   "feature": feat.astype(np.int64), "position": pos.astype(np.int64),
-                                   "activation": val.astype(np.float32)}))
-    active = pl.concat(parts) if parts else pl.DataFrame(
-        schema={"coder_id": pl.String, "feature": pl.Int64, "position": pl.Int64, "activation": pl.Float32})
-
+    tokens = shared.decode(token_ids)
+    active = _active(reader, loaded, captured, max_density)
     selected = active.filter(pl.col("position").is_in(chosen)) if chosen is not None else active
     ranked = _rank(selected, by).head(limit)
     per = _per_token(active, per_token, tokens)
@@ -118,7 +93,50 @@ def fires_on(reader: Reader, text: str, *, coders: list[str] | str | None = None
     )
     per = per.join(info.select("coder_id", "feature", "description"), on=["coder_id", "feature"], how="left").sort(
         ["position", "rank"])
-    return FiresOn(model=spec, tokens=tokens, token_ids=list(token_ids), by=by, features=features, per_token=per)
+    return FiresOn(model=spec, tokens=tokens, token_ids=token_ids, by=by, features=features, per_token=per)
+
+
+def _check_options(by: str, limit: int, per_token: int, max_density: float | None) -> int:
+    """QueryError for a bad option; the checked limit."""
+    if by not in ("max", "sum"):
+        raise QueryError(f"by must be 'max' or 'sum', got {by!r}")
+    if not isinstance(per_token, numbers.Integral) or isinstance(per_token, bool) or not 0 <= per_token <= 100:
+        raise QueryError(f"per_token must be an integer in [0, 100], got {per_token!r}")
+    if max_density is not None:
+        if not isinstance(max_density, numbers.Real) or isinstance(max_density, bool) or not 0 < float(max_density) <= 1:
+            raise QueryError(f"max_density must be a number in (0, 1], got {max_density!r}")
+    return check_limit(limit)
+
+
+def _model_spec(coders: pl.DataFrame, model: str | None) -> str:
+    """The subject model to run: `model` if the caller names one, else the chosen coders' own."""
+    models = sorted(set(coders["model"].to_list()))
+    if len(models) > 1:
+        raise QueryError(f"the chosen coders belong to {len(models)} models ({', '.join(models)}): "
+                         "choose coders of one model with coders=[...]")
+    if model is None:
+        return models[0]
+    if not isinstance(model, str) or not model.strip():
+        raise QueryError(f"model must be a non-empty string (a directory, a .gguf file or a hub id), got {model!r}")
+    return model
+
+
+def _active(reader: Reader, loaded: list, captured: dict, max_density: float | None) -> pl.DataFrame:
+    """Every nonzero activation of every coder: coder_id, feature, position, activation."""
+    parts = []
+    for coder in loaded:
+        pos, feat, val = _sparse_activations(coder, captured[coder.hook][1:])  # BOS dropped
+        if max_density is not None and len(feat):
+            density = _coder_density(reader, coder.coder_id, coder.width)
+            keep = ~(density[feat] > float(max_density))  # unknown density (NaN) is kept
+            pos, feat, val = pos[keep], feat[keep], val[keep]
+        parts.append(pl.DataFrame({"coder_id": pl.Series([coder.coder_id] * len(feat), dtype=pl.String),
+                                   "feature": feat.astype(np.int64), "position": pos.astype(np.int64),
+                                   "activation": val.astype(np.float32)}))
+    if parts:
+        return pl.concat(parts)
+    return pl.DataFrame(schema={"coder_id": pl.String, "feature": pl.Int64, "position": pl.Int64,
+                                "activation": pl.Float32})
 
 
 def _chosen_coders(reader: Reader, coders: list[str] | str | None) -> pl.DataFrame:
@@ -151,8 +169,8 @@ def _positions(positions: list[int] | None, n: int) -> list[int] | None:
     return sorted(set(chosen))
 
 
-def _model(reader: Reader, spec: str, device: str | None):
-    """The subject model, loaded once per device and kept."""
+def _model(reader: Reader, spec: str, device: str | None) -> SharedModel:
+    """The subject model, loaded once per device and kept, shared by every thread."""
     import torch
 
     from featuredb.runtime.model import load_model
@@ -161,7 +179,7 @@ def _model(reader: Reader, spec: str, device: str | None):
 
     def load():
         try:
-            return load_model(spec, device=torch.device(device), dtype=torch.float32)
+            return SharedModel(load_model(spec, device=torch.device(device), dtype=torch.float32))
         except ModelError:
             raise  # it already names the model and the file
         except Exception as e:  # a bad device, ...

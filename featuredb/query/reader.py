@@ -34,6 +34,10 @@ MAX_NPROBES = 400  # a narrow filter scales the probes up to this many
 EXACT_MAX_ROWS = 50_000  # a coder filter keeping at most this many rows (and at most 2%) is searched exactly
 EXACT_MAX_FRACTION = 0.02
 CACHES = ("models", "coders", "coder_stats")  # what fires_on loads once and keeps
+# The coders row `source` of a coder imported from a Neuronpedia export without our sidecar
+# (store/neuronpedia/defaults.py); see Reader.imported_coder_ids.
+IMPORTED_SOURCE_PREFIX = "neuronpedia:"
+TRUST_HINT = "to load what the catalogue names anyway, pass --trust-models (featuredb.open(..., trust_models=True))"
 _RUST_LOCATION = re.compile(r",?\s*/\S+\.rs:\d+:\d+")  # lance appends the Rust source line to its errors
 T = TypeVar("T")
 
@@ -113,7 +117,7 @@ class StoredFeature:
 class Reader:
     """Cached, thread-safe reads of one catalogue for the query classes."""
 
-    def __init__(self, uri: Any, *, embedding_model: str | None = None) -> None:
+    def __init__(self, uri: Any, *, embedding_model: str | None = None, trust_models: bool = False) -> None:
         if isinstance(uri, (str, os.PathLike)) and not str(uri).strip():
             raise QueryError("catalogue path is empty")
         try:
@@ -131,6 +135,7 @@ class Reader:
         self._schema: pa.Schema | None = None
         self._coder_props: tuple[pl.DataFrame, dict[str, tuple[int, str]]] | None = None
         self._embedding_model = embedding_model
+        self.trust_models = bool(trust_models)  # load models named by imported data too
         self._detected_embedding_model: str | None = None
         self._caches: dict[str, dict] = {name: {} for name in CACHES}
 
@@ -161,11 +166,14 @@ class Reader:
         return self.coder_table().filter(pl.col("coder_id") == coder_id).row(0, named=True)
 
     def with_coder_columns(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """Add each row's coder properties (layer, site) from the coders table."""
+        """Add each row's coder properties (layer, site) from the coders table. Rows of a coder
+        that is not listed are dropped: a coder is listed only once all its rows are written, so
+        they are what a killed write left behind."""
         coders = self._coder_properties()
         if any(s not in coders for s in frame["coder_id"].unique().to_list()):
             self.coder_table(refresh=True)
             coders = self._coder_properties()
+            frame = frame.filter(pl.col("coder_id").is_in(list(coders)))
         coder_ids = frame["coder_id"].to_list()
         return frame.with_columns(
             layer=pl.Series([coders.get(s, (None, None))[0] for s in coder_ids], dtype=pl.Int32),
@@ -278,6 +286,33 @@ class Reader:
         with self._lock:
             return dict(self._caches[cache])
 
+    # --- which model names the user chose ------------------------------------------------------
+
+    def imported_coder_ids(self) -> set[str]:
+        """The coders whose rows came from `featuredb import`: their model, source and embedding
+        model are names written by whoever made the export, not by the user. The store records
+        each import (FeatureStore.imported_coder_ids); a `neuronpedia:` source also marks one
+        (catalogues imported before that record existed)."""
+        coders = self.coder_table()
+        marked = {c for c, source in coders.select("coder_id", "source").iter_rows()
+                  if source.startswith(IMPORTED_SOURCE_PREFIX)}
+        return marked | self.store.imported_coder_ids()
+
+    def check_loadable(self, coders: pl.DataFrame, explicit_model: str | None = None) -> None:
+        """QueryError unless every model and coder file that fires_on would load for `coders` was
+        named by the user: by indexing them here, by naming the model (`explicit_model`) or by
+        trusting the catalogue's names (trust_models)."""
+        if self.trust_models:
+            return
+        imported = self.imported_coder_ids()
+        for row in coders.filter(pl.col("coder_id").is_in(list(imported))).iter_rows(named=True):
+            if explicit_model is None:
+                raise QueryError(f"coder {row['coder_id']!r} came from `featuredb import`, so its model "
+                                 f"{row['model']!r} is named by the imported data, not by you: name the model "
+                                 f"yourself with --model (fires_on(model=...)); {TRUST_HINT}")
+            raise QueryError(f"coder {row['coder_id']!r} came from `featuredb import`, so its weights "
+                             f"{row['source']!r} are named by the imported data, not by you; {TRUST_HINT}")
+
     # --- embeddings ---------------------------------------------------------------------------
 
     def embedding_model(self) -> str:
@@ -308,6 +343,26 @@ class Reader:
             raise QueryError("no feature in the catalogue has an embedded description yet "
                              "(run `featuredb describe`); keyword search works on descriptions alone")
 
+    def _check_embedder_loadable(self, name: str) -> None:
+        """QueryError if the query embedder `name` is named only by imported data (see check_loadable):
+        the user's own choice, featuredb's default and a name recorded by an indexed coder all load."""
+        from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
+
+        if self.trust_models or self._embedding_model or name in (DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"):
+            return
+        imported = self.imported_coder_ids()
+        if not imported:
+            return
+        table = self.features_table()
+        own = sorted(set(self.coder_table()["coder_id"].to_list()) - imported)
+        if own:
+            where = Filter().eq("embedding_model", name).isin("coder_id", own).render(table.schema)
+            if table.search().where(where).select(["coder_id"]).limit(1).to_arrow().num_rows:
+                return
+        raise QueryError(f"the embedding model {name!r} is recorded only with coders from `featuredb import`, "
+                         f"so the imported data may have named it, not you: "
+                         f"name one with featuredb.open(..., embedding_model=...); {TRUST_HINT}")
+
     def vector_dim(self) -> int:
         dim = vector_dim_of(self.features_schema())
         if dim is None:
@@ -318,6 +373,7 @@ class Reader:
         from featuredb.runtime.embedding import EmbeddingError, embed
 
         name = self.embedding_model()
+        self._check_embedder_loadable(name)
         try:
             with _quiet_progress():
                 vector = embed([text], name)[0]

@@ -34,7 +34,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu"):
 
     hf_logging.disable_progress_bar()  # its per-tensor "Loading weights" bar would garble our output
     try:
-        return SentenceTransformer(_local_path(name), device=device)
+        return SentenceTransformer(_local_path(name), device=device, trust_remote_code=False)
     except Exception as e:  # OSError offline, ValueError for a bad folder, ...
         raise EmbeddingError(f"cannot load embedding model {name!r}: {str(e).splitlines()[0][:200]}") from None
     finally:

@@ -186,11 +186,14 @@ def _rms_normalize(x: Tensor, eps: float) -> Tensor:
 _UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, OverflowError, MemoryError, struct.error,
                pickle.UnpicklingError, SafetensorError)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# The files a Hugging Face tokenizer is read from (fast, SentencePiece, BPE, WordPiece), for messages.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
 
 
 def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SubjectModel:
     """Load a subject model from a local directory, a local .gguf file, or a hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3Config
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
     from transformers import Gemma3ForConditionalGeneration
 
     device = torch.device(device)
@@ -203,13 +206,13 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     try:
         # a .gguf spec names the file being read already; a directory's errors name the file in it
         with _reading(spec, None if extra else "config.json", local):
-            config = AutoConfig.from_pretrained(source, **extra)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False, **extra)
         # Gemma 3 4b-27b are multimodal: load the whole model, read the text decoder inside it.
         model_class = Gemma3ForConditionalGeneration if isinstance(config, Gemma3Config) else AutoModelForCausalLM
+        # the tokenizer before the weights: a directory without one fails before a long load
+        tokenizer = _load_tokenizer(spec, source, extra, local)
         with _reading(spec, None if extra else _weight_files(source), local):
-            model = model_class.from_pretrained(source, config=config, dtype=dtype, **extra)
-        with _reading(spec, None if extra else "tokenizer", local):
-            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = model_class.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=False, **extra)
     finally:
         hf_logging.enable_progress_bar()
     model.to(device)
@@ -242,6 +245,35 @@ def _locate(spec: str) -> tuple[str, dict]:
     if looks_local:
         raise ModelError(f"model path does not exist: {spec}")
     return spec, {}
+
+
+def _load_tokenizer(spec: str, source: str, extra: dict, local: bool) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a ModelError naming the files looked for when it has none. For a directory
+    without tokenizer files transformers either fails or builds a special-tokens-only tokenizer, which
+    reads every text as <unk> and would index silently."""
+    from transformers import AutoTokenizer
+
+    try:
+        with _reading(spec, None if extra else "tokenizer", local):
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
+    except ModelError:
+        if not extra and Path(source).is_dir() and not _has_tokenizer_files(Path(source)):
+            raise _no_tokenizer(spec, source, extra) from None
+        raise
+    special = set(tokenizer.all_special_tokens)
+    if not any(token not in special for token in tokenizer.get_vocab()):
+        raise _no_tokenizer(spec, source, extra)
+    return tokenizer
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).exists() for names in TOKENIZER_FILES for name in names.split(" + "))
+
+
+def _no_tokenizer(spec: str, source: str, extra: dict) -> ModelError:
+    if extra:  # a .gguf file carries its own vocabulary
+        return ModelError(f"cannot load model {spec!r}: {extra['gguf_file']} holds no tokenizer vocabulary")
+    return ModelError(f"cannot load model {spec!r}: no tokenizer in {source} (looked for {', '.join(TOKENIZER_FILES)})")
 
 
 def _weight_files(source: str) -> str:

@@ -7,6 +7,10 @@ server-rendered HTML pages over one catalogue.
 The JSON routes (featuredb.server.api) and the pages (featuredb.server.pages) are
 built from the same view functions (featuredb.server.views). Bad input never stops the
 server: it answers 4xx with a one-line message, as JSON under /api and as an error page elsewhere.
+A 5xx (a bug) says `Connection: close`: Starlette re-raises the error after its response, and
+uvicorn then drops the connection, so a keep-alive client must know not to reuse it.
+Requests run in threads; the catalogue is shared and thread-safe (fires_on batches the texts
+that arrive together through one forward pass, see featuredb.query.forward).
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ class CleanJSONResponse(JSONResponse):
         return json.dumps(json_safe(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def create_app(db: str | os.PathLike | Catalogue | None, *, warm: bool = False) -> FastAPI:
+def create_app(db: str | os.PathLike | Catalogue | None, *, warm: bool = False, trust_models: bool = False) -> FastAPI:
     """The app serving catalogue `db` (a path, a URI or an open Catalogue). The catalogue is opened
     once and shared: its caches (query embedder, subject model and coders for fires_on) load on
-    first use and serve every later request. warm=True loads the search indexes now."""
+    first use and serve every later request. warm=True loads the search indexes now;
+    trust_models=True loads the models that imported coders name (see featuredb.open; an open
+    Catalogue keeps its own setting)."""
     from featuredb.server import api, pages
 
-    cat = db if isinstance(db, Catalogue) else open_catalogue(db)
+    cat = db if isinstance(db, Catalogue) else open_catalogue(db, trust_models=trust_models)
     if warm:
         cat.warm()
     app = FastAPI(title="featuredb", summary=f"Feature catalogue {cat.uri}", version=_version(),
@@ -67,10 +73,14 @@ def _version() -> str:
 def _add_error_handlers(app: FastAPI) -> None:
     def respond(request: Request, status: int, message: str):
         if request.url.path.startswith("/api/") or request.url.path == "/openapi.json":
-            return CleanJSONResponse({"detail": message, "status": status}, status_code=status)
-        from featuredb.server.pages import error_page
+            response = CleanJSONResponse({"detail": message, "status": status}, status_code=status)
+        else:
+            from featuredb.server.pages import error_page
 
-        return error_page(request, status, message)
+            response = error_page(request, status, message)
+        if status >= 500:
+            response.headers["Connection"] = "close"  # see the module docstring
+        return response
 
     async def user_error(request: Request, exc: Exception):
         return respond(request, getattr(exc, "status", 400), one_line(exc))

@@ -2,12 +2,15 @@
 hook, site, space, vector[d]), each row a unit-norm decoder direction, for similarity search.
 
 `space` names the basis a direction lives in, so only comparable directions are compared across
-coders (the schema and the table names are in store/schema.py). The indexer writes a coder's rows right after FeatureStore.write_coder; the query layer
-searches them (featuredb.query.similar).
+coders (the schema and the table names are in store/schema.py). The indexer writes a coder's rows
+right after FeatureStore.write_coder (`write_decoder_vectors`); an import builds them first
+(`decoder_rows`) and writes them as one step of its own all-or-nothing write
+(`replace_decoder_rows`). The query layer searches them (featuredb.query.similar).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +19,7 @@ import pyarrow as pa
 from lancedb.table import Table
 
 from featuredb.store.connect import connect
-from featuredb.store.failures import all_or_nothing
+from featuredb.store.failures import Commits, all_or_nothing
 from featuredb.store.filters import Filter
 from featuredb.store.schema import StoreError, decoders_schema, decoders_table_name, is_decoders_table
 
@@ -38,7 +41,16 @@ def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any) -> int
     rows = coders.filter(pl.col("coder_id") == coder_id)
     if rows.height == 0:
         raise StoreError(f"write_decoder_vectors: coder {coder_id!r} is not in the store (write_coder it first)")
-    coder = rows.row(0, named=True)
+    table_rows = decoder_rows(rows.row(0, named=True), W_dec)
+    with all_or_nothing(f"decoder vectors of coder {coder_id!r}", store.uri) as commits:
+        replace_decoder_rows(store, coder_id, table_rows, commits)
+    return table_rows.num_rows
+
+
+def decoder_rows(coder: Mapping[str, Any], W_dec: Any) -> pa.Table:
+    """The decoders_<d> rows of W_dec [width, d_out] for `coder` (its coders-table row): unit rows,
+    all-zero or non-finite rows skipped; StoreError if the shape does not fit the coder."""
+    coder_id = coder["coder_id"]
     if hasattr(W_dec, "detach"):  # torch
         W_dec = W_dec.detach().float().cpu().numpy()
     matrix = np.asarray(W_dec, dtype=np.float32)
@@ -54,7 +66,7 @@ def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any) -> int
     scale = np.where(np.abs(norms - 1.0) <= 1e-6, 1.0, norms)
     unit = (matrix[good] / scale[good, None]).astype(np.float32)
     n = len(features)
-    table_rows = pa.table({
+    return pa.table({
         "coder_id": pa.array([coder_id] * n, pa.string()),
         "feature": pa.array(features),
         "model": pa.array([coder["model"]] * n, pa.string()),
@@ -64,16 +76,20 @@ def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any) -> int
         "space": pa.array([decoder_space(coder["site"], coder["hook_out"])] * n, pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),
     }, schema=decoders_schema(dim))
+
+
+def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, commits: Commits) -> None:
+    """The coder's decoder rows become `rows` (from `decoder_rows`); each commit is recorded in
+    `commits`, so the caller can undo them with the rest of its write."""
+    dim = rows.schema.field("vector").type.list_size
     name = decoders_table_name(dim)
-    with all_or_nothing(f"decoder vectors of coder {coder_id!r}", store.uri) as commits:
-        db = connect(store.uri)
-        table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
-        # a coder lives in one decoders table: drop rows a previous version left in another width
-        for other in store.table_names():
-            if is_decoders_table(other) and other != name:
-                commits.commit(db.open_table(other), _delete_rows_of, coder_id)
-        commits.commit(table, _replace_rows_of, coder_id, table_rows)
-    return n
+    db = connect(store.uri)
+    table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
+    # a coder lives in one decoders table: drop rows a previous version left in another width
+    for other in store.table_names():
+        if is_decoders_table(other) and other != name:
+            commits.commit(db.open_table(other), _delete_rows_of, coder_id)
+    commits.commit(table, _replace_rows_of, coder_id, rows)
 
 
 def _replace_rows_of(table: Table, coder_id: str, rows: pa.Table) -> None:
@@ -91,8 +107,10 @@ def _delete_rows_of(table: Table, coder_id: str) -> None:
     table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
 
 
-def delete_decoder_vectors(store: FeatureStore, coder_id: str) -> None:
-    """Remove a coder's decoder directions (a no-op where none are stored)."""
+def delete_decoder_vectors(store: FeatureStore, coder_id: str, commits: Commits | None = None) -> None:
+    """Remove a coder's decoder directions (a no-op where none are stored); with `commits`, each
+    commit is recorded there for the caller to undo."""
+    commits = commits if commits is not None else Commits()
     for name in store.table_names():
         if is_decoders_table(name):
-            _delete_rows_of(store.table(name), coder_id)
+            commits.commit(store.table(name), _delete_rows_of, coder_id)

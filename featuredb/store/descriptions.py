@@ -13,6 +13,9 @@ Two places hold descriptions:
 table and updates only the description columns of those feature rows (one merge_insert commit that
 never inserts or deletes rows and leaves every other column alone). A crash between the two
 commits is repaired by the next `sync_features` (every describe run ends with one).
+An import instead checks its rows against the coder it is about to write (`check_descriptions`)
+and appends them before that coder is listed (`append_descriptions`), as one step of its own
+all-or-nothing write.
 
 Only descriptions made from the coder's current indexing (`indexed_at` = the coder's
 `coders.created_at`) count: re-indexing a coder makes its old descriptions history.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +36,7 @@ import pyarrow.compute as pc
 
 from featuredb.store import FEATURES_TABLE, FeatureStore, Filter, StoreError
 from featuredb.store.connect import connect
-from featuredb.store.failures import writing
+from featuredb.store.failures import Commits, writing
 from featuredb.store.schema import DESCRIPTIONS_TABLE, conform_table, descriptions_schema, vector_dim_of
 
 # How descriptions rank against each other when choosing a feature's current one.
@@ -98,6 +101,14 @@ def write_descriptions(
 
 
 def _validate(store: FeatureStore, coder_id: str, table: pa.Table) -> None:
+    wanted = sorted(set(table["feature"].to_pylist()))
+    stored = {r["feature"] for r in _read(store, FEATURES_TABLE, coder_id, wanted, ["feature"])}
+    check_descriptions(table, coder_id, coder_indexed_at(store, coder_id), stored)
+
+
+def check_descriptions(table: pa.Table, coder_id: str, indexed_at: dt.datetime, features: Collection[int]) -> None:
+    """StoreError unless every row of `table` (conformed to descriptions_schema) describes one of
+    `features` of coder `coder_id` as indexed at `indexed_at`, with a valid text, method and scores."""
     other = [v for v in pc.unique(table["coder_id"]).to_pylist() if v != coder_id]
     if other:
         raise StoreError(f"descriptions: rows carry coder_id {other[0]!r}, expected {coder_id!r}")
@@ -113,23 +124,38 @@ def _validate(store: FeatureStore, coder_id: str, table: pa.Table) -> None:
         for value in table[column].to_pylist():
             if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise StoreError(f"descriptions: {column} {value!r} is not in [0, 1]")
-    indexed_at = coder_indexed_at(store, coder_id)
     stale = [v for v in pc.unique(table["indexed_at"]).to_pylist() if v != indexed_at]
     if stale:
         raise StoreError(f"descriptions: made from an indexing of {coder_id!r} at {stale[0]}, but the "
                          f"coder was indexed again at {indexed_at}; describe it again")
-    wanted = sorted(set(table["feature"].to_pylist()))
-    stored = {r["feature"] for r in _read(store, FEATURES_TABLE, coder_id, wanted, ["feature"])}
-    missing = [f for f in wanted if f not in stored]
+    missing = [f for f in sorted(set(table["feature"].to_pylist())) if f not in features]
     if missing:
         raise StoreError(f"descriptions: coder {coder_id!r} has no feature {missing[0]}")
+
+
+def append_descriptions(store: FeatureStore, table: pa.Table, commits: Commits) -> None:
+    """Append rows already checked (`check_descriptions`) against a coder that need not be listed
+    yet: an import writes its descriptions before the coders row that completes it. The commit is
+    recorded in `commits`, for the caller to undo with the rest of its write."""
+    _require_writable(store)
+    if table.num_rows:
+        commits.commit(_descriptions_table(store), _append, table)
+
+
+def _append(descriptions, table: pa.Table) -> None:
+    descriptions.add(table)
 
 
 def current_descriptions(store: FeatureStore, coder_id: str, features: list[int] | None = None) -> list[dict]:
     """Descriptions made from the coder's current indexing (optionally of some features only)."""
     if DESCRIPTIONS_TABLE not in store.table_names():
         return []
-    indexed_at = coder_indexed_at(store, coder_id)
+    return descriptions_of_indexing(store, coder_id, coder_indexed_at(store, coder_id), features)
+
+
+def descriptions_of_indexing(store: FeatureStore, coder_id: str, indexed_at: dt.datetime,
+                             features: list[int] | None = None) -> list[dict]:
+    """Descriptions made from the coder's indexing at `indexed_at`, whether or not it is listed."""
     rows = _read(store, DESCRIPTIONS_TABLE, coder_id, features, None)
     return [r for r in rows if r["indexed_at"] == indexed_at]
 

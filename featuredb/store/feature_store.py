@@ -38,6 +38,7 @@ from featuredb.store.schema import (
     FEATURES_TABLE,
     CODERS_KEY,
     CODERS_TABLE,
+    IMPORTS_TABLE,
     LEGACY_CODERS_TABLE,
     SITES,
     StoreError,
@@ -45,6 +46,7 @@ from featuredb.store.schema import (
     conform_table,
     examples_schema,
     features_schema,
+    imports_schema,
     coders_schema,
 )
 
@@ -161,11 +163,32 @@ class FeatureStore:
         self._require_writable()
         # coders first, so a coder is unlisted before its rows start to disappear.
         with writing(f"the removal of coder {coder_id!r}", self.uri):
-            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):
+            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, IMPORTS_TABLE):
                 table = self._open(name)
                 if table is not None:
                     table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
             delete_decoder_vectors(self, coder_id)
+
+    # --- provenance -----------------------------------------------------------------------------
+
+    def imported_coder_ids(self) -> set[str]:
+        """The coders written by `featuredb import` (see schema.imports_schema)."""
+        table = self._open(IMPORTS_TABLE)
+        return set() if table is None else set(table.to_arrow()["coder_id"].to_pylist())
+
+    def imports_table(self) -> Table:
+        """The imports table, created where missing (the importer records into it as one of its commits)."""
+        self._require_writable()
+        return self._db.create_table(IMPORTS_TABLE, schema=imports_schema(), exist_ok=True)
+
+    def forget_import(self, coder_id: str) -> None:
+        """The coder was rewritten here (e.g. re-indexed): its names are the user's again. Called
+        after the new rows are written, so a kill in between leaves it marked imported (the safe side)."""
+        self._require_writable()
+        table = self._open(IMPORTS_TABLE)
+        if table is not None:
+            with writing(f"the provenance of coder {coder_id!r}", self.uri):
+                table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
 
     def _require_writable(self) -> None:
         if self.read_only:
@@ -277,6 +300,7 @@ def _check_features(rows: pa.Table, coder: pa.Table) -> None:
         raise StoreError(f"features: duplicate feature indices for coder {coder_id!r}")
     if pc.any(pc.is_nan(pc.list_flatten(rows["vector"]))).as_py():
         raise StoreError("features: vector contains NaN (use a null vector for a feature without one)")
+    _check_finite(rows, "features", ("feature",))
     for column in _DENORMALISED_COLUMNS:
         expected = coder[column][0].as_py()
         other = [v for v in pc.unique(rows[column]).to_pylist() if v != expected]
@@ -296,6 +320,7 @@ def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:
     keys = list(EXAMPLES_KEY[1:])
     if rows.select(keys).group_by(keys).aggregate([]).num_rows != rows.num_rows:
         raise StoreError("examples: duplicate (feature, kind, rank) rows")
+    _check_finite(rows, "examples", keys)
     if not pc.all(pc.is_in(rows["feature"], value_set=features["feature"].combine_chunks())).as_py():
         raise StoreError("examples: some rows refer to features that are not in `features`")
     is_top = pc.equal(rows["kind"], "top")
@@ -308,6 +333,26 @@ def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:
     lengths = [pc.list_value_length(rows[c]) for c in _CONTEXT_COLUMNS]
     if not all(pc.all(pc.equal(lengths[0], other)).as_py() for other in lengths[1:]):
         raise StoreError(f"examples: {', '.join(_CONTEXT_COLUMNS)} must have the same length in each row")
+
+
+def _check_finite(rows: pa.Table, what: str, key: list[str] | tuple[str, ...]) -> None:
+    """Every number in a float column (or a list of floats) is finite: a NaN or inf statistic sorts,
+    filters and averages wrongly everywhere downstream. Null stays allowed where the schema allows
+    it (an absent value); the indexer writes 0, never NaN, for a feature that never fired."""
+    for field in rows.schema:
+        is_list = pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type)
+        if not pa.types.is_floating(field.type.value_type if is_list else field.type):
+            continue
+        column = rows[field.name].combine_chunks()
+        values = pc.list_flatten(column) if is_list else column
+        bad = pc.invert(pc.fill_null(pc.is_finite(values), True))
+        if not pc.any(bad).as_py():
+            continue
+        position = pc.index(bad, True).as_py()
+        row = pc.list_parent_indices(column)[position].as_py() if is_list else position
+        names = ", ".join(f"{name} {rows[name][row].as_py()!r}" for name in key)
+        raise StoreError(f"{what}: column {field.name!r} holds {values[position].as_py()} in row {row} ({names}): "
+                         "stored numbers must be finite")
 
 
 # --- writing helpers -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Arrow schemas and names of every LanceDB table, plus the keys and allowed values the store enforces.
 
-Tables: `coders`, `features`, `examples` (FeatureStore), `descriptions` (store/descriptions.py)
-and one `decoders_<d>` per decoder width (store/decoder_vectors.py). The schemas are the single
+Tables: `coders`, `features`, `examples` (FeatureStore), `descriptions` (store/descriptions.py),
+`imports` (the coders that came from `featuredb import`) and one `decoders_<d>` per decoder width
+(store/decoder_vectors.py). The schemas are the single
 source of truth: tables are created from them, every write is cast to them, and filters are
 validated against them.
 """
@@ -21,6 +22,7 @@ FEATURES_TABLE = "features"
 EXAMPLES_TABLE = "examples"
 TABLE_NAMES: tuple[str, ...] = (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE)
 DESCRIPTIONS_TABLE = "descriptions"
+IMPORTS_TABLE = "imports"  # which coders came from `featuredb import` (their names are the data's, not the user's)
 DECODERS_PREFIX = "decoders_"  # + the decoder width: one table per width
 LEGACY_CODERS_TABLE = "saes"  # featuredb 0.1's name for the coders table
 _DECODERS_NAME = re.compile(r"^decoders_([0-9]+)$")
@@ -271,3 +273,13 @@ def _castable(source: pa.DataType, target: pa.DataType) -> bool:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def imports_schema() -> pa.Schema:
+    """One row per coder written by `featuredb import`: where its rows (and so the model, coder and
+    embedding-model names in them) came from. No row: the coder was indexed here."""
+    return pa.schema([
+        _required("coder_id", pa.string()),
+        _required("format", pa.string()),  # e.g. "neuronpedia"
+        _required("path", pa.string()),  # the source folder it was read from
+    ])

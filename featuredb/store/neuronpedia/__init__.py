@@ -27,6 +27,8 @@ What goes where:
 - load.py: `import_neuronpedia` (finding sources, writing them), with the defaults for a real
   Neuronpedia export (no sidecar) and the safety rules.
 - read_source.py: reading and validating one source folder (and its sidecar) into our rows.
+- progress.py: the marker of an import in progress, by which running a killed import again
+  finishes it (with the tables of an uninterrupted import).
 - fast_activations.py, columnar.py: the fast path of import for activations batch files (the bulk
   of a source), read column-wise by Arrow's JSON reader with vectorised checks; any file it does
   not plainly accept is read line by line by read_source.py, so results and errors are the same.

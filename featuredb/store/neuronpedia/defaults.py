@@ -17,8 +17,9 @@ from featuredb.store.neuronpedia.jsonl import is_integer, read_jsonl
 
 
 def coder_row_from_metadata(folder: Path, ids: SourceIds, features: dict[int, dict],
-                          decoders: dict[int, list[float]]) -> dict:
-    """The coder row from the source's ids, source.jsonl (and its saelensConfig) and its rows."""
+                          decoders: dict[int, list[float]], imported_at: dt.datetime) -> dict:
+    """The coder row from the source's ids, source.jsonl (and its saelensConfig) and its rows;
+    created_at is `imported_at` (to the second)."""
     source = _read_source_metadata(folder)
     config = source.get("saelensConfig") if isinstance(source.get("saelensConfig"), dict) else {}
     hook = next((f["hook_name"] for f in features.values() if f["hook_name"]), None) or config.get("hook_name")
@@ -34,7 +35,7 @@ def coder_row_from_metadata(folder: Path, ids: SourceIds, features: dict[int, di
         "width": max(max(features) + 1, _non_negative_int(config.get("d_sae"))),
         "source": f"neuronpedia:{ids.model}/{ids.source}", "tokens_indexed": contexts * context,
         "contexts_indexed": contexts, "context": context, "top_k": 0,
-        "created_at": dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+        "created_at": imported_at.replace(microsecond=0),
     }
 
 

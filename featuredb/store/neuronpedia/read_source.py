@@ -35,8 +35,10 @@ class ImportedCoder:
     sidecar: bool
 
 
-def read_source(folder: Path, bar) -> ImportedCoder:
-    """Read and validate one source folder completely; nothing is written here."""
+def read_source(folder: Path, bar, imported_at: dt.datetime | None = None) -> ImportedCoder:
+    """Read and validate one source folder completely; nothing is written here. `imported_at`
+    (default: now) stamps the coder row and descriptions of a source without our sidecar."""
+    imported_at = imported_at or dt.datetime.now(dt.timezone.utc)
     sidecar_coder = _read_sidecar_coder(folder)
     has_sidecar = sidecar_coder is not None
     feature_files = batch_files(folder / "features")
@@ -62,13 +64,13 @@ def read_source(folder: Path, bar) -> ImportedCoder:
             sidecar.check_all_taken()
     if ids is None:
         raise StoreError(f"{folder / 'features'}: no feature rows")
-    coder = sidecar_coder if has_sidecar else coder_row_from_metadata(folder, ids, features, decoders)
+    coder = sidecar_coder if has_sidecar else coder_row_from_metadata(folder, ids, features, decoders, imported_at)
     width = coder["width"]
     out_of_range = [i for i in features if i >= width]
     if out_of_range:
         raise StoreError(f"{folder / 'features'}: feature index {out_of_range[0]} is out of range for width {width}")
     examples = _read_examples(folder, ids, coder["coder_id"], features, has_sidecar)
-    descriptions = _read_explanations(folder, ids, features, coder, has_sidecar)
+    descriptions = _read_explanations(folder, ids, features, coder, has_sidecar, imported_at)
     if not has_sidecar:
         fill_derived_columns(coder, features, examples, descriptions)
     feature_table = _features_table(coder, features)
@@ -290,10 +292,9 @@ def _concat_or_empty(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
 
 
 def _read_explanations(folder: Path, ids: SourceIds, features: dict[int, dict], coder: dict,
-                       has_sidecar: bool) -> list[dict]:
+                       has_sidecar: bool, imported_at: dt.datetime) -> list[dict]:
     """descriptions rows (only those that were descriptions rows, with a sidecar)."""
     rows: list[dict] = []
-    imported_at = dt.datetime.now(dt.timezone.utc)
     for path in batch_files(folder / "explanations"):
         sidecar = _SidecarBatch(folder, "explanations", path, "id") if has_sidecar else None
         for line in read_jsonl(path):
