@@ -154,7 +154,8 @@ def finalize(db: str) -> None:
 @main.command()
 @click.option("--model", "-m", required=True, help="Subject model: local directory, .gguf file, or hub id.")
 @click.option("--coder", "-c", "coders", multiple=True, required=True,
-              help="Sparse coder: [ID=]PATH_OR_HUB_REF[@HOOK]. Repeat for several coders (one pass).")
+              help="Sparse coder: [ID=]PATH_OR_HUB_REF[@HOOK], or [ID=]RELEASE:SAE_ID[@HOOK] as SAELens names Gemma "
+                   "Scope coders (`featuredb coders list`). Repeat for several coders (one pass).")
 @click.option("--corpus", required=True, help="Corpus: .jsonl (text field), .parquet, text file, or hf:DATASET.")
 @click.option("--db", required=True, help="Catalogue directory (or s3:// URI).")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Stop after this many tokens.")
@@ -417,11 +418,19 @@ def format_option(f):
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Features per batch file.")
 @quiet_option
 def export(format_, db, out, coder_ids, model_id, source_set, batch_size, quiet):
-    """Export features, activations and explanations as Neuronpedia's gzipped JSONL batches."""
+    """Export features, activations and explanations as Neuronpedia's gzipped JSONL batches.
+
+    A Gemma Scope coder that Neuronpedia has (found by its source in the registry) keeps
+    Neuronpedia's id, e.g. gemma-2-2b/12-gemmascope-res-16k."""
+    from featuredb.runtime.registry import neuronpedia_source
+    from featuredb.store import FeatureStore
     from featuredb.store.neuronpedia import export_neuronpedia
 
-    result = export_neuronpedia(db, out, coder_ids=list(coder_ids) or None, model_id=model_id, source_set=source_set,
-                                batch_size=batch_size, progress=not quiet)
+    store = FeatureStore(db, read_only=True)
+    source_ids = {c["coder_id"]: known for c in store.coders().to_dicts()
+                  if (known := neuronpedia_source(c["source"], c["hook"]))}  # the store cannot import the registry
+    result = export_neuronpedia(store, out, coder_ids=list(coder_ids) or None, model_id=model_id, source_set=source_set,
+                                batch_size=batch_size, progress=not quiet, source_ids=source_ids)
     click.echo(f"exported {result.features:,} features, {result.activations:,} activations and "
                f"{result.explanations:,} explanations in {result.seconds:.1f}s -> {out}")
     for source in result.sources:

@@ -15,7 +15,7 @@ import torch
 from safetensors.numpy import load_file as load_np_safetensors
 from safetensors.numpy import save_file as save_np_safetensors
 
-from featuredb.runtime.coders import CoderError, SparseCoder, load_coder, parse_coder_spec
+from featuredb.runtime.coders import CoderError, SparseCoder, load_coder, named_coder, parse_coder_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from coder_formats import write_gemma_scope_1, write_gemma_scope_2, write_saelens  # noqa: E402
@@ -255,7 +255,7 @@ def test_id_prefix_and_hook_override(tmp_path):
 def test_bad_hook_override(tmp_path):
     sae_dir = write_gemma_scope_1(tmp_path, "res", 3, D_IN, D_SAE)
     with pytest.raises(CoderError, match="hook") as excinfo:
-        load_coder(f"{sae_dir}@blocks.3.hook_resid_mid")
+        load_coder(f"{sae_dir}@blocks.3.hook_no_such_site")
     one_line(excinfo)
 
 
@@ -287,9 +287,14 @@ def test_hub_reference_downloads_the_subfolder(tmp_path, monkeypatch, prefix):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     ref = "google/gemma-scope-2b-pt-res/layer_3/width_16k/average_l0_50"
     coder = load_coder(prefix + ref, cache_dir=str(tmp_path / "hf"))
-    assert calls == [
-        ("google/gemma-scope-2b-pt-res", {"allow_patterns": ["layer_3/width_16k/average_l0_50/*"], "cache_dir": str(tmp_path / "hf")})
-    ]
+    folder = "layer_3/width_16k/average_l0_50/"
+    configs = [folder + "config.json", folder + "cfg.json"]
+    weights = [folder + name for name in ("params.npz", "params.safetensors", "sae_weights.safetensors")]
+    cache = str(tmp_path / "hf")
+    # configs first, then only the files a coder reads (with the configs, from the same snapshot): never folder/*
+    assert [(repo, kw["cache_dir"]) for repo, kw in calls] == [("google/gemma-scope-2b-pt-res", cache)] * 2
+    assert calls[0][1]["allow_patterns"] == configs
+    assert sorted(calls[1][1]["allow_patterns"]) == sorted(weights + configs)
     assert coder.coder_id == "res-layer_3-width_16k-average_l0_50"
     assert (coder.hook, coder.layer, coder.model_name) == ("model.layers.3.output", 3, "google/gemma-2-2b")
     assert coder.source == f"hf://{ref}"
@@ -304,7 +309,8 @@ def test_whole_repo_hub_reference_fetches_root_files_only(tmp_path, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(kw) or str(repo))
     coder = load_coder("hf://someone/my-topk-sae")
     assert (coder.architecture, coder.source) == ("topk", "hf://someone/my-topk-sae")
-    assert "sae_weights.safetensors" in calls[0]["allow_patterns"] and "*" not in "".join(calls[0]["allow_patterns"])
+    asked = [pattern for kw in calls for pattern in kw["allow_patterns"]]
+    assert "sae_weights.safetensors" in asked and "cfg.json" in asked and "*" not in "".join(asked)
 
 
 def test_hub_reference_with_missing_subfolder(tmp_path, monkeypatch):
@@ -346,6 +352,83 @@ def test_real_hub_call_fails_fast_when_offline(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("CODER_ERROR cannot download coder"), result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# coders named RELEASE:SAE_ID (SAELens's registry names)
+
+CANONICAL_12 = "gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical"
+
+
+def test_release_names_resolve_and_paths_with_colons_stay_paths(tmp_path, monkeypatch):
+    named = named_coder(CANONICAL_12)
+    assert named.hub_ref == "google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    assert named_coder("/runs/a:b") is None and named_coder("hf://owner/repo/x:y") is None
+    assert named_coder("owner/repo/sub") is None  # no ':' at all
+    monkeypatch.chdir(tmp_path)
+    coder_dir = write_gemma_scope_1(tmp_path / "dir:name", "res", 3, D_IN, D_SAE)
+    local = coder_dir.relative_to(tmp_path)  # dir:name/gemma-scope-2b-pt-res/layer_3/...
+    assert named_coder(str(local)) is None  # "dir" has no '/', but the whole is an existing path
+    assert load_coder(str(local)).hook == load_coder(f"./{local}").hook == "model.layers.3.output"
+    (tmp_path / "run:2").mkdir()  # an existing folder whose name looks like RELEASE:SAE_ID
+    assert named_coder("run:2") is None
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("gemma-scope-2b-pt-res-canonicl:layer_12/width_16k/canonical",
+     "unknown release 'gemma-scope-2b-pt-res-canonicl'; did you mean 'gemma-scope-2b-pt-res-canonical'"),
+    ("gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonicl",
+     "has no coder 'layer_12/width_16k/canonicl'; did you mean 'layer_12/width_16k/canonical'"),
+    ("mycoder:v2", "unknown release 'mycoder'.*nor is it an existing path"),
+])
+def test_unknown_release_names_are_one_line_with_close_matches(spec, match, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: pytest.fail("nothing to download"))
+    with raises_coder_error(match) as excinfo:
+        load_coder(spec)
+    one_line(excinfo)
+
+
+def gemma_scope_1_remote(tmp_path: Path, layer: int, folder: str) -> Path:
+    """A local copy of google/gemma-scope-2b-pt-res holding one coder at `folder`, and a decoy beside it."""
+    scratch = write_gemma_scope_1(tmp_path / "scratch", "res", layer, D_IN, D_SAE)
+    remote = tmp_path / "remote"
+    (remote / folder).mkdir(parents=True)
+    (remote / folder / "params.npz").write_bytes((scratch / "params.npz").read_bytes())
+    (remote / folder / "params_fp16_copy.safetensors").write_bytes(b"decoy: never fetched")
+    return remote
+
+
+def test_release_name_loads_the_registry_folder_with_a_readable_id(tmp_path, monkeypatch):
+    remote = gemma_scope_1_remote(tmp_path, 12, "layer_12/width_16k/average_l0_82")
+    snapshot = tmp_path / "cache" / "snapshots" / "abc"
+    asked = fake_hub(monkeypatch, remote, snapshot)
+    coder = load_coder(CANONICAL_12)
+    assert coder.coder_id == "gemma-scope-2b-pt-res-canonical-layer_12-width_16k-canonical"
+    assert coder.source == "hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    # the path rules give the hook, and it is the registry's
+    assert (coder.hook, coder.hook_out, coder.layer) == ("model.layers.12.output", "model.layers.12.output", 12)
+    assert named_coder(CANONICAL_12).hook == coder.hook
+    assert all(p.startswith("layer_12/width_16k/average_l0_82/") for p in asked)
+    assert sorted(p.name for p in (snapshot / "layer_12/width_16k/average_l0_82").iterdir()) == ["params.npz"]
+
+    assert load_coder(f"mine={CANONICAL_12}").coder_id == "mine"
+    overridden = load_coder(f"{CANONICAL_12}@model.layers.4.output")  # @HOOK wins, as for a path
+    assert (overridden.hook, overridden.layer) == ("model.layers.4.output", 4)
+
+
+def test_release_name_whose_files_disagree_with_the_registry_is_refused(tmp_path, monkeypatch):
+    # Gemma Scope 2: the hook comes from config.json; here it names layer 3 in the registry's layer-12 folder
+    write_gemma_scope_2(tmp_path / "remote", "resid_post", 12, D_IN, D_SAE, width="16k",
+                        hook_in="model.layers.3.output", hook_out="model.layers.3.output")
+    fake_hub(monkeypatch, tmp_path / "remote", tmp_path / "snapshot")
+    spec = "gemma-scope-2-270m-pt-res:layer_12_width_16k_l0_medium"
+    with raises_coder_error("reads model.layers.3.output -> model.layers.3.output, but the registry's layout says "
+                            "model.layers.12.output -> model.layers.12.output") as excinfo:
+        load_coder(spec)
+    one_line(excinfo)
+    assert load_coder(f"{spec}@model.layers.3.output").layer == 3  # the user's word overrides the layout
 
 
 def test_local_looking_missing_path_is_not_a_hub_ref(tmp_path):
@@ -537,9 +620,73 @@ def test_no_recognised_files(tmp_path):
     expect_error(str(tmp_path), "no recognised coder files", tmp_path)
 
 
-def test_gemma_scope_2_clt_files_are_not_supported(tmp_path):
-    (tmp_path / "params_layer_0.safetensors").write_bytes(b"")
-    expect_error(str(tmp_path), "not supported yet", tmp_path)
+def test_per_layer_files_without_a_config_are_refused_as_multi_layer(tmp_path):
+    for i in range(3):
+        (tmp_path / f"params_layer_{i}.safetensors").write_bytes(b"")
+    expect_error(str(tmp_path), r"a multi-layer coder \(3 params_layer_\*.safetensors files\): multi-layer coders "
+                 "cannot be indexed yet", tmp_path)
+
+
+def write_multi_layer(folder: Path, coder_type: str, layers: int, hook_in: str, hook_out: str) -> Path:
+    """A Gemma Scope 2 CLT / crosscoder folder: config.json and params_layer_{i}.safetensors (not valid weights:
+    they must never be read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"type": coder_type, "architecture": "jump_relu", "width": 262144, "model_name": "google/gemma-3-1b-pt",
+              "hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out, "affine_connection": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    for i in range(layers):
+        (folder / f"params_layer_{i}.safetensors").write_bytes(b"not read")
+    return folder
+
+
+@pytest.mark.parametrize("coder_type, layers, hook_in, hook_out, what", [
+    ("clt", 26, "model.layers.{all}.pre_feedforward_layernorm.output",
+     "model.layers.{all}.post_feedforward_layernorm.output", "a cross-layer transcoder"),
+    ("crosscoder", 4, "model.layers.{5,9,12,15}.output", "model.layers.{5,9,12,15}.output", "a crosscoder"),
+])
+def test_local_multi_layer_folder_is_refused_by_its_config_type(tmp_path, coder_type, layers, hook_in, hook_out, what):
+    folder = write_multi_layer(tmp_path / coder_type / "width_262k_l0_medium", coder_type, layers, hook_in, hook_out)
+    # the type is read before the hooks, which the hook parser would refuse with another story
+    message = expect_error(str(folder), f"{what} \\(type {coder_type}, {layers} params_layer_\\*.safetensors files\\): "
+                           "multi-layer coders cannot be indexed yet", folder)
+    assert "hook" not in message and "without params.safetensors" not in message
+
+
+def fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[str]:
+    """snapshot_download as the hub does it: copy the files of `remote` (the repo) matching allow_patterns
+    into the cache's `snapshot`, return it; the patterns asked for are recorded in the returned list."""
+    import fnmatch
+    import huggingface_hub
+
+    asked: list[str] = []
+
+    def snapshot_download(repo_id, *, allow_patterns, cache_dir=None):
+        asked.extend(allow_patterns)
+        for file in remote.rglob("*"):
+            name = file.relative_to(remote).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                (snapshot / name).write_bytes(file.read_bytes())
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return asked
+
+
+def test_hub_multi_layer_folder_is_refused_before_weights_are_fetched(tmp_path, monkeypatch):
+    write_multi_layer(tmp_path / "remote" / "clt" / "width_262k_l0_medium", "clt", 26,
+                      "model.layers.{all}.pre_feedforward_layernorm.output",
+                      "model.layers.{all}.post_feedforward_layernorm.output")
+    snapshot = tmp_path / "cache" / "snapshots" / "abc"
+    asked = fake_hub(monkeypatch, tmp_path / "remote", snapshot)
+    with raises_coder_error(r"^google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium is a cross-layer transcoder "
+                            r"\(type clt, one params_layer_\*.safetensors per layer\): multi-layer coders cannot be "
+                            r"indexed yet$") as excinfo:
+        load_coder("google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium")
+    one_line(excinfo)
+    assert [p.name for p in (snapshot / "clt" / "width_262k_l0_medium").iterdir()] == ["config.json"]
+    assert asked == ["clt/width_262k_l0_medium/config.json", "clt/width_262k_l0_medium/cfg.json"]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "lfs_pointer", "pickled"])
@@ -697,15 +844,15 @@ def test_saelens_unsupported_settings(tmp_path, change, match):
 
 
 def test_saelens_unsupported_hook(tmp_path):
-    coder_dir = write_saelens(tmp_path / "s", "standard", D_IN, D_SAE, "blocks.1.hook_resid_mid")
+    coder_dir = write_saelens(tmp_path / "s", "standard", D_IN, D_SAE, "blocks.1.hook_no_such_site")
     expect_error(str(coder_dir), "unsupported hook name", coder_dir)
 
 
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"type": "clt"}, "clt coders are not supported yet"),
-        ({"type": "crosscoder"}, "crosscoder coders are not supported yet"),
+        ({"type": "clt"}, r"is a cross-layer transcoder \(type clt, one params_layer_\*.safetensors per layer\)"),
+        ({"type": "crosscoder"}, r"is a crosscoder \(type crosscoder, one params_layer_\*.safetensors per layer\)"),
         ({"type": "mystery"}, "unknown coder type 'mystery'"),
         ({"architecture": "topk"}, "unknown architecture 'topk'"),
     ],

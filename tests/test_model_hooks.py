@@ -78,6 +78,14 @@ def test_hook_site_kind(name, kind):
         ("blocks.4.hook_mlp_out", True, "model.layers.4.post_feedforward_layernorm.output"),
         ("blocks.4.hook_mlp_out", False, "model.layers.4.mlp.output"),
         ("blocks.9.attn.hook_z", True, "model.layers.9.self_attn.o_proj.input"),
+        ("blocks.2.hook_attn_out", True, "model.layers.2.post_attention_layernorm.output"),
+        ("blocks.2.hook_attn_out", False, "model.layers.2.self_attn.o_proj.output"),
+        ("blocks.2.hook_resid_mid", True, "model.layers.2.pre_feedforward_layernorm.input"),
+        ("blocks.2.hook_resid_mid", False, "model.layers.2.post_attention_layernorm.input"),
+        ("blocks.2.hook_mlp_in", True, "model.layers.2.pre_feedforward_layernorm.input"),
+        ("blocks.2.hook_mlp_in", False, "model.layers.2.post_attention_layernorm.input"),
+        ("blocks.2.ln2.hook_normalized", True, "model.layers.2.pre_feedforward_layernorm.normalized_input"),
+        ("blocks.2.ln2.hook_normalized", False, "model.layers.2.post_attention_layernorm.normalized_input"),
         ("model.layers.012.output", True, "model.layers.12.output"),
     ],
 )
@@ -85,7 +93,10 @@ def test_from_transformer_lens(tl_name, gemma, ours):
     assert from_transformer_lens(tl_name, gemma=gemma) == ours
 
 
-@pytest.mark.parametrize("name", ["blocks.3.hook_mlp_in", "blocks.3.attn.hook_q", "hook_embed", "model.layers.x.output"])
+@pytest.mark.parametrize(
+    "name", ["blocks.3.mlp.hook_post", "blocks.3.attn.hook_q", "blocks.3.ln1.hook_normalized", "blocks.3.hook_mlp_in_x",
+             "hook_embed", "model.layers.x.output"],
+)
 def test_from_transformer_lens_rejects_unknown_names(name):
     with pytest.raises(HookError):
         from_transformer_lens(name, gemma=True)
@@ -293,6 +304,59 @@ def test_llama_submodule_sites_match_manual_hooks(llama):
     torch.testing.assert_close(captured[z], seen["z"])
     eps = llama.decoder.layers[L].post_attention_layernorm.variance_epsilon
     torch.testing.assert_close(captured[normalized], _manual_rms(seen["norm_in"], eps))
+
+
+TL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized",
+            "hook_mlp_out", "hook_resid_post", "attn.hook_z")
+
+
+def _transformer_lens_by_hand(subject: SubjectModel, layer: int, input_ids, mask, gemma: bool) -> dict[str, torch.Tensor]:
+    """What each TransformerLens hook of `layer` holds (its components/transformer_block.py), computed from
+    the layer's input and its raw attention output with the layer's own modules, step by step."""
+    block = subject.decoder.layers[layer]
+    seen = {}
+    handles = [
+        block.self_attn.register_forward_hook(lambda m, args, out: seen.update(attn=out[0].clone())),
+        block.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.update(z=args[0].clone())),
+    ]
+    try:
+        with torch.inference_mode():
+            hidden = subject.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.inference_mode():
+        resid_pre = hidden[layer]
+        # Gemma: ln1_post before hook_attn_out ("that which is added to the residual stream")
+        attn_out = block.post_attention_layernorm(seen["attn"]) if gemma else seen["attn"]
+        resid_mid = resid_pre + attn_out
+        ln2 = block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm
+        eps = getattr(ln2, "eps", getattr(ln2, "variance_epsilon", None))
+        mlp_out = block.mlp(ln2(resid_mid))
+        if gemma:  # ln2_post before hook_mlp_out
+            mlp_out = block.post_feedforward_layernorm(mlp_out)
+    # the chain is right only if it adds up to the next layer's input
+    torch.testing.assert_close(resid_mid + mlp_out, hidden[layer + 1])
+    return {
+        "hook_resid_pre": resid_pre, "hook_attn_out": attn_out, "hook_resid_mid": resid_mid,
+        "hook_mlp_in": resid_mid,  # TransformerLens: self.ln2(self.hook_mlp_in(resid_mid.clone()))
+        "ln2.hook_normalized": _manual_rms(resid_mid, eps),  # RMSNorm: x / scale, before the gain
+        "hook_mlp_out": mlp_out, "hook_resid_post": resid_mid + mlp_out, "attn.hook_z": seen["z"],
+    }  # fmt: skip
+
+
+def test_transformer_lens_hooks_capture_what_they_mean(subject):
+    gemma = subject.decoder.layers[0].__class__.__name__.startswith("Gemma")
+    input_ids, mask = _batch(subject)
+    L = 1
+    ours = {tl: from_transformer_lens(f"blocks.{L}.{tl}", gemma=gemma) for tl in TL_HOOKS}
+    captured = subject.capture(input_ids, mask, sorted(set(ours.values())))
+    expected = _transformer_lens_by_hand(subject, L, input_ids, mask, gemma)
+    for tl in TL_HOOKS:
+        torch.testing.assert_close(captured[ours[tl]], expected[tl], msg=lambda m, tl=tl: f"{tl} -> {ours[tl]}: {m}")
+    # the sites really differ (random norm weights): a mapping one step off would not pass
+    assert not torch.allclose(expected["hook_attn_out"], expected["hook_resid_mid"], atol=1e-2)
+    assert not torch.allclose(expected["ln2.hook_normalized"], expected["hook_mlp_in"], atol=1e-2)
 
 
 # --- capture: early stop and hook hygiene --------------------------------------------------------

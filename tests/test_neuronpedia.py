@@ -454,6 +454,50 @@ def test_cli_export_and_import(known_catalogue, tmp_path):
     assert set(["export", "import"]) <= set(main.commands)
 
 
+def test_export_uses_neuronpedias_id_of_a_registry_coder(known_catalogue, tmp_path):
+    out = tmp_path / "lib"
+    result = export_neuronpedia(known_catalogue, out, coder_ids=["res-L12", "res-L5"],
+                                source_ids={"res-L12": "gemma-2-2b/12-gemmascope-res-16k__l0-82"})
+    assert result.sources == ["gemma-2-2b/12-gemmascope-res-16k__l0-82", "tiny-model/5-res"]
+    source = out / "gemma-2-2b" / "12-gemmascope-res-16k__l0-82"
+    neuron = read_rows(source / "features" / "batch-0.jsonl.gz")[0]
+    assert (neuron["modelId"], neuron["layer"], neuron["sourceSetName"]) == \
+        ("gemma-2-2b", "12-gemmascope-res-16k__l0-82", "gemmascope-res-16k__l0-82")
+    assert json.loads((source / "sourceset.jsonl").read_text())["name"] == "gemmascope-res-16k__l0-82"
+    # the user's --model-id / --source-set still win; an id of another layer is refused
+    overridden = export_neuronpedia(known_catalogue, tmp_path / "mine", coder_ids=["res-L12"], source_set="mine",
+                                    source_ids={"res-L12": "gemma-2-2b/12-gemmascope-res-16k"})
+    assert overridden.sources == ["gemma-2-2b/12-mine"]
+    with pytest.raises(StoreError, match="'gemma-2-2b/12-gemmascope-res-16k' for coder 'res-L5'.*layer is 5"):
+        export_neuronpedia(known_catalogue, tmp_path / "bad", coder_ids=["res-L5"],
+                           source_ids={"res-L5": "gemma-2-2b/12-gemmascope-res-16k"})
+
+
+def test_cli_export_finds_neuronpedias_id_from_each_coders_source(known_catalogue, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(known_catalogue, db)
+    coders = FeatureStore(str(db)).table("coders")
+    hub = "hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    sources = {
+        "res-L12": hub,  # the registry's canonical layer-12 coder: Neuronpedia's id
+        "res-L5": hub,  # indexed at another hook than the registry's (@HOOK): not that Neuronpedia source
+        "mlp-L12": "/data/models--google--gemma-scope-2b-pt-mlp/snapshots/abc/layer_12/width_16k/average_l0_108",
+        "att-L5": "/data/my-own-sae",  # a local path that matches nothing
+    }
+    for coder_id, source in sources.items():
+        coders.update(where=f"coder_id = '{coder_id}'", values={"source": source})
+    out = tmp_path / "out"
+    result = run("export", "--format", "neuronpedia", "--db", db, "--out", out, "-q",
+                 *[arg for coder_id in sources for arg in ("--coder", coder_id)])
+    assert result.exit_code == 0, result.output
+    listed = {line.strip() for line in result.stdout.splitlines()[1:]}
+    assert listed == {"gemma-2-2b/12-gemmascope-res-16k", "gemma-2-2b/12-gemmascope-mlp-16k", "tiny-model/5-res",
+                      "tiny-model/5-att"}
+    imported = run("import", "--format", "neuronpedia", out, "--db", tmp_path / "back", "-q")
+    assert imported.exit_code == 0, imported.output
+    assert set(FeatureStore(str(tmp_path / "back")).coders()["coder_id"]) == set(sources)  # the sidecar keeps ours
+
+
 def test_store_error_is_raised_for_bad_batch_size(known_catalogue, tmp_path):
     with pytest.raises(StoreError, match="batch size"):
         export_neuronpedia(known_catalogue, tmp_path / "x", batch_size=0)

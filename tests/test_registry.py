@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from featuredb.cli import main
 from featuredb.errors import CoderError
-from featuredb.runtime.registry import hooks_for, release_rows, releases, resolve
+from featuredb.runtime.registry import hooks_for, neuronpedia_id, neuronpedia_source, release_rows, releases, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,29 @@ def test_cli_resolve_json_and_list():
     assert rows and all(r["model"] == "google/gemma-3-270m" for r in rows)
     assert {r["release"] for r in rows} == {r["release"] for r in release_rows("google/gemma-3-270m")}
     assert CliRunner().invoke(main, ["coders", "list", "--model", "no-such-model"]).exit_code == 1
+
+
+def test_neuronpedia_id_of_a_stored_source():
+    hub = "hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"
+    assert neuronpedia_source(hub) == neuronpedia_source(hub, "model.layers.12.output") == \
+        "gemma-2-2b/12-gemmascope-res-16k"
+    cached = "/home/u/.cache/huggingface/hub/models--google--gemma-scope-2b-pt-res/snapshots/abc/layer_12/width_16k/average_l0_82"
+    assert neuronpedia_source(cached) == neuronpedia_source(cached + "/params.npz") == "gemma-2-2b/12-gemmascope-res-16k"
+    assert neuronpedia_source(hub, "model.layers.4.output") is None  # indexed at another hook (@HOOK)
+    for other in ("/runs/my-sae", "", "google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",  # no hf://
+                  "hf://google/gemma-scope-2b-pt-res", "hf://someone/else/layer_12/width_16k/average_l0_82"):
+        assert neuronpedia_source(other) is None, other
+
+
+def test_a_folder_listed_twice_gets_the_canonical_neuronpedia_id():
+    # gemma-scope-2b-pt-res lists it as gemma-2-2b/5-gemmascope-res-1m__l0-114, its -canonical twin without __l0
+    ids = {row[2] for entry in releases().values() if entry["repo_id"] == "google/gemma-scope-2b-pt-res"
+           for row in entry["saes"] if row[1] == "layer_5/width_1m/average_l0_114"}
+    assert ids == {"gemma-2-2b/5-gemmascope-res-1m__l0-114", "gemma-2-2b/5-gemmascope-res-1m"}
+    assert neuronpedia_id("google/gemma-scope-2b-pt-res", "layer_5/width_1m/average_l0_114") == \
+        "gemma-2-2b/5-gemmascope-res-1m"
+    assert neuronpedia_id("google/gemma-scope-2b-pt-res", "layer_5/width_16k/average_l0_143") == \
+        "gemma-2-2b/5-gemmascope-res-16k__l0-143"  # listed once: its own id
 
 
 def test_the_generator_writes_what_the_reader_reads(tmp_path, monkeypatch):

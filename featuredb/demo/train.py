@@ -379,18 +379,33 @@ def transformer_lens_hook(hook: str) -> str:
     raise HookError(f"hook {hook!r}: save_saelens writes residual-stream SAEs only (layer input or output)")
 
 
+# The SAELens 6 layout: SAEConfig fields (d_in, d_sae, dtype, ...) and the architecture's own fields (k,
+# rescale_acts_by_decoder_norm) at the top level, what the SAE was trained on under "metadata". SAELens 6
+# reads a file whose metadata.sae_lens_version is missing, null or < 6.0.0-rc.0 as pre-6 and rebuilds
+# metadata from top-level keys only, dropping hook_name, model_name and context_size; so we declare the
+# first 6.x layout. sae_lens_training_version stays null: SAELens writes null there for every SAE it did
+# not train itself (its Gemma Scope, Llama Scope... converters).
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
 def save_saelens(coder: SparseCoder, directory: str | Path, hook_name: str | None = None,
                  model_name: str | None = None, *, context_size: int | None = None,
                  dataset_path: str | None = None, extra_metadata: dict | None = None) -> Path:
     """Write `cfg.json` + `sae_weights.safetensors` in SAELens 6's format (architecture "topk").
 
     hook_name: TransformerLens form (`blocks.L.hook_resid_post`); default from coder.hook.
-    `load_coder(directory)` reads it back with the hook `model.layers.L.output`.
+    `load_coder(directory)` reads it back with the hook `model.layers.L.output`, and SAELens 6's
+    `SAE.load_from_disk(directory)` with its hook_name, model_name and context_size.
     """
     from safetensors.torch import save_file
 
     if coder.architecture != "topk" or coder.kind != "sae" or not coder.apply_b_dec_to_input:
         raise ValueError("save_saelens writes TopK SAEs that subtract b_dec from their input")
+    norms = coder.W_dec.detach().float().norm(dim=1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
+        # rescale_acts_by_decoder_norm=True (below) is only a no-op for unit decoder rows
+        raise ValueError(f"save_saelens writes TopK SAEs with unit-norm decoder rows; norms range "
+                         f"{float(norms.min()):.4g}..{float(norms.max()):.4g}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hook_name = transformer_lens_hook(hook_name or coder.hook)
@@ -399,14 +414,15 @@ def save_saelens(coder: SparseCoder, directory: str | Path, hook_name: str | Non
                                ("b_enc", coder.b_enc), ("b_dec", coder.b_dec))}
     save_file(tensors, str(directory / "sae_weights.safetensors"))
     metadata = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
         "model_name": model_name or coder.model_name,
         "hook_name": hook_name,
         "hook_head_index": None,
+        "hf_hook_name": coder.hook,  # the exact site in HF module names, as SAELens records for Gemma Scope 2
         "prepend_bos": True,
         "context_size": context_size,
         "dataset_path": dataset_path,
-        "sae_lens_version": None,
-        "sae_lens_training_version": None,
         "trained_with": "featuredb.demo.train",
         **(extra_metadata or {}),
     }
@@ -420,7 +436,9 @@ def save_saelens(coder: SparseCoder, directory: str | Path, hook_name: str | Non
         "normalize_activations": "none",
         "reshape_activations": "none",
         "k": coder.k,
-        "rescale_acts_by_decoder_norm": False,
+        # True, as SAELens' own TopK trainer saves: with unit decoder rows it changes no activation, and
+        # SAELens' TopKSAE.fold_W_dec_norm (SAEDashboard calls it before anything else) refuses False
+        "rescale_acts_by_decoder_norm": True,
         "metadata": metadata,
     }
     (directory / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -7,8 +7,14 @@ Formats, told apart by the files in the coder's directory:
     params.safetensors + config.json    Gemma Scope 2 (Gemma 3)
     cfg.json + sae_weights.safetensors  SAELens (jumprelu / topk / standard)
 
-A coder spec is `[ID=]PATH_OR_HUBREF[@HOOK]`; a hub reference is `owner/repo/sub/folder`
-(or `hf://owner/repo[/sub/folder]`) and is fetched with huggingface_hub.
+A coder spec is `[ID=]PATH_OR_HUBREF[@HOOK]` or `[ID=]RELEASE:SAE_ID[@HOOK]`. A hub reference is
+`owner/repo/sub/folder` (or `hf://owner/repo[/sub/folder]`) and is fetched with huggingface_hub,
+only the coder's own files, configs first; RELEASE:SAE_ID is SAELens's name of a Gemma Scope coder,
+resolved offline to its hub reference by featuredb.runtime.registry.
+
+Multi-layer coders (Gemma Scope 2 CLTs and crosscoders: one config.json, one
+params_layer_{i}.safetensors per layer) are refused by their config's type, before any weights
+are read or fetched.
 
 Encode precision: the matmul runs in the coder's own dtype (float32 as shipped; on a GPU a
 bf16 matmul accumulates in float32 anyway) and the JumpReLU threshold is kept and compared in
@@ -27,8 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from featuredb.runtime.hooks import HookError, from_transformer_lens, parse_hook
 from featuredb.errors import CoderError
+from featuredb.runtime import registry
+from featuredb.runtime.hooks import HookError, from_transformer_lens, parse_hook
 
 ARCHITECTURES = ("jumprelu", "topk", "relu")
 KINDS = ("sae", "transcoder", "skip_transcoder")
@@ -36,7 +43,10 @@ KINDS = ("sae", "transcoder", "skip_transcoder")
 GS1_WEIGHTS = "params.npz"
 GS2_WEIGHTS, GS2_CONFIG = "params.safetensors", "config.json"
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
-_ROOT_FILES = (GS1_WEIGHTS, GS2_WEIGHTS, GS2_CONFIG, SAELENS_WEIGHTS, SAELENS_CONFIG)
+_CONFIG_FILES = (GS2_CONFIG, SAELENS_CONFIG)
+_ROOT_FILES = (GS1_WEIGHTS, GS2_WEIGHTS, SAELENS_WEIGHTS) + _CONFIG_FILES  # every file a single-layer coder reads
+_LAYER_FILES = "params_layer_*.safetensors"  # one per layer of a multi-layer coder (CLT, crosscoder)
+_MULTI_LAYER = {"clt": "cross-layer transcoder", "crosscoder": "crosscoder"}  # Gemma Scope 2 config `type`
 # Pickled PyTorch weights are never loaded: unpickling a downloaded file can run its code.
 _PICKLED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
@@ -246,9 +256,29 @@ def parse_coder_spec(spec: str) -> tuple[str | None, str, str | None]:
     return coder_id, text, hook
 
 
+def named_coder(location: str) -> registry.ResolvedCoder | None:
+    """The registry's coder when `location` is RELEASE:SAE_ID, else None (a path or hub reference).
+
+    `X:Y` is a release name only when X has no '/' and `X:Y` is no existing path, so `./dir:name`
+    and `hf://...` keep their meaning; an unknown release is a CoderError naming close matches.
+    """
+    release, colon, sae_id = location.partition(":")
+    if not colon or "/" in release or location.startswith("hf://") or Path(location).expanduser().exists():
+        return None
+    try:
+        return registry.resolve(release, sae_id)
+    except CoderError as e:
+        raise CoderError(f"coder {location!r}: {e}; nor is it an existing path") from None
+
+
 def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None = None) -> SparseCoder:
-    """Load one coder from `[ID=]PATH_OR_HUBREF[@HOOK]` (see the module doc for formats)."""
+    """Load one coder from `[ID=]PATH_OR_HUBREF[@HOOK]` or `[ID=]RELEASE:SAE_ID[@HOOK]` (see the module doc)."""
     coder_id, location, hook = parse_coder_spec(spec)
+    named = named_coder(location)
+    if named is not None:
+        location = named.hub_ref
+        # readable and unique per release: gemma-scope-2b-pt-res-canonical-layer_12-width_16k-canonical
+        coder_id = coder_id or _clean_id(f"{named.release}-{named.sae_id}".replace("/", "-"))
     path = Path(location).expanduser()
     if path.exists():
         directory = path.parent if path.is_file() else path
@@ -263,9 +293,22 @@ def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None 
         raise CoderError(f"coder directory not found: {location}")
 
     coder = _load_directory(directory, label=label, source=source, model_is_gemma=model_is_gemma, hook=hook)
+    if named is not None and hook is None:
+        _check_registry_hooks(coder, named)
     if coder_id is not None:
         coder.coder_id = coder_id
     return coder
+
+
+def _check_registry_hooks(coder: SparseCoder, named: registry.ResolvedCoder) -> None:
+    """The files' own hooks (config or path rules) must be the ones the registry's layout gives: a
+    mismatch means a mislabelled folder, and indexing it would store features under the wrong site."""
+    if named.hook is None or (coder.hook, coder.hook_out) == (named.hook, named.hook_out):
+        return
+    raise CoderError(
+        f"coder {named.release}:{named.sae_id} ({coder.source}) reads {coder.hook} -> {coder.hook_out}, but the "
+        f"registry's layout says {named.hook} -> {named.hook_out}; give the hook as @HOOK if the files are right"
+    )
 
 
 def _looks_like_hub_ref(location: str) -> bool:
@@ -284,19 +327,30 @@ def _split_hub_ref(location: str) -> tuple[str, str]:
 
 
 def _download(location: str, repo_id: str, sub: str, cache_dir: str | None) -> Path:
-    import huggingface_hub  # looked up at call time so tests can monkeypatch snapshot_download
-
-    # a whole-repo reference fetches only the coder files at its root, not every subfolder
-    patterns = [f"{sub}/*"] if sub else list(_ROOT_FILES)
-    try:
-        root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
-    except Exception as e:  # offline, unknown repo, no auth, network error: all one story to the user
-        raise CoderError(f"cannot download coder {location!r} from the hub: {_short_reason(e)}") from None
-    directory = Path(root) / sub if sub else Path(root)
+    """Fetch only the files a single-layer coder reads, never a whole folder: a Gemma Scope 2 CLT
+    folder is ~30 GB of params_layer_*.safetensors. The configs come first (kilobytes), so a
+    multi-layer coder is refused before any weights are fetched; the weights are then asked for
+    with the configs again, so both come from one snapshot even if the repo moved in between."""
+    label = f"{repo_id}/{sub}" if sub else repo_id
+    configs = _snapshot(location, repo_id, sub, _CONFIG_FILES, cache_dir)
+    _refuse_multi_layer(configs, label)
+    directory = _snapshot(location, repo_id, sub, _ROOT_FILES, cache_dir)
     if not directory.is_dir() or not any(directory.iterdir()):
         where = f"no files under {sub!r}" if sub else "no coder files at the root"
         raise CoderError(f"cannot download coder {location!r} from the hub: {where} in {repo_id}")
     return directory
+
+
+def _snapshot(location: str, repo_id: str, sub: str, names: tuple[str, ...], cache_dir: str | None) -> Path:
+    """The local folder of `sub` holding those of `names` that exist there (in the hub cache)."""
+    import huggingface_hub  # looked up at call time so tests can monkeypatch snapshot_download
+
+    patterns = [f"{sub}/{name}" if sub else name for name in names]
+    try:
+        root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown repo, no auth, network error: all one story to the user
+        raise CoderError(f"cannot download coder {location!r} from the hub: {_short_reason(e)}") from None
+    return Path(root) / sub if sub else Path(root)
 
 
 def _short_reason(e: BaseException) -> str:
@@ -313,6 +367,7 @@ def _short_reason(e: BaseException) -> str:
 def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma: bool, hook: str | None) -> SparseCoder:
     if not directory.is_dir():
         raise CoderError(f"coder directory not found: {directory}")
+    _refuse_multi_layer(directory, str(directory))  # before any hook parsing: their hooks are model.layers.{all}...
     names = {p.name for p in directory.iterdir()}
     if SAELENS_CONFIG in names:
         coder = _load_saelens(directory, source, model_is_gemma)
@@ -320,8 +375,6 @@ def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma:
         coder = _load_gemma_scope_2(directory, source)
     elif GS1_WEIGHTS in names:
         coder = _load_gemma_scope_1(directory, label, source, hook_given=hook is not None)
-    elif any(n.startswith("params_layer_") for n in names):
-        raise CoderError(f"{directory}: per-layer params_layer_*.safetensors (CLT / crosscoder) are not supported yet")
     else:
         _refuse_pickled(directory)
         raise CoderError(
@@ -329,6 +382,23 @@ def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma:
             "or cfg.json + sae_weights.safetensors)"
         )
     return _with_hook(coder, hook, model_is_gemma) if hook is not None else coder
+
+
+def _refuse_multi_layer(directory: Path, where: str) -> None:
+    """Refuse a CLT or crosscoder, told by its config.json `type` (or, without one, by per-layer weight
+    files and no single-layer ones). Each of its files is a slot of one coder whose features decode to
+    several layers: indexing one file as a coder of its own would misstate what its features do."""
+    config = directory / GS2_CONFIG
+    coder_type = _read_json(config).get("type") if config.is_file() else None
+    layer_files = sorted(directory.glob(_LAYER_FILES)) if directory.is_dir() else []
+    single_layer = any((directory / name).is_file() for name in (GS1_WEIGHTS, GS2_WEIGHTS, SAELENS_WEIGHTS))
+    if coder_type not in _MULTI_LAYER and (single_layer or not layer_files):
+        return
+    what = _MULTI_LAYER.get(coder_type, "multi-layer coder")
+    details = [f"type {coder_type}"] if coder_type in _MULTI_LAYER else []
+    # from the hub only the config was fetched: the weight files are named, not counted
+    details.append(f"{len(layer_files)} {_LAYER_FILES} files" if layer_files else f"one {_LAYER_FILES} per layer")
+    raise CoderError(f"{where} is a {what} ({', '.join(details)}): multi-layer coders cannot be indexed yet")
 
 
 def _with_hook(coder: SparseCoder, hook: str, model_is_gemma: bool) -> SparseCoder:
@@ -495,9 +565,7 @@ def _load_gemma_scope_2(directory: Path, source: str) -> SparseCoder:
             _refuse_pickled(directory)
             raise CoderError(f"{directory}: Gemma Scope 2 coder without {needed.name}")
     cfg = _read_json(cfg_path)
-    coder_type = cfg.get("type", "sae")
-    if coder_type in ("clt", "crosscoder"):
-        raise CoderError(f"{directory}: Gemma Scope 2 {coder_type} coders are not supported yet")
+    coder_type = cfg.get("type", "sae")  # clt and crosscoder were refused by _refuse_multi_layer
     if coder_type not in ("sae", "transcoder"):
         raise CoderError(f"{cfg_path}: unknown coder type {coder_type!r} (known: sae, transcoder)")
     if cfg.get("architecture", "jump_relu") != "jump_relu":
@@ -602,4 +670,8 @@ def _fold_decoder_norm(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, path: Path) 
     if W_dec.ndim != 2 or W_enc.ndim != 2 or W_dec.shape[0] != W_enc.shape[1] or b_enc.shape != W_enc.shape[1:]:
         raise CoderError(f"{path}: W_enc {_shape(W_enc)}, b_enc {_shape(b_enc)} and W_dec {_shape(W_dec)} disagree")
     norm = W_dec.norm(dim=-1)  # [d_sae]
+    if torch.allclose(norm.float(), torch.ones_like(norm, dtype=torch.float32), rtol=0, atol=1e-5):
+        # unit rows (featuredb's save_saelens, SAELens' own TopK trainer): the fold would change
+        # nothing but the last bit of every weight, and so of every activation
+        return W_enc, b_enc, W_dec
     return W_enc * norm, b_enc * norm, W_dec / norm[:, None]

@@ -24,7 +24,32 @@ HOOK_PREFIX = "model.layers."
 POINTS = ("output", "input", "normalized_input")
 
 _SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
-_TL_NAME = re.compile(r"blocks\.([0-9]+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|attn\.hook_z)")
+
+# TransformerLens hook -> (module path, point) on Gemma 2/3, and on Llama-style pre-norm layers. The
+# meanings are TransformerLens' own (components/transformer_block.py, rms_norm.py); the decoder layers
+# are transformers' (Gemma2/Gemma3DecoderLayer, LlamaDecoderLayer):
+#   Gemma:  h = x + post_attention_layernorm(self_attn(input_layernorm(x)))
+#           out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))
+#   Llama:  h = x + self_attn(input_layernorm(x));  out = h + mlp(post_attention_layernorm(h))
+_TL_SITES: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "hook_resid_pre": (("", "input"), ("", "input")),
+    "hook_resid_post": (("", "output"), ("", "output")),
+    # what joins the residual stream: on Gemma the attention / MLP output after its post-norm
+    # (TransformerLens applies ln1_post / ln2_post before these hooks)
+    "hook_attn_out": (("post_attention_layernorm", "output"), ("self_attn.o_proj", "output")),
+    "hook_mlp_out": (("post_feedforward_layernorm", "output"), ("mlp", "output")),
+    # the residual after attention, before the MLP: h above, the input of the pre-MLP norm
+    "hook_resid_mid": (("pre_feedforward_layernorm", "input"), ("post_attention_layernorm", "input")),
+    # TransformerLens' hook_mlp_in is h as well: it fires on the input of ln2, before the norm
+    # (`self.ln2(self.hook_mlp_in(resid_mid.clone()))`), not on the normed MLP input
+    "hook_mlp_in": (("pre_feedforward_layernorm", "input"), ("post_attention_layernorm", "input")),
+    # ln2.hook_normalized: h / RMS(h), before the norm's gain (Gemma Scope 1 transcoder input)
+    "ln2.hook_normalized": (("pre_feedforward_layernorm", "normalized_input"),
+                            ("post_attention_layernorm", "normalized_input")),
+    # the concatenated head outputs, before o_proj
+    "attn.hook_z": (("self_attn.o_proj", "input"), ("self_attn.o_proj", "input")),
+}
+_TL_NAME = re.compile(r"blocks\.([0-9]+)\.(" + "|".join(re.escape(hook) for hook in _TL_SITES) + ")")
 
 
 @dataclass(frozen=True)
@@ -77,23 +102,19 @@ def hook_site_kind(name: str) -> str:
 def from_transformer_lens(name: str, *, gemma: bool) -> str:
     """Translate a SAELens / TransformerLens hook name to ours; names already ours pass through.
 
-    `gemma` picks the MLP-out site: Gemma's MLP output goes through post_feedforward_layernorm
-    before joining the residual stream, and that normed value is what Gemma Scope read.
+    `gemma` picks the layer layout (see _TL_SITES): Gemma 2/3 norm the attention and MLP outputs
+    before they join the residual stream, and their pre-MLP norm is pre_feedforward_layernorm;
+    otherwise the layer is Llama-style (pre-MLP norm post_attention_layernorm, no output norms).
     """
     text = name.strip() if isinstance(name, str) else name
     if isinstance(text, str) and text.startswith("model."):
         return parse_hook(text).name
     match = _TL_NAME.fullmatch(text) if isinstance(text, str) else None
     if match is None:
+        known = " / ".join(_TL_SITES)
         raise HookError(
-            f"unsupported hook name {name!r}: expected blocks.<L>.hook_resid_post / hook_resid_pre / "
-            "hook_mlp_out / attn.hook_z, or a 'model.layers.<L>...' name"
+            f"unsupported hook name {name!r}: expected blocks.<L>.<{known}>, or a 'model.layers.<L>...' name"
         )
-    layer, tl_hook = int(match.group(1)), match.group(2)
-    if tl_hook == "hook_resid_post":
-        return _site(layer, "", "output").name
-    if tl_hook == "hook_resid_pre":
-        return _site(layer, "", "input").name
-    if tl_hook == "hook_mlp_out":
-        return _site(layer, "post_feedforward_layernorm" if gemma else "mlp", "output").name
-    return _site(layer, "self_attn.o_proj", "input").name  # attn.hook_z: concatenated heads, pre-o_proj
+    gemma_site, llama_site = _TL_SITES[match.group(2)]
+    module_path, point = gemma_site if gemma else llama_site
+    return _site(int(match.group(1)), module_path, point).name

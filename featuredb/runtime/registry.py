@@ -42,6 +42,8 @@ SITE_HOOKS: dict[str, tuple[str, str]] = {
 }
 _LAYER = re.compile(r"(?:^|/)layer_(\d+)(?:[_/]|$)")
 _GEMMA_SCOPE_1_REPO = re.compile(r"-(res|mlp|att|transcoders)$")
+# huggingface_hub's cache layout; a Gemma Scope coder may be named by its params.npz
+_HUB_CACHE_PATH = re.compile(r"models--([^/]+)--([^/]+)/snapshots/[^/]+/(.+?)(?:/params\.npz)?/?$")
 
 
 @dataclass(frozen=True)
@@ -113,13 +115,34 @@ def release_rows(model: str | None = None) -> list[dict]:
 
 
 def neuronpedia_id(repo_id: str, path: str) -> str | None:
-    """Neuronpedia's id of the coder at repo/folder, where the registry knows one."""
-    for entry in releases().values():
-        if entry["repo_id"] == repo_id:
-            for _, folder, neuronpedia, _ in entry["saes"]:
-                if folder == path.strip("/") and neuronpedia:
-                    return neuronpedia
-    return None
+    """Neuronpedia's id of the coder at repo/folder, where the registry knows one.
+
+    A folder listed by a release and by its -canonical twin has two Neuronpedia sources, e.g.
+    gemma-2-2b/5-gemmascope-res-1m__l0-114 and gemma-2-2b/5-gemmascope-res-1m: the canonical one
+    (no `__`) is preferred, the source set Neuronpedia lists the coder under by default.
+    """
+    ids = [neuronpedia for entry in releases().values() if entry["repo_id"] == repo_id
+           for _, folder, neuronpedia, _ in entry["saes"] if folder == path.strip("/") and neuronpedia]
+    return min(ids, key=lambda i: ("__" in i, ids.index(i))) if ids else None
+
+
+def neuronpedia_source(source: str, hook: str | None = None) -> str | None:
+    """Neuronpedia's id of a stored coder, from its `source` as load_coder records it: a hub reference
+    `hf://owner/repo/folder`, or a local folder inside a hub cache (`models--owner--repo/snapshots/<sha>/
+    folder`); None for anything else. With `hook`, also None when the coder was indexed at another hook
+    than the registry's (an @HOOK override): it is then not the coder Neuronpedia shows."""
+    cached = _HUB_CACHE_PATH.search(source.replace("\\", "/"))
+    if cached:
+        repo_id, path = f"{cached.group(1)}/{cached.group(2)}", cached.group(3)
+    else:
+        parts = source.removeprefix("hf://").split("/")
+        if not source.startswith("hf://") or len(parts) < 3:
+            return None
+        repo_id, path = "/".join(parts[:2]), "/".join(parts[2:])
+    registry_hook = hooks_for(repo_id, path)[0]
+    if hook is not None and registry_hook is not None and hook != registry_hook:
+        return None
+    return neuronpedia_id(repo_id, path)
 
 
 def _suggest(name: str, known) -> str:

@@ -1,5 +1,10 @@
 """Export a catalogue's coders as Neuronpedia sources (layout and sidecar: see the package docstring).
 
+Source ids: `source_ids` maps a coder_id to the Neuronpedia id of the coder it is (`gemma-2-2b/
+12-gemmascope-res-16k`, which cli.py finds in featuredb.runtime.registry from the coder's stored
+source: the store does not know the registry); other coders get ids derived from their model and
+coder_id. --model-id / --source-set override both.
+
 Field mapping (Neuronpedia <- ours):
 - Neuron: maxActApprox <- max_activation, frac_nonzero <- density, freq_hist_data_bar_heights /
   _bar_values <- hist_counts and the bin centres on [0, hist_max] (SAEDashboard's bar_values are
@@ -22,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,9 +79,11 @@ def export_neuronpedia(
     source_set: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
+    source_ids: Mapping[str, str] | None = None,
 ) -> ExportResult:
     """Write the catalogue's coders (or `coder_ids`) to `out` in Neuronpedia's format (see the package
-    docstring). `out` must be empty or not exist."""
+    docstring). `out` must be empty or not exist. `source_ids`: coder_id -> Neuronpedia's
+    `modelId/{layer}-{set}` of the coders Neuronpedia already has (see the module doc)."""
     started = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise StoreError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -84,7 +91,7 @@ def export_neuronpedia(
     _require_empty_dir(out)
     store = db if isinstance(db, FeatureStore) else FeatureStore(db, read_only=True)
     coders = _selected_coders(store, coder_ids)
-    plans = _source_plans(coders, model_id, source_set)
+    plans = _source_plans(coders, model_id, source_set, source_ids or {})
     indices = {c["coder_id"]: store.features(c["coder_id"], columns=["feature"])["feature"].to_list() for c in coders}
     result = ExportResult()
     bar = progress_bar(sum(map(len, indices.values())), "export", progress)
@@ -117,13 +124,16 @@ def _selected_coders(store: FeatureStore, coder_ids: list[str] | None) -> list[d
     return coders
 
 
-def _source_plans(coders: list[dict], model_id: str | None, source_set: str | None) -> dict[str, tuple[str, str]]:
+def _source_plans(coders: list[dict], model_id: str | None, source_set: str | None,
+                  source_ids: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     """coder_id -> (modelId, sourceSetName); two coders may not become the same source."""
     plans: dict[str, tuple[str, str]] = {}
     taken: dict[str, str] = {}
     for coder in coders:
-        model = slug(model_id) if model_id else model_id_for(coder["model"])
-        set_name = slug(source_set) if source_set else source_set_for(coder["coder_id"], coder["site"], coder["width"])
+        known = _known_source(coder, source_ids.get(coder["coder_id"]))
+        model = slug(model_id) if model_id else (known[0] if known else model_id_for(coder["model"]))
+        set_name = slug(source_set) if source_set else (
+            known[1] if known else source_set_for(coder["coder_id"], coder["site"], coder["width"]))
         if not model or not set_name:
             raise StoreError(f"--model-id / --source-set must contain letters or digits, got {model_id!r} / {source_set!r}")
         source = f"{model}/{coder['layer']}-{set_name}"
@@ -133,6 +143,22 @@ def _source_plans(coders: list[dict], model_id: str | None, source_set: str | No
         taken[source] = coder["coder_id"]
         plans[coder["coder_id"]] = (model, set_name)
     return plans
+
+
+# Neuronpedia's ids as the registry has them: lowercase, '-', and '__' in gemmascope-res-16k__l0-82
+_NEURONPEDIA_ID = re.compile(r"([a-z0-9][a-z0-9._-]*)/([0-9]+)-([a-z0-9][a-z0-9._-]*)")
+
+
+def _known_source(coder: dict, source_id: str | None) -> tuple[str, str] | None:
+    """(modelId, sourceSetName) of a Neuronpedia id `modelId/{layer}-{set}` given for the coder; its
+    layer must be the coder's (the folder is named by it, and import reads the layer back from it)."""
+    if source_id is None:
+        return None
+    match = _NEURONPEDIA_ID.fullmatch(source_id)
+    if match is None or int(match.group(2)) != coder["layer"]:
+        raise StoreError(f"Neuronpedia id {source_id!r} for coder {coder['coder_id']!r} is not "
+                         f"modelId/{coder['layer']}-sourceSetName (the coder's layer is {coder['layer']})")
+    return match.group(1), match.group(3)
 
 
 def _export_coder(store: FeatureStore, coder: dict, indices: list[int], model: str, set_name: str, out: Path,
