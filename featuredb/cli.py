@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from featuredb import __version__
-from featuredb.errors import FeaturedbError, QueryError, one_line
+from featuredb.errors import FeaturedbError, QueryError, one_line, os_error_text
 
 DEFAULT_DB_HELP = "Catalogue directory or URI (default: $FEATUREDB_DB, else ./featuredb-demo/catalogue)."
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -66,7 +66,7 @@ class FeaturedbGroup(click.Group):
         except FeaturedbError as e:
             fail(one_line(e))
         except OSError as e:  # a full disk, a read-only or missing directory: the environment, not a bug
-            fail(one_line(Exception(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else e)))
+            fail(one_line(Exception(os_error_text(e))))
         except Interrupted as e:
             click.echo(RESUME_HINTS.get(e.command or "", "interrupted"), err=True)
             sys.exit(130)

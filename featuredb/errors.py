@@ -72,3 +72,9 @@ def one_line(error: BaseException) -> str:
     """The error's message on one line of at most 300 characters."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def os_error_text(error: OSError) -> str:
+    """"No space left on device: /data/db" from an OSError (its strerror and filename where it has them)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason}: {error.filename}" if error.filename else reason

@@ -14,7 +14,7 @@ Both need each coder's id and width: each coder is loaded on the CPU, one at a t
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from featuredb.errors import IndexingError
 from featuredb.indexer.distributed import Shard, assign_coders
 from featuredb.indexer.stats import StatsConfig, state_bytes
-from featuredb.runtime.coders import load_coder
+from featuredb.runtime.coders import SparseCoder, load_coder
 from featuredb.store import FeatureStore
 
 
@@ -33,13 +33,14 @@ class CoderSize:
     width: int
 
 
-def coder_sizes(specs: Sequence[str]) -> list[CoderSize]:
-    """The id and width of every coder (neither depends on the model it is read for)."""
+def coder_sizes(specs: Sequence[str], load: Callable[[str], SparseCoder] = load_coder) -> list[CoderSize]:
+    """The id and width of every coder (neither depends on the model it is read for), each loaded
+    by `load` on its own and freed before the next; two coders of one id are refused."""
     if not specs:
         raise IndexingError("give at least one --coder")
     sizes = []
     for spec in specs:
-        coder = load_coder(spec)
+        coder = load(spec)
         sizes.append(CoderSize(coder.coder_id, coder.width))
         del coder  # one coder in memory at a time
     refuse_duplicate_ids([s.coder_id for s in sizes])

@@ -413,18 +413,6 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
     return [c.to(device=device, dtype=torch.float32) for c in coders]
 
 
-def probe_coders(specs: list[str], model: SubjectModel) -> list[tuple[str, int]]:
-    """(id, width) of every coder, loaded one at a time on the CPU and checked as load_coders does
-    (the holder of a coder group cannot check the other groups' coders)."""
-    probed = []
-    for spec in specs:
-        coder = load_coders([spec], model, torch.device("cpu"))[0]
-        probed.append((coder.coder_id, coder.width))
-        del coder  # one coder in memory at a time
-    refuse_duplicate_ids([coder_id for coder_id, _ in probed])
-    return probed
-
-
 def default_work_dir(config: IndexConfig) -> Path:
     """A local directory: beside a local db, in the user's cache for an object-store db."""
     if config.work_dir:
@@ -467,8 +455,11 @@ def _coder_groups(config: IndexConfig, shard: Shard, model: SubjectModel) -> lis
     (and checks every coder) and shares the widths, so each rank then loads only its own group's."""
     if shard.groups == 1:
         return [0] * len(config.coders)
-    probed = decided_by_writer(lambda: probe_coders(config.coders, model), shard)
-    return assign_coders([width for _, width in probed], shard.groups)
+    def load_checked(spec: str) -> SparseCoder:  # checked against the model as load_coders does
+        return load_coders([spec], model, torch.device("cpu"))[0]
+
+    sizes = decided_by_writer(lambda: coder_sizes(config.coders, load_checked), shard)
+    return assign_coders([size.width for size in sizes], shard.groups)
 
 
 def _check_world_size(work_dir: Path, shard: Shard) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from featuredb.errors import FeaturedbError, StoreError
+from featuredb.errors import FeaturedbError, StoreError, os_error_text
 
 _WRAPPED_ERROR = re.compile(r"(?:LanceError\(\w+\)|I/O error): (.*)")
 _RUST_SOURCE = re.compile(r",? /\S+\.rs:\d+:\d+")
@@ -33,7 +33,7 @@ MAX_REASON_CHARS = 200
 def reason(error: BaseException) -> str:
     """What went wrong, on one short line, without Rust source locations or debug structs."""
     if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+        return os_error_text(error)
     text = " ".join(str(error).split()) or type(error).__name__
     for phrase, meaning in _OBJECT_STORE_REASONS:
         if phrase in text:
