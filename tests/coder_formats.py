@@ -231,3 +231,55 @@ def write_saelens(
             cfg.update(k=k, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm)
     (dir / "cfg.json").write_text(json.dumps(cfg, indent=2))
     return dir
+
+
+def write_gemma_scope_2_multi_layer(
+    root: Path,
+    kind: str,
+    n_slots: int,
+    d_in: int,
+    per_slot: int,
+    *,
+    layers: list[int] | None = None,
+    affine: bool = False,
+    l0: str = "medium",
+    model_name: str = "google/gemma-3-270m",
+    fire_rate: float = 0.1,
+    seed: int = 0,
+) -> Path:
+    """A Gemma Scope 2 CLT (kind 'clt', slot i = model layer i, hooks `model.layers.{all}...`) or
+    crosscoder (kind 'crosscoder' over `layers`, hooks `model.layers.{a,b,c}.output`), in the exact
+    layout: {clt|crosscoder}/<name>/config.json + params_layer_{i}.safetensors, each with w_enc [d, F],
+    b_enc [F], threshold [F], w_dec [F, n_slots, d], b_dec [d] (+ affine_skip_connection [d, d]).
+    A CLT's decoder is causal, as trained: slot l writes nothing to output layers m < l."""
+    from safetensors.numpy import save_file
+
+    assert kind in ("clt", "crosscoder"), kind
+    tag = width_label(n_slots * per_slot)
+    if kind == "clt":
+        name = f"width_{tag}_l0_{l0}" + ("_affine" if affine else "")
+        hook_in = "model.layers.{all}.pre_feedforward_layernorm.output"
+        hook_out = "model.layers.{all}.post_feedforward_layernorm.output"
+    else:
+        assert layers is not None and len(layers) == n_slots
+        name = f"layer_{'_'.join(str(layer) for layer in layers)}_width_{tag}_l0_{l0}"
+        hook_in = hook_out = "model.layers.{" + ",".join(str(layer) for layer in layers) + "}.output"
+    folder = Path(root) / kind / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for slot in range(n_slots):
+        arrays = random_coder_arrays(d_in, per_slot, fire_rate=fire_rate, affine=affine, seed=seed * 1000 + slot)
+        w_dec = rng.standard_normal((per_slot, n_slots, d_in)) / math.sqrt(d_in)
+        w_dec *= rng.uniform(0.2, 2.0, size=(per_slot, n_slots, 1))  # a profile that differs by output layer
+        if kind == "clt":
+            w_dec[:, :slot] = 0.0
+        tensors = {"w_enc": arrays["W_enc"], "b_enc": arrays["b_enc"], "threshold": arrays["threshold"],
+                   "w_dec": w_dec.astype(np.float32), "b_dec": arrays["b_dec"]}
+        if affine:
+            tensors["affine_skip_connection"] = arrays["affine_skip"]
+        save_file(tensors, str(folder / f"params_layer_{slot}.safetensors"))
+    config = {"hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out, "width": n_slots * per_slot,
+              "model_name": model_name, "architecture": "jump_relu", "l0": GS2_L0.get(l0, 60),
+              "affine_connection": affine, "type": kind}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -620,36 +620,11 @@ def test_no_recognised_files(tmp_path):
     expect_error(str(tmp_path), "no recognised coder files", tmp_path)
 
 
-def test_per_layer_files_without_a_config_are_refused_as_multi_layer(tmp_path):
+def test_per_layer_files_without_a_config_are_refused(tmp_path):
     for i in range(3):
         (tmp_path / f"params_layer_{i}.safetensors").write_bytes(b"")
-    expect_error(str(tmp_path), r"a multi-layer coder \(3 params_layer_\*.safetensors files\): multi-layer coders "
-                 "cannot be indexed yet", tmp_path)
-
-
-def write_multi_layer(folder: Path, coder_type: str, layers: int, hook_in: str, hook_out: str) -> Path:
-    """A Gemma Scope 2 CLT / crosscoder folder: config.json and params_layer_{i}.safetensors (not valid weights:
-    they must never be read)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"type": coder_type, "architecture": "jump_relu", "width": 262144, "model_name": "google/gemma-3-1b-pt",
-              "hf_hook_point_in": hook_in, "hf_hook_point_out": hook_out, "affine_connection": False}
-    (folder / "config.json").write_text(json.dumps(config))
-    for i in range(layers):
-        (folder / f"params_layer_{i}.safetensors").write_bytes(b"not read")
-    return folder
-
-
-@pytest.mark.parametrize("coder_type, layers, hook_in, hook_out, what", [
-    ("clt", 26, "model.layers.{all}.pre_feedforward_layernorm.output",
-     "model.layers.{all}.post_feedforward_layernorm.output", "a cross-layer transcoder"),
-    ("crosscoder", 4, "model.layers.{5,9,12,15}.output", "model.layers.{5,9,12,15}.output", "a crosscoder"),
-])
-def test_local_multi_layer_folder_is_refused_by_its_config_type(tmp_path, coder_type, layers, hook_in, hook_out, what):
-    folder = write_multi_layer(tmp_path / coder_type / "width_262k_l0_medium", coder_type, layers, hook_in, hook_out)
-    # the type is read before the hooks, which the hook parser would refuse with another story
-    message = expect_error(str(folder), f"{what} \\(type {coder_type}, {layers} params_layer_\\*.safetensors files\\): "
-                           "multi-layer coders cannot be indexed yet", folder)
-    assert "hook" not in message and "without params.safetensors" not in message
+    expect_error(str(tmp_path), r"params_layer_\*.safetensors files without the config.json that says what they are",
+                 tmp_path)
 
 
 def fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[str]:
@@ -672,21 +647,6 @@ def fake_hub(monkeypatch, remote: Path, snapshot: Path) -> list[str]:
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     return asked
-
-
-def test_hub_multi_layer_folder_is_refused_before_weights_are_fetched(tmp_path, monkeypatch):
-    write_multi_layer(tmp_path / "remote" / "clt" / "width_262k_l0_medium", "clt", 26,
-                      "model.layers.{all}.pre_feedforward_layernorm.output",
-                      "model.layers.{all}.post_feedforward_layernorm.output")
-    snapshot = tmp_path / "cache" / "snapshots" / "abc"
-    asked = fake_hub(monkeypatch, tmp_path / "remote", snapshot)
-    with raises_coder_error(r"^google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium is a cross-layer transcoder "
-                            r"\(type clt, one params_layer_\*.safetensors per layer\): multi-layer coders cannot be "
-                            r"indexed yet$") as excinfo:
-        load_coder("google/gemma-scope-2-1b-pt/clt/width_262k_l0_medium")
-    one_line(excinfo)
-    assert [p.name for p in (snapshot / "clt" / "width_262k_l0_medium").iterdir()] == ["config.json"]
-    assert asked == ["clt/width_262k_l0_medium/config.json", "clt/width_262k_l0_medium/cfg.json"]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "lfs_pointer", "pickled"])
@@ -851,8 +811,8 @@ def test_saelens_unsupported_hook(tmp_path):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"type": "clt"}, r"is a cross-layer transcoder \(type clt, one params_layer_\*.safetensors per layer\)"),
-        ({"type": "crosscoder"}, r"is a crosscoder \(type crosscoder, one params_layer_\*.safetensors per layer\)"),
+        ({"type": "clt"}, r"no params_layer_\*.safetensors files"),  # a single-layer folder
+        ({"type": "crosscoder"}, r"no params_layer_\*.safetensors files"),
         ({"type": "mystery"}, "unknown coder type 'mystery'"),
         ({"architecture": "topk"}, "unknown architecture 'topk'"),
     ],

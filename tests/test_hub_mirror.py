@@ -15,14 +15,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from coder_formats import write_gemma_scope_1
+from coder_formats import write_gemma_scope_1, write_gemma_scope_2_multi_layer
 from featuredb.cli import main
 from featuredb.runtime.registry import resolve
 from featuredb.store import FeatureStore
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 RELEASE, SAE_ID = "gemma-scope-2b-pt-res-canonical", "layer_1/width_16k/canonical"  # the tiny model has layers 0..2
-CLT = "clt/width_262k_l0_medium"
 
 
 def mirror(cache, repo_id: str):
@@ -99,24 +98,25 @@ def test_index_a_coder_named_by_release_from_the_hub_cache(tiny_gemma2, corpus_j
         "gemmascope-res-16k"
 
 
-def test_a_cross_layer_transcoder_on_the_hub_is_refused_before_its_weights(tiny_gemma2, corpus_jsonl, offline_hub,
-                                                                           tmp_path):
+def test_a_cross_layer_transcoder_from_the_hub_cache_indexes_fetching_only_its_files(tiny_gemma3, corpus_jsonl,
+                                                                                        offline_hub, tmp_path):
     cache, asked = offline_hub
-    repo_id = "google/gemma-scope-2-1b-pt"
-    folder = mirror(cache, repo_id) / CLT
+    repo_id = "google/gemma-scope-2-270m-pt"
+    scratch = write_gemma_scope_2_multi_layer(tmp_path / "scratch", "clt", 3, 64, 12, affine=True, fire_rate=0.15)
+    folder = mirror(cache, repo_id) / "clt" / scratch.name
     folder.mkdir(parents=True)
-    config = {"type": "clt", "architecture": "jump_relu", "width": 262080, "model_name": "google/gemma-3-1b-pt",
-              "hf_hook_point_in": "model.layers.{all}.pre_feedforward_layernorm.output",
-              "hf_hook_point_out": "model.layers.{all}.post_feedforward_layernorm.output", "affine_connection": False}
-    (folder / "config.json").write_text(json.dumps(config))
-    for i in range(26):
-        (folder / f"params_layer_{i}.safetensors").write_bytes(b"never read")
+    for file in scratch.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    decoy = folder / "params_bf16.safetensors"  # another file in the coder's folder: never asked for
+    decoy.write_bytes(b"\0" * 1024)
 
-    result = CliRunner().invoke(main, ["index", "-m", str(tiny_gemma2), "--coder", f"{repo_id}/{CLT}",
-                                       "--corpus", str(corpus_jsonl), "--db", str(tmp_path / "db"), "-q"])
-    assert result.exit_code == 1
-    assert result.stderr == (f"error: {repo_id}/{CLT} is a cross-layer transcoder (type clt, 26 "
-                             "params_layer_*.safetensors files): multi-layer coders cannot be indexed yet\n")
-    assert fetched(asked, repo_id, f"{CLT}/config.json")
-    assert not any(fetched(asked, repo_id, f"{CLT}/params_layer_{i}.safetensors") for i in range(26))
-    assert not (tmp_path / "db").exists()
+    db = tmp_path / "db"
+    result = CliRunner().invoke(main, ["index", "-m", str(tiny_gemma3), "--coder", f"{repo_id}/clt/{scratch.name}",
+                                       "--corpus", str(corpus_jsonl), "--db", str(db), "--context", "16", "-q"])
+    assert result.exit_code == 0, result.output
+    (stored,) = FeatureStore(str(db)).coders().to_dicts()
+    assert (stored["kind"], stored["width"], stored["layers"]) == ("clt", 36, [0, 1, 2])
+    assert stored["source"] == f"hf://{repo_id}/clt/{scratch.name}"
+    assert fetched(asked, repo_id, f"clt/{scratch.name}/config.json")
+    assert all(fetched(asked, repo_id, f"clt/{scratch.name}/params_layer_{i}.safetensors") for i in range(3))
+    assert not fetched(asked, repo_id, f"clt/{scratch.name}/{decoy.name}")

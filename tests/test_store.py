@@ -31,6 +31,7 @@ from featuredb.store import feature_store as feature_store_module
 from featuredb.store.decoder_vectors import write_decoder_vectors
 from featuredb.store.descriptions import current_descriptions, sync_features, write_descriptions
 from featuredb.store.failures import is_io_failure, reason, writing
+from featuredb.store.schema import conform_table
 
 DIM = 4
 CREATED = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -53,7 +54,7 @@ def make_sae(coder_id: str, width: int = 4, **overrides) -> dict:
     sae = dict(
         coder_id=coder_id, model="tiny-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
         site="res", layer=1, architecture="jumprelu", kind="sae", d_in=8, d_out=8, width=width,
-        source="local:test", tokens_indexed=1000, contexts_indexed=50, context=3, top_k=2, created_at=CREATED,
+        source="local:test", tokens_indexed=1000, contexts_indexed=50, context=3, top_k=2, created_at=CREATED, layers=None,
     )
     sae.update(overrides)
     return sae
@@ -112,7 +113,7 @@ def write(store: FeatureStore, coder_id: str, indices=(0, 1, 2, 3), *, top: int 
 
 
 def expected_frame(columns: dict, schema: pa.Schema, sort_by: list[str]) -> pl.DataFrame:
-    return pl.from_arrow(pa.table(columns).select(schema.names).cast(schema)).sort(sort_by)
+    return pl.from_arrow(conform_table(columns, schema, "expected")).sort(sort_by)  # absent optional columns: null
 
 
 def db_snapshot(path: Path) -> dict[str, str]:
@@ -168,7 +169,7 @@ def test_write_then_read_back_equal(store):
         expected_frame(examples, examples_schema(), ["feature", "kind", "rank"])
     )
     row = store.feature_row("sae-a", 2)
-    assert row == {name: values[2] for name, values in features.items()}
+    assert row == {name: values[2] for name, values in features.items()} | {"layer_write": None}
     assert store.feature_row("sae-a", 1)["vector"] is None and store.feature_row("sae-a", 1)["description"] is None
     assert store.feature_row("sae-a", 7) is None
 

@@ -117,8 +117,13 @@ def top_token_counts(stats: FeatureStats, contexts: ContextStore, vocab: np.ndar
 
 
 def feature_rows(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours: tuple[torch.Tensor, torch.Tensor],
-                 contexts: ContextStore, vocab: np.ndarray) -> dict:
+                 contexts: ContextStore, vocab: np.ndarray, slots: list[tuple[int, str]] | None = None,
+                 layer_write: torch.Tensor | None = None) -> dict:
+    """`slots`: the (layer, hook) each slot of features reads, layer-major (default: the coder's one);
+    `layer_write` [F, output layers]: a multi-layer coder's decoder norm per output layer."""
     F = stats.width
+    slots = slots or [(sae["layer"], sae["hook"])]
+    per_slot = F // len(slots)
     mean, std = stats.mean_std()
     top_tokens, top_counts = top_token_counts(stats, contexts, vocab)
     neighbour_ids, neighbour_cosines = neighbours
@@ -127,8 +132,8 @@ def feature_rows(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours
         "coder_id": [sae["coder_id"]] * F,
         "feature": np.arange(F, dtype=np.int64),
         "model": [sae["model"]] * F,
-        "layer": np.full(F, sae["layer"], dtype=np.int32),
-        "hook": [sae["hook"]] * F,
+        "layer": np.repeat(np.asarray([layer for layer, _ in slots], dtype=np.int32), per_slot),
+        "hook": [hook for _, hook in slots for _ in range(per_slot)],
         "site": [sae["site"]] * F,
         "active_count": stats.active_count.cpu().numpy(),
         "density": stats.density().cpu().numpy(),
@@ -152,4 +157,5 @@ def feature_rows(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours
         "description_model": [None] * F,
         "embedding_model": [None] * F,
         "vector": [None] * F,
+        "layer_write": [None] * F if layer_write is None else as_lists(layer_write.float()),
     }

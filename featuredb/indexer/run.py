@@ -39,8 +39,9 @@ from featuredb.indexer.records import example_rows, feature_rows, vocabulary_str
 from featuredb.indexer.stats import FeatureStats, StatsConfig
 from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir,
                                        removed_unless_resumable, saved_coder_groups, saved_world_sizes)
-from featuredb.runtime.coders import SparseCoder, load_coder
-from featuredb.runtime.hooks import hook_site_kind
+from featuredb.runtime.coders import Coder, load_coder
+from featuredb.runtime.hooks import hook_site_kind, parse_hook
+from featuredb.runtime.multilayer import KINDS as MULTI_LAYER_KINDS
 from featuredb.runtime.model import SubjectModel, load_model
 from featuredb.store import FeatureStore
 from featuredb.store.connect import is_remote
@@ -142,7 +143,7 @@ class Run:
     store: FeatureStore | None  # the catalogue: on rank 0 alone, which writes it
     model: SubjectModel
     group_of: list[int]  # the coder group of each coder of config.coders
-    coders: list[SparseCoder]  # the coders this process holds: its group's
+    coders: list[Coder]  # the coders this process holds: its group's
     stats: list[FeatureStats]  # one per coder of `coders`, on the device
     progress: Progress  # where this rank stands in the corpus stream
     checkpoints: Checkpoints  # this rank's
@@ -181,7 +182,7 @@ class Run:
     @property
     def hooks(self) -> list[str]:
         """The hooks this process's coders read."""
-        return sorted({c.hook for c in self.coders})
+        return sorted({hook for coder in self.coders for hook in coder.hooks})
 
     # --- streaming ------------------------------------------------------------------------------
 
@@ -241,8 +242,8 @@ class Run:
         context_ids = torch.arange(first, first + len(batch.windows), device=device)
         context_index = np.arange(first, first + len(batch.windows))  # the same on the host: no device sync
         for coder, coder_stats in zip(self.coders, self.stats):
-            mask, n_counted = counts[coder.hook]
-            acts = coder.encode(activations[coder.hook].float())
+            mask, n_counted = _counted_by(coder, counts)
+            acts = coder.encode_hooked(activations)
             acts.mul_(mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
             coder_stats.update(acts, context_ids, n_counted)
 
@@ -273,7 +274,7 @@ class Run:
         barrier(self.shard)  # every rank keeps its checkpoint until the catalogue is written
         return written
 
-    def every_coder(self) -> Iterator[tuple[SparseCoder, FeatureStats]]:
+    def every_coder(self) -> Iterator[tuple[Coder, FeatureStats]]:
         """Rank 0, after the merge: every coder of the run with its merged statistics, in the order
         given. Group 0's are already here; another group's coder is loaded again, and its leader
         sends its statistics (`_hand_over`), one coder at a time, so rank 0 holds at most one of them."""
@@ -288,7 +289,7 @@ class Run:
             yield coder, coder_stats
             del coder, coder_stats  # before the next coder arrives
 
-    def write_coders(self, store: FeatureStore, coders: Iterator[tuple[SparseCoder, FeatureStats]],
+    def write_coders(self, store: FeatureStore, coders: Iterator[tuple[Coder, FeatureStats]],
                      contexts: ContextStore | LoadedContexts) -> list[str]:
         """Write every coder's rows; returns their ids."""
         unembed = self.model.unembed()
@@ -296,14 +297,19 @@ class Run:
         written = []
         for coder, coder_stats in coders:
             record = coder_record(self.config, coder, self.progress)
-            logits = logit_tables(coder.W_dec, unembed, self.model.direction_to_residual(coder.hook_out))
-            neighbours = decoder_neighbours(coder.W_dec)
+            # a multi-layer coder's decoder is read here, once, from its files (runtime/multilayer.py)
+            total_write, layer_write = coder.decoder_summary()
+            total_write = total_write.to(self.device)
+            # a multi-layer coder writes to one site at several layers: one map serves them all
+            logits = logit_tables(total_write, unembed, self.model.direction_to_residual(coder.hooks_out[0]))
+            neighbours = decoder_neighbours(total_write)
             store.write_coder(
                 record,
-                feature_rows(record, coder_stats, logits, neighbours, contexts, vocab),
+                feature_rows(record, coder_stats, logits, neighbours, contexts, vocab,
+                             slots=list(zip(coder.layers, coder.hooks)), layer_write=layer_write),
                 example_rows(coder.coder_id, coder_stats, contexts, vocab),
             )
-            write_decoder_vectors(store, coder.coder_id, coder.W_dec)  # for similarity search across coders
+            write_decoder_vectors(store, coder.coder_id, total_write)  # for similarity search across coders
             store.forget_import(coder.coder_id)  # indexed here now: its model and coder are the user's
             written.append(coder.coder_id)
             del coder, coder_stats  # a coder received from another group is freed before the next one
@@ -397,18 +403,25 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> list[SparseCoder]:
-    """Load every coder and check it fits its hook on this model before anything runs."""
+def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> list[Coder]:
+    """Load every coder and check it fits its hooks on this model before anything runs."""
     if not specs:
         raise IndexingError("give at least one --coder")
     is_gemma = "gemma" in type(model.model).__name__.lower()
     coders = [load_coder(spec, model_is_gemma=is_gemma) for spec in specs]
     refuse_duplicate_ids([c.coder_id for c in coders])
-    dims = model.hook_dims(sorted({c.hook for c in coders}))
     for coder in coders:
-        if dims[coder.hook] != coder.d_in:
-            raise CoderError(f"coder {coder.coder_id} expects d_in={coder.d_in}, but hook {coder.hook} "
-                             f"of this model gives {dims[coder.hook]}")
+        if getattr(coder, "every_layer", False) and coder.n_slots != model.n_layers:
+            raise CoderError(f"coder {coder.coder_id} reads every layer ({{all}}) with {coder.n_slots} slots, but "
+                             f"model {model.name} has {model.n_layers} layers: it was trained for another model")
+        for hook in coder.hooks_out:
+            model.module_at(parse_hook(hook))  # HookError naming the layer count when out of range
+    dims = model.hook_dims(sorted({hook for coder in coders for hook in coder.hooks}))
+    for coder in coders:
+        for hook in coder.hooks:
+            if dims[hook] != coder.d_in:
+                raise CoderError(f"coder {coder.coder_id} expects d_in={coder.d_in}, but hook {hook} "
+                                 f"of this model gives {dims[hook]}")
     # encode in float32: JumpReLU thresholds are compared at full precision
     return [c.to(device=device, dtype=torch.float32) for c in coders]
 
@@ -455,7 +468,7 @@ def _coder_groups(config: IndexConfig, shard: Shard, model: SubjectModel) -> lis
     (and checks every coder) and shares the widths, so each rank then loads only its own group's."""
     if shard.groups == 1:
         return [0] * len(config.coders)
-    def load_checked(spec: str) -> SparseCoder:  # checked against the model as load_coders does
+    def load_checked(spec: str) -> Coder:  # checked against the model as load_coders does
         return load_coders([spec], model, torch.device("cpu"))[0]
 
     sizes = decided_by_writer(lambda: coder_sizes(config.coders, load_checked), shard)
@@ -570,6 +583,17 @@ def typical_tokens(x: torch.Tensor, count_mask: torch.Tensor, ratio: float) -> t
     return count_mask & ~(norms > ratio * median)
 
 
+def _counted_by(coder: Coder, counts: dict[str, tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """The positions that count for `coder` and how many: its hook's; for a multi-layer coder, those
+    that count at every hook it reads (they differ only when outliers are left out)."""
+    if len(coder.hooks) == 1:
+        return counts[coder.hook]
+    mask = counts[coder.hooks[0]][0]
+    for hook in coder.hooks[1:]:
+        mask = mask & counts[hook][0]
+    return mask, int(mask.sum())
+
+
 def _document_rows(windows: list[Window], progress: Progress) -> tuple[np.ndarray, list[str]]:
     """Per window: its document's position in the context store's doc list; and the documents new
     to that list (a rank may see a document first at any of its windows)."""
@@ -594,8 +618,13 @@ def _advance_stream(progress: Progress, windows: list[Window], counted: int) -> 
 # --- the catalogue's rows --------------------------------------------------------------------------
 
 
-def coder_record(config: IndexConfig, coder: SparseCoder, progress: Progress) -> dict:
-    site = "transcoder" if coder.kind != "sae" else hook_site_kind(coder.hook)
+def coder_record(config: IndexConfig, coder: Coder, progress: Progress) -> dict:
+    """The coder's row of the catalogue. A multi-layer coder's hook names every layer it reads
+    (model.layers.{5,9,12}.output), `layer` is the first of them and `layers` all of them."""
+    if coder.kind in ("transcoder", "skip_transcoder", "clt"):
+        site = "transcoder"
+    else:
+        site = hook_site_kind(coder.hooks[0])
     if site not in ("res", "mlp", "att", "transcoder"):
         site = "other"
     return dict(
@@ -603,7 +632,7 @@ def coder_record(config: IndexConfig, coder: SparseCoder, progress: Progress) ->
         layer=coder.layer, architecture=coder.architecture, kind=coder.kind, d_in=coder.d_in,
         d_out=coder.d_out, width=coder.width, source=_absolute_if_local(coder.source),
         tokens_indexed=progress.stream_tokens, contexts_indexed=progress.stream_contexts, context=config.context,
-        top_k=config.stats.top_k,
+        top_k=config.stats.top_k, layers=coder.layers if coder.kind in MULTI_LAYER_KINDS else None,
     )
 
 

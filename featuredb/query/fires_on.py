@@ -76,7 +76,7 @@ def fires_on(reader: Reader, text: str, *, coders: list[str] | str | None = None
     chosen = _positions(positions, len(token_ids))
     loaded = [_coder(reader, row, shared.model) for row in coders.iter_rows(named=True)]
     try:
-        captured = shared.capture(token_ids, {c.hook for c in loaded})
+        captured = shared.capture(token_ids, {hook for c in loaded for hook in c.hooks})
     except Exception as e:  # HookError / ModelError / torch errors: one line for the user
         raise QueryError(f"forward pass failed: {one_line(e)}") from None
 
@@ -125,7 +125,7 @@ def _active(reader: Reader, loaded: list, captured: dict, max_density: float | N
     """Every nonzero activation of every coder: coder_id, feature, position, activation."""
     parts = []
     for coder in loaded:
-        pos, feat, val = _sparse_activations(coder, captured[coder.hook][1:])  # BOS dropped
+        pos, feat, val = _sparse_activations(coder, {hook: captured[hook][1:] for hook in coder.hooks})  # BOS dropped
         if max_density is not None and len(feat):
             density = _coder_density(reader, coder.coder_id, coder.width)
             keep = ~(density[feat] > float(max_density))  # unknown density (NaN) is kept
@@ -202,7 +202,8 @@ def _load_coder(stored: dict, model):
     if not source:
         raise QueryError(f"coder {stored['coder_id']!r} has no stored source to load it from")
     prefix = f"{stored['coder_id']}=" if _ID_CHARS.fullmatch(stored["coder_id"]) else ""
-    spec = f"{prefix}{source}@{stored['hook']}"
+    # a multi-layer coder's hooks come from its own config (its stored hook names them all)
+    spec = f"{prefix}{source}" + ("" if stored.get("layers") else f"@{stored['hook']}")
     is_gemma = "gemma" in type(model.model).__name__.lower()
     try:
         coder = load_coder(spec, model_is_gemma=is_gemma)
@@ -215,16 +216,16 @@ def _load_coder(stored: dict, model):
     return coder.to(device=model.device, dtype=torch.float32)
 
 
-def _sparse_activations(coder, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(position, feature, value) of every nonzero activation of x [T, d_in]."""
+def _sparse_activations(coder, inputs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position, feature, value) of every nonzero activation, from {hook: [T, d_in]} of the hooks it reads."""
     import torch
 
-    T = x.shape[0]
+    T = next(iter(inputs.values())).shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(1, coder.width))
     positions, features, values = [], [], []
     with torch.inference_mode():
         for start in range(0, T, step):
-            acts = coder.encode(x[start:start + step].float())
+            acts = coder.encode_hooked({hook: x[start:start + step].float() for hook, x in inputs.items()})
             pos, feat = acts.nonzero(as_tuple=True)
             positions.append((pos + start).cpu().numpy())
             features.append(feat.cpu().numpy())

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from featuredb.errors import FeaturedbError, NotFound, QueryError, one_line
 from featuredb.store import CODERS_TABLE, EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore, Filter, StoreError
-from featuredb.store.schema import DESCRIPTIONS_TABLE, vector_dim_of
+from featuredb.store.schema import DESCRIPTIONS_TABLE, slot_of_features, vector_dim_of
 from featuredb.query.where import Where
 
 # Vector search defaults, measured by scripts/bench_query.py (docs/benchmarks.md): recall@10 >= 0.98
@@ -133,7 +133,7 @@ class Reader:
         self._tables: dict[str, Any] = {}
         self._coders_frame: pl.DataFrame | None = None
         self._schema: pa.Schema | None = None
-        self._coder_props: tuple[pl.DataFrame, dict[str, tuple[int, str]]] | None = None
+        self._coder_props: tuple[pl.DataFrame, dict[str, dict]] | None = None
         self._embedding_model = embedding_model
         self.trust_models = bool(trust_models)  # load models named by imported data too
         self._detected_embedding_model: str | None = None
@@ -166,25 +166,28 @@ class Reader:
         return self.coder_table().filter(pl.col("coder_id") == coder_id).row(0, named=True)
 
     def with_coder_columns(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """Add each row's coder properties (layer, site) from the coders table. Rows of a coder
-        that is not listed are dropped: a coder is listed only once all its rows are written, so
-        they are what a killed write left behind."""
+        """Add each row's coder properties (layer, site) from the coders table; a multi-layer coder's
+        feature gets its own slot's layer. Rows of a coder that is not listed are dropped: a coder is
+        listed only once all its rows are written, so they are what a killed write left behind."""
         coders = self._coder_properties()
         if any(s not in coders for s in frame["coder_id"].unique().to_list()):
             self.coder_table(refresh=True)
             coders = self._coder_properties()
             frame = frame.filter(pl.col("coder_id").is_in(list(coders)))
-        coder_ids = frame["coder_id"].to_list()
-        return frame.with_columns(
-            layer=pl.Series([coders.get(s, (None, None))[0] for s in coder_ids], dtype=pl.Int32),
-            site=pl.Series([coders.get(s, (None, None))[1] for s in coder_ids], dtype=pl.String),
-        )
+        ids, features = frame["coder_id"].to_numpy(), frame["feature"].to_numpy()
+        layers, sites = np.zeros(frame.height, dtype=np.int32), np.empty(frame.height, dtype=object)
+        for coder_id in set(ids.tolist()):
+            rows = ids == coder_id
+            layers[rows] = slot_of_features(coders[coder_id], features[rows])[0]
+            sites[rows] = coders[coder_id]["site"]
+        return frame.with_columns(layer=pl.Series(layers, dtype=pl.Int32), site=pl.Series(sites.tolist(), dtype=pl.String))
 
-    def _coder_properties(self) -> dict[str, tuple[int, str]]:
+    def _coder_properties(self) -> dict[str, dict]:
         with self._lock:
             frame = self.coder_table()
             if self._coder_props is None or self._coder_props[0] is not frame:
-                self._coder_props = (frame, {r[0]: (r[1], r[2]) for r in frame.select("coder_id", "layer", "site").iter_rows()})
+                columns = [c for c in ("coder_id", "layer", "site", "layers", "width", "hook") if c in frame.columns]
+                self._coder_props = (frame, {row["coder_id"]: row for row in frame.select(columns).iter_rows(named=True)})
             return self._coder_props[1]
 
     # --- tables -------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ only the coder's own files, configs first; RELEASE:SAE_ID is SAELens's name of a
 resolved offline to its hub reference by featuredb.runtime.registry.
 
 Multi-layer coders (Gemma Scope 2 CLTs and crosscoders: one config.json, one
-params_layer_{i}.safetensors per layer) are refused by their config's type, before any weights
-are read or fetched.
+params_layer_{i}.safetensors per slot) load as a featuredb.runtime.multilayer.MultiLayerCoder;
+`Coder` is either kind. From the hub their config comes first and is checked before any weights
+are fetched.
 
 Encode precision: the matmul runs in the coder's own dtype (float32 as shipped; on a GPU a
 bf16 matmul accumulates in float32 anyway) and the JumpReLU threshold is kept and compared in
@@ -24,18 +25,19 @@ float32, so a bf16 coder fires on exactly the features the trained threshold say
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from featuredb.errors import CoderError
 from featuredb.runtime import registry
-from featuredb.runtime.hooks import HookError, from_transformer_lens, parse_hook
+from featuredb.runtime.coder_files import (clean_id, finite, jump_relu, non_finite, our_hook, read_json,
+                                          read_npz, read_safetensors, refuse_pickled, shape_text, short_reason, take)
+from featuredb.runtime.hooks import parse_hook
+from featuredb.runtime.multilayer import LAYER_FILES, MultiLayerCoder, check_config, is_multi_layer, load_multi_layer
 
 ARCHITECTURES = ("jumprelu", "topk", "relu")
 KINDS = ("sae", "transcoder", "skip_transcoder")
@@ -45,10 +47,6 @@ GS2_WEIGHTS, GS2_CONFIG = "params.safetensors", "config.json"
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 _CONFIG_FILES = (GS2_CONFIG, SAELENS_CONFIG)
 _ROOT_FILES = (GS1_WEIGHTS, GS2_WEIGHTS, SAELENS_WEIGHTS) + _CONFIG_FILES  # every file a single-layer coder reads
-_LAYER_FILES = "params_layer_*.safetensors"  # one per layer of a multi-layer coder (CLT, crosscoder)
-_MULTI_LAYER = {"clt": "cross-layer transcoder", "crosscoder": "crosscoder"}  # Gemma Scope 2 config `type`
-# Pickled PyTorch weights are never loaded: unpickling a downloaded file can run its code.
-_PICKLED_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 _ID_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 _HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -107,6 +105,23 @@ class SparseCoder:
     def device(self) -> torch.device:
         return self.W_enc.device
 
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks it reads (one; a MultiLayerCoder reads several)."""
+        return [self.hook]
+
+    @property
+    def hooks_out(self) -> list[str]:
+        return [self.hook_out]
+
+    @property
+    def layers(self) -> list[int]:
+        return [self.layer]
+
+    def decoder_summary(self) -> tuple[Tensor, None]:
+        """Each feature's total write (its decoder row) and, for a single-layer coder, no layer-write profile."""
+        return self.W_dec, None
+
     def _check(self) -> None:
         where = self.source or self.coder_id
 
@@ -118,33 +133,33 @@ class SparseCoder:
         if self.kind not in KINDS:
             raise bad(f"unknown kind {self.kind!r} (known: {', '.join(KINDS)})")
         if self.W_enc.ndim != 2 or self.W_dec.ndim != 2:
-            raise bad(f"W_enc {_shape(self.W_enc)} and W_dec {_shape(self.W_dec)} must both be matrices")
+            raise bad(f"W_enc {shape_text(self.W_enc)} and W_dec {shape_text(self.W_dec)} must both be matrices")
         d_in, d_sae = self.W_enc.shape
         d_out = self.W_dec.shape[1]
         if self.W_dec.shape[0] != d_sae:
-            raise bad(f"W_enc {_shape(self.W_enc)} and W_dec {_shape(self.W_dec)} disagree on d_sae")
+            raise bad(f"W_enc {shape_text(self.W_enc)} and W_dec {shape_text(self.W_dec)} disagree on d_sae")
         if self.kind == "sae" and d_out != d_in:
             raise bad(
-                f"an SAE must reconstruct its input, but W_enc {_shape(self.W_enc)} and "
-                f"W_dec {_shape(self.W_dec)} give d_in={d_in}, d_out={d_out}"
+                f"an SAE must reconstruct its input, but W_enc {shape_text(self.W_enc)} and "
+                f"W_dec {shape_text(self.W_dec)} give d_in={d_in}, d_out={d_out}"
             )
         if tuple(self.b_enc.shape) != (d_sae,):
-            raise bad(f"b_enc is {_shape(self.b_enc)}, expected [{d_sae}] (d_sae)")
+            raise bad(f"b_enc is {shape_text(self.b_enc)}, expected [{d_sae}] (d_sae)")
         if tuple(self.b_dec.shape) != (d_out,):
-            raise bad(f"b_dec is {_shape(self.b_dec)}, expected [{d_out}] (d_out)")
+            raise bad(f"b_dec is {shape_text(self.b_dec)}, expected [{d_out}] (d_out)")
         if self.apply_b_dec_to_input and d_out != d_in:
             raise bad("apply_b_dec_to_input needs d_in == d_out")
         if self.architecture == "jumprelu":
             if self.threshold is None:
                 raise bad("jumprelu coder has no threshold")
             if tuple(self.threshold.shape) != (d_sae,):
-                raise bad(f"threshold is {_shape(self.threshold)}, expected [{d_sae}]")
+                raise bad(f"threshold is {shape_text(self.threshold)}, expected [{d_sae}]")
         if self.architecture == "topk" and (not isinstance(self.k, int) or not 0 < self.k <= d_sae):
             raise bad(f"topk needs an integer k in 1..{d_sae}, got {self.k!r}")
         if (self.kind == "skip_transcoder") != (self.affine_skip is not None):
             raise bad("a skip_transcoder, and only a skip_transcoder, has an affine_skip matrix")
         if self.affine_skip is not None and tuple(self.affine_skip.shape) != (d_in, d_out):
-            raise bad(f"affine_skip is {_shape(self.affine_skip)}, expected [{d_in}, {d_out}]")
+            raise bad(f"affine_skip is {shape_text(self.affine_skip)}, expected [{d_in}, {d_out}]")
         if self.kind == "sae" and self.hook_out != self.hook:
             raise bad(f"an SAE reads and writes one site, got hook {self.hook!r} and hook_out {self.hook_out!r}")
         # The loaders check each tensor as read; this also covers derived ones (a folded decoder norm,
@@ -184,17 +199,15 @@ class SparseCoder:
             return torch.relu(pre)
 
         if self.architecture == "jumprelu":
-            # f = pre where pre > threshold, else 0; pre exactly at the threshold is off. Compared in
-            # float32 (a bf16 threshold test would move features on and off). In place: each pass
-            # over [tokens, width] is memory-bound, so fewer passes is faster on every device.
-            # threshold >= 0 makes this a relu too; the explicit relu guards a negative threshold.
-            pre32 = pre.float()
-            pre32.masked_fill_(pre32 <= self.threshold.float(), 0.0)
-            return pre32.relu_().to(self.dtype)
+            return jump_relu(pre, self.threshold).to(self.dtype)
 
         # topk: the k largest pre-activations of each token survive (relu'd), the rest are 0
         top = torch.topk(pre, self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+
+    def encode_hooked(self, activations: dict[str, Tensor]) -> Tensor:
+        """encode() on the activation at its hook, from {hook: [..., d]} (as MultiLayerCoder takes them)."""
+        return self.encode(activations[self.hook])
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
         """[..., d_sae] -> [..., d_out]; a skip transcoder also needs its input x for x @ affine_skip."""
@@ -204,28 +217,6 @@ class SparseCoder:
                 raise CoderError(f"coder {self.coder_id}: a skip transcoder decodes with its input: pass x")
             x_hat = x_hat + x.to(self.dtype) @ self.affine_skip
         return x_hat
-
-
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(n) for n in t.shape) + "]"
-
-
-def non_finite(t: Tensor | None) -> str | None:
-    """None when every value of `t` is finite, else its first NaN/inf as "[3, 17] is nan".
-
-    A NaN or inf weight poisons every statistic computed from it. A full-size coder is GBs, so the
-    test is one sum (any NaN/inf makes it non-finite; 0.05 s per 600 MB, isfinite().all() is ~70x
-    slower); only a non-finite sum, which a finite overflow can also give, looks for the index.
-    """
-    if t is None or not t.is_floating_point() or t.numel() == 0 or torch.isfinite(t.sum()):
-        return None
-    bad = (~torch.isfinite(t)).flatten().nonzero()
-    if len(bad) == 0:  # the sum overflowed; every value is finite
-        return None
-    flat = int(bad[0])
-    index = np.unravel_index(flat, tuple(t.shape)) if t.ndim else ()
-    value = float(t.flatten()[flat])
-    return f"[{', '.join(str(int(i)) for i in index)}] is {value}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,14 +262,17 @@ def named_coder(location: str) -> registry.ResolvedCoder | None:
         raise CoderError(f"coder {location!r}: {e}; nor is it an existing path") from None
 
 
-def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None = None) -> SparseCoder:
+Coder = SparseCoder | MultiLayerCoder
+
+
+def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None = None) -> Coder:
     """Load one coder from `[ID=]PATH_OR_HUBREF[@HOOK]` or `[ID=]RELEASE:SAE_ID[@HOOK]` (see the module doc)."""
     coder_id, location, hook = parse_coder_spec(spec)
     named = named_coder(location)
     if named is not None:
         location = named.hub_ref
         # readable and unique per release: gemma-scope-2b-pt-res-canonical-layer_12-width_16k-canonical
-        coder_id = coder_id or _clean_id(f"{named.release}-{named.sae_id}".replace("/", "-"))
+        coder_id = coder_id or clean_id(f"{named.release}-{named.sae_id}".replace("/", "-"))
     path = Path(location).expanduser()
     if path.exists():
         directory = path.parent if path.is_file() else path
@@ -300,7 +294,7 @@ def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None 
     return coder
 
 
-def _check_registry_hooks(coder: SparseCoder, named: registry.ResolvedCoder) -> None:
+def _check_registry_hooks(coder: Coder, named: registry.ResolvedCoder) -> None:
     """The files' own hooks (config or path rules) must be the ones the registry's layout gives: a
     mismatch means a mislabelled folder, and indexing it would store features under the wrong site."""
     if named.hook is None or (coder.hook, coder.hook_out) == (named.hook, named.hook_out):
@@ -327,14 +321,17 @@ def _split_hub_ref(location: str) -> tuple[str, str]:
 
 
 def _download(location: str, repo_id: str, sub: str, cache_dir: str | None) -> Path:
-    """Fetch only the files a single-layer coder reads, never a whole folder: a Gemma Scope 2 CLT
-    folder is ~30 GB of params_layer_*.safetensors. The configs come first (kilobytes), so a
-    multi-layer coder is refused before any weights are fetched; the weights are then asked for
+    """Fetch only the files the coder reads, never a whole folder (whose other files may be other
+    coders'). The configs come first (kilobytes): a multi-layer coder's says so, and is checked before
+    its per-layer weights (~30 GB for Gemma 3 1B's CLT) are fetched. The weights are then asked for
     with the configs again, so both come from one snapshot even if the repo moved in between."""
     label = f"{repo_id}/{sub}" if sub else repo_id
     configs = _snapshot(location, repo_id, sub, _CONFIG_FILES, cache_dir)
-    _refuse_multi_layer(configs, label)
-    directory = _snapshot(location, repo_id, sub, _ROOT_FILES, cache_dir)
+    weights = _ROOT_FILES
+    if (configs / GS2_CONFIG).is_file() and is_multi_layer(configs):
+        check_config(read_json(configs / GS2_CONFIG), f"{label}/{GS2_CONFIG}")
+        weights = (GS2_CONFIG, LAYER_FILES)
+    directory = _snapshot(location, repo_id, sub, weights, cache_dir)
     if not directory.is_dir() or not any(directory.iterdir()):
         where = f"no files under {sub!r}" if sub else "no coder files at the root"
         raise CoderError(f"cannot download coder {location!r} from the hub: {where} in {repo_id}")
@@ -349,25 +346,23 @@ def _snapshot(location: str, repo_id: str, sub: str, names: tuple[str, ...], cac
     try:
         root = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)
     except Exception as e:  # offline, unknown repo, no auth, network error: all one story to the user
-        raise CoderError(f"cannot download coder {location!r} from the hub: {_short_reason(e)}") from None
+        raise CoderError(f"cannot download coder {location!r} from the hub: {short_reason(e)}") from None
     return Path(root) / sub if sub else Path(root)
-
-
-def _short_reason(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
 # format detection
 
 
-def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma: bool, hook: str | None) -> SparseCoder:
+def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma: bool, hook: str | None) -> Coder:
     if not directory.is_dir():
         raise CoderError(f"coder directory not found: {directory}")
-    _refuse_multi_layer(directory, str(directory))  # before any hook parsing: their hooks are model.layers.{all}...
+    if is_multi_layer(directory):
+        coder = load_multi_layer(directory, source)
+        if hook is not None and hook != coder.hook:  # its own name (as the catalogue stores it) is fine
+            raise CoderError(f"{directory}: a {coder.kind} reads the hooks its config names ({coder.hook}); "
+                             f"@{hook} cannot move it")
+        return coder
     names = {p.name for p in directory.iterdir()}
     if SAELENS_CONFIG in names:
         coder = _load_saelens(directory, source, model_is_gemma)
@@ -376,7 +371,7 @@ def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma:
     elif GS1_WEIGHTS in names:
         coder = _load_gemma_scope_1(directory, label, source, hook_given=hook is not None)
     else:
-        _refuse_pickled(directory)
+        refuse_pickled(directory)
         raise CoderError(
             f"{directory}: no recognised coder files (expected params.npz, params.safetensors + config.json, "
             "or cfg.json + sae_weights.safetensors)"
@@ -384,121 +379,11 @@ def _load_directory(directory: Path, *, label: str, source: str, model_is_gemma:
     return _with_hook(coder, hook, model_is_gemma) if hook is not None else coder
 
 
-def _refuse_multi_layer(directory: Path, where: str) -> None:
-    """Refuse a CLT or crosscoder, told by its config.json `type` (or, without one, by per-layer weight
-    files and no single-layer ones). Each of its files is a slot of one coder whose features decode to
-    several layers: indexing one file as a coder of its own would misstate what its features do."""
-    config = directory / GS2_CONFIG
-    coder_type = _read_json(config).get("type") if config.is_file() else None
-    layer_files = sorted(directory.glob(_LAYER_FILES)) if directory.is_dir() else []
-    single_layer = any((directory / name).is_file() for name in (GS1_WEIGHTS, GS2_WEIGHTS, SAELENS_WEIGHTS))
-    if coder_type not in _MULTI_LAYER and (single_layer or not layer_files):
-        return
-    what = _MULTI_LAYER.get(coder_type, "multi-layer coder")
-    details = [f"type {coder_type}"] if coder_type in _MULTI_LAYER else []
-    # from the hub only the config was fetched: the weight files are named, not counted
-    details.append(f"{len(layer_files)} {_LAYER_FILES} files" if layer_files else f"one {_LAYER_FILES} per layer")
-    raise CoderError(f"{where} is a {what} ({', '.join(details)}): multi-layer coders cannot be indexed yet")
-
-
 def _with_hook(coder: SparseCoder, hook: str, model_is_gemma: bool) -> SparseCoder:
     """`@HOOK` overrides the input hook (and hook_out for an SAE); the layer follows the hook."""
-    ours = _our_hook(hook, model_is_gemma, where=coder.source)
+    ours = our_hook(hook, model_is_gemma, where=coder.source)
     hook_out = ours if coder.kind == "sae" else coder.hook_out
     return dataclasses.replace(coder, hook=ours, hook_out=hook_out, layer=parse_hook(ours).layer)
-
-
-def _our_hook(name: str, model_is_gemma: bool, *, where: str) -> str:
-    try:
-        return from_transformer_lens(name, gemma=model_is_gemma)
-    except HookError as e:
-        raise CoderError(f"{where}: {e}") from None
-
-
-def _clean_id(text: str) -> str:
-    """Only [A-Za-z0-9._-]: ids go into file names and table keys."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "coder"
-
-
-# ----------------------------------------------------------------------------------------------
-# readers (every failure is a one-line CoderError naming the file)
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    _refuse_lfs_pointer(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:  # never unpickle
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise CoderError(f"{path}: not an .npz archive")
-            return {key: _npz_array(archive, key, path) for key in archive.files}
-    except CoderError:
-        raise
-    except Exception as e:  # BadZipFile, EOFError, OSError...
-        raise CoderError(f"{path}: corrupt or unreadable npz ({_short_reason(e)})") from None
-
-
-def _npz_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    """One array of the archive, which must hold numbers (not strings, nor objects that need unpickling)."""
-    try:
-        array = archive[key]
-    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False", a bad header
-        raise CoderError(f"{path}: corrupt or unreadable npz (array {key!r}: {_short_reason(e)})") from None
-    if array.dtype.kind not in "fiu":
-        raise CoderError(f"{path}: array {key!r} has dtype {array.dtype.str}, expected numbers")
-    return array
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    _refuse_lfs_pointer(path)
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise CoderError(f"{path}: corrupt or unreadable safetensors ({_short_reason(e)})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except Exception as e:
-        raise CoderError(f"{path}: unreadable JSON ({_short_reason(e)})") from None
-    if not isinstance(cfg, dict):
-        raise CoderError(f"{path}: expected a JSON object")
-    return cfg
-
-
-def _refuse_pickled(directory: Path) -> None:
-    """Name the pickled weights of a coder that has no readable ones, so the user knows what to convert."""
-    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLED_SUFFIXES)
-    if pickled:
-        raise CoderError(
-            f"{directory}: {', '.join(pickled)}: pickled PyTorch weights are never loaded (unpickling can run code); "
-            "convert them to safetensors"
-        )
-
-
-def _refuse_lfs_pointer(path: Path) -> None:
-    with path.open("rb") as f:
-        if f.read(40).startswith(b"version https://git-lfs"):
-            raise CoderError(f"{path}: a Git LFS pointer, not the weights (run `git lfs pull`)")
-
-
-def _take(tensors: dict, keys: tuple[str, ...], path: Path) -> list[Tensor]:
-    missing = [k for k in keys if k not in tensors]
-    if missing:
-        raise CoderError(f"{path}: missing {', '.join(missing)} (has {', '.join(sorted(tensors)) or 'nothing'})")
-    return [_finite(tensors, k, path) for k in keys]
-
-
-def _finite(tensors: dict, key: str, path: Path) -> Tensor | None:
-    """tensors[key] as a tensor (None when absent), refused with file, tensor and index if not finite."""
-    if key not in tensors:
-        return None
-    tensor = torch.as_tensor(tensors[key])
-    if (problem := non_finite(tensor)) is not None:
-        raise CoderError(f"{path}: {key}{problem}: coder weights must be finite numbers")
-    return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,8 +407,8 @@ _GS1_SITES = {  # site -> (kind, input hook, output hook), {L} = layer
 
 def _load_gemma_scope_1(directory: Path, label: str, source: str, *, hook_given: bool) -> SparseCoder:
     path = directory / GS1_WEIGHTS
-    arrays = _read_npz(path)
-    W_enc, W_dec, b_enc, b_dec, threshold = _take(arrays, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path)
+    arrays = read_npz(path)
+    W_enc, W_dec, b_enc, b_dec, threshold = take(arrays, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path)
 
     parts = Path(label).parts
     repo = next((m for p in parts if (m := _GS1_REPO.search(p))), None)
@@ -542,7 +427,7 @@ def _load_gemma_scope_1(directory: Path, label: str, source: str, *, hook_given:
 
     # readable id: site-layer_L-width_W-average_l0_K from the path parts that exist
     tail = [p for p in parts if _LAYER_DIR.fullmatch(p) or p.startswith(("width_", "average_l0_"))]
-    coder_id = _clean_id("-".join(([repo.group(3)] if repo else []) + tail) if tail else directory.name)
+    coder_id = clean_id("-".join(([repo.group(3)] if repo else []) + tail) if tail else directory.name)
     model_name = None
     if repo:
         size, variant = repo.group(1), repo.group(2)
@@ -562,10 +447,10 @@ def _load_gemma_scope_2(directory: Path, source: str) -> SparseCoder:
     cfg_path, weights_path = directory / GS2_CONFIG, directory / GS2_WEIGHTS
     for needed in (cfg_path, weights_path):
         if not needed.exists():
-            _refuse_pickled(directory)
+            refuse_pickled(directory)
             raise CoderError(f"{directory}: Gemma Scope 2 coder without {needed.name}")
-    cfg = _read_json(cfg_path)
-    coder_type = cfg.get("type", "sae")  # clt and crosscoder were refused by _refuse_multi_layer
+    cfg = read_json(cfg_path)
+    coder_type = cfg.get("type", "sae")  # clt and crosscoder load in featuredb.runtime.multilayer
     if coder_type not in ("sae", "transcoder"):
         raise CoderError(f"{cfg_path}: unknown coder type {coder_type!r} (known: sae, transcoder)")
     if cfg.get("architecture", "jump_relu") != "jump_relu":
@@ -574,23 +459,23 @@ def _load_gemma_scope_2(directory: Path, source: str) -> SparseCoder:
     if missing:
         raise CoderError(f"{cfg_path}: missing {', '.join(missing)}")
 
-    tensors = _read_safetensors(weights_path)
+    tensors = read_safetensors(weights_path)
     keys = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
-    W_enc, W_dec, b_enc, b_dec, threshold = _take(tensors, keys, weights_path)
-    affine = _finite(tensors, "affine_skip_connection", weights_path)
+    W_enc, W_dec, b_enc, b_dec, threshold = take(tensors, keys, weights_path)
+    affine = finite(tensors, "affine_skip_connection", weights_path)
     if cfg.get("affine_connection") and affine is None:
         raise CoderError(f"{weights_path}: config says affine_connection but affine_skip_connection is missing")
     if affine is not None and coder_type != "transcoder":
         raise CoderError(f"{weights_path}: affine_skip_connection on a coder of type {coder_type!r}")
     width = cfg.get("width")
     if isinstance(width, int) and width != W_enc.shape[-1]:
-        raise CoderError(f"{directory}: config width {width} but w_enc is {_shape(W_enc)}")
+        raise CoderError(f"{directory}: config width {width} but w_enc is {shape_text(W_enc)}")
 
-    hook_in = _our_hook(cfg["hf_hook_point_in"], True, where=str(cfg_path))
-    hook_out = _our_hook(cfg["hf_hook_point_out"], True, where=str(cfg_path))
+    hook_in = our_hook(cfg["hf_hook_point_in"], True, where=str(cfg_path))
+    hook_out = our_hook(cfg["hf_hook_point_out"], True, where=str(cfg_path))
     kind = "sae" if coder_type == "sae" else ("skip_transcoder" if affine is not None else "transcoder")
     return SparseCoder(
-        coder_id=_clean_id(f"{directory.parent.name}-{directory.name}"), architecture="jumprelu", kind=kind,
+        coder_id=clean_id(f"{directory.parent.name}-{directory.name}"), architecture="jumprelu", kind=kind,
         hook=hook_in, hook_out=hook_out, layer=parse_hook(hook_in).layer,
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold.float(), affine_skip=affine,
         source=source, model_name=cfg.get("model_name"),
@@ -606,9 +491,9 @@ _SAELENS_ARCHITECTURES = {"jumprelu": "jumprelu", "topk": "topk", "standard": "r
 def _load_saelens(directory: Path, source: str, model_is_gemma: bool) -> SparseCoder:
     cfg_path, weights_path = directory / SAELENS_CONFIG, directory / SAELENS_WEIGHTS
     if not weights_path.exists():
-        _refuse_pickled(directory)
+        refuse_pickled(directory)
         raise CoderError(f"{directory}: SAELens coder without {SAELENS_WEIGHTS}")
-    cfg = _read_json(cfg_path)
+    cfg = read_json(cfg_path)
     meta = cfg.get("metadata") or cfg.get("meta") or {}
 
     def setting(key: str):  # top level (SAELens < 6) or metadata (6.x)
@@ -635,14 +520,14 @@ def _load_saelens(directory: Path, source: str, model_is_gemma: bool) -> SparseC
     if not hook_name:
         raise CoderError(f"{cfg_path}: missing hook_name (top level or metadata.hook_name)")
 
-    tensors = _read_safetensors(weights_path)
-    W_enc, W_dec, b_enc, b_dec = _take(tensors, ("W_enc", "W_dec", "b_enc", "b_dec"), weights_path)
+    tensors = read_safetensors(weights_path)
+    W_enc, W_dec, b_enc, b_dec = take(tensors, ("W_enc", "W_dec", "b_enc", "b_dec"), weights_path)
     threshold = k = None
     if architecture == "jumprelu":
         if "threshold" in tensors:
-            threshold = _finite(tensors, "threshold", weights_path).float()
+            threshold = finite(tensors, "threshold", weights_path).float()
         elif "log_threshold" in tensors:  # training checkpoints store log(threshold)
-            threshold = torch.exp(_finite(tensors, "log_threshold", weights_path).float())
+            threshold = torch.exp(finite(tensors, "log_threshold", weights_path).float())
         else:
             raise CoderError(f"{weights_path}: jumprelu coder has neither threshold nor log_threshold")
     if architecture == "topk":
@@ -654,9 +539,9 @@ def _load_saelens(directory: Path, source: str, model_is_gemma: bool) -> SparseC
         if cfg.get("rescale_acts_by_decoder_norm"):
             W_enc, b_enc, W_dec = _fold_decoder_norm(W_enc, b_enc, W_dec, weights_path)
 
-    hook = _our_hook(hook_name, model_is_gemma, where=str(cfg_path))
+    hook = our_hook(hook_name, model_is_gemma, where=str(cfg_path))
     return SparseCoder(
-        coder_id=_clean_id(directory.name), architecture=architecture, kind="sae", hook=hook, hook_out=hook,
+        coder_id=clean_id(directory.name), architecture=architecture, kind="sae", hook=hook, hook_out=hook,
         layer=parse_hook(hook).layer, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
         threshold=threshold, k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),  # SAELens' default is True
@@ -668,7 +553,7 @@ def _fold_decoder_norm(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, path: Path) 
     """SAELens topk with rescale_acts_by_decoder_norm ranks pre * |W_dec_i| and decodes f / |W_dec_i|;
     scaling the encoder up and the decoder down by |W_dec_i| gives the same f and x_hat, plain topk."""
     if W_dec.ndim != 2 or W_enc.ndim != 2 or W_dec.shape[0] != W_enc.shape[1] or b_enc.shape != W_enc.shape[1:]:
-        raise CoderError(f"{path}: W_enc {_shape(W_enc)}, b_enc {_shape(b_enc)} and W_dec {_shape(W_dec)} disagree")
+        raise CoderError(f"{path}: W_enc {shape_text(W_enc)}, b_enc {shape_text(b_enc)} and W_dec {shape_text(W_dec)} disagree")
     norm = W_dec.norm(dim=-1)  # [d_sae]
     if torch.allclose(norm.float(), torch.ones_like(norm, dtype=torch.float32), rtol=0, atol=1e-5):
         # unit rows (featuredb's save_saelens, SAELens' own TopK trainer): the fold would change

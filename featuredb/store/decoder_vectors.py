@@ -21,7 +21,7 @@ from lancedb.table import Table
 from featuredb.store.connect import connect
 from featuredb.store.failures import Commits, all_or_nothing
 from featuredb.store.filters import Filter
-from featuredb.store.schema import StoreError, decoders_schema, decoders_table_name, is_decoders_table
+from featuredb.store.schema import StoreError, decoders_schema, decoders_table_name, is_decoders_table, slot_of_features
 
 if TYPE_CHECKING:  # feature_store builds on this module
     from featuredb.store.feature_store import FeatureStore
@@ -66,12 +66,13 @@ def decoder_rows(coder: Mapping[str, Any], W_dec: Any) -> pa.Table:
     scale = np.where(np.abs(norms - 1.0) <= 1e-6, 1.0, norms)
     unit = (matrix[good] / scale[good, None]).astype(np.float32)
     n = len(features)
+    layers, hooks = slot_of_features(coder, features)
     return pa.table({
         "coder_id": pa.array([coder_id] * n, pa.string()),
         "feature": pa.array(features),
         "model": pa.array([coder["model"]] * n, pa.string()),
-        "layer": pa.array(np.full(n, coder["layer"], np.int32)),
-        "hook": pa.array([coder["hook"]] * n, pa.string()),
+        "layer": pa.array(layers),
+        "hook": pa.array(hooks, pa.string()),
         "site": pa.array([coder["site"]] * n, pa.string()),
         "space": pa.array([decoder_space(coder["site"], coder["hook_out"])] * n, pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),

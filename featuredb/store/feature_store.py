@@ -40,8 +40,10 @@ from featuredb.store.schema import (
     CODERS_TABLE,
     IMPORTS_TABLE,
     LEGACY_CODERS_TABLE,
+    MULTI_LAYER_KINDS,
     SITES,
     StoreError,
+    slot_of_features,
     conform_row,
     conform_table,
     examples_schema,
@@ -77,6 +79,7 @@ class FeatureStore:
         # `table()` see writes made through other handles or processes.
         self._db = connect(self.uri, consistent_reads=True)
         self._upgrade_names()
+        self._upgrade_columns()
 
     def _upgrade_names(self) -> None:
         """Catalogues written before featuredb named everything "coder" hold a `saes` table and
@@ -96,6 +99,18 @@ class FeatureStore:
             legacy = self._db.open_table(LEGACY_CODERS_TABLE).to_arrow()
             self._db.create_table(CODERS_TABLE, conform_table(legacy, self._schemas[CODERS_TABLE], "coders"))
         self._db.drop_table(LEGACY_CODERS_TABLE)
+
+    def _upgrade_columns(self) -> None:
+        """Optional columns added since a catalogue was written (e.g. `layers`, `layer_write` for
+        multi-layer coders) are added to it, all null, on its first writable open (a metadata
+        change: no row is rewritten). Readers take a table without them as all null."""
+        if self.read_only:
+            return
+        for name in set(self._schemas) & set(self.table_names()):
+            table = self._db.open_table(name)
+            absent = [f for f in self._schemas[name] if f.name not in table.schema.names and f.nullable]
+            if absent:
+                table.add_columns(pa.schema(absent))
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.uri!r}, vector_dim={self.vector_dim}, read_only={self.read_only})"
@@ -278,6 +293,11 @@ def _validated_coder(coder: Mapping[str, object]) -> pa.Table:
         value = coder[column][0].as_py()
         if value not in allowed:
             raise StoreError(f"sae: {column} {value!r} is not one of {sorted(allowed)}")
+    layers, width = coder["layers"][0].as_py(), coder["width"][0].as_py()
+    if (coder["kind"][0].as_py() in MULTI_LAYER_KINDS) != bool(layers):
+        raise StoreError("sae: a multi-layer coder (clt, crosscoder), and only one, lists the `layers` it reads")
+    if layers and width % len(layers):
+        raise StoreError(f"sae: width {width} is not a whole number of features per layer of {layers}")
     return coder
 
 
@@ -301,13 +321,32 @@ def _check_features(rows: pa.Table, coder: pa.Table) -> None:
     if pc.any(pc.is_nan(pc.list_flatten(rows["vector"]))).as_py():
         raise StoreError("features: vector contains NaN (use a null vector for a feature without one)")
     _check_finite(rows, "features", ("feature",))
+    coder_row = {name: coder[name][0].as_py() for name in coder.column_names}
+    layers, hooks = slot_of_features(coder_row, rows["feature"].to_numpy())
+    n = rows.num_rows
+    expected_columns = {"model": [coder_row["model"]] * n, "site": [coder_row["site"]] * n, "layer": layers,
+                        "hook": hooks}
     for column in _DENORMALISED_COLUMNS:
-        expected = coder[column][0].as_py()
-        other = [v for v in pc.unique(rows[column]).to_pylist() if v != expected]
-        if other:
-            raise StoreError(
-                f"features: column {column!r} is {other[0]!r} in some rows, but the coder has {expected!r}"
-            )
+        expected = pa.array(expected_columns[column], rows.schema.field(column).type)
+        differs = pc.invert(pc.equal(rows[column].combine_chunks(), expected))
+        if pc.any(differs).as_py():
+            at = pc.index(differs, True).as_py()
+            raise StoreError(f"features: column {column!r} is {rows[column][at].as_py()!r} for feature "
+                             f"{rows['feature'][at].as_py()}, but its coder gives {expected[at].as_py()!r}")
+    _check_layer_write(rows, coder_row)
+
+
+def _check_layer_write(rows: pa.Table, coder: Mapping[str, Any]) -> None:
+    """A multi-layer coder's features may carry one decoder norm per output layer; others none."""
+    lengths = pc.list_value_length(rows["layer_write"])
+    if not coder.get("layers"):
+        if rows["layer_write"].null_count != rows.num_rows:
+            raise StoreError("features: layer_write is only for the features of a multi-layer coder (clt, crosscoder)")
+        return
+    outputs = coder["hook_out"].count(",") + 1  # model.layers.{0,1,2}.<site>: one per output layer
+    wrong = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, outputs))
+    if pc.any(wrong).as_py():
+        raise StoreError(f"features: layer_write must hold {outputs} values (one per output layer of {coder['hook_out']})")
 
 
 def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:

@@ -35,7 +35,8 @@ FEATURES_KEY: tuple[str, ...] = ("coder_id", "feature")
 EXAMPLES_KEY: tuple[str, ...] = ("coder_id", "feature", "kind", "rank")
 
 SITES: frozenset[str] = frozenset({"res", "mlp", "att", "transcoder", "other"})
-CODER_KINDS: frozenset[str] = frozenset({"sae", "transcoder", "skip_transcoder"})
+CODER_KINDS: frozenset[str] = frozenset({"sae", "transcoder", "skip_transcoder", "clt", "crosscoder"})
+MULTI_LAYER_KINDS: frozenset[str] = frozenset({"clt", "crosscoder"})  # one coder over several layers
 EXAMPLE_KINDS: frozenset[str] = frozenset({"top", "interval"})
 
 
@@ -80,6 +81,10 @@ def coders_schema() -> pa.Schema:
             _required("context", pa.int32()),
             _required("top_k", pa.int32()),
             _required("created_at", pa.timestamp("us", tz="UTC")),
+            # A multi-layer coder (CLT, crosscoder): the layer each slot of features reads, in slot
+            # order (features are numbered slot-major); null for a single-layer coder. Last: added
+            # to older catalogues in place (store.feature_store).
+            _optional("layers", pa.list_(pa.int32())),
         ]
     )
 
@@ -114,6 +119,9 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
             _optional("description_model", pa.string()),
             _optional("embedding_model", pa.string()),
             _optional("vector", pa.list_(pa.float32(), vector_dim)),
+            # A multi-layer coder's feature: the norm of its decoder vector at each output layer (the
+            # layers of the coder's hook_out, in order); null for a single-layer coder.
+            _optional("layer_write", pa.list_(pa.float32())),
         ]
     )
 
@@ -200,6 +208,10 @@ def conform_table(data: pa.Table | pa.RecordBatch | Mapping[str, object], schema
     names = table.column_names
     if len(set(names)) != len(names):
         raise StoreError(f"{what}: duplicate column names in {names}")
+    # an optional column left out is all null (a writer that predates it need not know it)
+    for absent in [f for f in schema if f.nullable and f.name not in names]:
+        table = table.append_column(absent.name, pa.nulls(table.num_rows, absent.type))
+        names = table.column_names
     missing = [n for n in schema.names if n not in names]
     extra = [n for n in names if n not in schema.names]
     if missing or extra:
@@ -283,3 +295,19 @@ def imports_schema() -> pa.Schema:
         _required("format", pa.string()),  # e.g. "neuronpedia"
         _required("path", pa.string()),  # the source folder it was read from
     ])
+
+
+def slot_of_features(coder: Mapping[str, object], features: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The layer and hook each of `features` reads, from its coder's row: the coder's own for a
+    single-layer coder; for a multi-layer one, its slot's (features are numbered slot-major, and the
+    coder's hook names every layer it reads, model.layers.{5,9,12}.output)."""
+    layers = coder.get("layers")
+    features = np.asarray(features, dtype=np.int64)
+    if not layers:
+        return np.full(len(features), coder["layer"], dtype=np.int32), [str(coder["hook"])] * len(features)
+    per_slot = int(coder["width"]) // len(layers)
+    feature_layers = np.asarray(layers, dtype=np.int32)[features // per_slot]
+    return feature_layers, [_HOOK_LAYERS.sub(str(layer), str(coder["hook"]), count=1) for layer in feature_layers]
+
+
+_HOOK_LAYERS = re.compile(r"\{[^{}]*\}")
