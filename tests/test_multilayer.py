@@ -338,3 +338,31 @@ def test_from_the_hub_an_unusable_config_is_refused_before_any_weights(tmp_path,
     with pytest.raises(CoderError, match=r"clt/width_36_l0_medium/config.json: unknown architecture 'batch_topk'"):
         load_coder("google/gemma-scope-2-270m-pt/clt/width_36_l0_medium")
     assert not any("params_layer" in pattern for pattern in asked)
+
+
+# --- shown the same way by the API, the page and the CLI --------------------------------------
+
+
+def test_the_layer_write_profile_is_shown_by_the_api_the_page_and_show(tiny_gemma3, clt, corpus_jsonl, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from featuredb.server import create_app
+
+    db = tmp_path / "db"
+    index(tiny_gemma3, [clt], corpus_jsonl, db)
+    norms, _ = decoder_norms_and_total(clt, "clt")
+    feature = 13  # slot 1: reads layer 1, writes to layers 1 and 2 only
+    with TestClient(create_app(str(db))) as client:
+        data = client.get(f"/api/features/clt-width_36_l0_medium_affine/{feature}").json()
+        page = client.get(f"/features/clt-width_36_l0_medium_affine/{feature}").text
+    assert data["layer"] == 1 and data["hook"] == "model.layers.1.pre_feedforward_layernorm.output"
+    assert [w["layer"] for w in data["layer_write"]] == [0, 1, 2]
+    assert np.allclose([w["norm"] for w in data["layer_write"]], norms[feature].numpy(), rtol=1e-5)
+    assert data["layer_write"][0]["share"] == 0 and sum(w["share"] for w in data["layer_write"]) == pytest.approx(1)
+    assert "Writes to layers" in page and "sum over layers" in page
+    for w in data["layer_write"]:
+        assert f"<th>L{w['layer']}</th>" in page and f"{100 * w['share']:.0f}%" in page
+
+    shown = CliRunner().invoke(main, ["show", f"clt-width_36_l0_medium_affine/{feature}", "--db", str(db)])
+    assert shown.exit_code == 0, shown.output
+    assert "writes to layers 0..2: " in shown.stdout and "L0 0%" in shown.stdout

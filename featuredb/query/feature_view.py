@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from featuredb.errors import NotFound, QueryError
+from featuredb.store.schema import hook_layers
 
 if TYPE_CHECKING:
     from featuredb.query.reader import StoredFeature
@@ -70,6 +71,17 @@ def description_list(coder: dict, row: dict, history: list[dict]) -> list[dict]:
     return [current, *entries]
 
 
+def layer_write(coder: dict, norms: list[float] | None) -> list[dict]:
+    """A multi-layer coder's feature: how much it writes to each output layer (its decoder norm
+    there, and that norm's share of them all); [] for a single-layer coder's."""
+    layers = hook_layers(coder["hook_out"])
+    if not norms or layers is None or len(layers) != len(norms):
+        return []
+    total = sum(norms)
+    return [{"layer": layer, "norm": norm, "share": norm / total if total > 0 else 0.0}
+            for layer, norm in zip(layers, norms)]
+
+
 def feature_dict(coder: dict, stored: StoredFeature) -> dict:
     """Everything about one feature as plain values (what `Catalogue.feature` returns)."""
     row, examples, neighbour_text = stored.row, stored.examples, stored.neighbour_text
@@ -102,6 +114,7 @@ def feature_dict(coder: dict, stored: StoredFeature) -> dict:
         "neighbours": [{"feature": f, "cosine": c, "description": neighbour_text.get(f)}
                        for f, c in zip(row["neighbours"], row["neighbour_cosines"])],
         "top_tokens": [{"token": t, "count": c} for t, c in zip(row["top_tokens"], row["top_token_counts"])],
+        "layer_write": layer_write(coder, row.get("layer_write")),
         "top_examples": examples_of_kind(examples, "top"),
         "interval_examples": examples_of_kind(examples, "interval"),
     }

@@ -114,6 +114,12 @@ def dashboard(feature: dict, examples: int = 5) -> str:
     hist = feature["histogram"]
     if hist["counts"]:
         lines.append(f"histogram [0, {format_cell(hist['max'])}]: {sparkline(hist['counts'])}")
+    if feature["layer_write"]:  # a multi-layer coder's feature: its decoder norm at each output layer
+        writes = feature["layer_write"]
+        most = sorted(writes, key=lambda w: -w["share"])[:4]
+        lines.append(f"writes to layers {writes[0]['layer']}..{writes[-1]['layer']}: "
+                     f"{sparkline([w['norm'] for w in writes])}  ("
+                     + ", ".join(f"L{w['layer']} {w['share']:.0%}" for w in most) + ")")
     top = feature["logits"]["top"]
     bottom = feature["logits"]["bottom"]
     if top:

@@ -43,6 +43,7 @@ from featuredb.store.schema import (
     MULTI_LAYER_KINDS,
     SITES,
     StoreError,
+    hook_layers,
     slot_of_features,
     conform_row,
     conform_table,
@@ -343,7 +344,7 @@ def _check_layer_write(rows: pa.Table, coder: Mapping[str, Any]) -> None:
         if rows["layer_write"].null_count != rows.num_rows:
             raise StoreError("features: layer_write is only for the features of a multi-layer coder (clt, crosscoder)")
         return
-    outputs = coder["hook_out"].count(",") + 1  # model.layers.{0,1,2}.<site>: one per output layer
+    outputs = len(hook_layers(coder["hook_out"]) or [])  # model.layers.{0,1,2}.<site>: one per output layer
     wrong = pc.and_(pc.is_valid(lengths), pc.not_equal(lengths, outputs))
     if pc.any(wrong).as_py():
         raise StoreError(f"features: layer_write must hold {outputs} values (one per output layer of {coder['hook_out']})")

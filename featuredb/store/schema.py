@@ -310,4 +310,11 @@ def slot_of_features(coder: Mapping[str, object], features: np.ndarray) -> tuple
     return feature_layers, [_HOOK_LAYERS.sub(str(layer), str(coder["hook"]), count=1) for layer in feature_layers]
 
 
+def hook_layers(hook: str) -> list[int] | None:
+    """The layers a multi-layer coder's hook names (model.layers.{5,9,12}.output -> [5, 9, 12]);
+    None for a single-layer hook."""
+    match = _HOOK_LAYERS.search(hook)
+    return None if match is None else [int(layer) for layer in match.group(0)[1:-1].split(",")]
+
+
 _HOOK_LAYERS = re.compile(r"\{[^{}]*\}")
