@@ -366,3 +366,30 @@ def test_the_layer_write_profile_is_shown_by_the_api_the_page_and_show(tiny_gemm
     shown = CliRunner().invoke(main, ["show", f"clt-width_36_l0_medium_affine/{feature}", "--db", str(db)])
     assert shown.exit_code == 0, shown.output
     assert "writes to layers 0..2: " in shown.stdout and "L0 0%" in shown.stdout
+
+
+def test_a_catalogue_written_before_multi_layer_coders_reads_and_upgrades(tiny_gemma3, corpus_jsonl, tmp_path):
+    """Catalogues written before `layers` and `layer_write` existed: read as they are; the first
+    writable open adds the columns (all null) and keeps every row."""
+    import lancedb
+
+    from featuredb.query import Catalogue
+
+    single = write_gemma_scope_2(tmp_path / "coders", "resid_post", 1, D, 16, fire_rate=0.1, seed=9)
+    db = tmp_path / "db"
+    index(tiny_gemma3, [single], corpus_jsonl, db)
+    raw = lancedb.connect(str(db))
+    raw.open_table("coders").drop_columns(["layers"])
+    raw.open_table("features").drop_columns(["layer_write"])
+    before = raw.open_table("features").to_arrow()
+
+    shown = Catalogue(str(db)).feature("resid_post-layer_1_width_16_l0_medium", 3)  # read-only, as it is
+    assert shown["layer"] == 1 and shown["layer_write"] == []
+    assert "layer_write" not in raw.open_table("features").schema.names
+
+    FeatureStore(str(db))  # writable: upgraded in place
+    after = raw.open_table("features").to_arrow()
+    assert after.column("layer_write").null_count == after.num_rows
+    assert after.drop_columns(["layer_write"]).equals(before)
+    assert raw.open_table("coders").to_arrow().column("layers").null_count == 1
+    index(tiny_gemma3, [single], corpus_jsonl, db, replace=True)  # and it takes new writes
