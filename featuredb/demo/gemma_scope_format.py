@@ -53,17 +53,24 @@ def width_tag(width: int) -> str:
 
 def coder_folder(coder: JumpReLUCoder, l0_size: str = "medium") -> str:
     """The coder's folder inside a Gemma Scope 2 repository, e.g. "resid_post/layer_9_width_4k_l0_medium"."""
+    return gemma_scope_folder(coder.kind, coder.hooks_in, coder.n_slots * coder.width, l0_size,
+                              affine=coder.affine_skip is not None)
+
+
+def gemma_scope_folder(kind: str, hooks_in: list[str], width: int, l0_size: str = "medium", *,
+                       affine: bool = False) -> str:
+    """The folder of a coder of this kind, input hooks and total width (known before it is trained)."""
     if l0_size not in L0_SIZES:
         raise ValueError(f"l0_size must be one of {', '.join(L0_SIZES)}, got {l0_size!r}")
-    layers = [parse_hook(h).layer for h in coder.hooks_in]
-    tail = f"width_{width_tag(coder.n_slots * coder.width)}_l0_{l0_size}"
-    if coder.kind == "crosscoder":
+    layers = [parse_hook(h).layer for h in hooks_in]
+    tail = f"width_{width_tag(width)}_l0_{l0_size}"
+    if kind == "crosscoder":
         return f"crosscoder/layer_{'_'.join(map(str, layers))}_{tail}"
-    if coder.kind == "transcoder":
-        return f"transcoder/layer_{layers[0]}_{tail}" + ("_affine" if coder.affine_skip is not None else "")
-    site = _SAE_SITES.get(hook_site_kind(coder.hooks_in[0]))
+    if kind == "transcoder":
+        return f"transcoder/layer_{layers[0]}_{tail}" + ("_affine" if affine else "")
+    site = _SAE_SITES.get(hook_site_kind(hooks_in[0]))
     if site is None:
-        raise ValueError(f"hook {coder.hooks_in[0]!r} is none of Gemma Scope 2's SAE sites (resid_post, mlp_out, attn_out)")
+        raise ValueError(f"hook {hooks_in[0]!r} is none of Gemma Scope 2's SAE sites (resid_post, mlp_out, attn_out)")
     return f"{site}/layer_{layers[0]}_{tail}"
 
 
