@@ -220,8 +220,10 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
 
 @main.command()
 @click.option("--db", required=True, help="Catalogue directory (or s3:// URI).")
-@click.option("--explainer", type=click.Choice(["tokens", "llm", "local"]), default="tokens", show_default=True,
-              help="tokens: offline label from the evidence; llm: OpenAI-compatible endpoint; local: HF model in-process.")
+@click.option("--explainer", type=click.Choice(["words", "tokens", "llm", "local"]), default="words", show_default=True,
+              help="words: offline description naming what the feature fires on (symbols, whitespace, keywords, "
+                   "patterns, with the share of examples that fit); tokens: the literal top tokens; llm: "
+                   "OpenAI-compatible endpoint; local: HF model in-process.")
 @coder_option("Only this coder (repeatable; default: all).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Describe at most this many features.")
 @click.option("--score", is_flag=True, help="Also compute detection and fuzzing scores (llm / local).")
@@ -252,15 +254,15 @@ def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_
     r = run_describe(config)
     finalize(db)
     rate = r.features / max(r.seconds, 1e-9)
-    made = [f"{r.tokens_labels:,} tokens label(s)"]
-    if explainer != "tokens":
+    made = [f"{r.tokens_labels:,} offline label(s)"]
+    if explainer not in ("words", "tokens"):
         made.append(f"{r.described:,} {explainer} description(s), {r.scored:,} scored")
     click.echo(f"described {r.features:,} feature(s) in {r.seconds:.1f}s ({rate:,.1f} features/s): "
                f"{'; '.join(made)}; {r.skipped:,} already done")
     if r.embedded:
         click.echo(f"embedded {r.embedded:,} description(s) with {embedding_model} in {r.embed_seconds:.1f}s "
                    f"({r.embedded / max(r.embed_seconds, 1e-9):,.1f}/s)")
-    if explainer != "tokens":
+    if explainer not in ("words", "tokens"):
         click.echo(f"{r.requests:,} request(s), {r.cache_hits:,} cached, {r.retries:,} retried")
     if r.unparsed:
         click.echo(f"warning: {r.unparsed:,} reply(ies) held no description; those features keep their "
@@ -274,7 +276,10 @@ def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_
 @click.argument("text")
 @click.option("--keyword", "mode", flag_value="keyword", help="Full-text (BM25) search.")
 @click.option("--hybrid", "mode", flag_value="hybrid", help="Semantic and full-text search, fused (RRF).")
-@click.option("--semantic", "mode", flag_value="semantic", default=True, help="Semantic search (default).")
+@click.option("--semantic", "mode", flag_value="semantic", help="Semantic search.")
+@click.option("--auto", "mode", flag_value="auto", default=True,
+              help="Keyword search for a query of symbols only, semantic otherwise (default: measured best, "
+                   "docs/benchmarks.md).")
 @filter_options
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
 @db_option
@@ -284,7 +289,10 @@ def search(text, mode, layer, coder_ids, site, model, min_density, max_density, 
     """Search features by what their descriptions say."""
     from featuredb.query.where import where_conditions
 
+    from featuredb.query.search import auto_mode
+
     cat = open_catalogue(db, trust_models)
+    mode = auto_mode(text) if mode == "auto" else mode
     query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid}[mode](text)
     frame = query.where(**where_conditions(layer, coder_ids, site, model, min_density, max_density)).limit(limit).to_polars()
     if as_json:
@@ -494,16 +502,18 @@ def _layer_list(ctx, param, value: str | None) -> list[int] | None:
               help="Target active features per token of a JumpReLU SAE or transcoder (gemma3).")
 @click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,
               help="Active features per token of a TopK SAE (smollm2).")
+@click.option("--clt", is_flag=True, help="Also train and index a small cross-layer transcoder over every layer "
+                                           "(gemma3; 512 features per layer).")
 @click.option("--model", default=None, help="Subject model weights (default: the subject's package).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Model dtype (default: bfloat16 where the CPU has fast bf16 kernels; float16 overflows Gemma 3).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def demo(out, subject, tokens, train_tokens, layers, width, l0, k, model, dtype, quiet):
+def demo(out, subject, tokens, train_tokens, layers, width, l0, k, clt, model, dtype, quiet):
     """Build a real catalogue offline: corpus, trained coders, index, descriptions, search indexes."""
     from featuredb.demo.build import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=out, subject=subject, tokens=tokens, train_tokens=train_tokens, layers=layers or None,
-                        width=width, l0=l0, k=k, model=model, dtype=dtype, progress=not quiet))
+                        width=width, l0=l0, k=k, clt=clt, model=model, dtype=dtype, progress=not quiet))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_search_modes(client):
     assert set(keys(semantic["results"])) == FRENCH and semantic["mode"] == "semantic"
     assert list(semantic["results"][0]) == ["coder_id", "feature", "layer", "site", "description", "density",
                                             "max_activation", "top_tokens", "score"]
+    # the default mode is chosen by the query's shape: symbols alone by keyword, words semantically
+    assert ok(client.get("/api/search", params={"q": "(", "limit": 3}))["mode"] == "keyword"
     keyword = ok(client.get("/api/search", params={"q": "Marseille", "mode": "keyword"}))
     assert set(keys(keyword["results"])) == {("res-L12", 3), (TRICKY_ID, 6)}
     hybrid = ok(client.get("/api/search", params={"q": "Marseille", "mode": "hybrid", "layer": 12, "limit": 3}))

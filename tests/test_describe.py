@@ -267,7 +267,7 @@ def descriptions(store: FeatureStore) -> dict[int, str | None]:
 
 
 def test_tokens_labels_name_the_activating_tokens_and_logits(db):
-    result = run_describe(DescribeConfig(db=str(db), progress=False), embedder=fake_embed)
+    result = run_describe(DescribeConfig(db=str(db), explainer="tokens", progress=False), embedder=fake_embed)
     assert (result.features, result.tokens_labels, result.described) == (4, 4, 0)
     store = FeatureStore(db)
     labels = descriptions(store)
@@ -407,8 +407,8 @@ def test_non_retryable_error_is_one_line_and_keeps_the_db(db, server):
     # not retried: each of the 3 features in flight asked once
     assert len({json.dumps(r["body"]) for r in server.requests}) == len(server.requests) <= 3
     assert server.requests[0]["auth"] == "Bearer sk-x"  # key from the environment
-    # what was done before the failure is kept: every feature has its tokens label
-    assert {r["description_method"] for r in FeatureStore(db).features(SAE).to_dicts()} == {"tokens"}
+    # what was done before the failure is kept: every feature has its offline (words) label
+    assert {r["description_method"] for r in FeatureStore(db).features(SAE).to_dicts()} == {"words"}
 
 
 def test_retries_give_up(server):
@@ -444,11 +444,11 @@ def test_limit_then_resume(db, server):
     assert all(d for d in descriptions(FeatureStore(db)).values())
 
 
-def test_reply_without_description_keeps_the_tokens_label(db, server):
+def test_reply_without_description_keeps_the_offline_label(db, server):
     server.reply = lambda messages: "   "
     result = run_describe(llm_config(db, server), embedder=fake_embed)
     assert result.unparsed == 3 and result.described == 0
-    assert {r["description_method"] for r in FeatureStore(db).features(SAE).to_dicts()} == {"tokens"}
+    assert {r["description_method"] for r in FeatureStore(db).features(SAE).to_dicts()} == {"words"}
 
 
 def test_parsers():
@@ -520,10 +520,10 @@ def test_write_descriptions_touches_only_description_columns(db):
     assert after.drop(changed).height == 4
     row = store.feature_row(SAE, 1)
     assert (row["description"], row["description_method"], row["embedding_model"]) == ("written by hand", "manual", "emb")
-    # a manual description outranks a later tokens label; the history keeps both
+    # a manual description outranks a later offline label; the history keeps both
     run_describe(DescribeConfig(db=str(db), progress=False, embedding_model="emb"), embedder=fake_embed)
     assert store.feature_row(SAE, 1)["description"] == "written by hand"
-    assert [r["method"] for r in current_descriptions(store, SAE, [1])].count("tokens") == 1
+    assert [r["method"] for r in current_descriptions(store, SAE, [1])].count("words") == 1
 
 
 def test_embedding_dimension_mismatch_is_an_error(db):

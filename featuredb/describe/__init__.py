@@ -1,4 +1,4 @@
-"""Descriptions of features: explainers (tokens / llm / local), detection and fuzzing scores,
+"""Descriptions of features: explainers (words, the offline default / tokens / llm / local), detection and fuzzing scores,
 embeddings, and the write path into the catalogue.
 
     from featuredb.describe import DescribeConfig, run_describe
@@ -22,6 +22,7 @@ from featuredb.describe.prompts import (
     parse_explanation,
     parse_labels,
 )
+from featuredb.describe.words import WORDS_METHOD, WORDS_VERSION, words_label
 from featuredb.describe.run import DescribeConfig, DescribeError, DescribeResult, run_describe
 from featuredb.describe.scoring import Scorer, ScoreResult, balanced_accuracy
 from featuredb.store.descriptions import (
@@ -41,5 +42,5 @@ __all__ = [
     "ScoreResult", "Scorer", "SyncResult", "balanced_accuracy", "best_description", "chat_endpoint",
     "current_descriptions", "descriptions_schema", "detection_messages", "explainer_messages", "fuzz_messages",
     "load_evidence", "parse_explanation", "parse_labels", "run_describe", "sync_features", "tokens_label",
-    "write_descriptions",
+    "write_descriptions", "WORDS_METHOD", "WORDS_VERSION", "words_label",
 ]

@@ -14,8 +14,10 @@ import re
 from collections.abc import Sequence
 
 from featuredb.describe.evidence import Context, FeatureEvidence
+from featuredb.describe.token_classes import show_token
+from featuredb.describe.words import analyse, supported
 
-EXPLAIN_PROMPT_VERSION = "explain-v1"
+EXPLAIN_PROMPT_VERSION = "explain-v2"  # v2: the measured patterns at the peaks
 SCORE_PROMPT_VERSION = "score-v1"
 
 # A token is marked when its value exceeds this fraction of its example's max (delphi uses 0.3).
@@ -32,7 +34,9 @@ EXPLAIN_SYSTEM = f"""You are a careful interpretability researcher. You study on
 autoencoder trained on a language model's internal activations, and you write a short description of \
 what the feature responds to.
 
-You will see text examples in which the feature is active. In each example the tokens where it is \
+You will see text examples in which the feature is active, and patterns measured over all its \
+examples at the token where each one peaks, with the share of top and of lower-activation examples \
+that fit each pattern. In each example the tokens where it is \
 active are marked {LEFT}like this{RIGHT}; consecutive active tokens are marked together. Under each \
 example its active tokens are listed with their activation on a 0 to 10 scale (10 is the strongest \
 activation of the feature). You may also see the tokens the feature makes more likely (promotes) and \
@@ -40,6 +44,8 @@ less likely (suppresses) as the model's next token.
 
 Guidelines:
 - Describe the pattern the examples share: the marked tokens, and the context around them when it matters.
+- Name the concept in plain words people would search for (e.g. "equals sign in assignments", \
+"newline and indentation", "negation"), and quote the key tokens.
 - Be concise and specific: one line of at most 20 words. Do not list alternative explanations.
 - Do not mention the {LEFT} {RIGHT} markers.
 - The last line of your reply must be the description, written as:
@@ -59,11 +65,6 @@ For each example, answer 1 if the marked tokens are where the feature as describ
 otherwise 0.
 
 Reply with only a list of numbers, one per example, in order, for example [1, 0, 0]."""
-
-
-def show_token(token: str) -> str:
-    """A token in quotes with whitespace made visible: ' Paris', '\\n'."""
-    return "'" + token.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") + "'"
 
 
 def one_line(text: str) -> str:
@@ -136,6 +137,10 @@ def explainer_messages(ev: FeatureEvidence, n_top: int = 10, n_interval: int = 6
         for ctx in interval:
             parts.append(format_example(number, ctx, scale))
             number += 1
+    patterns = measured_patterns(ev)
+    if patterns:
+        parts.append("\nPatterns at the peak token (share of top examples / of lower examples that fit):")
+        parts += patterns
     promoted = _logit_line(ev.top_logits, positive=True)
     suppressed = _logit_line(ev.bottom_logits, positive=False)
     if promoted or suppressed:
@@ -146,6 +151,16 @@ def explainer_messages(ev: FeatureEvidence, n_top: int = 10, n_interval: int = 6
         parts.append(f"Tokens the feature suppresses: {suppressed}")
     parts.append("\nWrite the description as one line: [EXPLANATION]: <description>")
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": "\n".join(parts)}]
+
+
+def measured_patterns(ev: FeatureEvidence) -> list[str]:
+    """The `words` explainer's supported claims, one line each with both shares."""
+    lines = []
+    for claim in supported(analyse(ev)):
+        top = f"{claim.top}/{claim.top_n}" if claim.top_n else "-"
+        lower = f"{claim.interval}/{claim.interval_n}" if claim.interval_n else "-"
+        lines.append(f"- {claim.text}: {top} top, {lower} lower")
+    return lines
 
 
 _EXPLANATION = re.compile(r"\[?(?:EXPLANATION|DESCRIPTION)\]?\s*:\s*(.*)", re.IGNORECASE)

@@ -1,5 +1,5 @@
-"""A describe run: every selected feature gets a `tokens` label, and with `--explainer llm|local`
-an LLM description (optionally scored), written in chunks so a killed run loses at most a chunk.
+"""A describe run: every selected feature gets an offline label (`words`, the default, or `tokens`),
+and with `--explainer llm|local` an LLM description (optionally scored) on top of a `words` label, written in chunks so a killed run loses at most a chunk.
 
 Resumable and idempotent: a feature is skipped when the descriptions table already holds, for the
 coder's current indexing, a description by the same method, explainer model and prompt version
@@ -25,6 +25,7 @@ from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
 from featuredb.store import FeatureStore
 from featuredb.describe.evidence import FeatureEvidence, NegativePool, load_evidence
 from featuredb.describe.explainers import TOKENS_METHOD, TOKENS_VERSION, ChatExplainer, tokens_label
+from featuredb.describe.words import WORDS_METHOD, WORDS_VERSION, evidence_record, words_label
 from featuredb.describe.llm_client import (
     ChatBackend,
     LLMError,
@@ -38,7 +39,8 @@ from featuredb.describe.scoring import Scorer, ScoreResult
 from featuredb.store.descriptions import Embedder, SyncResult, current_descriptions, sync_features, write_descriptions
 from featuredb.errors import DescribeError
 
-EXPLAINERS = ("tokens", "llm", "local")
+EXPLAINERS = ("words", "tokens", "llm", "local")
+OFFLINE_EXPLAINERS = ("words", "tokens")
 CACHE_FILE = "_describe_cache.sqlite"
 _REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -46,7 +48,7 @@ _REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 @dataclass
 class DescribeConfig:
     db: str
-    explainer: str = "tokens"
+    explainer: str = "words"
     coder_ids: list[str] = field(default_factory=list)  # empty: every coder
     limit: int | None = None  # at most this many features worked on in this run
     score: bool = False
@@ -72,7 +74,7 @@ class DescribeResult:
     coder_ids: list[str]
     features: int = 0  # features worked on in this run
     skipped: int = 0  # features already done
-    tokens_labels: int = 0
+    tokens_labels: int = 0  # offline labels written (words or tokens)
     described: int = 0  # llm / local descriptions written
     scored: int = 0
     unparsed: int = 0  # llm / local replies without a usable description
@@ -121,9 +123,9 @@ def make_backend(config: DescribeConfig, cache: ResponseCache) -> ChatBackend:
 def _check(config: DescribeConfig) -> None:
     if config.explainer not in EXPLAINERS:
         raise DescribeError(f"unknown explainer {config.explainer!r} (expected one of {', '.join(EXPLAINERS)})")
-    if config.explainer != "tokens" and not config.model:
+    if config.explainer not in OFFLINE_EXPLAINERS and not config.model:
         raise DescribeError(f"--explainer {config.explainer} needs --model")
-    if config.score and config.explainer == "tokens":
+    if config.score and config.explainer in OFFLINE_EXPLAINERS:
         raise DescribeError("--score needs an LLM to score with: use --explainer llm or local")
     if config.limit is not None and config.limit < 1:
         raise DescribeError("--limit must be at least 1")
@@ -147,7 +149,7 @@ def run_describe(config: DescribeConfig, *, backend: ChatBackend | None = None,
     unknown = [s for s in config.coder_ids if s not in coders]
     if unknown:
         raise DescribeError(f"no coder {unknown[0]!r} in {config.db} (coders: {', '.join(sorted(coders))})")
-    if config.explainer == "tokens" or backend is not None:
+    if config.explainer in OFFLINE_EXPLAINERS or backend is not None:
         result = _describe(store, sorted(coders), config, backend, embedder)
     else:
         with reply_cache(Path(config.cache or default_cache_path(config.db)).expanduser()) as cache:
@@ -161,7 +163,7 @@ def _describe(store: FeatureStore, coders: list[str], config: DescribeConfig, ba
     """The run itself: plan, describe in chunks, sync every coder's feature rows."""
     selected = list(dict.fromkeys(config.coder_ids)) or coders
     result = DescribeResult(coder_ids=selected)
-    chat = config.explainer != "tokens"
+    chat = config.explainer not in OFFLINE_EXPLAINERS
     explainer = ChatExplainer(backend, config.explainer, config.n_top, config.n_interval) if chat else None
     scorer = Scorer(backend, config.n_score, n_top_shown=config.n_top, n_interval_shown=config.n_interval) \
         if config.score else None
@@ -206,7 +208,7 @@ class _Plan:
     indexed_at: dt.datetime
     top_k: int
     todo: list[int]
-    need_tokens: set[int]
+    need_offline: set[int]
     need_chat: set[int]
     skipped: int
 
@@ -214,7 +216,8 @@ class _Plan:
 def _plan(store: FeatureStore, coder_id: str, config: DescribeConfig, backend: ChatBackend | None) -> _Plan:
     coder = next(r for r in store.coders().to_dicts() if r["coder_id"] == coder_id)
     existing = current_descriptions(store, coder_id)
-    have_tokens = {r["feature"] for r in existing if r["method"] == TOKENS_METHOD and r["prompt_version"] == TOKENS_VERSION}
+    method, version = offline_method(config.explainer)
+    have_offline = {r["feature"] for r in existing if r["method"] == method and r["prompt_version"] == version}
     have_chat: set[int] = set()
     if backend is not None:
         have_chat = {
@@ -223,16 +226,32 @@ def _plan(store: FeatureStore, coder_id: str, config: DescribeConfig, backend: C
             and r["prompt_version"] == EXPLAIN_PROMPT_VERSION and (not config.score or r["score_details"] is not None)
         }
     rows = store.features(coder_id, columns=["feature", "active_count"]).to_dicts()
-    need_tokens = {r["feature"] for r in rows if r["feature"] not in have_tokens}
+    need_offline = {r["feature"] for r in rows if r["feature"] not in have_offline}
     need_chat = {r["feature"] for r in rows if backend is not None and r["active_count"] > 0
                  and r["feature"] not in have_chat}
-    todo = [r["feature"] for r in rows if r["feature"] in need_tokens or r["feature"] in need_chat]
-    return _Plan(coder["created_at"], int(coder["top_k"]), todo, need_tokens, need_chat, len(rows) - len(todo))
+    todo = [r["feature"] for r in rows if r["feature"] in need_offline or r["feature"] in need_chat]
+    return _Plan(coder["created_at"], int(coder["top_k"]), todo, need_offline, need_chat, len(rows) - len(todo))
+
+
+def offline_method(explainer: str) -> tuple[str, str]:
+    """The offline label a run writes for every feature: `tokens` when asked for, else `words`
+    (the fallback under an LLM description too). Returns (method, version)."""
+    return (TOKENS_METHOD, TOKENS_VERSION) if explainer == TOKENS_METHOD else (WORDS_METHOD, WORDS_VERSION)
+
+
+def offline_label(explainer: str, ev: FeatureEvidence) -> tuple[str, dict | None]:
+    """The offline label of one feature and the evidence it rests on (words only)."""
+    if explainer == TOKENS_METHOD:
+        return tokens_label(ev), None
+    return words_label(ev), evidence_record(ev)
 
 
 def _row(coder_id: str, feature: int, text: str, method: str, model: str | None, source: str | None,
-         version: str, indexed_at: dt.datetime, scores: ScoreResult | None = None) -> dict:
+         version: str, indexed_at: dt.datetime, scores: ScoreResult | None = None,
+         evidence: dict | None = None) -> dict:
+    # "evidence" is recorded where the descriptions table has that column (see descriptions_schema)
     return {
+        "evidence": json.dumps(evidence, sort_keys=True) if evidence is not None else None,
         "coder_id": coder_id, "feature": feature, "description": text, "method": method,
         "explainer_model": model, "explainer_source": source, "prompt_version": version,
         "created_at": dt.datetime.now(dt.timezone.utc), "indexed_at": indexed_at,
@@ -250,10 +269,11 @@ def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: Desc
     rows: list[dict] = []
     chat_features = [f for f in chunk if f in plan.need_chat and f in evidence
                      and (evidence[f].top or evidence[f].interval)] if explainer else []
+    method, version = offline_method(config.explainer)
     for f in chunk:
-        if f in plan.need_tokens and f in evidence:
-            rows.append(_row(coder_id, f, tokens_label(evidence[f]), TOKENS_METHOD, None, None, TOKENS_VERSION,
-                             plan.indexed_at))
+        if f in plan.need_offline and f in evidence:
+            text, record = offline_label(config.explainer, evidence[f])
+            rows.append(_row(coder_id, f, text, method, None, None, version, plan.indexed_at, evidence=record))
             result.tokens_labels += 1
         if f not in chat_features:
             progress.update(1)
@@ -286,7 +306,8 @@ def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: Desc
                     result.unparsed += 1
                     continue
                 rows.append(_row(coder_id, futures[future], text, explainer.method, explainer.backend.model,
-                                 explainer.backend.source, explainer.prompt_version, plan.indexed_at, scores))
+                                 explainer.backend.source, explainer.prompt_version, plan.indexed_at, scores,
+                                 evidence=evidence_record(evidence[futures[future]])))
                 result.described += 1
                 result.scored += scores is not None
         except BaseException:  # e.g. KeyboardInterrupt: keep what is done, then stop
@@ -302,7 +323,7 @@ def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: Desc
 
 def _write(store, coder_id, rows, config, result, embedder) -> None:
     if rows:
-        rows.sort(key=lambda r: (r["feature"], r["method"] != TOKENS_METHOD))
+        rows.sort(key=lambda r: (r["feature"], r["method"] not in OFFLINE_EXPLAINERS))
         _add_sync(result, write_descriptions(store, coder_id, rows, embedding_model=config.embedding_model,
                                              embedder=embedder))
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from featuredb.errors import QueryError
 from featuredb.query.builder import QueryBuilder
+from featuredb.store.indexes import keyword_terms
 
 # Columns of every search result row (score is added).
 RESULT_COLUMNS = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
@@ -101,9 +102,12 @@ class SearchQuery(QueryBuilder):
 
     def _keyword_leg(self, condition: str | None, k: int) -> pl.DataFrame:
         table = self.reader.features_table()
+        terms = keyword_terms(self.text or "")  # "(" -> "left parenthesis", as descriptions name it
+        if not terms.strip():
+            return empty_results()
 
         def build(limit: int, prefilter: bool):
-            query = table.search(self.text, query_type="fts", fts_columns="description")
+            query = table.search(terms, query_type="fts", fts_columns="description")
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
             return query.select(FETCHED_COLUMNS + ["_score"]).limit(limit)
@@ -133,6 +137,23 @@ class SearchQuery(QueryBuilder):
             keyword_future = pool.submit(self._keyword_leg, condition, depth)
             semantic, keyword = vector_future.result(), keyword_future.result()
         return rrf_fuse([semantic, keyword], k)
+
+
+# The search mode for a query of each shape when none is asked for, chosen by measurement on the
+# concept benchmark (scripts/bench_concepts.py, docs/benchmarks.md "Concept search (issue 16)").
+AUTO_MODES = {"symbol": "keyword", "word": "semantic", "phrase": "semantic"}
+
+
+def query_shape(text: str) -> str:
+    """"symbol" (no letter or digit: "(", "=="), "word" (one word) or "phrase"."""
+    if not any(ch.isalnum() for ch in text):
+        return "symbol"
+    return "word" if len(text.split()) == 1 else "phrase"
+
+
+def auto_mode(text: str) -> str:
+    """The mode a query of this shape is searched with by default (AUTO_MODES)."""
+    return AUTO_MODES[query_shape(text)]
 
 
 def rrf_fuse(legs: list[pl.DataFrame], k: int, rrf_k: int = RRF_K) -> pl.DataFrame:

@@ -54,7 +54,7 @@ def coders(cat: Cat) -> dict:
 
 @router.get("/search")
 def search(cat: Cat, q: Annotated[str, Query(description="Search text.")],
-           mode: Mode = "semantic", chosen: Filters = Depends(filters), paging: Page = Depends(page)) -> dict:
+           mode: Mode = "auto", chosen: Filters = Depends(filters), paging: Page = Depends(page)) -> dict:
     """Search feature descriptions: semantic (embeddings), keyword (BM25) or hybrid (both, RRF);
     or token: the features whose stored top examples peak on this token or phrase."""
     return search_view(cat, q, mode, chosen, paging)

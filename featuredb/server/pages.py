@@ -83,7 +83,7 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
 
 
 @router.get("/")
-def search_page(request: Request, cat: views.Cat, q: Text = None, mode: views.Mode = "semantic",
+def search_page(request: Request, cat: views.Cat, q: Text = None, mode: views.Mode = "auto",
                 chosen: views.Filters = Depends(views.filters), paging: views.Page = Depends(views.page)):
     result = views.search_view(cat, q, mode, chosen, paging) if q and q.strip() else None
     return templates.TemplateResponse(request, "search.html", {

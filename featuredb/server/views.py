@@ -20,6 +20,7 @@ from featuredb.errors import QueryError, TooLarge
 from featuredb.query.builder import MAX_LIMIT
 from featuredb.query.catalogue import Catalogue
 from featuredb.query.where import where_conditions
+from featuredb.query.search import auto_mode
 
 MAX_PAGE = 100  # rows per page
 # A page fetches offset + limit + 1 rows (the extra row says whether a next page exists), and the
@@ -88,7 +89,8 @@ def catalogue(request: Request) -> Catalogue:
 Cat = Annotated[Catalogue, Depends(catalogue)]  # a route's catalogue parameter
 
 
-Mode = Literal["semantic", "keyword", "hybrid", "token"]  # token: top examples peak on this token
+# auto: chosen by the query's shape (featuredb.query.search.auto_mode); token: top examples peak on this token
+Mode = Literal["auto", "semantic", "keyword", "hybrid", "token"]
 ExampleKind = Literal["top", "interval"]
 
 
@@ -102,7 +104,9 @@ def coders_view(cat: Catalogue) -> dict:
 
 def search_view(cat: Catalogue, q: str, mode: Mode, chosen: Filters, paging: Page) -> dict:
     """One page of semantic / keyword / hybrid search results, or of the features whose top
-    examples peak on a token (`with_token`: score = the share of their top examples that do)."""
+    examples peak on a token (`with_token`: score = the share of their top examples that do). `mode`
+    in the answer is the one used ("auto" resolved)."""
+    mode = auto_mode(q) if mode == "auto" else mode
     query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid, "token": cat.with_token}[mode](q)
     rows = query.where(**chosen.where()).offset(paging.offset).limit(paging.limit + 1).to_list()
     return {"q": q, "mode": mode, "filters": asdict(chosen), **_page_of(rows, paging)}

@@ -40,7 +40,8 @@ from featuredb.store.failures import Commits, writing
 from featuredb.store.schema import DESCRIPTIONS_TABLE, conform_table, descriptions_schema, vector_dim_of
 
 # How descriptions rank against each other when choosing a feature's current one.
-METHOD_RANK = {"tokens": 0, "llm": 1, "local": 1, "manual": 2}
+# `words` (offline, named classes and patterns) ranks above `tokens` (offline, literal tokens).
+METHOD_RANK = {"tokens": 0, "words": 1, "llm": 2, "local": 2, "manual": 3}
 MAX_DESCRIPTION_CHARS = 2000
 DESCRIPTION_COLUMNS = ("description", "description_method", "description_model", "embedding_model", "vector")
 
