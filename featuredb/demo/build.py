@@ -7,7 +7,8 @@
    - Gemma 3: JumpReLU coders trained as Gemma Scope trains them (featuredb.demo.jumprelu), saved in
      Gemma Scope 2's own layout (featuredb.demo.gemma_scope_format): SAEs on the residual stream at
      three layers, an affine skip transcoder at the middle one, a crosscoder over the three SAE
-     layers; a Gemma Scope 2 coder for this model can take the place of any of them;
+     layers, and with --clt a small cross-layer transcoder over every layer; a Gemma Scope 2 coder
+     for this model can take the place of any of them;
    - SmolLM2 (no published SAEs): TopK SAEs (featuredb.demo.train) in SAELens's format;
 4. index: the normal `featuredb index` path loads those files through the normal coder loader;
 5. describe: the offline `tokens` explainer labels every feature, MiniLM embeds the labels;
@@ -39,11 +40,6 @@ from featuredb.indexer.run import IndexConfig, batches, run_index
 from featuredb.runtime.device import cpu_has_fast_bf16
 from featuredb.runtime.model import SubjectModel, load_model, smollm2_gguf_path
 
-# Multi-layer coders (the crosscoder) are trained and saved with the others; this switch puts them in
-# the index run's --coder list too (False: saved only, as when `load_coder` refused them).
-INDEX_MULTI_LAYER_CODERS = True
-
-
 @dataclass(frozen=True)
 class Subject:
     """What the demo runs on, and the names its coders get."""
@@ -54,17 +50,19 @@ class Subject:
     model_name: str  # the model written into the coders' configs
     coder_format: str  # "gemma-scope-2" (JumpReLU) | "saelens" (TopK)
     layers: tuple[int, ...]  # default residual-stream layers
+    n_layers: int  # the model's depth (a CLT reads every layer)
+    width: int  # features per single-layer coder
     train_tokens: int  # defaults sized so the whole demo takes minutes on a 2-core CPU
     tokens: int  # indexed
     epochs: float
 
 
 SUBJECTS = {
-    "gemma3": Subject("gemma3", "Gemma 3 270M", SUBJECT_NAME, HUB_ID, "gemma-scope-2", tuple(default_layers(18)),
-                      train_tokens=100_000, tokens=150_000, epochs=1.0),
+    "gemma3": Subject("gemma3", "Gemma 3 270M", SUBJECT_NAME, HUB_ID, "gemma-scope-2", tuple(default_layers(18)), 18,
+                      width=2048, train_tokens=100_000, tokens=100_000, epochs=2.0),
     # the SmolLM2 demo as it was (its figures in docs/benchmarks.md are for these settings)
     "smollm2": Subject("smollm2", "SmolLM2-135M-Instruct", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                       "saelens", (3, 15, 27), train_tokens=200_000, tokens=200_000, epochs=2.0),
+                       "saelens", (3, 15, 27), 30, width=4096, train_tokens=200_000, tokens=200_000, epochs=2.0),
 }
 
 
@@ -74,12 +72,15 @@ class DemoConfig:
     subject: str = "gemma3"  # a key of SUBJECTS
     model: str | None = None  # default: the subject's packaged weights
     layers: list[int] | None = None  # residual-stream layers; default: the subject's (they follow its depth)
-    width: int = 4096  # features per single-layer coder
+    width: int | None = None  # features per single-layer coder; default: the subject's
     k: int = 32  # TopK (smollm2)
     l0: float = 60.0  # JumpReLU L0 target of an SAE and the transcoder (Gemma Scope 2 270M "medium": 60)
     transcoder: bool = True  # an affine skip transcoder at the middle layer (gemma3)
     crosscoder: bool = True  # a crosscoder over the SAE layers (gemma3)
-    crosscoder_width: int = 2048  # features per layer of the crosscoder
+    crosscoder_width: int = 1024  # features per layer of the crosscoder
+    clt: bool = False  # a cross-layer transcoder over every layer (gemma3)
+    clt_width: int = 512  # features per layer of the CLT
+    clt_l0: float = 8.0  # its L0 target per layer (18 x 8 = 144 for Gemma 3 270M)
     train_tokens: int | None = None  # default: the subject's
     eval_tokens: int | None = None  # held out; default: a tenth of train_tokens, at least 2,048
     tokens: int | None = None  # indexed tokens; default: the subject's
@@ -95,6 +96,9 @@ class DemoConfig:
         if self.subject not in SUBJECTS:
             raise ModelError(f"unknown demo subject {self.subject!r}: choose {' or '.join(SUBJECTS)}")
         spec = SUBJECTS[self.subject]
+        if self.clt and spec.coder_format != "gemma-scope-2":
+            raise ModelError(f"--clt trains a Gemma Scope 2 CLT: it needs --subject gemma3, not {self.subject}")
+        self.width = self.width or spec.width
         self.train_tokens = self.train_tokens or spec.train_tokens
         self.eval_tokens = self.eval_tokens or max(2048, self.train_tokens // 10)
         self.tokens = self.tokens or spec.tokens
@@ -135,17 +139,13 @@ def default_dtype() -> torch.dtype:
 class CoderPlan:
     """One coder to train: what it reads and writes, where it is saved, its id in the catalogue."""
 
-    kind: str  # "sae" | "transcoder" | "crosscoder"
+    kind: str  # "sae" | "transcoder" | "crosscoder" | "clt"
     hooks_in: list[str]
     hooks_out: list[str]
     width: int  # features per slot
     l0: float  # target, all slots together
     folder: Path  # in Gemma Scope 2's layout, under config.coders_dir
     coder_id: str
-
-    @property
-    def multi_layer(self) -> bool:
-        return len(self.hooks_in) > 1
 
     @property
     def saved(self) -> bool:
@@ -161,7 +161,8 @@ def residual(layer: int) -> str:
 
 
 def plan_coders(config: DemoConfig) -> list[CoderPlan]:
-    """SAEs at every layer, the skip transcoder at the middle one, the crosscoder over all of them."""
+    """SAEs at every layer, the skip transcoder at the middle one, the crosscoder over all of them, and
+    the CLT over every layer of the model."""
     layers, short, root = config.layer_list, config.spec.short, config.coders_dir
     plans = []
     for layer in layers:
@@ -183,12 +184,14 @@ def plan_coders(config: DemoConfig) -> list[CoderPlan]:
         plans.append(CoderPlan("crosscoder", hooks, hooks, config.crosscoder_width, config.l0 * len(layers),
                                root / gemma_scope_folder("crosscoder", hooks, total),
                                f"{short}-crosscoder-L{'_'.join(map(str, layers))}-w{width_tag(total)}"))
+    if config.clt:
+        n = config.spec.n_layers
+        hooks_in = [f"model.layers.{layer}.pre_feedforward_layernorm.output" for layer in range(n)]
+        hooks_out = [f"model.layers.{layer}.post_feedforward_layernorm.output" for layer in range(n)]
+        total = config.clt_width * n
+        plans.append(CoderPlan("clt", hooks_in, hooks_out, config.clt_width, config.clt_l0 * n,
+                               root / gemma_scope_folder("clt", hooks_in, total), f"{short}-clt-w{width_tag(total)}"))
     return plans
-
-
-def indexable(plan: CoderPlan) -> bool:
-    """Whether the index run takes this coder (see INDEX_MULTI_LAYER_CODERS)."""
-    return INDEX_MULTI_LAYER_CODERS or not plan.multi_layer
 
 
 # --- activations ------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def train_gemma_scope_coders(config: DemoConfig, model: SubjectModel, plans: lis
     reports = []
     for plan in plans:
         xs = [acts[h] for h in plan.hooks_in]
-        ys = None if plan.kind != "transcoder" else [acts[h] for h in plan.hooks_out]
+        ys = None if plan.kind not in ("transcoder", "clt") else [acts[h] for h in plan.hooks_out]
         kept = typical([x[:split] for x in xs + (ys or [])], config.outlier_ratio)
         train_in = [x[:split][kept] for x in xs]
         train_out = None if ys is None else [y[:split][kept] for y in ys]
@@ -376,10 +379,11 @@ def run_demo(config: DemoConfig) -> None:
         plans = plan_coders(config)
         title = (f"JumpReLU coders in Gemma Scope 2's layout (width {config.width}, L0 {config.l0:g}): SAEs at layers "
                  f"{config.layer_list}" + (", a skip transcoder" if config.transcoder else "")
-                 + (", a crosscoder" if config.crosscoder and len(config.layer_list) > 1 else ""))
+                 + (", a crosscoder" if config.crosscoder and len(config.layer_list) > 1 else "")
+                 + (", a cross-layer transcoder" if config.clt else ""))
         todo = [p for p in plans if not p.saved]
-        coder_specs = [p.index_spec for p in plans if indexable(p)]
-        coder_ids = [p.coder_id for p in plans if indexable(p)]
+        coder_specs = [p.index_spec for p in plans]
+        coder_ids = [p.coder_id for p in plans]
     else:
         title = f"TopK SAEs (width {config.width}, k {config.k}) on layers {config.layer_list}"
         todo = [layer for layer in config.layer_list if not (config.sae_dir(layer) / "cfg.json").exists()]
@@ -403,10 +407,6 @@ def run_demo(config: DemoConfig) -> None:
         del model
     else:
         click.echo(f"  cached: {config.coders_dir}")
-    left_out = [p for p in plan_coders(config) if not indexable(p)] if spec.coder_format == "gemma-scope-2" else []
-    if left_out:
-        click.echo("  saved, not indexed (multi-layer coders are not indexable yet): "
-                   + ", ".join(str(p.folder) for p in left_out))
     timings["train"] = time.perf_counter() - t
 
     t = step(f"4/6 index: {config.tokens:,} tokens through the model and {len(coder_specs)} coders")
@@ -425,10 +425,10 @@ def run_demo(config: DemoConfig) -> None:
                    "the rest)")
     timings["index"] = time.perf_counter() - t
 
-    t = step("5/6 describe: token labels for every feature, embedded with MiniLM")
+    t = step("5/6 describe: an offline description of every feature (what it fires on, in words), embedded with MiniLM")
     from featuredb.describe.run import DescribeConfig, run_describe
 
-    described = run_describe(DescribeConfig(db=str(config.db), explainer="tokens", progress=config.progress))
+    described = run_describe(DescribeConfig(db=str(config.db), explainer="words", progress=config.progress))
     click.echo(f"  {described.tokens_labels:,} new labels, {described.skipped:,} already done")
     timings["describe"] = time.perf_counter() - t
 

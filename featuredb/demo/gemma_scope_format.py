@@ -21,6 +21,14 @@ Crosscoders (S layers a, b, c, ...; slot i = the i-th layer of the list):
 
     Each feature of slot i reads layer i only; out[m] = sum_i a[i] @ w_dec_i[:, m, :] + b_dec of file m.
 
+Cross-layer transcoders (every layer of the model; slot i = layer i):
+
+    clt/width_{W}_l0_{size}/
+        params_layer_{i}.safetensors   as a crosscoder's, w_dec [F, n_layers, d] zero for outputs m < i
+        config.json                    hf_hook_point_in = "model.layers.{all}.pre_feedforward_layernorm.output",
+                                       hf_hook_point_out = "model.layers.{all}.post_feedforward_layernorm.output",
+                                       width = n_layers * F, type "clt"
+
 W in the folder name is the width written as Gemma Scope does: 16384 -> 16k, 65536 -> 65k,
 262144 -> 262k, 1048576 -> 1m (thousands rounded down; so our 4096 -> 4k). `l0` in config.json is
 the target L0 the coder was trained for (an integer, e.g. 150); the small / medium / big tag is the
@@ -39,6 +47,7 @@ from featuredb.demo.jumprelu import JumpReLUCoder
 from featuredb.runtime.hooks import hook_site_kind, parse_hook
 
 L0_SIZES = ("small", "medium", "big")
+_CLT_HOOKS = ("model.layers.{L}.pre_feedforward_layernorm.output", "model.layers.{L}.post_feedforward_layernorm.output")
 _SAE_SITES = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
 
 
@@ -66,6 +75,8 @@ def gemma_scope_folder(kind: str, hooks_in: list[str], width: int, l0_size: str 
     tail = f"width_{width_tag(width)}_l0_{l0_size}"
     if kind == "crosscoder":
         return f"crosscoder/layer_{'_'.join(map(str, layers))}_{tail}"
+    if kind == "clt":
+        return f"clt/{tail}"
     if kind == "transcoder":
         return f"transcoder/layer_{layers[0]}_{tail}" + ("_affine" if affine else "")
     site = _SAE_SITES.get(hook_site_kind(hooks_in[0]))
@@ -79,6 +90,8 @@ def gemma_scope_config(coder: JumpReLUCoder, model_name: str | None = None) -> d
     if coder.kind == "crosscoder":
         layers = ",".join(str(parse_hook(h).layer) for h in coder.hooks_in)
         hook_in = hook_out = f"model.layers.{{{layers}}}.output"
+    elif coder.kind == "clt":
+        hook_in, hook_out = (_CLT_HOOKS[0].format(L="{all}"), _CLT_HOOKS[1].format(L="{all}"))
     else:
         hook_in, hook_out = coder.hooks_in[0], coder.hooks_out[0]
     return {
@@ -98,11 +111,13 @@ def save_gemma_scope_2(coder: JumpReLUCoder, root: str | Path, *, l0_size: str =
     """Write the coder under root/<coder_folder> (module doc); returns that folder."""
     if coder.kind == "crosscoder":
         _check_crosscoder(coder)
+    elif coder.kind == "clt":
+        _check_clt(coder)
     elif coder.n_slots != 1:
         raise ValueError(f"a {coder.kind} has one slot, this coder has {coder.n_slots}")
     folder = Path(root) / coder_folder(coder, l0_size)
     folder.mkdir(parents=True, exist_ok=True)
-    if coder.kind == "crosscoder":
+    if coder.kind in ("crosscoder", "clt"):
         for i in range(coder.n_slots):
             save_file(_f32(w_enc=coder.w_enc[i], b_enc=coder.b_enc[i], threshold=coder.threshold[i],
                            w_dec=coder.w_dec[i], b_dec=coder.b_dec[i]), str(folder / f"params_layer_{i}.safetensors"))
@@ -123,6 +138,14 @@ def _check_crosscoder(coder: JumpReLUCoder) -> None:
         raise ValueError("a Gemma Scope 2 crosscoder reads and writes model.layers.<L>.output of the same layers")
     if coder.affine_skip is not None:
         raise ValueError("crosscoders are written without an affine skip connection")
+
+
+def _check_clt(coder: JumpReLUCoder) -> None:
+    """The published CLTs read every layer's MLP input and write every layer's MLP output, slot i = layer i."""
+    expected = [[h.format(L=i) for i in range(coder.n_slots)] for h in _CLT_HOOKS]
+    if [coder.hooks_in, coder.hooks_out] != expected:
+        raise ValueError("a Gemma Scope 2 CLT reads model.layers.<i>.pre_feedforward_layernorm.output and writes "
+                         "model.layers.<i>.post_feedforward_layernorm.output of every layer i = 0, 1, ...")
 
 
 def _f32(**tensors: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""JumpReLU coders trained the way Gemma Scope trains them: SAEs, skip transcoders and crosscoders.
+"""JumpReLU coders trained the way Gemma Scope trains them: SAEs, skip transcoders, crosscoders and
+cross-layer transcoders (CLTs).
 
 The model (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU
 SAEs"; Google DeepMind's JumpReLUMultiLayerSAE for the multi-slot layout) has S input slots, F
@@ -13,6 +14,9 @@ output slot:
     transcoder   S = S_out = 1, x = MLP input (pre_feedforward_layernorm.output), y = MLP output
                  (post_feedforward_layernorm.output), with the affine skip x @ W_skip
     crosscoder   S = S_out layers, y = x: out[m] = sum_l a[l] @ W_dec[l, :, m, :] + b_dec[m]
+    clt          S = S_out = every layer, x[l] = layer l's MLP input, y[m] = layer m's MLP output, and
+                 causal: W_dec[l, :, m, :] = 0 for m < l (a feature writes to its own layer's MLP
+                 output and every later one), held at zero through initialisation, steps and resampling
 
 Loss = FVU + lam * (L0 / L0_target - 1)^2, FVU = sum |y_hat - y|^2 / sum |y - mean(y)|^2 over the
 batch and L0 = active features per token (all slots together). The Heaviside step has no useful
@@ -82,7 +86,7 @@ from featuredb.runtime.coders import SparseCoder
 from featuredb.runtime.device import fast_bf16
 from featuredb.runtime.hooks import parse_hook
 
-KINDS = ("sae", "transcoder", "crosscoder")
+KINDS = ("sae", "transcoder", "crosscoder", "clt")
 
 
 @dataclass
@@ -120,7 +124,7 @@ class JumpReLUConfig:
 class JumpReLUCoder:
     """A trained JumpReLU coder with S input slots, in raw activation units (module doc)."""
 
-    kind: str  # "sae" | "transcoder" | "crosscoder"
+    kind: str  # "sae" | "transcoder" | "crosscoder" | "clt"
     hooks_in: list[str]  # one hook per input slot (our names: featuredb.runtime.hooks)
     hooks_out: list[str]  # one hook per output slot
     w_enc: Tensor  # [S, d_in, F]
@@ -211,10 +215,17 @@ class JumpReLUTrainer:
     """Parameters, hand-written forward/backward and the Adam optimiser of a JumpReLU coder."""
 
     def __init__(self, d_in: int, d_out: int, n_slots: int, n_out: int, config: JumpReLUConfig, skip: bool,
-                 generator: torch.Generator):
+                 generator: torch.Generator, causal: bool = False):
         S, Fw = n_slots, config.width
         self.config, self.n_out, self.d_out, self.generator = config, n_out, d_out, generator
+        # a CLT's slot l writes to output layers m >= l only: [S, 1, n_out * d_out], 1 where it may write
+        self.writable = None
+        if causal:
+            blocks = torch.arange(n_out)[None, :] >= torch.arange(S)[:, None]  # [S, n_out]
+            self.writable = blocks.repeat_interleave(d_out, dim=1)[:, None, :].float()
         W_dec = torch.randn(S, Fw, n_out * d_out, generator=generator)
+        if self.writable is not None:
+            W_dec *= self.writable
         self.W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
         # the slot's own output block (slot l writes out[l]; a transcoder's block is all of it), transposed
         own = [self.W_dec[l, :, (l if n_out == S else 0) * d_out:][:, :d_out] for l in range(S)]
@@ -279,6 +290,8 @@ class JumpReLUTrainer:
             # space is not its input's, so W_enc^T is no better); a feature silent here keeps its row
             residual = y - self.b_dec - (x @ self.W_skip if self.W_skip is not None else 0)
             aimed = (z * (z > theta)).T @ residual  # [F, S_out * d_out]
+            if self.writable is not None:
+                aimed *= self.writable[l]
             norm = aimed.norm(dim=1, keepdim=True)
             self.W_dec[l] = torch.where(norm > 0, aimed / norm.clamp_min(1e-30), self.W_dec[l])
         # features read random directions that share the stream's top principal components, so their aimed
@@ -358,6 +371,8 @@ class JumpReLUTrainer:
         """One Adam step; decoder rows stay on the unit sphere (gradient along the row removed, renormalised)."""
         metrics, grads = self.loss_and_grads(xs, y, mm_dtype)
         W_dec, g_W_dec = self.W_dec, grads["W_dec"]
+        if self.writable is not None:
+            g_W_dec *= self.writable  # Adam then never moves a zero entry: its moments stay zero
         g_W_dec -= (g_W_dec * W_dec).sum(-1, keepdim=True) * W_dec
         for group in self.optimizer.param_groups:
             group["params"][0].grad = grads[group["name"]]
@@ -394,7 +409,7 @@ class JumpReLUTrainer:
             cols, t = dead_ids[in_slot, 1], tokens[in_slot]
             if len(cols) == 0:
                 continue
-            self.W_dec[l, cols] = F.normalize(err[t], dim=1)
+            self.W_dec[l, cols] = F.normalize(err[t] * (self.writable[l] if self.writable is not None else 1), dim=1)
             mean = x.mean(0)
             w = F.normalize(self.precision[l] @ (x[t] - mean).T, dim=0)  # [d_in, n]
             alive = ~dead[l]
@@ -455,7 +470,7 @@ def train_jumprelu(inputs: list[Tensor], targets: list[Tensor] | None = None, *,
     """Train a JumpReLU coder on activations [N, d] per input slot (float32 or bfloat16; the same N tokens
     in every slot). targets: one [N, d_out] per output slot, None to reconstruct the inputs (SAE,
     crosscoder). kind: default "sae" for one slot reconstructing itself, "crosscoder" for several,
-    "transcoder" when targets are given."""
+    "transcoder" when targets are given for one slot; "clt" for targets at every input slot's layer."""
     config = config or JumpReLUConfig()
     reconstruct = targets is None
     targets = inputs if reconstruct else targets
@@ -468,7 +483,7 @@ def train_jumprelu(inputs: list[Tensor], targets: list[Tensor] | None = None, *,
 
     s_in = torch.tensor([_scale(x, config.normalize) for x in inputs])
     s_out = s_in if reconstruct else torch.tensor([_scale(y, config.normalize) for y in targets])
-    trainer = JumpReLUTrainer(d_in, d_out, len(inputs), len(targets), config, skip, generator)
+    trainer = JumpReLUTrainer(d_in, d_out, len(inputs), len(targets), config, skip, generator, causal=kind == "clt")
     mm_dtype = _matmul_dtype(config.matmul_dtype)
     steps = config.steps or max(1, round(config.epochs * N / config.batch_size))
     decay_start = steps - int(config.decay_fraction * steps)
@@ -537,10 +552,10 @@ def _check_inputs(inputs: list[Tensor], targets: list[Tensor], hooks_in: list[st
         raise ValueError("every input slot must have one width d_in, every output slot one width d_out")
     if hooks_out is None or len(hooks_in) != len(inputs) or len(hooks_out) != len(targets):
         raise ValueError("give one hook per input slot (hooks_in) and, for targets, one per output slot (hooks_out)")
-    if kind != "crosscoder" and (len(inputs) != 1 or len(targets) != 1):
+    if kind in ("sae", "transcoder") and (len(inputs) != 1 or len(targets) != 1):
         raise ValueError(f"a {kind} has one input and one output slot")
-    if kind == "crosscoder" and len(targets) != len(inputs):
-        raise ValueError("a crosscoder writes to as many layers as it reads")
+    if kind in ("crosscoder", "clt") and len(targets) != len(inputs):
+        raise ValueError(f"a {kind} writes to as many layers as it reads")
     if len(inputs[0]) < config.batch_size:
         raise ValueError(f"{len(inputs[0])} tokens are fewer than one batch of {config.batch_size}")
     if not 0 < config.l0_target < config.width * len(inputs):

@@ -37,7 +37,8 @@ import pyarrow.compute as pc
 from featuredb.store import FEATURES_TABLE, FeatureStore, Filter, StoreError
 from featuredb.store.connect import connect
 from featuredb.store.failures import Commits, writing
-from featuredb.store.schema import DESCRIPTIONS_TABLE, conform_table, descriptions_schema, vector_dim_of
+from featuredb.store.schema import (DESCRIPTIONS_TABLE, absent_optional_fields, conform_table, descriptions_schema,
+                                    vector_dim_of)
 
 # How descriptions rank against each other when choosing a feature's current one.
 # `words` (offline, named classes and patterns) ranks above `tokens` (offline, literal tokens).
@@ -252,6 +253,9 @@ def _descriptions_table(store: FeatureStore):
         # exist_ok: another writer may have created it since we looked
         return connect(store.uri).create_table(DESCRIPTIONS_TABLE, schema=descriptions_schema(), exist_ok=True)
     table = store.table(DESCRIPTIONS_TABLE)
+    absent = absent_optional_fields(table.schema, descriptions_schema())
+    if absent and not store.read_only:  # written before those columns existed (e.g. evidence)
+        table.add_columns(pa.schema(absent))
     if not table.schema.equals(descriptions_schema()):
         raise StoreError(f"table {DESCRIPTIONS_TABLE!r} in {store.uri} has a different schema than featuredb expects")
     return table

@@ -43,6 +43,7 @@ from featuredb.store.schema import (
     MULTI_LAYER_KINDS,
     SITES,
     StoreError,
+    absent_optional_fields,
     hook_layers,
     slot_of_features,
     conform_row,
@@ -109,7 +110,7 @@ class FeatureStore:
             return
         for name in set(self._schemas) & set(self.table_names()):
             table = self._db.open_table(name)
-            absent = [f for f in self._schemas[name] if f.name not in table.schema.names and f.nullable]
+            absent = absent_optional_fields(table.schema, self._schemas[name])
             if absent:
                 table.add_columns(pa.schema(absent))
 

@@ -166,6 +166,9 @@ def descriptions_schema() -> pa.Schema:
             _optional("detection_n", pa.int32()),
             _optional("fuzz_n", pa.int32()),
             _optional("score_details", pa.string()),  # JSON: counts, scorer model, prompt version
+            # JSON: what an offline description rests on, or what an explainer's prompt was shown (the
+            # supported claims with their shares of top and interval examples). Last: added in place.
+            _optional("evidence", pa.string()),
         ]
     )
 
@@ -318,3 +321,9 @@ def hook_layers(hook: str) -> list[int] | None:
 
 
 _HOOK_LAYERS = re.compile(r"\{[^{}]*\}")
+
+
+def absent_optional_fields(stored: pa.Schema, expected: pa.Schema) -> list[pa.Field]:
+    """The optional fields of `expected` that a table written by an older featuredb lacks (they were
+    added at the end of their schema, so adding them, all null, makes the schemas equal)."""
+    return [f for f in expected if f.nullable and f.name not in stored.names]
