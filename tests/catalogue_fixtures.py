@@ -26,7 +26,7 @@ from coder_formats import write_gemma_scope_1
 from conftest import CORPUS_TEXT
 from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL, embed
 from featuredb.query import create_indexes
-from featuredb.store import FeatureStore
+from featuredb.store import FeatureStore, examples_schema, features_schema
 from featuredb.store.decoder_vectors import write_decoder_vectors
 from featuredb.store.descriptions import DESCRIPTION_COLUMNS, write_descriptions
 
@@ -83,6 +83,13 @@ CONTEXTS = {
         (["<bos>", "print", "(", "x", ")"], 4),
     ],
 }
+
+
+def empty_columns() -> tuple[dict[str, list], dict[str, list]]:
+    """Empty feature and example columns to fill row by row (the optional columns a test leaves out
+    are stored null)."""
+    features = {name: [] for name in features_schema().names if name != "layer_write"}
+    return features, {name: [] for name in examples_schema().names}
 
 
 def _decoders(coder_id: str, seed: int) -> np.ndarray:

@@ -41,7 +41,8 @@ from featuredb.describe import (
 )
 from featuredb.describe.prompts import DETECTION_SYSTEM, EXPLAIN_SYSTEM, FUZZ_SYSTEM
 from featuredb.cli import main
-from featuredb.store import FeatureStore, StoreError, examples_schema
+from catalogue_fixtures import empty_columns
+from featuredb.store import FeatureStore, StoreError
 
 SAE = "toy"
 CREATED = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.timezone.utc)
@@ -77,13 +78,7 @@ def _toks(text: str) -> list[str]:
 
 
 def toy_rows(coder_id: str = SAE, *, created: dt.datetime = CREATED):
-    features: dict[str, list] = {name: [] for name in (
-        "coder_id", "feature", "model", "layer", "hook", "site", "active_count", "density", "max_activation",
-        "mean_activation", "std_activation", "hist_counts", "hist_max", "top_logit_tokens", "top_logit_ids",
-        "top_logit_values", "bottom_logit_tokens", "bottom_logit_ids", "bottom_logit_values", "neighbours",
-        "neighbour_cosines", "top_tokens", "top_token_counts", "description", "description_method",
-        "description_model", "embedding_model", "vector")}
-    examples: dict[str, list] = {name: [] for name in examples_schema().names}
+    features, examples = empty_columns()
     context_index = 0
     for f, spec in FEATURE_CONTEXTS.items():
         contexts = spec or {"top": [], "interval": [], "logits": ([], [])}

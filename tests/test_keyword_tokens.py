@@ -12,8 +12,9 @@ import pytest
 import featuredb
 from featuredb.describe import DescribeConfig, run_describe
 from featuredb.query import create_indexes
-from featuredb.store import FeatureStore, examples_schema
+from featuredb.store import FeatureStore
 from featuredb.store.indexes import FTS_OPTIONS, keyword_terms
+from catalogue_fixtures import empty_columns
 
 CODER = "toy-kw"
 CREATED = dt.datetime(2025, 5, 6, tzinfo=dt.timezone.utc)
@@ -33,13 +34,7 @@ FEATURES = {
 
 
 def _rows():
-    features: dict[str, list] = {name: [] for name in (
-        "coder_id", "feature", "model", "layer", "hook", "site", "active_count", "density", "max_activation",
-        "mean_activation", "std_activation", "hist_counts", "hist_max", "top_logit_tokens", "top_logit_ids",
-        "top_logit_values", "bottom_logit_tokens", "bottom_logit_ids", "bottom_logit_values", "neighbours",
-        "neighbour_cosines", "top_tokens", "top_token_counts", "description", "description_method",
-        "description_model", "embedding_model", "vector")}
-    examples: dict[str, list] = {name: [] for name in examples_schema().names}
+    features, examples = empty_columns()
     context_index = 0
     for f, contexts in FEATURES.items():
         for name, value in dict(

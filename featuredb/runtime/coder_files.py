@@ -145,7 +145,21 @@ def finite(tensors: dict, key: str, path: Path) -> Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the activation
+# what every coder has
+
+
+class EncoderOnDevice:
+    """A coder's dtype and device: its encoder's (SparseCoder and MultiLayerCoder both hold W_enc)."""
+
+    W_enc: Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
 
 
 def jump_relu(pre: Tensor, threshold: Tensor) -> Tensor:

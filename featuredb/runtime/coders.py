@@ -34,8 +34,9 @@ from torch import Tensor
 
 from featuredb.errors import CoderError
 from featuredb.runtime import registry
-from featuredb.runtime.coder_files import (clean_id, finite, jump_relu, non_finite, our_hook, read_json,
-                                          read_npz, read_safetensors, refuse_pickled, shape_text, short_reason, take)
+from featuredb.runtime.coder_files import (EncoderOnDevice, clean_id, finite, jump_relu, non_finite, our_hook,
+                                          read_json, read_npz, read_safetensors, refuse_pickled, shape_text,
+                                          short_reason, take)
 from featuredb.runtime.hooks import parse_hook
 from featuredb.runtime.multilayer import LAYER_FILES, MultiLayerCoder, check_config, is_multi_layer, load_multi_layer
 
@@ -60,7 +61,7 @@ _LAYER_DIR = re.compile(r"layer_([0-9]+)")
 
 
 @dataclass
-class SparseCoder:
+class SparseCoder(EncoderOnDevice):
     coder_id: str
     architecture: str  # "jumprelu" | "topk" | "relu"
     kind: str  # "sae" | "transcoder" | "skip_transcoder"
@@ -96,14 +97,6 @@ class SparseCoder:
     @property
     def d_out(self) -> int:
         return self.W_dec.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
 
     @property
     def hooks(self) -> list[str]:

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 from featuredb.errors import CoderError
-from featuredb.runtime.coder_files import (clean_id, jump_relu, non_finite, our_hook, read_json, refuse_lfs_pointer,
-                                          shape_text, short_reason)
+from featuredb.runtime.coder_files import (EncoderOnDevice, clean_id, jump_relu, non_finite, our_hook, read_json,
+                                          refuse_lfs_pointer, shape_text, short_reason)
 from featuredb.runtime.hooks import parse_hook
 
 KINDS = {"clt": "cross-layer transcoder", "crosscoder": "crosscoder"}  # Gemma Scope 2 config `type`
@@ -59,7 +59,7 @@ _DECODER_CHUNK = 1 << 26  # decoder elements read at once (256 MiB of float32)
 
 
 @dataclass
-class MultiLayerCoder:
+class MultiLayerCoder(EncoderOnDevice):
     coder_id: str
     kind: str  # "clt" | "crosscoder"
     hooks: list[str]  # the input hook of each slot, our naming
@@ -90,14 +90,6 @@ class MultiLayerCoder:
     @property
     def d_in(self) -> int:
         return self.W_enc.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.W_enc.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.W_enc.device
 
     @property
     def layers(self) -> list[int]:
