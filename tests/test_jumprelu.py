@@ -355,3 +355,57 @@ def test_training_reports_resampled_and_dead_features(sae):
     _, metrics, _ = sae
     assert metrics.resampled >= 0 and 0 <= metrics.dead_share <= 1
     assert all("dead" in h for h in metrics.history)
+
+
+# --- cross-layer transcoders (causal) ------------------------------------------------------------------
+
+
+def test_clt_gradients_match_autograd_on_the_blocks_it_may_write():
+    """A CLT's slot l writes outputs m >= l only: its gradients there are autograd's, elsewhere zero."""
+    gen = torch.Generator().manual_seed(3)
+    d, S, B = 8, 3, 4096
+    xs = [torch.randn(B, d, generator=gen) * 2 + 1 for _ in range(S)]
+    y = torch.cat([x @ torch.randn(d, d, generator=gen) for x in xs], 1)
+    config = JumpReLUConfig(width=16, l0_target=5, l0_coef=3.0, matmul_dtype="float32")
+    trainer = JumpReLUTrainer(d, d, S, S, config, skip=False, generator=gen, causal=True)
+    trainer.initialise(xs, y)
+    with torch.no_grad():
+        for p in trainer.params.values():
+            p += 0.05 * torch.randn(p.shape, generator=gen)
+        trainer.W_dec *= trainer.writable  # as every step leaves it
+    _, grads = trainer.loss_and_grads(xs, y)
+    p = {name: t.clone().requires_grad_() for name, t in trainer.params.items()}
+    reference_loss(p, xs, y, trainer.config).backward()
+    writable = trainer.writable.expand_as(trainer.W_dec).bool()
+    torch.testing.assert_close(grads["W_dec"][writable], p["W_dec"].grad[writable], rtol=1e-4, atol=1e-7)
+    assert (grads["W_dec"][~writable] == 0).all()
+    for name in ("W_enc", "b_enc", "b_dec"):
+        torch.testing.assert_close(grads[name], p[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_clt_trains_causal_and_saves_in_gemma_scope_2s_clt_layout(tmp_path):
+    """Each layer's output is written by codes read at that layer or before (as an MLP reads the residual
+    stream that earlier layers wrote): a causal CLT explains it, and stays causal through training."""
+    inputs = layered(12_000, n_layers=3, d=16, n_dirs=48, active=2, seed=5)
+    outputs = [sum(0.5 * x for x in inputs[:m + 1]) for m in range(3)]  # output m reads layers 0..m
+    hooks_in = [f"model.layers.{i}.pre_feedforward_layernorm.output" for i in range(3)]
+    hooks_out = [f"model.layers.{i}.post_feedforward_layernorm.output" for i in range(3)]
+    config = JumpReLUConfig(**{**SMALL.__dict__, "width": 64, "l0_target": 6})
+    coder, _ = train_jumprelu([x[:10_000] for x in inputs], [y[:10_000] for y in outputs], hooks_in=hooks_in,
+                              hooks_out=hooks_out, config=config, kind="clt")
+    assert coder.kind == "clt" and tuple(coder.w_dec.shape) == (3, 64, 3, 16)
+    for l in range(3):
+        assert (coder.w_dec[l, :, :l] == 0).all()  # nothing written below the slot's own layer
+    result = evaluate_jumprelu(coder, [x[10_000:] for x in inputs], [y[10_000:] for y in outputs])
+    assert min(result.fve_per_slot) > 0.5, result
+
+    folder = save_gemma_scope_2(coder, tmp_path, model_name="google/gemma-3-270m")
+    assert folder.relative_to(tmp_path).as_posix() == "clt/width_192_l0_medium"
+    config_json = json.loads((folder / "config.json").read_text())
+    assert config_json["hf_hook_point_in"] == "model.layers.{all}.pre_feedforward_layernorm.output"
+    assert config_json["hf_hook_point_out"] == "model.layers.{all}.post_feedforward_layernorm.output"
+    loaded = load_coder(str(folder))
+    assert (loaded.kind, loaded.every_layer, loaded.width, loaded.layers) == ("clt", True, 192, [0, 1, 2])
+    xs = [x[10_000:10_100] for x in inputs]
+    ours = torch.cat(coder.encode(xs), -1)
+    torch.testing.assert_close(loaded.encode_hooked(dict(zip(hooks_in, xs))), ours, rtol=1e-5, atol=1e-5)

@@ -245,6 +245,10 @@ class JumpReLUTrainer:
         # [d, F] matrices would otherwise cost more than the whole forward and backward)
         self.optimizer = torch.optim.Adam(groups, betas=config.betas, fused=True)
 
+    def first_output(self, slot: int) -> int:
+        """The first column of W_dec[slot] it may write: slot * d_out for a CLT (causal), else 0."""
+        return slot * self.d_out if self.writable is not None else 0
+
     def learning_rate(self, name: str) -> float:
         """Adam's step size: matrices relative to their RMS entry (W_enc's scale is set by the data, and an
         absolute step that suits d = 32 rewrites a d = 640 encoder in a few steps and kills its features);
@@ -326,7 +330,8 @@ class JumpReLUTrainer:
             active = pre > th
             act = pre * active
             window = ((pre - th).abs() < eps / 2).float()
-            y_hat += sparse_rows_matmul(row_pointers(rows, B), cols, act, self.W_dec[l])
+            lo = self.first_output(l)
+            y_hat[:, lo:] += sparse_rows_matmul(row_pointers(rows, B), cols, act, self.W_dec[l, :, lo:])
             supports.append(Support(rows, cols, act, active, window, th))
         return y_hat, supports
 
@@ -352,14 +357,19 @@ class JumpReLUTrainer:
         for l, (x, s) in enumerate(zip(xs, supports)):
             # dense products (bf16 where native) read at the support / fed by it: the matmul beats any
             # sparse kernel on a CPU with AMX, and keeps the math as written
-            g_act = (g_y.to(mm_dtype) @ self.W_dec[l].T.to(mm_dtype))[s.rows, s.cols].float()  # dFVU / da
+            # a CLT's slot l writes only to outputs m >= l: the products skip the zero blocks (half the work)
+            lo = self.first_output(l)
+            g_out = g_y[:, lo:].to(mm_dtype)
+            g_act = (g_out @ self.W_dec[l, :, lo:].T.to(mm_dtype))[s.rows, s.cols].float()  # dFVU / da
             g_pre = g_act * s.active  # d a / d z = H(z - theta)
             # theta: the jump, -(theta/eps) K g_act, and the L0 count, -(1/eps) K / B per entry
             g_theta = -(s.window / cfg.bandwidth) * (s.theta * g_act + g_l0 / B)
             grads["log_threshold"][l].index_add_(0, s.cols, g_theta * s.theta)  # d theta / d log theta = theta
             grads["b_enc"][l].index_add_(0, s.cols, g_pre)
             g_W_enc.append((x.T.to(mm_dtype) @ densify(s, g_pre, B, Fw, mm_dtype)).float())  # x^T @ dL/dz
-            g_W_dec.append((densify(s, s.act, B, Fw, mm_dtype).T @ g_y.to(mm_dtype)).float())  # a^T @ dL/dy_hat
+            g_W_dec_l = torch.zeros_like(self.W_dec[l])
+            g_W_dec_l[:, lo:] = densify(s, s.act, B, Fw, mm_dtype).T @ g_out  # a^T @ dL/dy_hat
+            g_W_dec.append(g_W_dec_l)
         grads["W_enc"], grads["W_dec"] = torch.stack(g_W_enc), torch.stack(g_W_dec)
         grads["b_dec"] = g_y.sum(0)
         if self.W_skip is not None:
