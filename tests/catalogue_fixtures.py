@@ -212,7 +212,8 @@ def known_catalogue(tmp_path_factory) -> Path:
         _description("res-L12", 3, "' Paris', ' Lyon'", "tokens", created_at=dt.datetime(2025, 1, 5, tzinfo=dt.timezone.utc)),
         _description("res-L12", 3, "French cities such as Paris, Lyon and Marseille", "llm", explainer_model="gpt-4o-mini",
                      explainer_source="https://example.invalid/v1", detection_score=0.8, fuzz_score=0.7,
-                     detection_n=20, fuzz_n=20, score_details=json.dumps({"scorer": "gpt-4o-mini"})),
+                     detection_n=20, fuzz_n=20, score_details=json.dumps({"scorer": "gpt-4o-mini"}),
+                     evidence=json.dumps({"claims": [{"text": "capitalised word", "top": 5, "top_n": 5}]})),
     ]
     write_descriptions(store, "res-L12", history, embedding_model=DEFAULT_EMBEDDING_MODEL, embedder=embed)
     write_descriptions(store, "att-L5", [_description("att-L5", 8, HTML_DESCRIPTION, "manual")],

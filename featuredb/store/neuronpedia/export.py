@@ -307,7 +307,7 @@ def _explanation_rows(feature: dict, descriptions: list[dict]) -> Iterator[tuple
     for row in descriptions:
         from_neuronpedia = row["explainer_source"] == NEURONPEDIA_SOURCE
         type_name = (row["prompt_version"] or None) if from_neuronpedia else f"featuredb_{row['method']}"
-        extra = {k: row[k] for k in DESCRIPTION_EXTRAS}
+        extra = {k: row.get(k) for k in DESCRIPTION_EXTRAS}  # an older catalogue's rows lack evidence
         extra["created_at"] = row["created_at"].isoformat()
         yield ({**empty, "description": row["description"], "typeName": type_name,
                 "explanationModelName": row["explainer_model"]}, {"from": "descriptions", **extra})

@@ -44,7 +44,7 @@ FEATURE_EXTRAS = (
 EXAMPLE_EXTRAS = ("rank", "token_ids", "doc_id", "context_index")
 DESCRIPTION_EXTRAS = (
     "method", "explainer_source", "prompt_version", "created_at", "detection_score", "fuzz_score", "detection_n",
-    "fuzz_n", "score_details",
+    "fuzz_n", "score_details", "evidence",
 )
 # A layer in a coder_id: layer_12, layer-12, blocks.3, L15 (not the l0 of average_l0_82).
 _LAYER_PART = re.compile(r"(?<![A-Za-z0-9])(?:(?i:layers?|blocks?)[._-]?|L)[0-9]+(?![A-Za-z0-9])")

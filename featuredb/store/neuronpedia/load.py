@@ -180,7 +180,7 @@ def _is_listed(store: FeatureStore, coder_id: str) -> bool:
 def _checked_descriptions(coder: ImportedCoder) -> pa.Table:
     """The coder's descriptions rows, checked against the coder before anything is written."""
     schema = descriptions_schema()
-    table = conform_table({n: [r[n] for r in coder.descriptions] for n in schema.names}, schema,
+    table = conform_table({n: [r.get(n) for r in coder.descriptions] for n in schema.names}, schema,
                           f"{coder.folder}: descriptions")
     check_descriptions(table, coder.row["coder_id"], coder.row["created_at"], set(coder.features["feature"].to_pylist()))
     return table

@@ -308,7 +308,7 @@ def _read_explanations(folder: Path, ids: SourceIds, features: dict[int, dict], 
             if sidecar is None:
                 rows.append({**base, "method": "llm" if model else "manual", "explainer_source": NEURONPEDIA_SOURCE,
                              "prompt_version": type_name or "", "created_at": imported_at, "detection_score": None,
-                             "fuzz_score": None, "detection_n": None, "fuzz_n": None, "score_details": None})
+                             "fuzz_score": None, "detection_n": None, "fuzz_n": None, "score_details": None, "evidence": None})
                 continue
             row_id = line.text("id")
             extra = sidecar.take(line, row_id, f"explanation {row_id!r}")
@@ -332,4 +332,5 @@ def _description_columns_from_sidecar(extra: Line) -> dict:
         "prompt_version": extra.text("prompt_version"), "created_at": created_at, **scores,
         "detection_n": extra.integer("detection_n", optional=True), "fuzz_n": extra.integer("fuzz_n", optional=True),
         "score_details": extra.text("score_details", optional=True),
+        "evidence": extra.text("evidence", optional=True),
     }
