@@ -63,7 +63,7 @@ def gemma_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma-demo")
     config = DemoConfig(out=out, layers=[1, 3, 5], width=128, l0=8, crosscoder_width=64, clt=True, clt_width=16,
                         clt_l0=1, train_tokens=4096, eval_tokens=2048, tokens=1200, context=64, epochs=4.0,
-                        batch_size=256, progress=False)
+                        batch_size=256, bandwidth=0.1, progress=False)  # 64 steps: a short run's window
     run_demo(config)
     return config
 

@@ -87,6 +87,7 @@ class DemoConfig:
     context: int = 128
     epochs: float | None = None  # passes over the training tokens; default: the subject's
     batch_size: int = 1024  # training tokens per step
+    bandwidth: float = 0.3  # JumpReLU kernel width (gemma3): measured best for these sizes (demo/jumprelu.py doc)
     lr: float = 2e-3  # TopK (smollm2)
     outlier_ratio: float = 10.0  # train and index without massive-activation tokens (norm > ratio x median)
     dtype: str | None = None  # model dtype; default bfloat16 where the CPU has fast bf16, else float32
@@ -261,7 +262,8 @@ def train_gemma_scope_coders(config: DemoConfig, model: SubjectModel, plans: lis
         train_in = [x[:split][kept] for x in xs]
         train_out = None if ys is None else [y[:split][kept] for y in ys]
         jump_config = JumpReLUConfig(width=plan.width, l0_target=plan.l0, epochs=config.epochs,
-                                     batch_size=config.batch_size, progress=config.progress)
+                                     batch_size=config.batch_size, bandwidth=config.bandwidth,
+                                     progress=config.progress)
         coder, metrics = train_jumprelu(train_in, train_out, hooks_in=plan.hooks_in, hooks_out=plan.hooks_out,
                                         config=jump_config, kind=plan.kind, model_name=config.spec.model_name,
                                         desc=f"training {plan.coder_id}")
