@@ -55,14 +55,16 @@ class Subject:
     train_tokens: int  # defaults sized so the whole demo takes minutes on a 2-core CPU
     tokens: int  # indexed
     epochs: float
+    batch_size: int  # training tokens per step
 
 
 SUBJECTS = {
     "gemma3": Subject("gemma3", "Gemma 3 270M", SUBJECT_NAME, HUB_ID, "gemma-scope-2", tuple(default_layers(18)), 18,
-                      width=2048, train_tokens=100_000, tokens=100_000, epochs=2.0),
+                      width=2048, train_tokens=100_000, tokens=100_000, epochs=2.0, batch_size=512),
     # the SmolLM2 demo as it was (its figures in docs/benchmarks.md are for these settings)
     "smollm2": Subject("smollm2", "SmolLM2-135M-Instruct", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                       "saelens", (3, 15, 27), 30, width=4096, train_tokens=200_000, tokens=200_000, epochs=2.0),
+                       "saelens", (3, 15, 27), 30, width=4096, train_tokens=200_000, tokens=200_000, epochs=2.0,
+                       batch_size=1024),
 }
 
 
@@ -86,7 +88,7 @@ class DemoConfig:
     tokens: int | None = None  # indexed tokens; default: the subject's
     context: int = 128
     epochs: float | None = None  # passes over the training tokens; default: the subject's
-    batch_size: int = 1024  # training tokens per step
+    batch_size: int | None = None  # training tokens per step; default: the subject's
     bandwidth: float = 0.3  # JumpReLU kernel width (gemma3): measured best for these sizes (demo/jumprelu.py doc)
     lr: float = 2e-3  # TopK (smollm2)
     outlier_ratio: float = 10.0  # train and index without massive-activation tokens (norm > ratio x median)
@@ -104,6 +106,7 @@ class DemoConfig:
         self.eval_tokens = self.eval_tokens or max(2048, self.train_tokens // 10)
         self.tokens = self.tokens or spec.tokens
         self.epochs = self.epochs or spec.epochs
+        self.batch_size = self.batch_size or spec.batch_size
 
     @property
     def spec(self) -> Subject:

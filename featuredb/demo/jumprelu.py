@@ -29,7 +29,7 @@ kernel K(u) = 1{|u| < 1/2} of bandwidth eps:
                                                                         trains the thresholds only)
 
 The bandwidth eps decides how many entries near the threshold get a gradient. Measured on Gemma 3 270M
-(width 2,048, L0 60, 2 epochs of 100k tokens; held-out FVE / dead share): eps 0.1 gave layer 3 / 9 / 15
+(width 2,048, L0 60, 2 epochs of 100k tokens, 1,024 a step; held-out FVE / dead share): eps 0.1 gave layer 3 / 9 / 15
 0.869 / 0.782 / 0.535 with 10 / 34 / 38% dead; eps 0.3 gives 0.925 / 0.840 / 0.652 with 16 / 8 / 12% dead
 (skip transcoder 0.778, crosscoder 0.683 with 5% dead); eps 0.5 helps layer 15 (0.72) but kills layer 3
 (87% dead), and 1.0 kills layer 15: thresholds start near 0.06 after the initial shrink, so a wide
