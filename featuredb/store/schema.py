@@ -308,9 +308,9 @@ def slot_of_features(coder: Mapping[str, object], features: np.ndarray) -> tuple
     features = np.asarray(features, dtype=np.int64)
     if not layers:
         return np.full(len(features), coder["layer"], dtype=np.int32), [str(coder["hook"])] * len(features)
-    per_slot = int(coder["width"]) // len(layers)
-    feature_layers = np.asarray(layers, dtype=np.int32)[features // per_slot]
-    return feature_layers, [_HOOK_LAYERS.sub(str(layer), str(coder["hook"]), count=1) for layer in feature_layers]
+    slot = features // (int(coder["width"]) // len(layers))
+    slot_hooks = np.asarray([_HOOK_LAYERS.sub(str(layer), str(coder["hook"]), count=1) for layer in layers], dtype=object)
+    return np.asarray(layers, dtype=np.int32)[slot], slot_hooks[slot].tolist()  # one hook name per slot, not per feature
 
 
 def hook_layers(hook: str) -> list[int] | None:
