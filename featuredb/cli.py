@@ -153,9 +153,21 @@ def finalize(db: str) -> None:
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Subject model: local directory, .gguf file, or hub id.")
-@click.option("--coder", "-c", "coders", multiple=True, required=True,
+@click.option("--coder", "-c", "coders", multiple=True,
               help="Sparse coder: [ID=]PATH_OR_HUB_REF[@HOOK], or [ID=]RELEASE:SAE_ID[@HOOK] as SAELens names Gemma "
-                   "Scope coders (`featuredb coders list`). Repeat for several coders (one pass).")
+                   "Scope coders (`featuredb coders list`); or a pattern naming many: RELEASE:GLOB over its SAE ids "
+                   "('gemma-scope-2-270m-pt-res:layer_*_width_16k_l0_medium', 'RELEASE:*'), or a glob over a local "
+                   "Gemma Scope 2 folder ('DIR/resid_post/*'). Repeat for more; all go through one run.")
+@click.option("--coders-from", "coders_from", default=None, type=click.Path(dir_okay=False),
+              help="A file of coder specs or patterns, one a line (# comments), added to --coder.")
+@click.option("--memory", default=None,
+              help="Device memory the coders may use (encoders + statistics): 40GiB, 500MiB, 640KiB or bytes. The "
+                   "coders are packed into as few passes over the corpus as fit it. Default: the device's free "
+                   "memory less the model and 10% headroom.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the passes the run would make (coders, layers, device bytes, the budget) and stop: no "
+                   "model or weights are loaded.")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON.")
 @click.option("--corpus", required=True, help="Corpus: .jsonl (text field), .parquet, text file, or hf:DATASET.")
 @click.option("--db", required=True, help="Catalogue directory (or s3:// URI).")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Stop after this many tokens.")
@@ -183,24 +195,36 @@ def finalize(db: str) -> None:
               help="Under torchrun: split the ranks into this many groups, each holding only some of the coders "
                    "(when their statistics do not fit on one device); every group reads the whole corpus.")
 @quiet_option
-def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, batch_size, device, dtype,
-          outlier_ratio, resume, replace_coders, checkpoint_seconds, work_dir, distributed, coder_groups, quiet):
+def index(model, coders, coders_from, memory, plan_only, as_json, corpus, db, tokens, context, top_k, interval_samples,
+          batch_size, device, dtype, outlier_ratio, resume, replace_coders, checkpoint_seconds, work_dir, distributed,
+          coder_groups, quiet):
     """Run a corpus through a model and its coders; store per-feature statistics and examples.
 
     Under torchrun (`torchrun --nproc-per-node N -m featuredb.indexer ...`) each process indexes
     its share of the corpus and rank 0 writes one catalogue, equal to a single-process run's;
     with --coder-groups G each group of world/G processes holds only its share of the coders.
     """
-    from featuredb.indexer.run import IndexConfig, run_index
+    from featuredb.indexer.plan import human, parse_size
+    from featuredb.indexer.run import IndexConfig, plan_only as make_plan, run_index
     from featuredb.indexer.stats import StatsConfig
+    from featuredb.runtime.coder_patterns import read_coders_file
 
+    specs = list(coders) + (read_coders_file(coders_from) if coders_from else [])
+    if not specs:
+        raise click.UsageError("give at least one --coder (or --coders-from FILE)")
+    if as_json and not plan_only:
+        raise click.UsageError("--json goes with --plan")
     config = IndexConfig(
-        model=model, coders=list(coders), corpus=corpus, db=db, tokens=tokens, context=context,
+        model=model, coders=specs, corpus=corpus, db=db, tokens=tokens, context=context,
         batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
         device=device, dtype=dtype, outlier_ratio=outlier_ratio, resume=resume, replace=replace_coders,
         work_dir=work_dir, checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
-        coder_groups=coder_groups,
+        coder_groups=coder_groups, memory=parse_size(memory) if memory is not None else None,
     )
+    if plan_only:
+        plan = make_plan(config)
+        click.echo(json.dumps(plan.to_json()) if as_json else "\n".join(plan.lines()))
+        return
     result = run_index(config)
     if not result.written:
         return  # another rank wrote the catalogue
@@ -213,6 +237,11 @@ def index(model, coders, corpus, db, tokens, context, top_k, interval_samples, b
                f"{len(result.coder_ids)} coder(s){processes} in {result.seconds:.1f}s ({rate:,.0f} tokens/s) -> {db}")
     for coder_id in result.coder_ids:
         click.echo(f"  {coder_id}")
+    if len(result.passes) > 1 or (result.plan and len(result.plan.passes) > 1):
+        n = len(result.plan.passes) if result.plan else len(result.passes)
+        click.echo("passes: " + "; ".join(
+            f"{r.index + 1}/{n} {r.seconds:.1f}s ({r.tokens_per_second:,.0f} tokens/s, peak {human(r.peak_bytes)} "
+            f"of {human(r.bytes)} planned)" for r in result.passes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +495,11 @@ def import_(format_, path, db, replace, embed, quiet):
                f"in {result.seconds:.1f}s -> {db}")
     for coder_id in result.coder_ids:
         click.echo(f"  {coder_id}")
+    if len(result.passes) > 1 or (result.plan and len(result.plan.passes) > 1):
+        n = len(result.plan.passes) if result.plan else len(result.passes)
+        click.echo("passes: " + "; ".join(
+            f"{r.index + 1}/{n} {r.seconds:.1f}s ({r.tokens_per_second:,.0f} tokens/s, peak {human(r.peak_bytes)} "
+            f"of {human(r.bytes)} planned)" for r in result.passes))
     if result.unembedded:
         click.echo(f"{result.unembedded:,} described features have no description vector yet: keyword search works "
                    f"now; for semantic search run `featuredb describe --db {db}` (or import with --embed)")

@@ -1,50 +1,70 @@
 """What a run checks before it loads its model or streams anything (on rank 0 alone under torchrun;
 run.py hands the outcome to every rank):
 
+- its coders, sized from their headers alone (`coder_headers`: patterns and --coders-from expanded,
+  ids derived and unique), for the plan of passes (indexer/plan.py) and its default budget: the
+  device's free memory less the model and a headroom (`default_budget_for`);
 - the coders it would write that the catalogue already holds. Writing a coder replaces every row
   of its coder_id, its descriptions and embeddings included, so that needs --replace; with it, what
   is dropped is said before the run starts. A resumed run's own coders (written after it started,
   by a run killed while writing the catalogue) are not in the way.
-- the memory its statistics need, from the coders' widths (stats.state_bytes: the tensors
-  FeatureStats allocates), against what the device has free.
-
-Both need each coder's id and width: each coder is loaded on the CPU, one at a time, and freed.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from featuredb.errors import IndexingError
-from featuredb.indexer.distributed import Shard, assign_coders
-from featuredb.indexer.stats import StatsConfig, state_bytes
-from featuredb.runtime.coders import SparseCoder, load_coder
+from featuredb.indexer.plan import default_budget
+from featuredb.runtime.coder_headers import CoderHeader, coder_header
+from featuredb.runtime.coder_patterns import expand_specs, prefix_clashing
 from featuredb.store import FeatureStore
 
 
-@dataclass(frozen=True)
-class CoderSize:
-    coder_id: str
-    width: int
-
-
-def coder_sizes(specs: Sequence[str], load: Callable[[str], SparseCoder] = load_coder) -> list[CoderSize]:
-    """The id and width of every coder (neither depends on the model it is read for), each loaded
-    by `load` on its own and freed before the next; two coders of one id are refused."""
+def coder_headers(specs: list[str], model: str) -> list[CoderHeader]:
+    """Every coder the specs name (patterns expanded), read from its headers; ids unique."""
     if not specs:
         raise IndexingError("give at least one --coder")
-    sizes = []
-    for spec in specs:
-        coder = load(spec)
-        sizes.append(CoderSize(coder.coder_id, coder.width))
-        del coder  # one coder in memory at a time
-    refuse_duplicate_ids([s.coder_id for s in sizes])
-    return sizes
+    expanded = expand_specs(specs)
+    is_gemma = _looks_like_gemma(model)
+    headers = [coder_header(e.spec, model_is_gemma=is_gemma) for e in expanded]
+    ids = prefix_clashing(expanded, [h.coder_id for h in headers])
+    headers = [h if i == h.coder_id else replace(h, coder_id=i, spec=f"{i}={h.spec.partition('=')[2]}")
+               for h, i in zip(headers, ids)]
+    refuse_duplicate_ids([h.coder_id for h in headers])
+    if any(h.d_in is None for h in headers):  # a hub params.npz: its d_in is the model's width
+        d_model = _model_width(model)
+        headers = [replace(h, d_in=d_model) if h.d_in is None else h for h in headers]
+    return headers
+
+
+def _looks_like_gemma(model: str) -> bool:
+    """Whether TransformerLens hook names (SAELens configs) are read the Gemma way: from the model's
+    config.json when it is a local folder, else its name."""
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            import json
+
+            return "gemma" in str(json.loads(config.read_text()).get("model_type", "")).lower()
+        except (OSError, ValueError):
+            pass
+    return "gemma" in model.lower()
+
+
+def _model_width(model: str) -> int:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception as e:
+        raise IndexingError(f"cannot read the width of model {model} to size its coders: {type(e).__name__}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
 
 
 def refuse_duplicate_ids(ids: list[str]) -> None:
@@ -92,28 +112,9 @@ def _described_and_embedded(store: FeatureStore, coder_id: str) -> tuple[int, in
 # --- memory --------------------------------------------------------------------------------------
 
 
-def check_memory(widths: list[int], context: int, stats: StatsConfig, shard: Shard, device: torch.device) -> None:
-    """Refuse statistics that cannot fit in what `device` has free. Each rank holds its coder
-    group's statistics on its own device; on the CPU the ranks of a node share its memory."""
-    free = free_bytes(device)
-    if free is None:
-        return
-    group_of = assign_coders(widths, shard.groups)
-    per_group = [sum(state_bytes(w, context, stats) for w, g in zip(widths, group_of) if g == group)
-                 for group in range(shard.groups)]
-    if device.type == "cpu":
-        ranks = range(min(shard.local_world, shard.world))  # rank 0's node: ranks numbered node by node
-        need, holders = sum(per_group[r // shard.members] for r in ranks), len(ranks)
-    else:
-        need, holders = max(per_group), 1
-    if need <= free:
-        return
-    on = f" on each of {holders} processes" if holders > 1 else ""
-    raise IndexingError(
-        f"statistics need {_size(need)} for {len(widths)} coder(s) ({sum(widths):,} features) at --top-k "
-        f"{stats.top_k}, --interval-samples {stats.interval_per_bin} and --context {context}{on}, but the device "
-        f"({device}) has {_size(free)} free: lower --top-k or --context, or index fewer coders at a time "
-        "(--coder-groups under torchrun)")
+def default_budget_for(device: torch.device, model_bytes: int) -> tuple[int, str]:
+    """The coders' default budget on `device`: what it has free, less the model and a headroom."""
+    return default_budget(free_bytes(device), model_bytes, "RAM" if device.type == "cpu" else str(device))
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -154,6 +155,3 @@ def _cgroup_room() -> int | None:
     except (OSError, ValueError):
         return None
 
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -30,16 +30,17 @@ from tqdm.auto import tqdm
 
 from featuredb.errors import CoderError, CorpusError, IndexingError
 from featuredb.indexer.corpus import Window, iter_windows
-from featuredb.indexer.distributed import (SINGLE, Shard, assign_coders, barrier, decided_by_writer, gather_contexts,
+from featuredb.indexer.distributed import (SINGLE, Shard, barrier, decided_by_writer, gather_contexts,
                                            gather_example_contexts, process_group, rank_device, receive_stats,
                                            reduce_stats, send_stats, shard_from_env)
 from featuredb.indexer.geometry import decoder_neighbours, logit_tables
-from featuredb.indexer.preflight import check_memory, check_replacements, coder_sizes, refuse_duplicate_ids
+from featuredb.indexer.plan import Pass, Plan, human, model_weight_bytes, plan_passes, planned_coders
+from featuredb.indexer.preflight import check_replacements, coder_headers, default_budget_for, refuse_duplicate_ids
 from featuredb.indexer.records import example_rows, feature_rows, vocabulary_strings
 from featuredb.indexer.stats import FeatureStats, StatsConfig
 from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir,
                                        removed_unless_resumable, saved_coder_groups, saved_world_sizes)
-from featuredb.runtime.coders import Coder, load_coder
+from featuredb.runtime.coders import Coder, SparseCoder, load_coder
 from featuredb.runtime.hooks import hook_site_kind, parse_hook
 from featuredb.runtime.multilayer import KINDS as MULTI_LAYER_KINDS
 from featuredb.runtime.model import SubjectModel, load_model
@@ -47,7 +48,7 @@ from featuredb.store import FeatureStore
 from featuredb.store.connect import is_remote
 from featuredb.store.decoder_vectors import write_decoder_vectors
 
-CHECKPOINT_FORMAT = 2  # part of the fingerprint: work dirs of an older layout are not resumed
+CHECKPOINT_FORMAT = 3  # part of the fingerprint: work dirs of an older layout are not resumed
 
 
 @dataclass
@@ -72,6 +73,10 @@ class IndexConfig:
     # Leave out massive-activation tokens (attention sinks) like BOS: hooked-activation norm above
     # this many times the median norm of their context's counted tokens. None keeps every token.
     outlier_ratio: float | None = None
+    # Device bytes the coders may use (encoders + statistics, see indexer/plan.py): they are packed
+    # into as few passes over the corpus as fit it. None: the device's free memory less the model
+    # and a headroom.
+    memory: int | None = None
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed (the world size and the coder groups are
@@ -92,6 +97,27 @@ class IndexResult:
     written: bool = True  # False on the ranks of a distributed run that did not write the catalogue
     world: int = 1
     coders_held: list[str] = field(default_factory=list)  # the coders this process loaded and indexed
+    passes: list[PassReport] = field(default_factory=list)  # the passes this run made (a resumed run: those it ran)
+    plan: Plan | None = None
+
+
+@dataclass
+class PassReport:
+    """One pass over the corpus: its coders, what the plan gave it and what it measured."""
+
+    index: int  # 0-based
+    coders: list[str]
+    layers: list[int]
+    bytes: int  # planned device bytes (most loaded device)
+    peak_bytes: int  # measured: CUDA's peak allocation above the pass's start; on the CPU the bytes of
+    #                  the encoders and statistics this process holds plus its largest batch of codes
+    seconds: float  # loading its coders, streaming and writing them
+    stream_seconds: float
+    tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.stream_seconds, 1e-9)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,50 +151,122 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None,
         _check_world_size(work_dir, shard)
         _check_coder_groups(work_dir, shard)
     with removed_unless_resumable(work_dir, rank_dir(work_dir, shard.rank, shard.world)), process_group(shard, device):
-        run = Run.start(config, shard, device, work_dir, notify)
-        stream_seconds = run.stream(on_batch)
-        written = run.write_catalogue()
-        run.remove_work_dir()
-    return run.result(written, time.perf_counter() - start_time, stream_seconds)
+        store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
+        plan, notes = decided_by_writer(lambda: check_before_loading(config, shard, device, work_dir, store), shard)
+        if shard.is_writer and config.progress:  # the plan first, before anything loads
+            for line in plan.lines():
+                notify(line)
+        model = load_model(config.model, device=device, dtype=DTYPES[config.dtype] if config.dtype else None)
+        check_context(model, config.context)
+        if shard.is_writer:  # said once everything has loaded: the run starts now
+            for note in notes:
+                notify(note)
+        written, reports, held, tokens, contexts = [], [], [], 0, 0
+        for k in range(len(plan.passes)):
+            pass_started = time.perf_counter()
+            run = Run.start(config, shard, device, work_dir, store, model, plan, k)
+            if run is None:
+                continue  # written before the run was resumed
+            peak = PeakMemory(device)
+            stream_seconds = run.stream(on_batch, peak)
+            measured = peak.measured(run)
+            written += run.write_catalogue()
+            held += [c.coder_id for c in run.coders]
+            tokens, contexts = run.progress.stream_tokens, run.progress.stream_contexts
+            planned = plan.passes[k]
+            reports.append(PassReport(k, planned.coder_ids, planned.layers, planned.bytes, measured,
+                                      time.perf_counter() - pass_started, stream_seconds, tokens))
+            run.next_pass()
+            del run  # its coders and statistics, before the next pass loads its own
+        remove_work_dir(work_dir, shard)
+    seconds = time.perf_counter() - start_time
+    return IndexResult(written or held, tokens, contexts, seconds, sum(r.stream_seconds for r in reports),
+                       written=store is not None, world=shard.world, coders_held=held, passes=reports, plan=plan)
+
+
+class PeakMemory:
+    """What one pass holds on its device at most (PassReport.peak_bytes)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.largest_codes = 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device)
+
+    def saw_codes(self, codes: torch.Tensor) -> None:
+        self.largest_codes = max(self.largest_codes, codes.numel() * codes.element_size())
+
+    def measured(self, run: Run) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.start
+        held = sum(t.numel() * t.element_size() for c in run.coders for t in _device_tensors(c))
+        held += sum(t.numel() * t.element_size() for s in run.stats for t in s.state_dict().values())
+        return held + self.largest_codes
+
+
+def _device_tensors(coder: Coder) -> list[torch.Tensor]:
+    """The tensors of a coder that live on the run's device (its encoder: the decoder stays on the host)."""
+    names = ("W_enc", "b_enc", "threshold", "b_dec") if isinstance(coder, SparseCoder) else ("W_enc", "b_enc", "threshold")
+    return [t for t in (getattr(coder, n) for n in names) if t is not None]
+
+
+def remove_work_dir(work_dir: Path, shard: Shard) -> None:
+    own_dir = rank_dir(work_dir, shard.rank, shard.world)
+    shutil.rmtree(own_dir, ignore_errors=True)
+    barrier(shard)
+    if own_dir != work_dir and shard.local_rank == 0:
+        try:
+            os.rmdir(work_dir)  # only if empty: the user's own files in a --work-dir stay
+        except OSError:
+            pass
 
 
 @dataclass
 class Run:
-    """One indexing run on this process: its state, built once by `Run.start`, and its steps in
-    the order `run_index` takes them (stream, write_catalogue, remove_work_dir)."""
+    """One pass of an indexing run on this process: its state, built by `Run.start`, and its steps
+    in the order `run_index` takes them (stream, write_catalogue, next_pass)."""
 
     config: IndexConfig
     shard: Shard  # this process's place in the job (SINGLE when alone)
     work_dir: Path  # the run's work dir; this rank's own part of it is `own_dir`
     store: FeatureStore | None  # the catalogue: on rank 0 alone, which writes it
     model: SubjectModel
-    group_of: list[int]  # the coder group of each coder of config.coders
-    coders: list[Coder]  # the coders this process holds: its group's
+    planned: Pass  # this pass's coders (every group's) as the plan gives them
+    coders: list[Coder]  # the coders this process holds: its group's of this pass
     stats: list[FeatureStats]  # one per coder of `coders`, on the device
-    progress: Progress  # where this rank stands in the corpus stream
+    progress: Progress  # where this rank stands in the corpus stream of this pass
     checkpoints: Checkpoints  # this rank's
-    contexts: ContextStore  # the token ids of the contexts this rank indexed
+    contexts: ContextStore  # the token ids of the contexts this rank indexed (stored by the first pass)
 
     @classmethod
-    def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path,
-              notify: Callable[[str], None]) -> Run:
-        """Open the catalogue, check it and the memory needed, load the model and this process's
-        coders, and restore this rank's checkpoint when resuming (else start from an empty work dir)."""
-        store = FeatureStore(config.db) if shard.is_writer else None  # fails early on a db path that is a file
-        notes = decided_by_writer(lambda: check_before_loading(config, shard, device, work_dir, store), shard)
-        model = load_model(config.model, device=device, dtype=DTYPES[config.dtype] if config.dtype else None)
-        check_context(model, config.context)
-        group_of = _coder_groups(config, shard, model)
-        coders = load_coders([spec for spec, g in zip(config.coders, group_of) if g == shard.group], model, device)
+    def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path, store: FeatureStore | None,
+              model: SubjectModel, plan: Plan, pass_index: int) -> Run | None:
+        """Load this process's coders of pass `pass_index` and restore this rank's checkpoint of it
+        (a fresh run's first pass starts from an empty work dir); None when the run being resumed
+        already wrote this pass."""
+        planned = plan.passes[pass_index]
+        progress, states = _restore_or_start_over(config, shard, work_dir, plan, pass_index)
+        if progress.pass_index > pass_index:
+            return None
+        mine = [c for c, g in zip(planned.coders, planned.group_of) if g == shard.group]
+        coders = load_coders([c.header.spec for c in mine], model, device)
+        for coder, c in zip(coders, mine):
+            if coder.coder_id != c.coder_id or coder.width != c.header.width:
+                raise CoderError(f"coder {c.header.spec} loaded as {coder.coder_id} ({coder.width:,} features), but "
+                                 f"its headers said {c.coder_id} ({c.header.width:,}): its files changed; start over")
         stats = [FeatureStats(c.width, config.context, config.stats, device=device) for c in coders]
-        progress = _restore_or_start_over(config, shard, work_dir, stats)
+        if states is not None:
+            if len(states) != len(stats):
+                raise IndexingError(f"the checkpoint in {rank_dir(work_dir, shard.rank, shard.world)} was made with "
+                                    "other settings; run without --resume to start over")
+            for s, state in zip(stats, states):
+                s.load_state_dict(state)
         own_dir = rank_dir(work_dir, shard.rank, shard.world)
         contexts = ContextStore(own_dir, config.context)
         contexts.truncate(progress.contexts, progress.docs_started)
-        if shard.is_writer:  # said once everything has loaded: the run starts now
-            for note in notes:
-                notify(note)
-        return cls(config, shard, work_dir, store, model, group_of, coders, stats, progress, Checkpoints(own_dir),
+        return cls(config, shard, work_dir, store, model, planned, coders, stats, progress, Checkpoints(own_dir),
                    contexts)
 
     @property
@@ -186,47 +284,55 @@ class Run:
 
     # --- streaming ------------------------------------------------------------------------------
 
-    def stream(self, on_batch: Callable[[int], None] | None) -> float:
+    def stream(self, on_batch: Callable[[int], None] | None, peak: PeakMemory) -> float:
         """Index this rank's batches of what is left of the corpus stream, and wait for every rank.
         Returns the seconds that took (the slowest rank's)."""
         started = time.perf_counter()
         if not self.progress.finished:
-            self.read_stream(on_batch)
+            self.read_stream(on_batch, peak)
         barrier(self.shard)
         return time.perf_counter() - started
 
-    def read_stream(self, on_batch: Callable[[int], None] | None) -> None:
+    def read_stream(self, on_batch: Callable[[int], None] | None, peak: PeakMemory) -> None:
         """Read the corpus stream from where `progress` stands and index this rank's batches of it."""
         config, shard, progress = self.config, self.shard, self.progress
         windows = iter_windows(config.corpus, self.model.tokenizer, self.model.bos_token_id, config.context,
                                skip_docs=progress.next_doc, skip_windows=progress.next_window)
         # Rank 0's bar counts the whole stream as it passes: with balanced ranks, the job's tokens/s.
+        passes = len(self.progress.plan) or 1
+        desc = "indexing" if passes == 1 else f"pass {progress.pass_index + 1}/{passes}"
         bar = tqdm(total=config.tokens, initial=progress.stream_tokens, unit="tok", unit_scale=True,
-                   desc="indexing" if shard.world == 1 else f"indexing ({shard.world} ranks)",
+                   desc=desc if shard.world == 1 else f"{desc} ({shard.world} ranks)",
                    disable=not config.progress or not shard.is_writer, smoothing=0.1)
         last_checkpoint = time.monotonic()
         indexed_batches = 0
-        for group in window_groups(windows, config.batch_size, config.tokens, progress.stream_tokens):
-            own = shard.owns(progress.stream_batches)
-            if own:
-                self.index_batch(make_batch(group, config.context, self.model.pad_token_id))
-                indexed_batches += 1
-            counted = counted_tokens(group)
-            _advance_stream(progress, group, counted)
-            bar.update(counted)
-            if own:
-                if time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
-                    self.save_checkpoint()
-                    last_checkpoint = time.monotonic()
-                if on_batch is not None:
-                    on_batch(indexed_batches)
+        try:
+            for group in window_groups(windows, config.batch_size, config.tokens, progress.stream_tokens):
+                own = shard.owns(progress.stream_batches)
+                if own:
+                    self.index_batch(make_batch(group, config.context, self.model.pad_token_id), peak)
+                    indexed_batches += 1
+                counted = counted_tokens(group)
+                _advance_stream(progress, group, counted)
+                bar.update(counted)
+                if own:
+                    if time.monotonic() - last_checkpoint >= config.checkpoint_seconds:
+                        self.save_checkpoint()
+                        last_checkpoint = time.monotonic()
+                    if on_batch is not None:
+                        on_batch(indexed_batches)
+        except BaseException:
+            if not bar.disable:
+                bar.close()  # ends the bar's line: what is said next about the failure starts on its own
+                print(file=bar.fp or sys.stderr, flush=True)
+            raise
         bar.close()
         if progress.stream_contexts == 0:  # every rank reads the whole stream: all of them stop here
             raise CorpusError(f"corpus {config.corpus} has no text to index")  # and leave no checkpoint
         progress.finished = True
         self.save_checkpoint()
 
-    def index_batch(self, batch: Batch) -> None:
+    def index_batch(self, batch: Batch, peak: PeakMemory | None = None) -> None:
         """Run one batch through the model and every coder; store its contexts. Its contexts' global
         indices continue the stream's (`progress.stream_contexts`)."""
         device, progress, hooks = self.device, self.progress, self.hooks
@@ -245,12 +351,16 @@ class Run:
             mask, n_counted = _counted_by(coder, counts)
             acts = coder.encode_hooked(activations)
             acts.mul_(mask[..., None])  # BOS and padding never count (in place: encode's output is fresh)
+            if peak is not None:
+                peak.saw_codes(acts)
             coder_stats.update(acts, context_ids, n_counted)
 
+        progress.tokens_counted += counted
+        if progress.pass_index > 0:
+            return  # every pass reads the same windows: the first pass stored them
         doc_index, new_docs = _document_rows(batch.windows, progress)
         self.contexts.append(batch.stored_ids, context_index, doc_index, new_docs)
         progress.contexts += len(batch.windows)
-        progress.tokens_counted += counted
         progress.docs_started += len(new_docs)
         progress.last_doc = batch.windows[-1].doc_ordinal
 
@@ -275,15 +385,15 @@ class Run:
         return written
 
     def every_coder(self) -> Iterator[tuple[Coder, FeatureStats]]:
-        """Rank 0, after the merge: every coder of the run with its merged statistics, in the order
-        given. Group 0's are already here; another group's coder is loaded again, and its leader
+        """Rank 0, after the merge: every coder of the pass with its merged statistics, in the order
+        planned. Group 0's are already here; another group's coder is loaded again, and its leader
         sends its statistics (`_hand_over`), one coder at a time, so rank 0 holds at most one of them."""
         own = iter(zip(self.coders, self.stats))
-        for spec, group in zip(self.config.coders, self.group_of):
+        for planned, group in zip(self.planned.coders, self.planned.group_of):
             if group == 0:
                 yield next(own)
                 continue
-            coder = load_coders([spec], self.model, self.device)[0]
+            coder = load_coders([planned.header.spec], self.model, self.device)[0]
             coder_stats = receive_stats(FeatureStats(coder.width, self.config.context, self.config.stats,
                                                      device=self.device), src=self.shard.leader(group))
             yield coder, coder_stats
@@ -315,20 +425,14 @@ class Run:
             del coder, coder_stats  # a coder received from another group is freed before the next one
         return written
 
-    def remove_work_dir(self) -> None:
-        own_dir = self.own_dir
-        shutil.rmtree(own_dir, ignore_errors=True)
+    def next_pass(self) -> None:
+        """This pass is written: the checkpoint moves on to the next pass, with empty statistics and
+        the stream at its start, so a resumed run never reads this pass again. The context store's
+        place (`contexts`, `docs_started`, `last_doc`) is kept: later passes read the same windows."""
+        self.progress = replace(self.progress, pass_index=self.progress.pass_index + 1, next_doc=0, next_window=0,
+                                tokens_counted=0, stream_contexts=0, stream_tokens=0, stream_batches=0, finished=False)
+        self.checkpoints.save(self.progress, [])
         barrier(self.shard)
-        if own_dir != self.work_dir and self.shard.local_rank == 0:
-            try:
-                os.rmdir(self.work_dir)  # only if empty: the user's own files in a --work-dir stay
-            except OSError:
-                pass
-
-    def result(self, written: list[str], seconds: float, stream_seconds: float) -> IndexResult:
-        held = [c.coder_id for c in self.coders]
-        return IndexResult(written or held, self.progress.stream_tokens, self.progress.stream_contexts, seconds,
-                           stream_seconds, written=self.store is not None, world=self.shard.world, coders_held=held)
 
 
 def _hand_over(stats: list[FeatureStats]) -> None:
@@ -354,17 +458,51 @@ def check_config(config: IndexConfig) -> None:
 
 
 def check_before_loading(config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path,
-                         store: FeatureStore | None) -> list[str]:
-    """Rank 0, before the model is loaded: the coders it would replace in the catalogue (what
-    replacing them drops, to say once the run starts), and the memory their statistics need."""
+                         store: FeatureStore | None) -> tuple[Plan, list[str]]:
+    """Rank 0, before the model is loaded: the plan (every coder sized from its headers, packed
+    into passes that fit the budget; a resumed run keeps the plan it was started with) and the
+    coders it would replace in the catalogue (what replacing them drops, to say once the run starts)."""
     assert store is not None, "rank 0 holds the catalogue"
-    sizes = coder_sizes(config.coders)
+    headers = coder_headers(config.coders, config.model)
+    planned = planned_coders(headers, config.context, config.batch_size, config.stats)
     resumed = _resumed_progress(config, work_dir, shard)
+    if resumed is not None and resumed.plan:
+        plan = saved_plan(resumed, planned)
+    else:
+        budget, note = (config.memory, "--memory") if config.memory else default_budget_for(
+            device, model_weight_bytes(config.model, DTYPES[config.dtype or _default_dtype(device)].itemsize))
+        plan = plan_passes(planned, budget, note, shard.groups)
     may_replace = config.replace or (resumed is not None and resumed.replace)
     started_at = resumed.started_at if resumed is not None and resumed.started_at else None
-    notes = check_replacements(store, [s.coder_id for s in sizes], may_replace, started_at)
-    check_memory([s.width for s in sizes], config.context, config.stats, shard, device)
-    return notes
+    notes = check_replacements(store, [c.coder_id for c in planned], may_replace, started_at)
+    return plan, notes
+
+
+def plan_only(config: IndexConfig) -> Plan:
+    """`featuredb index --plan`: the passes a run would make, from the coders' headers alone (no model
+    or weights loaded, nothing written)."""
+    check_config(config)
+    shard = _shard(config)
+    device = rank_device(resolve_device(config.device), shard)
+    planned = planned_coders(coder_headers(config.coders, config.model), config.context, config.batch_size,
+                             config.stats)
+    budget, note = (config.memory, "--memory") if config.memory else default_budget_for(
+        device, model_weight_bytes(config.model, DTYPES[config.dtype or _default_dtype(device)].itemsize))
+    return plan_passes(planned, budget, note, shard.groups)
+
+
+def _default_dtype(device: torch.device) -> str:
+    return "bfloat16" if device.type == "cuda" else "float32"  # as load_model chooses
+
+
+def saved_plan(progress: Progress, planned: list) -> Plan:
+    """The plan a resumed run was started with, its coders sized anew from their headers."""
+    by_id = {c.coder_id: c for c in planned}
+    saved = progress.plan
+    if sorted(i for p in saved for i in p["coders"]) != sorted(by_id):
+        raise IndexingError("the checkpoint was made for other coders; run without --resume to start over")
+    return Plan(progress.budget_bytes, f"{progress.budget_note}; the plan of the run being resumed",
+                [Pass([by_id[i] for i in p["coders"]], list(p["groups"])) for p in saved])
 
 
 def _resumed_progress(config: IndexConfig, work_dir: Path, shard: Shard) -> Progress | None:
@@ -422,8 +560,9 @@ def load_coders(specs: list[str], model: SubjectModel, device: torch.device) -> 
             if dims[hook] != coder.d_in:
                 raise CoderError(f"coder {coder.coder_id} expects d_in={coder.d_in}, but hook {hook} "
                                  f"of this model gives {dims[hook]}")
-    # encode in float32: JumpReLU thresholds are compared at full precision
-    return [c.to(device=device, dtype=torch.float32) for c in coders]
+    # encode in float32 (JumpReLU thresholds are compared at full precision); the decoder stays on
+    # the host until the coder is written (the plan counts the encoder alone)
+    return [c.encoder_on(device) for c in coders]
 
 
 def default_work_dir(config: IndexConfig) -> Path:
@@ -463,18 +602,6 @@ def _with_coder_groups(shard: Shard, config: IndexConfig) -> Shard:
     return replace(shard, groups=groups)
 
 
-def _coder_groups(config: IndexConfig, shard: Shard, model: SubjectModel) -> list[int]:
-    """The group of each coder of `config.coders`. With groups, rank 0 reads every coder's width
-    (and checks every coder) and shares the widths, so each rank then loads only its own group's."""
-    if shard.groups == 1:
-        return [0] * len(config.coders)
-    def load_checked(spec: str) -> Coder:  # checked against the model as load_coders does
-        return load_coders([spec], model, torch.device("cpu"))[0]
-
-    sizes = decided_by_writer(lambda: coder_sizes(config.coders, load_checked), shard)
-    return assign_coders([size.width for size in sizes], shard.groups)
-
-
 def _check_world_size(work_dir: Path, shard: Shard) -> None:
     """Checkpoints are per rank: only a run with as many processes can resume them."""
     saved_sizes = saved_world_sizes(work_dir)
@@ -494,21 +621,28 @@ def _check_coder_groups(work_dir: Path, shard: Shard) -> None:
                             "to start over")
 
 
-def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, stats: list[FeatureStats]) -> Progress:
-    """This rank's progress, and its statistics loaded from its checkpoint when resuming one."""
+def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, plan: Plan,
+                           pass_index: int) -> tuple[Progress, list[dict] | None]:
+    """This rank's progress in pass `pass_index`, and its statistics when its checkpoint holds some
+    (None: the pass starts with empty statistics). The first pass of a run that does not resume
+    starts from an empty work dir; every later pass starts from the checkpoint the one before left."""
     own_dir = rank_dir(work_dir, shard.rank, shard.world)
-    saved = Checkpoints(own_dir).load() if config.resume else None
+    saved = Checkpoints(own_dir).load() if config.resume or pass_index > 0 else None
     if saved is None:
+        if pass_index > 0:
+            raise IndexingError(f"the checkpoint of pass {pass_index} in {own_dir} is gone; run without --resume")
         _clear_work_dir(work_dir, own_dir, shard, whole=not config.resume)
         return Progress(fingerprint=config.fingerprint(), coder_groups=shard.groups, replace=config.replace,
-                        started_at=time.time())
+                        started_at=time.time(), plan=[{"coders": p.coder_ids, "groups": p.group_of}
+                                                      for p in plan.passes],
+                        budget_bytes=plan.budget_bytes, budget_note=plan.budget_note), None
     progress, states = saved
-    if progress.fingerprint != config.fingerprint() or len(states) != len(stats):
+    if progress.fingerprint != config.fingerprint():
         raise IndexingError(f"the checkpoint in {own_dir} was made with other settings; "
                             "run without --resume to start over")
-    for s, state in zip(stats, states):
-        s.load_state_dict(state)
-    return progress
+    if progress.pass_index != pass_index or (not states and progress.stream_batches == 0):
+        return progress, None  # a pass already written (skipped), or one that starts here
+    return progress, states
 
 
 def _clear_work_dir(work_dir: Path, own_dir: Path, shard: Shard, whole: bool) -> None:

@@ -25,7 +25,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,10 @@ class Progress:
     coder_groups: int = 1  # the run's --coder-groups: a rank's checkpoint holds only its group's coders
     replace: bool = False  # the run was started with --replace: its resumption may replace coders too
     started_at: float = 0.0  # epoch seconds: coders written since are this run's own (resuming its writes)
+    pass_index: int = 0  # the pass of the plan this checkpoint belongs to (earlier passes are written)
+    plan: list = field(default_factory=list)  # per pass: {"coders": [ids], "groups": [group per coder]}
+    budget_bytes: int = 0  # the budget the plan was made for, and how it was set
+    budget_note: str = ""
 
 
 def rank_dir(work_dir: Path, rank: int, world: int) -> Path:

@@ -179,6 +179,19 @@ class SparseCoder(EncoderOnDevice):
             affine_skip=move(self.affine_skip),
         )
 
+    def encoder_on(self, device: torch.device | str) -> "SparseCoder":
+        """A copy that encodes on `device` in float32: the encoder there, the decoder (read only when
+        the coder is written) in float32 on the host."""
+        host = torch.device("cpu")
+        return dataclasses.replace(
+            self, W_enc=self.W_enc.to(device=device, dtype=torch.float32),
+            b_enc=self.b_enc.to(device=device, dtype=torch.float32),
+            b_dec=self.b_dec.to(device=device, dtype=torch.float32),
+            threshold=None if self.threshold is None else self.threshold.to(device=device, dtype=torch.float32),
+            W_dec=self.W_dec.to(device=host, dtype=torch.float32),
+            affine_skip=None if self.affine_skip is None else self.affine_skip.to(device=host, dtype=torch.float32),
+        )
+
     def encode(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_sae] feature activations, always >= 0, in the coder's dtype."""
         if x.shape[-1] != self.d_in:
@@ -264,15 +277,14 @@ def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None 
     named = named_coder(location)
     if named is not None:
         location = named.hub_ref
-        # readable and unique per release: gemma-scope-2b-pt-res-canonical-layer_12-width_16k-canonical
-        coder_id = coder_id or clean_id(f"{named.release}-{named.sae_id}".replace("/", "-"))
+        coder_id = coder_id or named_coder_id(named)
     path = Path(location).expanduser()
     if path.exists():
         directory = path.parent if path.is_file() else path
         label = str(directory.absolute())  # not resolve(): keep the path names the conventions live in
         source = str(path)
-    elif _looks_like_hub_ref(location):
-        repo_id, sub = _split_hub_ref(location)
+    elif looks_like_hub_ref(location):
+        repo_id, sub = split_hub_ref(location)
         directory = _download(location, repo_id, sub, cache_dir)
         label = f"{repo_id}/{sub}" if sub else repo_id  # path conventions read from the hub name
         source = f"hf://{label}"
@@ -287,6 +299,11 @@ def load_coder(spec: str, *, model_is_gemma: bool = True, cache_dir: str | None 
     return coder
 
 
+def named_coder_id(named: registry.ResolvedCoder) -> str:
+    """Readable and unique per release: gemma-scope-2b-pt-res-canonical-layer_12-width_16k-canonical."""
+    return clean_id(f"{named.release}-{named.sae_id}".replace("/", "-"))
+
+
 def _check_registry_hooks(coder: Coder, named: registry.ResolvedCoder) -> None:
     """The files' own hooks (config or path rules) must be the ones the registry's layout gives: a
     mismatch means a mislabelled folder, and indexing it would store features under the wrong site."""
@@ -298,7 +315,7 @@ def _check_registry_hooks(coder: Coder, named: registry.ResolvedCoder) -> None:
     )
 
 
-def _looks_like_hub_ref(location: str) -> bool:
+def looks_like_hub_ref(location: str) -> bool:
     if location.startswith("hf://"):
         return True
     parts = location.split("/")
@@ -306,7 +323,7 @@ def _looks_like_hub_ref(location: str) -> bool:
     return len(parts) >= 3 and all(_HUB_PART.fullmatch(p) for p in parts)
 
 
-def _split_hub_ref(location: str) -> tuple[str, str]:
+def split_hub_ref(location: str) -> tuple[str, str]:
     parts = [p for p in location.removeprefix("hf://").strip("/").split("/") if p]
     if len(parts) < 2 or not all(_HUB_PART.fullmatch(p) for p in parts):
         raise CoderError(f"bad hub reference {location!r}: expected [hf://]owner/repo/sub/folder")
@@ -319,7 +336,7 @@ def _download(location: str, repo_id: str, sub: str, cache_dir: str | None) -> P
     its per-layer weights (~30 GB for Gemma 3 1B's CLT) are fetched. The weights are then asked for
     with the configs again, so both come from one snapshot even if the repo moved in between."""
     label = f"{repo_id}/{sub}" if sub else repo_id
-    configs = _snapshot(location, repo_id, sub, _CONFIG_FILES, cache_dir)
+    configs = fetch_configs(location, repo_id, sub, cache_dir)
     weights = _ROOT_FILES
     if (configs / GS2_CONFIG).is_file() and is_multi_layer(configs):
         check_config(read_json(configs / GS2_CONFIG), f"{label}/{GS2_CONFIG}")
@@ -329,6 +346,11 @@ def _download(location: str, repo_id: str, sub: str, cache_dir: str | None) -> P
         where = f"no files under {sub!r}" if sub else "no coder files at the root"
         raise CoderError(f"cannot download coder {location!r} from the hub: {where} in {repo_id}")
     return directory
+
+
+def fetch_configs(location: str, repo_id: str, sub: str, cache_dir: str | None) -> Path:
+    """The local folder of `sub` holding its config files (kilobytes; no weights fetched)."""
+    return _snapshot(location, repo_id, sub, _CONFIG_FILES, cache_dir)
 
 
 def _snapshot(location: str, repo_id: str, sub: str, names: tuple[str, ...], cache_dir: str | None) -> Path:
@@ -402,25 +424,10 @@ def _load_gemma_scope_1(directory: Path, label: str, source: str, *, hook_given:
     path = directory / GS1_WEIGHTS
     arrays = read_npz(path)
     W_enc, W_dec, b_enc, b_dec, threshold = take(arrays, ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"), path)
-
-    parts = Path(label).parts
-    repo = next((m for p in parts if (m := _GS1_REPO.search(p))), None)
-    layer_match = next((m for p in reversed(parts) if (m := _LAYER_DIR.fullmatch(p))), None)
-    site = repo.group(3) if repo else None
-    if site is None or layer_match is None:
-        if not hook_given:
-            raise CoderError(
-                f"{path}: cannot tell the hook site from the path (expected .../gemma-scope-<size>-<pt|it>-"
-                "<res|mlp|att|transcoders>/layer_<L>/...): give it as PATH@HOOK"
-            )
-        site = site or "res"  # placeholder: _with_hook replaces the hook and layer
-    layer = int(layer_match.group(1)) if layer_match else 0
-    kind, hook_in, hook_out = _GS1_SITES[site]
-    hook_in, hook_out = hook_in.format(L=layer), hook_out.format(L=layer)
-
-    # readable id: site-layer_L-width_W-average_l0_K from the path parts that exist
-    tail = [p for p in parts if _LAYER_DIR.fullmatch(p) or p.startswith(("width_", "average_l0_"))]
-    coder_id = clean_id("-".join(([repo.group(3)] if repo else []) + tail) if tail else directory.name)
+    hook_in, coder_id, kind = gemma_scope_1_naming(label, directory, hook_given=hook_given)
+    layer = parse_hook(hook_in).layer
+    repo = next((m for p in Path(label).parts if (m := _GS1_REPO.search(p))), None)
+    hook_out = _GS1_SITES[repo.group(3) if repo else "res"][2].format(L=layer)
     model_name = None
     if repo:
         size, variant = repo.group(1), repo.group(2)
@@ -430,6 +437,27 @@ def _load_gemma_scope_1(directory: Path, label: str, source: str, *, hook_given:
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold.float(),
         source=source, model_name=model_name,
     )  # fmt: skip
+
+
+def gemma_scope_1_naming(label: str, directory: Path, *, hook_given: bool) -> tuple[str, str, str]:
+    """(input hook, coder id, kind) of a Gemma Scope 1 coder, from its path (the npz holds no config)."""
+    parts = Path(label).parts
+    repo = next((m for p in parts if (m := _GS1_REPO.search(p))), None)
+    layer_match = next((m for p in reversed(parts) if (m := _LAYER_DIR.fullmatch(p))), None)
+    site = repo.group(3) if repo else None
+    if site is None or layer_match is None:
+        if not hook_given:
+            raise CoderError(
+                f"{directory / GS1_WEIGHTS}: cannot tell the hook site from the path (expected .../gemma-scope-<size>-"
+                "<pt|it>-<res|mlp|att|transcoders>/layer_<L>/...): give it as PATH@HOOK"
+            )
+        site = site or "res"  # placeholder: _with_hook replaces the hook and layer
+    layer = int(layer_match.group(1)) if layer_match else 0
+    kind, hook_in, _ = _GS1_SITES[site]
+    # readable id: site-layer_L-width_W-average_l0_K from the path parts that exist
+    tail = [p for p in parts if _LAYER_DIR.fullmatch(p) or p.startswith(("width_", "average_l0_"))]
+    coder_id = clean_id("-".join(([repo.group(3)] if repo else []) + tail) if tail else directory.name)
+    return hook_in.format(L=layer), coder_id, kind
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,6 +119,10 @@ class MultiLayerCoder(EncoderOnDevice):
                                    b_enc=self.b_enc.to(device=device, dtype=dtype),
                                    threshold=self.threshold.to(device=device))
 
+    def encoder_on(self, device: torch.device | str) -> MultiLayerCoder:
+        """A copy that encodes on `device` in float32 (its decoder is never loaded)."""
+        return self.to(device=device, dtype=torch.float32)
+
     def encode_hooked(self, activations: dict[str, Tensor]) -> Tensor:
         """{hook: [..., d_in]} -> [..., S * F] activations, slot-major, in the coder's dtype."""
         first = activations[self.hooks[0]]
@@ -191,7 +195,7 @@ def check_config(cfg: dict, where: str) -> str:
     for key in ("hf_hook_point_in", "hf_hook_point_out"):
         if key not in cfg:
             raise CoderError(f"{where}: missing {key}")
-        _pattern_layers(cfg[key], None, f"{where}: {key}")  # the form alone, before the slots are counted
+        pattern_layers(cfg[key], None, f"{where}: {key}")  # the form alone, before the slots are counted
     return kind
 
 
@@ -235,14 +239,14 @@ def load_multi_layer(directory: Path, source: str) -> MultiLayerCoder:
 
     S, S_out = len(files), w_dec_shape[1]
     where = str(cfg_path)
-    hooks_in = [our_hook(h, True, where=where) for h in _expand(cfg["hf_hook_point_in"], S, f"{where}: hf_hook_point_in")]
+    hooks_in = [our_hook(h, True, where=where) for h in expand_hooks(cfg["hf_hook_point_in"], S, f"{where}: hf_hook_point_in")]
     hooks_out = [our_hook(h, True, where=where)
-                 for h in _expand(cfg["hf_hook_point_out"], S_out, f"{where}: hf_hook_point_out (w_dec has {S_out} outputs)")]
+                 for h in expand_hooks(cfg["hf_hook_point_out"], S_out, f"{where}: hf_hook_point_out (w_dec has {S_out} outputs)")]
     width = cfg.get("width")
     if isinstance(width, int) and width != S * W_enc[0].shape[1]:
         raise CoderError(f"{directory}: config width {width}, but {S} files x {W_enc[0].shape[1]} features "
                          f"= {S * W_enc[0].shape[1]}")
-    every_layer = _pattern_layers(cfg["hf_hook_point_in"], None, where) is None
+    every_layer = pattern_layers(cfg["hf_hook_point_in"], None, where) is None
     return MultiLayerCoder(
         coder_id=clean_id(f"{directory.parent.name}-{directory.name}"), kind=kind, hooks=hooks_in,
         hooks_out=hooks_out, W_enc=torch.stack(W_enc), b_enc=torch.stack(b_enc), threshold=torch.stack(threshold),
@@ -287,7 +291,7 @@ def _read_encoder(path: Path) -> tuple[dict[str, Tensor], dict[str, tuple[int, .
     return tensors, shapes
 
 
-def _pattern_layers(pattern: object, count: int | None, where: str) -> list[int] | None:
+def pattern_layers(pattern: object, count: int | None, where: str) -> list[int] | None:
     """The layers of `model.layers.{a,b,c}.<site>` (None for {all}); CoderError for another form, or
     when `count` is given and the list does not have that many layers."""
     match = _HOOK_PATTERN.fullmatch(pattern) if isinstance(pattern, str) else None
@@ -308,9 +312,9 @@ def _pattern_layers(pattern: object, count: int | None, where: str) -> list[int]
     return layers
 
 
-def _expand(pattern: str, count: int, where: str) -> list[str]:
+def expand_hooks(pattern: str, count: int, where: str) -> list[str]:
     """The `count` hook names of a multi-layer hook: {all} is layers 0..count-1 (a CLT's slot i is
     model layer i), a list gives its layers in order."""
-    layers = _pattern_layers(pattern, count, where)
+    layers = pattern_layers(pattern, count, where)
     site = _HOOK_PATTERN.fullmatch(pattern).group(2)
     return [f"model.layers.{layer}{site}" for layer in (range(count) if layers is None else layers)]
