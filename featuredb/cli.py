@@ -495,11 +495,6 @@ def import_(format_, path, db, replace, embed, quiet):
                f"in {result.seconds:.1f}s -> {db}")
     for coder_id in result.coder_ids:
         click.echo(f"  {coder_id}")
-    if len(result.passes) > 1 or (result.plan and len(result.plan.passes) > 1):
-        n = len(result.plan.passes) if result.plan else len(result.passes)
-        click.echo("passes: " + "; ".join(
-            f"{r.index + 1}/{n} {r.seconds:.1f}s ({r.tokens_per_second:,.0f} tokens/s, peak {human(r.peak_bytes)} "
-            f"of {human(r.bytes)} planned)" for r in result.passes))
     if result.unembedded:
         click.echo(f"{result.unembedded:,} described features have no description vector yet: keyword search works "
                    f"now; for semantic search run `featuredb describe --db {db}` (or import with --embed)")

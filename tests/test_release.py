@@ -215,7 +215,7 @@ def test_a_budget_no_coder_fits_or_a_bad_size_is_one_line_before_loading(memory,
                                        "--corpus", str(corpus_jsonl), "--db", str(tmp_path / "db"), "--memory", memory])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert ("more than the budget of 1.0 KiB (--memory)" if memory == "1KiB" else "--memory") in lines[0]
+    assert ("more than the budget of 1.0 KiB: raise --memory" if memory == "1KiB" else "--memory") in lines[0]
     assert not (tmp_path / "db").exists()
 
 

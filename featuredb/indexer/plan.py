@@ -151,9 +151,11 @@ def plan_passes(coders: Sequence[PlannedCoder], budget: int, budget_note: str, g
     for c in coders:
         if pass_bytes([c]) > budget:
             raise IndexingError(
-                f"coder {c.coder_id} needs {human(pass_bytes([c]))} on the device (encoder {human(c.encoder_bytes)} + "
-                f"statistics {human(c.state_bytes)} + {human(c.work_bytes)} while it encodes a batch), more than the "
-                f"budget of {human(budget)} ({budget_note}): raise --memory, or lower --top-k, --context or --batch-size")
+                # the advice first: the error line is cut at 300 characters and long coder ids are common
+                f"coder {c.coder_id} needs {human(pass_bytes([c]))} on the device, more than the budget of "
+                f"{human(budget)}: raise --memory, or lower --top-k, --context or --batch-size (encoder "
+                f"{human(c.encoder_bytes)} + statistics {human(c.state_bytes)} + {human(c.work_bytes)} to encode a "
+                f"batch; budget: {budget_note})")
     order = {id(c): k for k, c in enumerate(coders)}
     by_depth = sorted(coders, key=lambda c: (c.header.deepest_layer, order[id(c)]))
     bins = _next_fit(by_depth, budget)
@@ -226,7 +228,10 @@ def model_weight_bytes(model: str, itemsize: int) -> int:
     if path.is_file() and path.suffix == ".gguf":
         from gguf import GGUFReader
 
-        return itemsize * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+        try:
+            return itemsize * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+        except (ValueError, OSError, EOFError):
+            return 0  # a corrupt or truncated file: the model loader reports it, with its diagnosis
     if path.is_dir():
         return itemsize * sum(math.prod(shape) for f in sorted(path.glob("*.safetensors"))
                               for _, shape in read_safetensors_header(f).values())
