@@ -147,7 +147,7 @@ def test_statistics_larger_than_free_memory_are_refused_before_the_model_loads(t
     from featuredb.indexer.plan import HEADROOM, model_weight_bytes, pass_bytes, planned_coders
     from featuredb.indexer.preflight import coder_headers
 
-    planned = planned_coders(coder_headers(coders, str(tiny_gemma2)), CONTEXT, 16, cli_stats(64))
+    planned = planned_coders(coder_headers(coders, str(tiny_gemma2)), CONTEXT, 16, cli_stats(64), on_host=True)
     need = max(pass_bytes([c]) for c in planned)
     model = model_weight_bytes(str(tiny_gemma2), 4)
     free = int((need + room + model) / (1 - HEADROOM)) + 1  # int(free * 0.9) - model == need + room

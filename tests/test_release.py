@@ -62,7 +62,7 @@ def config(model, coders, corpus, db, **kw) -> IndexConfig:
 
 def budget_for_passes(model, coders, corpus, passes: int, stats=STATS, batch=BATCH) -> int:
     """A budget under which the coders need at least `passes` passes."""
-    planned = planned_coders(coder_headers(coders, str(model)), CONTEXT, batch, stats)
+    planned = planned_coders(coder_headers(coders, str(model)), CONTEXT, batch, stats, on_host=True)  # a CPU run
     total = sum(c.held_bytes for c in planned)
     return max(max(pass_bytes([c]) for c in planned), total // (passes + 1))
 
@@ -178,6 +178,17 @@ def test_the_plan_takes_first_fit_when_depth_order_needs_more_passes():
     budget = pass_bytes([coders[0], coders[1], coders[3]])
     plan = plan_passes(coders, budget, "test")
     assert len(plan.passes) == 2 and all(p.bytes <= budget for p in plan.passes)
+
+
+def test_a_plan_for_coder_groups_names_each_coders_group():
+    coders = planned_coders([header(f"c{i}", w, 0) for i, w in enumerate([64, 48, 32, 16])], CONTEXT, BATCH, STATS)
+    plan = plan_passes(coders, 10**12, "test", groups=2)
+    (only,) = plan.passes
+    assert sorted(only.group_of) == [0, 0, 1, 1] and only.to_json()["groups"] == only.group_of
+    assert "c0 (group " in plan.lines()[1]
+    by_group = [sum(c.header.width for c, g in zip(only.coders, only.group_of) if g == k) for k in (0, 1)]
+    assert by_group == [80, 80]  # largest first, each to the lighter group: 64 + 16 | 48 + 32
+    assert "groups" not in plan_passes(coders, 10**12, "test").passes[0].to_json()
 
 
 def test_plan_json_loads_no_model_and_no_weights(release, tiny_gemma3, corpus_jsonl, tmp_path, monkeypatch):

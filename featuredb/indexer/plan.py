@@ -70,7 +70,7 @@ def work_bytes(width: int, batch_size: int, context: int, stats: StatsConfig) ->
 @dataclass(frozen=True)
 class PlannedCoder:
     header: CoderHeader
-    encoder_bytes: int
+    weight_bytes: int  # on the device: the encoder; on a CPU run the host's decoder too (same memory)
     state_bytes: int
     work_bytes: int
 
@@ -81,7 +81,7 @@ class PlannedCoder:
     @property
     def held_bytes(self) -> int:
         """Held on the device for the whole pass."""
-        return self.encoder_bytes + self.state_bytes
+        return self.weight_bytes + self.state_bytes
 
 
 def pass_bytes(coders: Sequence[PlannedCoder]) -> int:
@@ -112,7 +112,15 @@ class Pass:
         return max(pass_bytes([c for c, g in zip(self.coders, self.group_of) if g == group]) for group in groups)
 
     def to_json(self) -> dict:
-        return {"coders": self.coder_ids, "layers": self.layers, "bytes": self.bytes}
+        out = {"coders": self.coder_ids, "layers": self.layers, "bytes": self.bytes}
+        if any(self.group_of):
+            out["groups"] = self.group_of  # per coder, under torchrun --coder-groups
+        return out
+
+    def describe_coders(self) -> str:
+        if not any(self.group_of):
+            return ", ".join(self.coder_ids)
+        return ", ".join(f"{c} (group {g})" for c, g in zip(self.coder_ids, self.group_of))
 
 
 @dataclass
@@ -131,16 +139,18 @@ class Plan:
         out = [f"plan: {coders} coder(s), {features:,} features, in {len(self.passes)} pass(es) under a budget of "
                f"{human(self.budget_bytes)} ({self.budget_note})"]
         for k, p in enumerate(self.passes, 1):
-            ids = ", ".join(p.coder_ids)
             out.append(f"  pass {k}/{len(self.passes)}: {len(p.coders)} coder(s), layers "
-                       f"{','.join(map(str, p.layers))}, {human(p.bytes)}: {ids}")
+                       f"{','.join(map(str, p.layers))}, {human(p.bytes)}: {p.describe_coders()}")
         return out
 
 
 def planned_coders(headers: Sequence[CoderHeader], context: int, batch_size: int,
-                   stats: StatsConfig) -> list[PlannedCoder]:
-    return [PlannedCoder(h, h.encoder_bytes(ENCODE_ITEMSIZE), state_bytes(h.width, context, stats),
-                         work_bytes(h.width, batch_size, context, stats)) for h in headers]
+                   stats: StatsConfig, on_host: bool = False) -> list[PlannedCoder]:
+    """Each coder's bytes on the run's device; `on_host`: the device is the CPU, whose memory also
+    holds the decoders that a GPU run keeps off the device."""
+    return [PlannedCoder(h, h.encoder_bytes(ENCODE_ITEMSIZE) + (h.decoder_bytes() if on_host else 0),
+                         state_bytes(h.width, context, stats), work_bytes(h.width, batch_size, context, stats))
+            for h in headers]
 
 
 def plan_passes(coders: Sequence[PlannedCoder], budget: int, budget_note: str, groups: int = 1) -> Plan:
@@ -153,8 +163,8 @@ def plan_passes(coders: Sequence[PlannedCoder], budget: int, budget_note: str, g
             raise IndexingError(
                 # the advice first: the error line is cut at 300 characters and long coder ids are common
                 f"coder {c.coder_id} needs {human(pass_bytes([c]))} on the device, more than the budget of "
-                f"{human(budget)}: raise --memory, or lower --top-k, --context or --batch-size (encoder "
-                f"{human(c.encoder_bytes)} + statistics {human(c.state_bytes)} + {human(c.work_bytes)} to encode a "
+                f"{human(budget)}: raise --memory, or lower --top-k, --context or --batch-size (weights "
+                f"{human(c.weight_bytes)} + statistics {human(c.state_bytes)} + {human(c.work_bytes)} to encode a "
                 f"batch; budget: {budget_note})")
     order = {id(c): k for k, c in enumerate(coders)}
     by_depth = sorted(coders, key=lambda c: (c.header.deepest_layer, order[id(c)]))

@@ -25,10 +25,11 @@ def vocabulary_strings(tokenizer, vocab_size: int) -> np.ndarray:
     return np.asarray(strings, dtype=object)
 
 
-def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
+def _list_array(flat: np.ndarray | pa.Array, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+    values = flat if isinstance(flat, pa.Array) else pa.array(flat, type=value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 
 def _id_strings(ids: np.ndarray, vocab: np.ndarray) -> list[list[str]]:
@@ -38,6 +39,8 @@ def _id_strings(ids: np.ndarray, vocab: np.ndarray) -> list[list[str]]:
 def example_rows(coder_id: str, stats: FeatureStats, contexts: ContextStore, vocab: np.ndarray) -> dict:
     """Top and interval examples of every feature: token ids and per-token values of each context."""
     parts = []
+    # token strings are taken from the vocabulary inside Arrow: no Python string per token
+    vocab_strings = pa.array(vocab, type=pa.string())
     # top examples: rank = position in the top-K
     top_value, top_context, top_tokens = stats.top_sorted()
     feature, slot = (top_context >= 0).nonzero(as_tuple=True)
@@ -76,7 +79,7 @@ def example_rows(coder_id: str, stats: FeatureStats, contexts: ContextStore, voc
         for name in ("bin_min", "bin_max"):
             columns[name].append(np.full(n, np.nan, dtype=np.float32) if part[name] is None
                                  else np.asarray(part[name], dtype=np.float32))
-        columns["tokens"].append(_list_array(vocab[flat_ids], lengths, pa.string()))
+        columns["tokens"].append(_list_array(vocab_strings.take(pa.array(flat_ids)), lengths, pa.string()))
         columns["token_ids"].append(_list_array(flat_ids.astype(np.int32), lengths, pa.int32()))
         columns["values"].append(_list_array(values[valid].astype(np.float32), lengths, pa.float32()))
         columns["max_value"].append(values.max(axis=1).astype(np.float32))

@@ -34,7 +34,7 @@ from featuredb.indexer.distributed import (SINGLE, Shard, barrier, decided_by_wr
                                            gather_example_contexts, process_group, rank_device, receive_stats,
                                            reduce_stats, send_stats, shard_from_env)
 from featuredb.indexer.geometry import decoder_neighbours, logit_tables
-from featuredb.indexer.plan import Pass, Plan, human, model_weight_bytes, plan_passes, planned_coders
+from featuredb.indexer.plan import Pass, Plan, PlannedCoder, human, model_weight_bytes, plan_passes, planned_coders
 from featuredb.indexer.preflight import check_replacements, coder_headers, default_budget_for, refuse_duplicate_ids
 from featuredb.indexer.records import example_rows, feature_rows, vocabulary_strings
 from featuredb.indexer.stats import FeatureStats, StatsConfig
@@ -201,14 +201,17 @@ class PeakMemory:
     def measured(self, run: Run) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.start
-        held = sum(t.numel() * t.element_size() for c in run.coders for t in _device_tensors(c))
+        # the CPU has no allocator statistics: what the pass holds, counted (the decoders too: same memory)
+        held = sum(t.numel() * t.element_size() for c in run.coders for t in _held_tensors(c))
         held += sum(t.numel() * t.element_size() for s in run.stats for t in s.state_dict().values())
         return held + self.largest_codes
 
 
-def _device_tensors(coder: Coder) -> list[torch.Tensor]:
-    """The tensors of a coder that live on the run's device (its encoder: the decoder stays on the host)."""
-    names = ("W_enc", "b_enc", "threshold", "b_dec") if isinstance(coder, SparseCoder) else ("W_enc", "b_enc", "threshold")
+def _held_tensors(coder: Coder) -> list[torch.Tensor]:
+    """A coder's tensors in memory on a CPU run: its encoder, and a one-layer coder's decoder (a
+    multi-layer coder's decoder stays in its files until the catalogue is written)."""
+    names = ("W_enc", "b_enc", "threshold", "b_dec", "W_dec") if isinstance(coder, SparseCoder) else (
+        "W_enc", "b_enc", "threshold")
     return [t for t in (getattr(coder, n) for n in names) if t is not None]
 
 
@@ -463,15 +466,10 @@ def check_before_loading(config: IndexConfig, shard: Shard, device: torch.device
     into passes that fit the budget; a resumed run keeps the plan it was started with) and the
     coders it would replace in the catalogue (what replacing them drops, to say once the run starts)."""
     assert store is not None, "rank 0 holds the catalogue"
-    headers = coder_headers(config.coders, config.model)
-    planned = planned_coders(headers, config.context, config.batch_size, config.stats)
+    planned = _planned_coders(config, device)
     resumed = _resumed_progress(config, work_dir, shard)
-    if resumed is not None and resumed.plan:
-        plan = saved_plan(resumed, planned)
-    else:
-        budget, note = (config.memory, "--memory") if config.memory else default_budget_for(
-            device, model_weight_bytes(config.model, DTYPES[config.dtype or _default_dtype(device)].itemsize))
-        plan = plan_passes(planned, budget, note, shard.groups)
+    plan = saved_plan(resumed, planned) if resumed is not None and resumed.plan else _plan(config, shard, device,
+                                                                                            planned)
     may_replace = config.replace or (resumed is not None and resumed.replace)
     started_at = resumed.started_at if resumed is not None and resumed.started_at else None
     notes = check_replacements(store, [c.coder_id for c in planned], may_replace, started_at)
@@ -484,8 +482,16 @@ def plan_only(config: IndexConfig) -> Plan:
     check_config(config)
     shard = _shard(config)
     device = rank_device(resolve_device(config.device), shard)
-    planned = planned_coders(coder_headers(config.coders, config.model), config.context, config.batch_size,
-                             config.stats)
+    return _plan(config, shard, device, _planned_coders(config, device))
+
+
+def _planned_coders(config: IndexConfig, device: torch.device) -> list[PlannedCoder]:
+    return planned_coders(coder_headers(config.coders, config.model), config.context, config.batch_size,
+                          config.stats, on_host=device.type == "cpu")
+
+
+def _plan(config: IndexConfig, shard: Shard, device: torch.device, planned: list[PlannedCoder]) -> Plan:
+    """The passes under --memory, or under the device's free memory less the model and a headroom."""
     budget, note = (config.memory, "--memory") if config.memory else default_budget_for(
         device, model_weight_bytes(config.model, DTYPES[config.dtype or _default_dtype(device)].itemsize))
     return plan_passes(planned, budget, note, shard.groups)

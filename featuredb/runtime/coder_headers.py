@@ -66,6 +66,13 @@ class CoderHeader:
         assert self.d_in is not None, "d_in must be known to size the encoder"
         return itemsize * (self.slots * (self.d_in * self.per_slot + 2 * self.per_slot) + self.d_in)
 
+    def decoder_bytes(self, itemsize: int = 4) -> int:
+        """The decoder where the indexer holds it in memory: a one-layer coder's W_dec [width, d]
+        (kept on the host; d_out taken as d_in, as for every Gemma Scope coder). A multi-layer
+        coder's decoder is read from its files in slices when the catalogue is written: 0."""
+        assert self.d_in is not None, "d_in must be known to size the decoder"
+        return itemsize * self.width * self.d_in if self.slots == 1 else 0
+
     @property
     def per_slot(self) -> int:
         return self.width // self.slots

@@ -194,7 +194,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt
 def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> SubjectModel:
     """Load a subject model from a local directory, a local .gguf file, or a hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma3Config
-    from transformers import Gemma3ForConditionalGeneration
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -208,7 +207,10 @@ def load_model(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dt
         with _reading(spec, None if extra else "config.json", local):
             config = AutoConfig.from_pretrained(source, trust_remote_code=False, **extra)
         # Gemma 3 4b-27b are multimodal: load the whole model, read the text decoder inside it.
-        model_class = Gemma3ForConditionalGeneration if isinstance(config, Gemma3Config) else AutoModelForCausalLM
+        model_class = AutoModelForCausalLM
+        if isinstance(config, Gemma3Config):
+            # imported only here: it pulls in the vision tower's modules (~2 s)
+            from transformers import Gemma3ForConditionalGeneration as model_class
         # the tokenizer before the weights: a directory without one fails before a long load
         tokenizer = _load_tokenizer(spec, source, extra, local)
         with _reading(spec, None if extra else _weight_files(source), local):

@@ -406,14 +406,18 @@ def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], code
     condition is scoped to the coder, so other coders' rows are never touched.
     """
     own_rows = Filter().eq("coder_id", coder_id).render(table.schema)
+    # LanceDB's default on_bad_vectors="error" rejects NULL vectors as "variable length".
+    # Rows are already cast to the exact fixed-size type and NaN-checked, so the only
+    # vectors it could call bad are the nulls we mean to store: "null" keeps them null.
+    if table.count_rows(own_rows) == 0:
+        # a new coder (the usual case): an append, several times faster than a merge over the table
+        table.add(_batches(rows), on_bad_vectors="null")
+        return
     (
         table.merge_insert(list(key))
         .when_matched_update_all()
         .when_not_matched_insert_all()
         .when_not_matched_by_source_delete(own_rows)
-        # LanceDB's default on_bad_vectors="error" rejects NULL vectors as "variable length".
-        # Rows are already cast to the exact fixed-size type and NaN-checked, so the only
-        # vectors it could call bad are the nulls we mean to store: "null" keeps them null.
         .execute(_batches(rows), on_bad_vectors="null")
     )
 
