@@ -77,23 +77,25 @@ import featuredb.indexer.run as run
 import featuredb.store.indexes as indexes
 import featuredb.store.feature_store as feature_store
 TIMES["imports (cli, indexer, torch, transformers, lancedb)"] = time.perf_counter() - T0
-timed(run, "FeatureStore", "open catalogue")
-timed(run, "coder_sizes", "preflight: coder sizes")
-timed(run, "coder_headers", "preflight: coder headers")
-timed(run, "check_memory", "preflight: memory")
-timed(run, "check_replacements", "preflight: stored coders")
-timed(run, "load_model", "load model")
-timed(run, "load_coders", "load coders")
-timed(run.Run, "stream", "stream (forward + encode + statistics)")
-timed(run, "vocabulary_strings", "vocabulary strings")
-timed(run, "logit_tables", "logit tables")
-timed(run, "decoder_neighbours", "decoder neighbours")
-timed(run, "feature_rows", "feature rows")
-timed(run, "example_rows", "example rows")
-timed(feature_store.FeatureStore, "write_coder", "write coder rows (LanceDB)")
-timed(run, "write_decoder_vectors", "write decoder vectors")
-timed(run.Run, "remove_work_dir", "remove work dir")
-timed(indexes, "finalize", "finalize (search indexes)")
+STAGES = [  # (owner, function, stage): the indexer's steps in the order a run takes them
+    (run, "FeatureStore", "open catalogue"),
+    (run, "coder_headers", "preflight: coder headers"),
+    (run, "check_replacements", "preflight: stored coders"),
+    (run, "load_model", "load model"),
+    (run, "load_coders", "load coders"),
+    (run.Run, "stream", "stream (forward + encode + statistics)"),
+    (run, "vocabulary_strings", "vocabulary strings"),
+    (run, "logit_tables", "logit tables"),
+    (run, "decoder_neighbours", "decoder neighbours"),
+    (run, "feature_rows", "feature rows"),
+    (run, "example_rows", "example rows"),
+    (feature_store.FeatureStore, "write_coder", "write coder rows (LanceDB)"),
+    (run, "write_decoder_vectors", "write decoder vectors"),
+    (run.Run, "remove_work_dir", "remove work dir"),
+    (indexes, "finalize", "finalize (search indexes)"),
+]
+for owner, name, stage in STAGES:
+    timed(owner, name, stage)
 sys.argv = ["featuredb"] + sys.argv[1:]
 cli.main()
 '''

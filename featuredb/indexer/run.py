@@ -468,8 +468,10 @@ def check_before_loading(config: IndexConfig, shard: Shard, device: torch.device
     assert store is not None, "rank 0 holds the catalogue"
     planned = _planned_coders(config, device)
     resumed = _resumed_progress(config, work_dir, shard)
-    plan = saved_plan(resumed, planned) if resumed is not None and resumed.plan else _plan(config, shard, device,
-                                                                                            planned)
+    if resumed is not None and resumed.plan:
+        plan = saved_plan(resumed, planned)
+    else:
+        plan = _plan(config, shard, device, planned)
     may_replace = config.replace or (resumed is not None and resumed.replace)
     started_at = resumed.started_at if resumed is not None and resumed.started_at else None
     notes = check_replacements(store, [c.coder_id for c in planned], may_replace, started_at)

@@ -402,8 +402,9 @@ def _check_finite(rows: pa.Table, what: str, key: list[str] | tuple[str, ...]) -
 def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], coder_id: str) -> None:
     """Make the coder's rows in `table` exactly `rows`, in one commit.
 
-    Upsert on the row key, and delete this coder's rows the new data no longer has. The delete
-    condition is scoped to the coder, so other coders' rows are never touched.
+    A coder with no rows yet is appended; otherwise upsert on the row key, and delete this coder's
+    rows the new data no longer has. The delete condition is scoped to the coder, so other coders'
+    rows are never touched.
     """
     own_rows = Filter().eq("coder_id", coder_id).render(table.schema)
     # LanceDB's default on_bad_vectors="error" rejects NULL vectors as "variable length".
