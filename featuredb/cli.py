@@ -500,6 +500,31 @@ def import_(format_, path, db, replace, embed, quiet):
                    f"now; for semantic search run `featuredb describe --db {db}` (or import with --embed)")
 
 
+@main.command()
+@click.argument("db", metavar="DB")
+def upgrade(db):
+    """Rewrite a catalogue written by an older featuredb in the current layout (compact examples).
+
+    Coder by coder: after an interruption run it again and it goes on; the old rows are removed
+    only once every coder's new ones are stored. Any writable open (index, describe) does the same."""
+    from featuredb.store import FeatureStore, StoreError
+    from featuredb.store.schema import LEGACY_EXAMPLES_TABLE
+
+    try:
+        before = FeatureStore(db, read_only=True)
+        legacy = LEGACY_EXAMPLES_TABLE in before.table_names()
+    except StoreError as error:
+        if "older featuredb" not in str(error):
+            raise
+        legacy = True
+    if not legacy:
+        click.echo(f"{db} is already in the current layout")
+        return
+    store = FeatureStore(db)  # a writable open upgrades
+    finalize(db)
+    click.echo(f"upgraded {db}: {len(store.coders())} coder(s), examples compact")
+
+
 # ---------------------------------------------------------------------------------------------
 # the offline demo
 

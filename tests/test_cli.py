@@ -23,7 +23,7 @@ def one_line_error(result, code: int) -> None:
 
 def test_every_command_is_registered():
     assert set(COMMANDS) == {"index", "describe", "demo", "search", "show", "fires", "similar", "serve",
-                             "export", "import", "coders"}
+                             "export", "import", "coders", "upgrade"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

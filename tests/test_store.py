@@ -21,6 +21,7 @@ from featuredb.store import (
     FeatureStore,
     Filter,
     StoreError,
+    EXAMPLES_TABLE,
     examples_schema,
     features_schema,
     coders_schema,
@@ -31,6 +32,7 @@ from featuredb.store import feature_store as feature_store_module
 from featuredb.store.decoder_vectors import write_decoder_vectors
 from featuredb.store.descriptions import current_descriptions, sync_features, write_descriptions
 from featuredb.store.failures import is_io_failure, reason, writing
+from featuredb.store.schema import contexts_schema, example_activations_schema, vocabulary_schema
 from featuredb.store.schema import conform_table
 
 DIM = 4
@@ -136,10 +138,12 @@ def store(tmp_path) -> FeatureStore:
 def test_tables_are_created_with_exact_schemas(store):
     assert store.table_names() == []
     write(store, "sae-a")
-    assert store.table_names() == ["coders", "examples", "features"]
+    assert store.table_names() == ["coders", "contexts", "example_activations", "features", "vocabulary"]
     assert store.table("coders").schema.equals(coders_schema())
     assert store.table("features").schema.equals(features_schema(DIM))
-    assert store.table("examples").schema.equals(examples_schema())
+    assert store.table(EXAMPLES_TABLE).schema.equals(example_activations_schema())
+    assert store.table("contexts").schema.equals(contexts_schema())
+    assert store.table("vocabulary").schema.equals(vocabulary_schema())
     assert features_schema().field("vector").type == pa.list_(pa.float32(), 384)
     assert coders_schema().field("created_at").type == pa.timestamp("us", tz="UTC")
 
@@ -210,10 +214,10 @@ def test_rewrite_with_fewer_rows_leaves_no_stale_rows_or_duplicates(store):
     assert store.features("sae-a")["feature"].to_list() == [0, 2]
     assert store.features("sae-a")["description"].to_list() == ["feature 0 (seed 5)", "feature 2 (seed 5)"]
     assert store.coders().height == 1
-    assert store.table("examples").count_rows() == 2
+    assert store.table(EXAMPLES_TABLE).count_rows() == 2
 
     write(store, "sae-a", [0, 2], top=1, interval=0, seed=5)  # idempotent
-    assert store.table("examples").count_rows() == 2
+    assert store.table(EXAMPLES_TABLE).count_rows() == 2
     assert store.table("features").count_rows() == 2
     assert store.table("coders").count_rows() == 1
 
@@ -766,14 +770,14 @@ def test_write_speed_100k_features_1m_examples(tmp_path):
         start = time.perf_counter()
         store.write_coder(sae, features, examples)
         print(f"{attempt}: {time.perf_counter() - start:.1f}s")
-    assert store.table("examples").count_rows() == 1_000_000
+    assert store.table(EXAMPLES_TABLE).count_rows() == 1_000_000
     assert store.table("features").count_rows() == 100_000
 
 
 def test_catalogue_with_the_old_names_is_upgraded_on_a_writable_open(tmp_path):
     db = tmp_path / "db"
     write(FeatureStore(db, vector_dim=DIM), "sae-a")
-    before = {name: FeatureStore(db, vector_dim=DIM).table(name).to_arrow() for name in ("coders", "features", "examples")}
+    before = {name: FeatureStore(db, vector_dim=DIM).table(name).to_arrow() for name in ("coders", "features", EXAMPLES_TABLE)}
     # as featuredb 0.1 wrote it: a `saes` table and `sae_id` columns
     import lancedb
 
@@ -781,13 +785,13 @@ def test_catalogue_with_the_old_names_is_upgraded_on_a_writable_open(tmp_path):
     raw.create_table("saes", raw.open_table("coders").to_arrow().rename_columns(
         ["sae_id" if n == "coder_id" else n for n in coders_schema().names]))
     raw.drop_table("coders")
-    for name in ("features", "examples"):
+    for name in ("features", EXAMPLES_TABLE):
         raw.open_table(name).alter_columns({"path": "coder_id", "rename": "sae_id"})
 
     with pytest.raises(StoreError, match="older featuredb.*featuredb describe --db"):
         FeatureStore(db, vector_dim=DIM, read_only=True)
     upgraded = FeatureStore(db, vector_dim=DIM)
-    assert upgraded.table_names() == ["coders", "examples", "features"]
+    assert upgraded.table_names() == ["coders", "contexts", "example_activations", "features", "vocabulary"]
     for name, frame in before.items():
         assert upgraded.table(name).to_arrow().equals(frame), name
     assert FeatureStore(db, vector_dim=DIM, read_only=True).feature_row("sae-a", 0)["coder_id"] == "sae-a"

@@ -11,7 +11,10 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from featuredb.store import EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore, Filter
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from featuredb.store import FEATURES_TABLE, FeatureStore, Filter
 
 _FEATURE_COLUMNS = [
     "feature", "active_count", "density", "max_activation", "top_logit_tokens", "top_logit_values",
@@ -107,7 +110,7 @@ def load_evidence(store: FeatureStore, coder_id: str, features: list[int], top_k
         )
     top: dict[int, list[Context]] = {f: [] for f in evidence}
     interval: dict[int, list[tuple[float, Context]]] = {f: [] for f in evidence}
-    for r in _query(store, EXAMPLES_TABLE, where, _EXAMPLE_COLUMNS):
+    for r in store.read_examples(where, _EXAMPLE_COLUMNS).to_pylist():
         if r["feature"] not in evidence:
             continue
         tokens, values, max_position = _strip_bos(r["tokens"], r["values"], r["max_position"])
@@ -137,17 +140,16 @@ class NegativePool:
 
     @classmethod
     def load(cls, store: FeatureStore, coder_id: str, size: int = NEGATIVE_POOL_SIZE) -> NegativePool:
-        own = Filter().eq("coder_id", coder_id)
-        indices = {r["context_index"] for r in _query(store, EXAMPLES_TABLE, own, ["context_index"])}
+        contexts = store.coder_contexts(coder_id, ["context_index", "tokens"])
+        indices = set(contexts["context_index"].to_pylist())
         chosen = sorted(indices, key=lambda c: hashlib.sha256(f"{coder_id}\x00{c}".encode()).digest())[:size]
         if not chosen:
             return cls([])
-        rows = _query(store, EXAMPLES_TABLE, own.isin("context_index", chosen),
-                      ["context_index", "tokens", "values", "max_position"])
+        kept = contexts.filter(pc.is_in(contexts["context_index"], pa.array(chosen, pa.int64())))
         seen: dict[int, Context] = {}
-        for r in sorted(rows, key=lambda r: r["context_index"]):
+        for r in sorted(kept.to_pylist(), key=lambda r: r["context_index"]):
             if r["context_index"] not in seen:
-                tokens, _, _ = _strip_bos(r["tokens"], r["values"], r["max_position"])
+                tokens = tuple(r["tokens"][1:] if len(r["tokens"]) > 1 else r["tokens"])  # BOS dropped
                 seen[r["context_index"]] = Context(tokens, (0.0,) * len(tokens), 0, r["context_index"], "none")
         return cls([seen[c] for c in chosen if c in seen])
 

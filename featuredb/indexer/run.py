@@ -36,7 +36,7 @@ from featuredb.indexer.distributed import (SINGLE, Shard, barrier, decided_by_wr
 from featuredb.indexer.geometry import decoder_neighbours, logit_tables
 from featuredb.indexer.plan import Pass, Plan, PlannedCoder, human, model_weight_bytes, plan_passes, planned_coders
 from featuredb.indexer.preflight import check_replacements, coder_headers, default_budget_for, refuse_duplicate_ids
-from featuredb.indexer.records import example_rows, feature_rows, vocabulary_strings
+from featuredb.indexer.records import compact_examples, feature_batches, vocabulary_strings
 from featuredb.indexer.stats import FeatureStats, StatsConfig
 from featuredb.indexer.workdir import (PAD, Checkpoints, ContextStore, LoadedContexts, Progress, rank_dir,
                                        removed_unless_resumable, saved_coder_groups, saved_world_sizes)
@@ -416,11 +416,12 @@ class Run:
             # a multi-layer coder writes to one site at several layers: one map serves them all
             logits = logit_tables(total_write, unembed, self.model.direction_to_residual(coder.hooks_out[0]))
             neighbours = decoder_neighbours(total_write)
+            # streamed a batch of features at a time: memory bounded by a batch, not by the coder
             store.write_coder(
                 record,
-                feature_rows(record, coder_stats, logits, neighbours, contexts, vocab,
-                             slots=list(zip(coder.layers, coder.hooks)), layer_write=layer_write),
-                example_rows(coder.coder_id, coder_stats, contexts, vocab),
+                feature_batches(record, coder_stats, logits, neighbours, contexts, vocab,
+                                slots=list(zip(coder.layers, coder.hooks)), layer_write=layer_write),
+                compact_examples(coder.coder_id, record["model"], coder_stats, contexts, vocab),
             )
             write_decoder_vectors(store, coder.coder_id, total_write)  # for similarity search across coders
             store.forget_import(coder.coder_id)  # indexed here now: its model and coder are the user's

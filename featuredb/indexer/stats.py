@@ -288,19 +288,21 @@ class FeatureStats:
                                       other.interval_priority.to(self.device), other.interval_token_values.to(self.device))
 
     # ------------------------------------------------------------------ results in order
-    def top_sorted(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-K (value, context, per-token values) per feature, best first; empty slots last."""
-        order = _rank_top(self.top_value, self.top_context)
-        return (self.top_value.gather(1, order), self.top_context.gather(1, order),
-                self.top_token_values.gather(1, order[..., None].expand_as(self.top_token_values)))
+    def top_sorted(self, features: slice = slice(None)) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-K (value, context, per-token values) per feature (of `features`), best first; empty slots last."""
+        value, context, token_values = self.top_value[features], self.top_context[features], self.top_token_values[features]
+        order = _rank_top(value, context)
+        return value.gather(1, order), context.gather(1, order), token_values.gather(1, order[..., None].expand_as(token_values))
 
-    def intervals_sorted(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Interval samples (bin, value, context, per-token values) per feature, by bin then
-        priority; empty slots last with bin = interval_bins."""
-        order, sorted_bins, _ = _rank_intervals(self.interval_value, self.interval_context, self.interval_priority,
-                                                self.scale, self.config.interval_bins)
-        return (sorted_bins, self.interval_value.gather(1, order), self.interval_context.gather(1, order),
-                self.interval_token_values.gather(1, order[..., None].expand_as(self.interval_token_values)))
+    def intervals_sorted(self, features: slice = slice(None)) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Interval samples (bin, value, context, per-token values) per feature (of `features`), by bin
+        then priority; empty slots last with bin = interval_bins."""
+        value, context = self.interval_value[features], self.interval_context[features]
+        token_values = self.interval_token_values[features]
+        order, sorted_bins, _ = _rank_intervals(value, context, self.interval_priority[features], self.scale[features],
+                                                self.config.interval_bins)
+        return (sorted_bins, value.gather(1, order), context.gather(1, order),
+                token_values.gather(1, order[..., None].expand_as(token_values)))
 
     # ------------------------------------------------------------------ checkpoints
     TENSORS = tuple(state_layout(1, StatsConfig()))  # names, in the order checkpoints and collectives use

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from featuredb.errors import FeaturedbError, NotFound, QueryError, one_line
-from featuredb.store import CODERS_TABLE, EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore, Filter, StoreError
+from featuredb.store import CODERS_TABLE, FEATURES_TABLE, FeatureStore, Filter, StoreError
 from featuredb.store.schema import DESCRIPTIONS_TABLE, slot_of_features, vector_dim_of
 from featuredb.query.where import Where
 
@@ -247,7 +247,7 @@ class Reader:
 
         with reading(self.uri), ThreadPoolExecutor(max_workers=3) as pool:
             row_future = pool.submit(rows_of, FEATURES_TABLE, columns, 1)
-            examples_future = pool.submit(rows_of, EXAMPLES_TABLE)
+            examples_future = pool.submit(self.store.read_examples, where)
             history_future = pool.submit(rows_of, DESCRIPTIONS_TABLE)
             rows, examples, history = row_future.result(), examples_future.result(), history_future.result()
             if rows is None or rows.num_rows == 0:

@@ -11,7 +11,7 @@ import numbers
 import polars as pl
 
 from featuredb.errors import QueryError
-from featuredb.store import EXAMPLES_TABLE, Filter
+from featuredb.store import Filter
 from featuredb.query.builder import QueryBuilder
 from featuredb.query.search import RESULT_COLUMNS, RESULT_SCHEMA
 
@@ -56,19 +56,21 @@ class TokenQuery(QueryBuilder):
         first_word = lowered.split()[0]
         window = max(self.window, len(words))
         schema = {"coder_id": pl.String, "feature": pl.Int64, "matches": pl.UInt32, "example_max": pl.Float32}
-        if not reader.has_table(EXAMPLES_TABLE):
+        store = reader.store
+        if not store.has_examples():
             return self._finish(pl.DataFrame(schema=schema), n)
-        examples = reader.table(EXAMPLES_TABLE)
-        coders = self.conditions.matching_coders(reader.coder_table(refresh=True))["coder_id"].to_list()
-        if not coders:
+        coders = self.conditions.matching_coders(reader.coder_table(refresh=True))
+        if coders.height == 0:
             return self._finish(pl.DataFrame(schema=schema), n)
         where = Filter().eq("kind", "top")
         if self.conditions.eq:
-            where = where.isin("coder_id", coders)
-        query = (examples.search().where(where.render(examples.schema))
-                 .select(["coder_id", "feature", "tokens", "max_position", "max_value"]).limit(None))
+            where = where.isin("coder_id", coders["coder_id"].to_list())
+        if single and store.is_compact():
+            # only examples whose peak token's string could match (or is unknown) need their context
+            ids = [i for model in coders["model"].unique().to_list() for i in _token_ids_like(store, model, lowered)]
+            where = where.isin("peak_token", [-1, *ids])
         hits = []
-        for batch in query.to_batches(batch_size=65536):
+        for batch in store.iter_examples(where, ["coder_id", "feature", "tokens", "max_position", "max_value"]):
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
             if single:
@@ -117,14 +119,20 @@ class TokenQuery(QueryBuilder):
         return out.select([pl.col(c).cast(t) for c, t in TOKEN_SCHEMA.items()])
 
     def _example_counts(self, top: pl.DataFrame) -> pl.DataFrame:
-        examples = self.reader.table(EXAMPLES_TABLE)
         frames = []
         for (coder_id,), group in top.group_by("coder_id"):
             where = Filter().eq("coder_id", coder_id).eq("kind", "top").isin("feature", group["feature"].to_list())
-            rows = examples.search().where(where.render(examples.schema)).select(["coder_id", "feature"]).limit(None).to_arrow()
-            frames.append(pl.from_arrow(rows))
+            frames.append(pl.from_arrow(self.reader.store.read_examples(where, ["coder_id", "feature"])))
         counts = pl.concat(frames).group_by("coder_id", "feature").agg(pl.len().cast(pl.UInt32).alias("examples"))
         return counts
+
+
+def _token_ids_like(store, model: str, lowered: str) -> list[int]:
+    """Ids of the model's tokens whose stripped, lower-cased string is `lowered` (a superset of the
+    exact case-folded match, which is checked on the examples)."""
+    strings = store.vocabulary(model).strings
+    frame = pl.DataFrame({"token": pl.Series(strings.cast("large_string"))}).with_row_index("id")
+    return frame.filter(pl.col("token").str.strip_chars().str.to_lowercase() == lowered)["id"].to_list()
 
 
 def _phrase_near_peak(tokens: list[str], peak: int, phrase: str, window: int, at_peak: bool) -> bool:

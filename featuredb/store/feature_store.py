@@ -1,10 +1,15 @@
 """FeatureStore: the LanceDB-backed tables of coders (SAEs/transcoders), features and examples.
 
-Write model: `write_coder` replaces everything stored for one coder. All input is validated
-before the database is touched. Each table is then updated with ONE `merge_insert` commit that
-upserts the coder's rows and deletes its rows missing from the new data, so a reader sees either
-the old or the new rows of that table, never a mix or a gap. Tables are written examples ->
-features -> coders, so a coder appears in `coders` only once its features and examples are stored.
+Write model: `write_coder` replaces everything stored for one coder. Input given whole is validated
+before the database is touched; input given as a stream of batches (the indexer: memory bounded by
+a batch of features, not by the coder) is validated batch by batch as it is written, and a bad
+batch undoes the write. Each table is updated with ONE commit (an append for a new coder, else a
+`merge_insert` that upserts the coder's rows and deletes its rows missing from the new data), so a
+reader sees either the old or the new rows of that table, never a mix or a gap. Examples are stored
+compact (store/examples.py): the context windows they show are added to `contexts` (and new token
+strings to `vocabulary`) before the examples commit, so a stored example always finds its context.
+Tables are written examples -> features -> coders, so a coder appears in `coders` only once its
+features and examples are stored.
 Known window: the three tables are separate commits; a reader between them can see new examples
 with old features. An exception mid-write restores the tables already committed to their previous
 versions (an I/O failure such as a full disk is then a StoreError saying what could not be written
@@ -15,10 +20,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +33,8 @@ from lancedb.table import Table
 
 from featuredb.store.connect import connect, is_remote
 from featuredb.store.decoder_vectors import delete_decoder_vectors
+from featuredb.store.examples import (CompactExamples, Vocabulary, compact, context_strings, expand, needs_contexts,
+                                      vocabulary_rows)
 from featuredb.store.failures import all_or_nothing, writing
 from featuredb.store.filters import Filter, column_ref, sql_literal
 from featuredb.store.schema import (
@@ -38,8 +47,11 @@ from featuredb.store.schema import (
     FEATURES_TABLE,
     CODERS_KEY,
     CODERS_TABLE,
+    CONTEXTS_TABLE,
     IMPORTS_TABLE,
     LEGACY_CODERS_TABLE,
+    LEGACY_EXAMPLES_TABLE,
+    VOCABULARY_TABLE,
     MULTI_LAYER_KINDS,
     SITES,
     StoreError,
@@ -48,8 +60,11 @@ from featuredb.store.schema import (
     slot_of_features,
     conform_row,
     conform_table,
+    contexts_schema,
+    example_activations_schema,
     examples_schema,
     features_schema,
+    vocabulary_schema,
     imports_schema,
     coders_schema,
 )
@@ -63,6 +78,10 @@ _BATCH_BYTES = 16 * 1024 * 1024
 # Columns copied from the coder onto each feature row (for filtering without a join).
 _DENORMALISED_COLUMNS = ("model", "layer", "hook", "site")
 _CONTEXT_COLUMNS = ("tokens", "token_ids", "values")
+# Wide example rows are compacted in slices of this many rows (bounded memory for a big import).
+_COMPACT_ROWS = 65_536
+# Contexts looked up with one IN (...) query at most (a feature page needs ~64).
+_CONTEXT_LOOKUP = 4096
 
 
 class FeatureStore:
@@ -72,7 +91,9 @@ class FeatureStore:
         self._schemas: dict[str, pa.Schema] = {
             CODERS_TABLE: coders_schema(),
             FEATURES_TABLE: features_schema(vector_dim),
-            EXAMPLES_TABLE: examples_schema(),
+            EXAMPLES_TABLE: example_activations_schema(),
+            CONTEXTS_TABLE: contexts_schema(),
+            VOCABULARY_TABLE: vocabulary_schema(),
         }
         self.uri: str = _prepare_uri(uri, read_only)
         self.vector_dim = vector_dim
@@ -80,8 +101,14 @@ class FeatureStore:
         # Zero interval: every read checks for the latest version, so tables handed out by
         # `table()` see writes made through other handles or processes.
         self._db = connect(self.uri, consistent_reads=True)
+        self._vocabularies: dict[tuple[str, int], Vocabulary] = {}  # (model, vocabulary table version) ->
+        self._lock = threading.Lock()
         self._upgrade_names()
         self._upgrade_columns()
+        if not read_only and LEGACY_EXAMPLES_TABLE in self.table_names():
+            from featuredb.store.upgrade import upgrade_examples
+
+            upgrade_examples(self)
 
     def _upgrade_names(self) -> None:
         """Catalogues written before featuredb named everything "coder" hold a `saes` table and
@@ -147,40 +174,140 @@ class FeatureStore:
     def write_coder(
         self,
         coder: Mapping[str, object],
-        features: pa.Table | Mapping[str, object],
-        examples: pa.Table | Mapping[str, object],
+        features: pa.Table | Mapping[str, object] | Iterable[pa.Table],
+        examples: pa.Table | Mapping[str, object] | Iterable[pa.Table] | CompactExamples,
     ) -> None:
         """Store one coder, replacing whatever was stored for its coder_id before.
 
-        `coder` is one row of the coders table (created_at defaults to now); `features` and
-        `examples` hold all of the coder's rows. Invalid input raises StoreError before anything
-        is written.
+        `coder` is one row of the coders table (created_at defaults to now). `features` holds the
+        coder's feature rows and `examples` its example rows (schema.examples_schema: each with its
+        context's tokens), each as one table (checked whole before anything is written) or as an
+        iterable of tables in feature order (checked batch by batch while written; memory bounded
+        by a batch). The indexer hands examples already compact (CompactExamples). Invalid input
+        raises StoreError and leaves the store as it was.
         """
         self._require_writable()
         coder_row = _validated_coder(coder)
         coder_id = coder_row["coder_id"][0].as_py()
-        feature_rows = conform_table(features, self._schemas[FEATURES_TABLE], "features")
-        example_rows = conform_table(examples, self._schemas[EXAMPLES_TABLE], "examples")
-        _check_features(feature_rows, coder_row)
-        _check_examples(example_rows, coder_id, feature_rows)
+        model, width = coder_row["model"][0].as_py(), coder_row["width"][0].as_py()
+        whole_features, whole_examples = _is_whole(features), _is_whole(examples)
+        if whole_features:
+            feature_rows = conform_table(features, self._schemas[FEATURES_TABLE], "features")
+            _check_features(feature_rows, coder_row)
+            features = [feature_rows]
+        if whole_examples:
+            wide = conform_table(examples, examples_schema(), "examples")
+            _check_examples(wide, coder_id, width, feature_rows["feature"] if whole_features else None)
+            examples = [wide]
         self._check_stored_schemas()
 
-        plan = [
-            (EXAMPLES_TABLE, example_rows, EXAMPLES_KEY),
-            (FEATURES_TABLE, feature_rows, FEATURES_KEY),
-            (CODERS_TABLE, coder_row, CODERS_KEY),  # last: listing the coder means it is complete
-        ]
+        def checked_features() -> Iterator[pa.Table]:
+            for batch in features:
+                if not whole_features:
+                    batch = conform_table(batch, self._schemas[FEATURES_TABLE], "features")
+                    _check_features(batch, coder_row)
+                yield batch
+
         with all_or_nothing(f"coder {coder_id!r}", self.uri) as commits:
-            tables = {name: self._open_or_create(name) for name, _, _ in plan}
-            for name, rows, key in plan:
-                commits.commit(tables[name], _replace_coder_rows, rows, key, coder_id)
+            tables = {name: self._open_or_create(name) for name in
+                      (VOCABULARY_TABLE, CONTEXTS_TABLE, EXAMPLES_TABLE, FEATURES_TABLE, CODERS_TABLE)}
+            self._commit_examples(commits, tables, examples, coder_id, model, width, whole_examples)
+            commits.commit(tables[FEATURES_TABLE], _replace_coder_rows, checked_features(), FEATURES_KEY, coder_id)
+            # last: listing the coder means it is complete
+            commits.commit(tables[CODERS_TABLE], _replace_coder_rows, [coder_row], CODERS_KEY, coder_id)
+
+    def write_examples(self, coder_id: str, model: str, batches: Iterable[pa.Table | pa.RecordBatch]) -> None:
+        """Replace one coder's examples (wide rows, streamed and checked batch by batch) in one commit."""
+        self._require_writable()
+        with all_or_nothing(f"the examples of coder {coder_id!r}", self.uri) as commits:
+            tables = {name: self._open_or_create(name) for name in (VOCABULARY_TABLE, CONTEXTS_TABLE, EXAMPLES_TABLE)}
+            self._commit_examples(commits, tables, batches, coder_id, model, None, False)
+
+    def drop_table(self, name: str) -> None:
+        self._require_writable()
+        with writing(f"the removal of table {name!r}", self.uri):
+            self._db.drop_table(name)
+
+    def _commit_examples(self, commits, tables: dict[str, Table], examples, coder_id: str, model: str,
+                         width: int | None, checked: bool) -> None:
+        # the examples' contexts and vocabulary are added while the examples stream in, each
+        # batch's before the batch: record their versions first, so a failure undoes them too
+        for name in (VOCABULARY_TABLE, CONTEXTS_TABLE):
+            commits.made.append((tables[name], tables[name].version))
+        compact_batches = self._compact_batches(examples, coder_id, model, width, tables, checked)
+        commits.commit(tables[EXAMPLES_TABLE], _replace_coder_rows, compact_batches, EXAMPLES_KEY, coder_id)
+
+    def _compact_batches(self, examples: Iterable[pa.Table] | CompactExamples, coder_id: str, model: str,
+                         width: int | None, tables: dict[str, Table], checked: bool) -> Iterator[pa.Table]:
+        """Compact example rows, batch by batch, after adding the contexts and token strings each
+        batch needs to their tables."""
+        contexts_table, vocabulary_table = tables[CONTEXTS_TABLE], tables[VOCABULARY_TABLE]
+        stored_keys = np.sort(_column(contexts_table, "context_key", Filter().eq("model", model)))
+        added: list[np.ndarray] = []
+
+        def add_contexts(contexts: pa.Table) -> None:
+            keys = contexts["context_key"].to_numpy()
+            new = ~_sorted_contains(stored_keys, keys)
+            for earlier in added:
+                new &= ~np.isin(keys, earlier)
+            if new.any():
+                contexts_table.add(contexts.filter(pa.array(new)))
+                added.append(keys[new])
+
+        if isinstance(examples, CompactExamples):
+            conflicts = self._add_vocabulary(vocabulary_table, model, examples.vocabulary)
+            for contexts, rows in examples.batches:
+                add_contexts(examples.with_own_strings(contexts, conflicts))
+                _check_compact(rows, coder_id, width)
+                yield rows
+            return
+        vocabulary = self.vocabulary(model)
+        for batch in examples:
+            if not checked:  # a stream: check each batch as it comes
+                batch = conform_table(batch, examples_schema(), "examples")
+                _check_examples(batch, coder_id, width, None)
+            for start in range(0, batch.num_rows, _COMPACT_ROWS):
+                compacted = compact(batch.slice(start, _COMPACT_ROWS), model, vocabulary)
+                if compacted.new_vocabulary.num_rows:
+                    vocabulary_table.add(compacted.new_vocabulary)
+                    vocabulary = vocabulary.extended(compacted.new_vocabulary)
+                add_contexts(compacted.contexts)
+                yield compacted.rows
+
+    def _add_vocabulary(self, table: Table, model: str, strings: np.ndarray | None) -> np.ndarray:
+        """Store a model's vocabulary (all of its token strings) where the store lacks ids of it; the
+        ids whose stored string differs are returned (contexts showing them keep their own strings)."""
+        if strings is None:
+            return np.zeros(0, dtype=np.int64)
+        stored = self.vocabulary(model)
+        known = np.asarray(stored.take(np.arange(len(strings))).is_valid())
+        if not known.all():
+            missing = np.flatnonzero(~known)
+            table.add(vocabulary_rows(model, strings[missing], missing))
+        stored_strings = np.asarray(stored.take(np.arange(len(strings))).to_pylist(), dtype=object)
+        return np.flatnonzero(known & (stored_strings != strings))
+
+    def vocabulary(self, model: str) -> Vocabulary:
+        """One model's stored token strings (cached until the vocabulary table changes)."""
+        table = self._open(VOCABULARY_TABLE)
+        if table is None:
+            return Vocabulary.from_rows(model, vocabulary_schema().empty_table())
+        key = (model, table.version)
+        with self._lock:
+            if key not in self._vocabularies:
+                rows = (table.search().where(Filter().eq("model", model).render(table.schema))
+                        .select(["token_id", "token"]).limit(None).to_arrow())
+                self._vocabularies = {k: v for k, v in self._vocabularies.items() if k[0] != model}
+                self._vocabularies[key] = Vocabulary.from_rows(model, rows)
+            return self._vocabularies[key]
 
     def delete_coder(self, coder_id: str) -> None:
         """Remove a coder and all its rows; a coder that is not stored is a no-op."""
         self._require_writable()
         # coders first, so a coder is unlisted before its rows start to disappear.
         with writing(f"the removal of coder {coder_id!r}", self.uri):
-            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, IMPORTS_TABLE):
+            # its contexts stay: other coders' examples may show them
+            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, LEGACY_EXAMPLES_TABLE, IMPORTS_TABLE):
                 table = self._open(name)
                 if table is not None:
                     table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
@@ -242,7 +369,7 @@ class FeatureStore:
         return rows[0] if rows else None
 
     def examples(self, coder_id: str, feature: int | None = None, kind: str | None = None) -> pl.DataFrame:
-        """A coder's example contexts, sorted by (feature, kind, rank)."""
+        """A coder's example contexts (wide rows: schema.examples_schema), sorted by (feature, kind, rank)."""
         where = Filter().eq("coder_id", coder_id)
         if feature is not None:
             where = where.eq("feature", feature)
@@ -250,7 +377,92 @@ class FeatureStore:
             if kind not in EXAMPLE_KINDS:
                 raise StoreError(f"unknown example kind {kind!r} (expected one of {sorted(EXAMPLE_KINDS)})")
             where = where.eq("kind", kind)
-        return self._read(EXAMPLES_TABLE, where, None, ["feature", "kind", "rank"])
+        frame = pl.from_arrow(self.read_examples(where))
+        assert isinstance(frame, pl.DataFrame)
+        return frame.sort(["feature", "kind", "rank"])
+
+    def is_compact(self) -> bool:
+        """Whether the examples are stored compact (False: a catalogue not upgraded yet, read-only)."""
+        return LEGACY_EXAMPLES_TABLE not in self.table_names()
+
+    def coder_contexts(self, coder_id: str, columns: list[str]) -> pa.Table:
+        """The distinct contexts a coder's examples show: `columns` of context_index, doc_id,
+        token_ids, tokens (one row per context, in no set order)."""
+        if not self.is_compact():
+            table = self.table(LEGACY_EXAMPLES_TABLE)
+            rows = table.search().where(Filter().eq("coder_id", coder_id).render(table.schema)) \
+                .select(list(dict.fromkeys(["context_index", *columns]))).limit(None).to_arrow()
+            _, first = np.unique(rows["context_index"].to_numpy(), return_index=True)
+            return rows.take(pa.array(first)).select(columns)
+        table = self._open(EXAMPLES_TABLE)
+        keys = np.zeros(0, dtype=np.int64) if table is None else \
+            np.unique(_column(table, "context_key", Filter().eq("coder_id", coder_id)))
+        return self.read_contexts(keys, columns)
+
+    def read_contexts(self, keys: np.ndarray, columns: list[str]) -> pa.Table:
+        """`columns` (context_key, context_index, doc_id, token_ids, tokens) of the stored contexts
+        with these keys, each context's token strings resolved through its model's vocabulary."""
+        contexts = self.contexts(keys)
+        if "tokens" in columns:
+            models = pc.unique(contexts["model"]).to_pylist()
+            every_row = pa.array(np.arange(contexts.num_rows))
+            tokens = context_strings(contexts, every_row, contexts["token_ids"].combine_chunks(),
+                                     {m: self.vocabulary(m) for m in models})
+            contexts = contexts.set_column(contexts.schema.get_field_index("tokens"), "tokens", tokens)
+        return contexts.select(columns)
+
+    def has_examples(self) -> bool:
+        names = self.table_names()
+        return EXAMPLES_TABLE in names or LEGACY_EXAMPLES_TABLE in names
+
+    def read_examples(self, where: Filter, columns: list[str] | None = None) -> pa.Table:
+        """Wide example rows (schema.examples_schema, or its `columns`) matching `where`, a filter on
+        the example's own columns (coder_id, feature, kind, rank, max_value, ...), in no set order."""
+        batches = list(self.iter_examples(where, columns))
+        schema = examples_schema()
+        wanted = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+        return pa.Table.from_batches([], schema=wanted) if not batches else pa.concat_tables(batches)
+
+    def iter_examples(self, where: Filter, columns: list[str] | None = None,
+                      batch_rows: int = 65_536) -> Iterator[pa.Table]:
+        """`read_examples` in batches of about `batch_rows` (memory bounded by a batch)."""
+        schema = examples_schema()
+        columns = list(schema.names) if columns is None else list(columns)
+        for column in columns:
+            column_ref(column, schema)
+        legacy = self._open(LEGACY_EXAMPLES_TABLE)
+        if legacy is not None:  # not upgraded yet (opened read-only): the wide rows are stored as they are
+            query = legacy.search().select(columns).limit(None)
+            condition = where.render(legacy.schema)
+            for batch in (query.where(condition) if condition else query).to_batches(batch_size=batch_rows):
+                yield pa.Table.from_batches([batch])
+            return
+        table = self._open(EXAMPLES_TABLE)
+        if table is None:
+            return
+        condition = where.render(table.schema)
+        own = [c for c in columns if c in table.schema.names and c != "values"]
+        fetched = own + (["context_key", "positions", "values"] if needs_contexts(columns) else [])
+        query = table.search().select(list(dict.fromkeys(fetched))).limit(None)
+        for batch in (query.where(condition) if condition else query).to_batches(batch_size=batch_rows):
+            rows = pa.Table.from_batches([batch])
+            if not needs_contexts(columns):
+                yield rows.select(columns)
+                continue
+            contexts = self.contexts(np.unique(rows["context_key"].to_numpy()))
+            models = pc.unique(contexts["model"]).to_pylist() if "tokens" in columns else []
+            yield expand(rows, contexts, {m: self.vocabulary(m) for m in models}, columns)
+
+    def contexts(self, keys: np.ndarray) -> pa.Table:
+        """The stored contexts with these keys."""
+        table = self._open(CONTEXTS_TABLE)
+        if table is None or len(keys) == 0:
+            return contexts_schema().empty_table()
+        parts = []
+        for start in range(0, len(keys), _CONTEXT_LOOKUP):
+            where = Filter().isin("context_key", [int(k) for k in keys[start:start + _CONTEXT_LOOKUP]])
+            parts.append(table.search().where(where.render(table.schema)).limit(None).to_arrow())
+        return pa.concat_tables(parts)
 
     def _read(self, name: str, where: Filter, columns: list[str] | None, sort_by: list[str]) -> pl.DataFrame:
         table = self._open(name)
@@ -351,7 +563,29 @@ def _check_layer_write(rows: pa.Table, coder: Mapping[str, Any]) -> None:
         raise StoreError(f"features: layer_write must hold {outputs} values (one per output layer of {coder['hook_out']})")
 
 
-def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:
+def _check_examples(rows: pa.Table, coder_id: str, width: int | None, features: pa.ChunkedArray | None) -> None:
+    """Wide example rows of one coder: well-formed, and (given the coder's features) only of those."""
+    _check_example_keys(rows, coder_id, width)
+    if rows.num_rows == 0:
+        return
+    if features is not None and not pc.all(pc.is_in(rows["feature"], value_set=features.combine_chunks())).as_py():
+        raise StoreError("examples: some rows refer to features that are not in `features`")
+    lengths = [pc.list_value_length(rows[c]) for c in _CONTEXT_COLUMNS]
+    if not all(pc.all(pc.equal(lengths[0], other)).as_py() for other in lengths[1:]):
+        raise StoreError(f"examples: {', '.join(_CONTEXT_COLUMNS)} must have the same length in each row")
+
+
+def _check_compact(rows: pa.Table, coder_id: str, width: int | None) -> None:
+    """Compact example rows (as the indexer makes them): the same checks on the example's own columns."""
+    if rows.schema != example_activations_schema():
+        raise StoreError("examples: compact rows must have schema.example_activations_schema")
+    _check_example_keys(rows, coder_id, width)
+    if rows.num_rows and not pc.all(pc.equal(pc.list_value_length(rows["positions"]),
+                                             pc.list_value_length(rows["values"]))).as_py():
+        raise StoreError("examples: positions and values must have the same length in each row")
+
+
+def _check_example_keys(rows: pa.Table, coder_id: str, width: int | None) -> None:
     _check_same_coder_id(rows, coder_id, "examples")
     if rows.num_rows == 0:
         return
@@ -361,9 +595,10 @@ def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:
     keys = list(EXAMPLES_KEY[1:])
     if rows.select(keys).group_by(keys).aggregate([]).num_rows != rows.num_rows:
         raise StoreError("examples: duplicate (feature, kind, rank) rows")
+    low, high = pc.min_max(rows["feature"]).values()
+    if low.as_py() < 0 or (width is not None and high.as_py() >= width):
+        raise StoreError(f"examples: feature indices must be in [0, width={width}), got [{low}, {high}]")
     _check_finite(rows, "examples", keys)
-    if not pc.all(pc.is_in(rows["feature"], value_set=features["feature"].combine_chunks())).as_py():
-        raise StoreError("examples: some rows refer to features that are not in `features`")
     is_top = pc.equal(rows["kind"], "top")
     any_bound = pc.or_(pc.is_valid(rows["bin_min"]), pc.is_valid(rows["bin_max"]))
     both_bounds = pc.and_(pc.is_valid(rows["bin_min"]), pc.is_valid(rows["bin_max"]))
@@ -371,9 +606,6 @@ def _check_examples(rows: pa.Table, coder_id: str, features: pa.Table) -> None:
         raise StoreError("examples: 'top' rows must have null bin_min/bin_max")
     if pc.any(pc.and_(pc.invert(is_top), pc.invert(both_bounds))).as_py():
         raise StoreError("examples: 'interval' rows need both bin_min and bin_max")
-    lengths = [pc.list_value_length(rows[c]) for c in _CONTEXT_COLUMNS]
-    if not all(pc.all(pc.equal(lengths[0], other)).as_py() for other in lengths[1:]):
-        raise StoreError(f"examples: {', '.join(_CONTEXT_COLUMNS)} must have the same length in each row")
 
 
 def _check_finite(rows: pa.Table, what: str, key: list[str] | tuple[str, ...]) -> None:
@@ -399,8 +631,8 @@ def _check_finite(rows: pa.Table, what: str, key: list[str] | tuple[str, ...]) -
 # --- writing helpers -------------------------------------------------------------------------
 
 
-def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], coder_id: str) -> None:
-    """Make the coder's rows in `table` exactly `rows`, in one commit.
+def _replace_coder_rows(table: Table, batches: Iterable[pa.Table], key: tuple[str, ...], coder_id: str) -> None:
+    """Make the coder's rows in `table` exactly the rows of `batches` (streamed), in one commit.
 
     A coder with no rows yet is appended; otherwise upsert on the row key, and delete this coder's
     rows the new data no longer has. The delete condition is scoped to the coder, so other coders'
@@ -410,28 +642,59 @@ def _replace_coder_rows(table: Table, rows: pa.Table, key: tuple[str, ...], code
     # LanceDB's default on_bad_vectors="error" rejects NULL vectors as "variable length".
     # Rows are already cast to the exact fixed-size type and NaN-checked, so the only
     # vectors it could call bad are the nulls we mean to store: "null" keeps them null.
-    if table.count_rows(own_rows) == 0:
-        # a new coder (the usual case): an append, several times faster than a merge over the table
-        table.add(_batches(rows), on_bad_vectors="null")
-        return
-    (
-        table.merge_insert(list(key))
-        .when_matched_update_all()
-        .when_not_matched_insert_all()
-        .when_not_matched_by_source_delete(own_rows)
-        .execute(_batches(rows), on_bad_vectors="null")
-    )
+    rows, failures = _reader(table.schema, batches)
+    try:
+        if table.count_rows(own_rows) == 0:
+            # a new coder (the usual case): an append, several times faster than a merge over the table
+            table.add(rows, on_bad_vectors="null")
+            return
+        (
+            table.merge_insert(list(key))
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .when_not_matched_by_source_delete(own_rows)
+            .execute(rows, on_bad_vectors="null")
+        )
+    except Exception:
+        if failures:
+            raise failures[0] from None
+        raise
 
 
-def _batches(rows: pa.Table) -> pa.RecordBatchReader:
-    """Stream `rows` in ~_BATCH_BYTES batches (zero-copy slices of the table)."""
-    bytes_per_row = max(1, rows.nbytes // max(1, rows.num_rows))
-    rows_per_batch = max(1, _BATCH_BYTES // bytes_per_row)
+def _reader(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.RecordBatchReader:
+    """Stream `tables` in ~_BATCH_BYTES record batches (zero-copy slices). An error raised while
+    producing them (a batch that fails its checks) reaches LanceDB wrapped in its own; it is kept
+    on the reader (`failure`) so the caller can raise it as it was."""
 
     def generate() -> Iterator[pa.RecordBatch]:
-        yield from rows.to_batches(max_chunksize=rows_per_batch)
+        try:
+            for rows in tables:
+                bytes_per_row = max(1, rows.nbytes // max(1, rows.num_rows))
+                yield from rows.to_batches(max_chunksize=max(1, _BATCH_BYTES // bytes_per_row))
+        except BaseException as error:
+            failures.append(error)
+            raise
 
-    return pa.RecordBatchReader.from_batches(rows.schema, generate())
+    failures: list[BaseException] = []
+    reader = pa.RecordBatchReader.from_batches(schema, generate())
+    return reader, failures
+
+
+def _is_whole(data: object) -> bool:
+    """A table or dict of columns (given whole), as opposed to a stream of tables."""
+    return isinstance(data, (pa.Table, pa.RecordBatch, Mapping))
+
+
+def _column(table: Table, column: str, where: Filter) -> np.ndarray:
+    rows = table.search().where(where.render(table.schema)).select([column]).limit(None).to_arrow()
+    return rows[column].to_numpy()
+
+
+def _sorted_contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    if len(sorted_values) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.searchsorted(sorted_values, values).clip(max=len(sorted_values) - 1)
+    return sorted_values[at] == values
 
 
 # --- locations -------------------------------------------------------------------------------

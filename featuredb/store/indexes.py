@@ -29,7 +29,7 @@ from lancedb.index import FTS, BTree, Bitmap, IvfPq, IvfRq
 
 from featuredb.store import EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore
 from featuredb.store.failures import writing
-from featuredb.store.schema import is_decoders_table
+from featuredb.store.schema import CONTEXTS_TABLE, is_decoders_table
 from featuredb.errors import one_line
 from featuredb.errors import QueryError
 
@@ -137,7 +137,8 @@ _SCALAR: dict[str, dict[str, type]] = {
     # (an allow-list of millions of ids) than checked on the rows the other conditions keep.
     FEATURES_TABLE: {"coder_id": Bitmap, "layer": Bitmap, "site": Bitmap, "model": Bitmap, "hook": Bitmap,
                      "feature": BTree},
-    EXAMPLES_TABLE: {"coder_id": Bitmap, "kind": Bitmap, "feature": BTree},
+    EXAMPLES_TABLE: {"coder_id": Bitmap, "kind": Bitmap, "feature": BTree, "peak_token": BTree},
+    CONTEXTS_TABLE: {"context_key": BTree},
     "decoders": {"coder_id": Bitmap, "model": Bitmap, "space": Bitmap, "layer": Bitmap, "site": Bitmap,
                  "hook": Bitmap, "feature": BTree},
 }
@@ -149,7 +150,7 @@ def _store(db: FeatureStore | str | Any) -> FeatureStore:
 
 def _tables(store: FeatureStore) -> list[str]:
     names = store.table_names()
-    return [n for n in names if n in (FEATURES_TABLE, EXAMPLES_TABLE) or is_decoders_table(n)]
+    return [n for n in names if n in (FEATURES_TABLE, EXAMPLES_TABLE, CONTEXTS_TABLE) or is_decoders_table(n)]
 
 
 def _indexed_columns(table) -> dict[str, str]:

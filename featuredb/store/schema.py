@@ -19,8 +19,14 @@ from featuredb.errors import StoreError
 
 CODERS_TABLE = "coders"
 FEATURES_TABLE = "features"
-EXAMPLES_TABLE = "examples"
-TABLE_NAMES: tuple[str, ...] = (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE)
+# Example contexts, compact (store/examples.py): per example its own values, each context window once,
+# each model's token strings once. `examples` is the older wide layout (one row per example with its
+# context's tokens): opened read-only as it is, rewritten on the first writable open (store/upgrade.py).
+EXAMPLES_TABLE = "example_activations"
+CONTEXTS_TABLE = "contexts"
+VOCABULARY_TABLE = "vocabulary"
+LEGACY_EXAMPLES_TABLE = "examples"
+TABLE_NAMES: tuple[str, ...] = (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, CONTEXTS_TABLE, VOCABULARY_TABLE)
 DESCRIPTIONS_TABLE = "descriptions"
 IMPORTS_TABLE = "imports"  # which coders came from `featuredb import` (their names are the data's, not the user's)
 DECODERS_PREFIX = "decoders_"  # + the decoder width: one table per width
@@ -146,6 +152,49 @@ def examples_schema() -> pa.Schema:
             _required("context_index", pa.int64()),
         ]
     )
+
+
+def example_activations_schema() -> pa.Schema:
+    """One row per example in the compact layout: what is the example's own (store/examples.py)."""
+    return pa.schema(
+        [
+            _required("coder_id", pa.string()),
+            _required("feature", pa.int64()),
+            _required("kind", pa.string()),
+            _required("rank", pa.int32()),
+            _optional("bin_min", pa.float32()),
+            _optional("bin_max", pa.float32()),
+            _required("context_key", pa.int64()),  # contexts.context_key
+            _required("max_value", pa.float32()),
+            _required("max_position", pa.int32()),
+            _required("peak_token", pa.int32()),  # token id at max_position (-1: unknown), for token search
+            # the feature's non-zero values in the context and their positions (the rest are zero)
+            _required("positions", pa.list_(pa.int32())),
+            _required("values", pa.list_(pa.float32())),
+        ]
+    )
+
+
+def contexts_schema() -> pa.Schema:
+    """One row per distinct context window, shared by every example that shows it."""
+    return pa.schema(
+        [
+            _required("context_key", pa.int64()),  # hash of model, doc_id, context_index and tokens
+            _required("model", pa.string()),  # whose vocabulary the token ids index
+            _required("context_index", pa.int64()),
+            _required("doc_id", pa.string()),
+            _required("token_ids", pa.list_(pa.int32())),
+            # null when every token's string comes from the vocabulary (ids unknown: -1, or a pair that
+            # disagrees with the stored one: the context keeps its own strings)
+            _optional("tokens", pa.list_(pa.string())),
+        ]
+    )
+
+
+def vocabulary_schema() -> pa.Schema:
+    """Each model's token strings by id (' the', not 'Ġthe'): stored once per model."""
+    return pa.schema([_required("model", pa.string()), _required("token_id", pa.int32()),
+                      _required("token", pa.string())])
 
 
 def descriptions_schema() -> pa.Schema:

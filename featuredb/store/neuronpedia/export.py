@@ -38,7 +38,7 @@ import pyarrow as pa
 from featuredb.store.descriptions import current_descriptions
 from featuredb.store.feature_store import FeatureStore
 from featuredb.store.filters import Filter
-from featuredb.store.schema import EXAMPLES_TABLE, FEATURES_TABLE, StoreError, is_decoders_table
+from featuredb.store.schema import FEATURES_TABLE, StoreError, is_decoders_table
 from featuredb.store.neuronpedia.format import (
     CREATOR_ID,
     DEFAULT_BATCH_SIZE,
@@ -205,7 +205,7 @@ def _batch_rows(store: FeatureStore, source: _ExportedSource, low: int, high: in
     dicts, and data frames for the activations (the bulk, built column-wise)."""
     coder_id, source_keys = source.coder["coder_id"], source.row_keys
     features = _rows_between(store.table(FEATURES_TABLE), coder_id, low, high)
-    examples = _arrow_between(store.table(EXAMPLES_TABLE), coder_id, low, high)
+    examples = store.read_examples(Filter().eq("coder_id", coder_id).between("feature", low, high))
     vectors = {r["feature"]: r["vector"] for r in _rows_between(source.decoders, coder_id, low, high)} \
         if source.decoders is not None else {}
     rows: dict[str, tuple] = {kind: ([], []) for kind in ("features", "explanations")}

@@ -44,9 +44,10 @@ from featuredb.store.failures import Commits, all_or_nothing
 from featuredb.store.feature_store import FeatureStore
 from featuredb.store.filters import Filter
 from featuredb.store.indexes import finalize
-from featuredb.store.schema import (CODERS_TABLE, DEFAULT_VECTOR_DIM, EXAMPLES_TABLE, FEATURES_TABLE, StoreError,
-                                    coders_schema, conform_table, descriptions_schema, examples_schema,
-                                    features_schema, imports_schema, vector_dim_of)
+from featuredb.store.schema import (CODERS_TABLE, CONTEXTS_TABLE, DEFAULT_VECTOR_DIM, EXAMPLES_TABLE, FEATURES_TABLE,
+                                    VOCABULARY_TABLE, StoreError, coders_schema, conform_table, contexts_schema,
+                                    descriptions_schema, example_activations_schema, features_schema,
+                                    imports_schema, vector_dim_of, vocabulary_schema)
 from featuredb.store.neuronpedia.format import SIDECAR_DIR, progress_bar
 from featuredb.store.neuronpedia.progress import ImportRun, claim, finish, import_run, may_replace, start
 from featuredb.store.neuronpedia.read_source import ImportedCoder, read_source
@@ -204,13 +205,14 @@ def _ensure_coder_tables(store: FeatureStore) -> None:
 
 def _coder_table_schemas(store: FeatureStore) -> dict[str, pa.Schema]:
     return {CODERS_TABLE: coders_schema(), FEATURES_TABLE: features_schema(store.vector_dim),
-            EXAMPLES_TABLE: examples_schema()}
+            EXAMPLES_TABLE: example_activations_schema(), CONTEXTS_TABLE: contexts_schema(),
+            VOCABULARY_TABLE: vocabulary_schema()}
 
 
 def _remove_coder(store: FeatureStore, coder_id: str, commits: Commits) -> None:
     """Remove what is stored of the coder, its coders row first (unlisting it): a replaced version,
     or what a killed attempt left."""
-    for name in _coder_table_schemas(store):
+    for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE):  # contexts stay: other coders may show them
         commits.commit(store.table(name), _delete_rows, coder_id)
     delete_decoder_vectors(store, coder_id, commits)
 
