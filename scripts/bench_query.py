@@ -180,6 +180,7 @@ class Synth:
             "description_model": pa.array([None] * m, pa.string()),
             "embedding_model": pa.array(np.full(m, "sentence-transformers/all-MiniLM-L6-v2", dtype=object), pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM),
+            "layer_write": pa.nulls(m, pa.list_(pa.float32())),
         }, schema=features_schema(DIM))
         examples_table = None
         if examples_per_feature:

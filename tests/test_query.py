@@ -323,8 +323,10 @@ def test_indexes_are_built_and_kept_up_to_date(tmp_path):
     exact = featuredb.open(str(tmp_path / "db")).search("towns in France").limit(5).to_polars()
     created = create_indexes(store, min_vector_rows=1, partitions=1)
     assert "vector_ivf_rq_p1" in created["features"] and "description_idx" in created["features"]
-    assert "coder_id_idx" in created["examples"] and "vector_ivf_rq_p1" in created["decoders_8"]
-    assert create_indexes(store, min_vector_rows=1) == {"examples": [], "features": [], "decoders_8": []}
+    assert "coder_id_idx" in created["example_activations"] and "vector_ivf_rq_p1" in created["decoders_8"]
+    assert "peak_token_idx" in created["example_activations"] and "context_key_idx" in created["contexts"]
+    assert create_indexes(store, min_vector_rows=1) == {"example_activations": [], "contexts": [], "features": [],
+                                                        "decoders_8": []}
     cat = featuredb.open(str(tmp_path / "db"))
     assert keys(cat.search("towns in France").limit(5).to_polars()) == keys(exact)
     # a new coder is searchable at once (unindexed rows are searched exactly) and indexed by optimize

@@ -20,6 +20,7 @@ on its own), so a second `featuredb demo` is fast and an interrupted one continu
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import time
@@ -437,10 +438,11 @@ def run_demo(config: DemoConfig) -> None:
     click.echo(f"  {described.tokens_labels:,} new labels, {described.skipped:,} already done")
     timings["describe"] = time.perf_counter() - t
 
-    t = step("6/6 search indexes")
-    from featuredb.query import open as open_catalogue
+    t = step("6/6 search indexes, files compacted")
+    from featuredb.store.indexes import finalize
 
-    built = open_catalogue(str(config.db)).create_indexes()
+    # the demo owns its catalogue (no reader can hold an old version): old versions go now
+    built = finalize(str(config.db), cleanup_older_than=dt.timedelta(0))
     click.echo("  " + ", ".join(f"{table}: {', '.join(names) or 'exact search (small table)'}"
                                 for table, names in built.items()))
     timings["indexes"] = time.perf_counter() - t

@@ -76,7 +76,7 @@ def decoder_rows(coder: Mapping[str, Any], W_dec: Any) -> pa.Table:
         "site": pa.array([coder["site"]] * n, pa.string()),
         "space": pa.array([decoder_space(coder["site"], coder["hook_out"])] * n, pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(unit.reshape(-1), pa.float32()), dim),
-    }, schema=decoders_schema(dim))
+    }, schema=decoders_schema(dim, pa.float32()))
 
 
 def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, commits: Commits) -> None:
@@ -86,6 +86,7 @@ def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, com
     name = decoders_table_name(dim)
     db = connect(store.uri)
     table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
+    rows = rows.cast(table.schema)  # float16 (float32 in a table written before)
     # a coder lives in one decoders table: drop rows a previous version left in another width
     for other in store.table_names():
         if is_decoders_table(other) and other != name:

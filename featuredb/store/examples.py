@@ -56,10 +56,10 @@ def _row_sums(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def context_keys(model: str, doc_ids: list[str], context_index: np.ndarray, token_ids: pa.ListArray,
-                 unknown_ids_text: list[str | None] | None = None) -> np.ndarray:
+                 own_text: list[str | None] | None = None) -> np.ndarray:
     """The int64 key of each context: a hash of its model, document, index, token ids (each with
-    its position) and, for a context with unknown ids (-1), its token strings (joined)."""
-    own_tokens = unknown_ids_text or [None] * len(doc_ids)
+    its position) and, for a context that keeps its own strings, those strings (joined)."""
+    own_tokens = own_text or [None] * len(doc_ids)
     token_ids = token_ids.cast(pa.list_(pa.int64()))
     offsets = np.asarray(token_ids.offsets, dtype=np.int64)
     offsets = offsets - offsets[0]
@@ -177,13 +177,13 @@ def compact(wide: pa.Table, model: str, vocabulary: Vocabulary) -> Compacted:
     row_of_token = np.repeat(np.arange(n), lengths)
     unresolved_rows = np.zeros(n, dtype=bool)
     unresolved_rows[row_of_token[~known]] = True
-    unknown_rows = np.zeros(n, dtype=bool)
-    unknown_rows[row_of_token[flat_ids < 0]] = True
-    joined = pc.binary_join(tokens, "\x1f").to_pylist() if unknown_rows.any() else [None] * n
-    unknown_text = [text if unknown else None for text, unknown in zip(joined, unknown_rows.tolist())]
+    # a context that keeps its own strings is told apart by them too (two windows may share ids that
+    # mean different strings: an import without a vocabulary, positional ids)
+    joined = pc.binary_join(tokens, "\x1f").to_pylist() if unresolved_rows.any() else [None] * n
+    own_text = [text if unresolved else None for text, unresolved in zip(joined, unresolved_rows.tolist())]
     doc_ids = wide["doc_id"].to_pylist()
     context_index = wide["context_index"].to_numpy()
-    keys = context_keys(model, doc_ids, context_index, token_ids, unknown_text)
+    keys = context_keys(model, doc_ids, context_index, token_ids, own_text)
 
     _, first = np.unique(keys, return_index=True)
     first = np.sort(first)
@@ -202,7 +202,9 @@ def compact(wide: pa.Table, model: str, vocabulary: Vocabulary) -> Compacted:
     flat_values = np.asarray(values.values.to_numpy(zero_copy_only=False), dtype=np.float32)[: offsets[-1]]
     max_position = wide["max_position"].to_numpy().astype(np.int64)
     peak = np.where((max_position >= 0) & (max_position < lengths), offsets[:-1] + max_position, -1)
-    peak_token = np.where(peak >= 0, flat_ids[np.clip(peak, 0, None)] if len(flat_ids) else -1, -1)
+    # the peak's id, where the vocabulary gives its string (else -1: token search reads the context's own)
+    peak_resolves = (peak >= 0) & (known[np.clip(peak, 0, None)] if len(flat_ids) else False)
+    peak_token = np.where(peak_resolves, flat_ids[np.clip(peak, 0, None)] if len(flat_ids) else -1, -1)
     rows = _compact_rows(wide, keys, peak_token, flat_values, offsets)
     return Compacted(contexts, new_vocabulary, rows)
 

@@ -58,6 +58,7 @@ from featuredb.store.schema import (
     absent_optional_fields,
     hook_layers,
     slot_of_features,
+    vector_dim_of,
     conform_row,
     conform_table,
     contexts_schema,
@@ -104,6 +105,7 @@ class FeatureStore:
         self._vocabularies: dict[tuple[str, int], Vocabulary] = {}  # (model, vocabulary table version) ->
         self._lock = threading.Lock()
         self._upgrade_names()
+        self._keep_stored_vector_type()
         self._upgrade_columns()
         if not read_only and LEGACY_EXAMPLES_TABLE in self.table_names():
             from featuredb.store.upgrade import upgrade_examples
@@ -128,6 +130,17 @@ class FeatureStore:
             legacy = self._db.open_table(LEGACY_CODERS_TABLE).to_arrow()
             self._db.create_table(CODERS_TABLE, conform_table(legacy, self._schemas[CODERS_TABLE], "coders"))
         self._db.drop_table(LEGACY_CODERS_TABLE)
+
+    def _keep_stored_vector_type(self) -> None:
+        """A catalogue written with float32 description vectors keeps them (new ones are float16)."""
+        table = self._open(FEATURES_TABLE)
+        if table is not None and vector_dim_of(table.schema) == self.vector_dim:
+            stored = table.schema.field("vector").type.value_type
+            self._schemas[FEATURES_TABLE] = features_schema(self.vector_dim, stored)
+
+    def schema(self, name: str) -> pa.Schema:
+        """The schema this store writes table `name` with."""
+        return self._schemas[name]
 
     def _upgrade_columns(self) -> None:
         """Optional columns added since a catalogue was written (e.g. `layers`, `layer_write` for
@@ -259,6 +272,10 @@ class FeatureStore:
             for contexts, rows in examples.batches:
                 add_contexts(examples.with_own_strings(contexts, conflicts))
                 _check_compact(rows, coder_id, width)
+                if len(conflicts):  # a peak whose stored string is not this vocabulary's: token search reads the context
+                    peak = rows["peak_token"].to_numpy()
+                    rows = rows.set_column(rows.schema.get_field_index("peak_token"), rows.schema.field("peak_token"),
+                                           pa.array(np.where(np.isin(peak, conflicts), -1, peak).astype(np.int32)))
                 yield rows
             return
         vocabulary = self.vocabulary(model)

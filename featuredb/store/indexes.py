@@ -242,6 +242,10 @@ def optimize(db: FeatureStore | str, *, cleanup_older_than: timedelta | None = N
     Returns {table: [names of the indexes created or rebuilt]}."""
     store = _store(db)
     rebuilt: dict[str, list[str]] = {}
+    if cleanup_older_than is not None:  # the tables without indexes get compacted and cleaned up too
+        for name in sorted(set(store.table_names()) - set(_tables(store))):
+            with writing(f"the files of table {name!r}", store.uri):
+                store.table(name).optimize(cleanup_older_than=cleanup_older_than)
     for name in _tables(store):
         table = store.table(name)
         with writing(f"the indexes of table {name!r}", store.uri):
@@ -269,10 +273,12 @@ def optimize(db: FeatureStore | str, *, cleanup_older_than: timedelta | None = N
 def _needs_optimize(table, cleanup_older_than: timedelta | None) -> bool:
     """Only when an index misses rows, files are fragmented, or old versions are to go: LanceDB's
     optimize is not free even with nothing to do (minutes at 10M rows, measured)."""
+    if cleanup_older_than is not None:
+        return True
     indices = list(table.list_indices())
     if not indices:
         return False
-    if cleanup_older_than is not None or any(getattr(i, "num_unindexed_rows", 0) for i in indices):
+    if any(getattr(i, "num_unindexed_rows", 0) for i in indices):
         return True
     try:
         return bool(table.stats()["fragment_stats"]["num_small_fragments"])
@@ -280,9 +286,16 @@ def _needs_optimize(table, cleanup_older_than: timedelta | None) -> bool:
         return True
 
 
-def finalize(db: FeatureStore | str) -> dict[str, list[str]]:
-    """After a run wrote coders (or descriptions): create missing indexes, fold new rows into the rest."""
-    return optimize(db)
+# Old table versions (every commit leaves one) are removed once they are this old: a query reading
+# one of them, even a long export scan, has long finished. The demo, which owns its catalogue,
+# removes them at once.
+READER_GRACE = timedelta(minutes=10)
+
+
+def finalize(db: FeatureStore | str, cleanup_older_than: timedelta | None = READER_GRACE) -> dict[str, list[str]]:
+    """After a run wrote coders (or descriptions): create missing indexes, fold new rows into the
+    rest, compact the files and remove table versions older than `cleanup_older_than`."""
+    return optimize(db, cleanup_older_than=cleanup_older_than)
 
 
 def index_summary(db: FeatureStore | str) -> dict[str, list[dict]]:

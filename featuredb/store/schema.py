@@ -34,6 +34,10 @@ LEGACY_CODERS_TABLE = "saes"  # featuredb 0.1's name for the coders table
 _DECODERS_NAME = re.compile(r"^decoders_([0-9]+)$")
 
 DEFAULT_VECTOR_DIM = 384
+# Description vectors and decoder directions are stored as float16: half the bytes of float32 with
+# the same exact-search neighbours (recall@10 1.000 against float32, docs/benchmarks.md). Catalogues
+# written with float32 vectors keep them (FeatureStore reads the stored type).
+VECTOR_TYPE = pa.float16()
 
 # Columns that identify one row; a coder's rows are replaced by matching on these.
 CODERS_KEY: tuple[str, ...] = ("coder_id",)
@@ -95,7 +99,7 @@ def coders_schema() -> pa.Schema:
     )
 
 
-def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
+def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM, vector_type: pa.DataType = VECTOR_TYPE) -> pa.Schema:
     """One row per feature; `vector` is the (optional) embedding of its description."""
     if not isinstance(vector_dim, int) or isinstance(vector_dim, bool) or vector_dim <= 0:
         raise StoreError(f"vector_dim must be a positive int, got {vector_dim!r}")
@@ -124,7 +128,7 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM) -> pa.Schema:
             _optional("description_method", pa.string()),
             _optional("description_model", pa.string()),
             _optional("embedding_model", pa.string()),
-            _optional("vector", pa.list_(pa.float32(), vector_dim)),
+            _optional("vector", pa.list_(vector_type, vector_dim)),
             # A multi-layer coder's feature: the norm of its decoder vector at each output layer (the
             # layers of the coder's hook_out, in order); null for a single-layer coder.
             _optional("layer_write", pa.list_(pa.float32())),
@@ -230,13 +234,13 @@ def is_decoders_table(name: str) -> bool:
     return bool(_DECODERS_NAME.match(name))
 
 
-def decoders_schema(dim: int) -> pa.Schema:
+def decoders_schema(dim: int, vector_type: pa.DataType = VECTOR_TYPE) -> pa.Schema:
     """Unit-norm decoder directions of width `dim`; `space` names the basis they live in."""
     return pa.schema(
         [
             *_feature_and_coder_columns(),
             _required("space", pa.string()),
-            _required("vector", pa.list_(pa.float32(), int(dim))),
+            _required("vector", pa.list_(vector_type, int(dim))),
         ]
     )
 

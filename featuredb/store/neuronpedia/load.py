@@ -204,7 +204,7 @@ def _ensure_coder_tables(store: FeatureStore) -> None:
 
 
 def _coder_table_schemas(store: FeatureStore) -> dict[str, pa.Schema]:
-    return {CODERS_TABLE: coders_schema(), FEATURES_TABLE: features_schema(store.vector_dim),
+    return {CODERS_TABLE: coders_schema(), FEATURES_TABLE: store.schema(FEATURES_TABLE),
             EXAMPLES_TABLE: example_activations_schema(), CONTEXTS_TABLE: contexts_schema(),
             VOCABULARY_TABLE: vocabulary_schema()}
 
