@@ -170,6 +170,7 @@ def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int) -> dict:
     written = 0
     t0 = time.perf_counter()
     seconds = {"features+examples": 0.0, "decoders": 0.0}
+    rates: list[tuple[int, float, int]] = []  # (features written, seconds, peak RSS) after each batch
     with PeakRss() as rss:
         for b in range((n + bench_query.BATCH - 1) // bench_query.BATCH):
             features, _, v, layers, coder_ids = synth.batch(b, 0, 0)
@@ -194,16 +195,17 @@ def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int) -> dict:
 
                 t = time.perf_counter()
                 local = mine  # feature numbers are the coder's own
-                store.write_coder(record, [local.slice(s, FEATURES_PER_BATCH)
+                replaced = store.write_coder(record, [local.slice(s, FEATURES_PER_BATCH)
                                            for s in range(0, local.num_rows, FEATURES_PER_BATCH)],
                                   CompactExamples(batches(), vocabulary=vocab if written == 0 else None))
                 seconds["features+examples"] += time.perf_counter() - t
                 t = time.perf_counter()
                 directions = rng.standard_normal((spec["width"], D_MODEL), dtype=np.float32)
-                write_decoder_vectors(store, spec["coder_id"], directions)
+                write_decoder_vectors(store, spec["coder_id"], directions, new=not replaced)
                 seconds["decoders"] += time.perf_counter() - t
                 written += spec["width"]
             elapsed = time.perf_counter() - t0
+            rates.append((written, elapsed, rss.peak))
             print(f"  {written:,} features written, {written / elapsed:,.0f} features/s, "
                   f"peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
     write_seconds = time.perf_counter() - t0
@@ -211,7 +213,7 @@ def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int) -> dict:
     optimize(store, cleanup_older_than=__import__("datetime").timedelta(0))
     finalize_seconds = time.perf_counter() - t
     setup = {"n": n, "write_seconds": write_seconds, "features_per_second": n / write_seconds,
-             "seconds": seconds, "finalize_seconds": finalize_seconds, "peak_rss_bytes": rss.peak,
+             "seconds": seconds, "finalize_seconds": finalize_seconds, "peak_rss_bytes": rss.peak, "progress": rates,
              "exact_top10": truth.best["all"][1][:, :10].tolist()}
     (db.parent / f"{db.name}.setup.json").write_text(json.dumps(setup))
     return setup
@@ -333,6 +335,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default="/tmp/featuredb-bench-catalogue")
     parser.add_argument("--no-build", action="store_true", help="measure the catalogue already built")
+    parser.add_argument("--build-only", action="store_true", help="build and report bytes, no queries")
     parser.add_argument("--s3", action="store_true", help="also query a copy in a local moto S3 server")
     parser.add_argument("--s3-features", default=None, help="the size of the catalogue copied to S3 (built apart)")
     parser.add_argument("--export-features", default=None, help="also export this many features to Neuronpedia's "
@@ -358,6 +361,10 @@ def main() -> None:
     sizes = table_bytes(db, n)
     for name, size in sizes.items():
         print(f"  {name:<24} {size['bytes'] / 2**20:10.1f} MiB  {size['per_feature']:8.0f} B/feature")
+    if args.build_only:
+        (root / f"report-{args.features}-build.json").write_text(json.dumps(
+            {"features": n, "setup": {k: v for k, v in setup.items() if k != "exact_top10"}, "bytes": sizes}, indent=1))
+        return
     print("local disk:", flush=True)
     local = measure(str(db), synth, args.queries, n, setup)
     report = {"features": n, "setup": {k: v for k, v in setup.items() if k != "exact_top10"}, "bytes": sizes,

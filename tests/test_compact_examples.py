@@ -119,6 +119,21 @@ def test_token_search_is_the_same_in_both_layouts(both_layouts):
         assert window or found[0].height  # a peak token finds the features that peak on it
 
 
+def test_the_indexer_writes_the_same_rows_a_batch_at_a_time(tiny_gemma2, tmp_path, monkeypatch):
+    """Rows streamed in batches of 5 features and 3 contexts equal rows written in one batch."""
+    from catalogue_fixtures import index_tiny_model
+    from featuredb.indexer import records
+
+    whole, _ = index_tiny_model(tmp_path / "whole", tiny_gemma2)
+    monkeypatch.setattr(records, "FEATURES_PER_BATCH", 5)
+    monkeypatch.setattr(records, "CONTEXTS_PER_BATCH", 3)
+    batched, _ = index_tiny_model(tmp_path / "batched", tiny_gemma2)
+    assert every_example(batched).equals(every_example(whole))
+    columns = [c for c in FeatureStore(whole, read_only=True).features().columns if c != "vector"]
+    assert FeatureStore(batched, read_only=True).features(columns=columns).equals(
+        FeatureStore(whole, read_only=True).features(columns=columns))
+
+
 def test_a_wide_catalogue_opens_read_only_as_it_is(both_layouts):
     _, wide_db = both_layouts
     store = FeatureStore(wide_db, read_only=True)
@@ -270,3 +285,27 @@ def test_compact_rows_are_checked(tmp_path):
     with pytest.raises(StoreError, match="compact rows"):
         store.write_coder(coder("a"), feature_table("a"), CompactExamples(iter([(store.contexts(np.zeros(0)), bad)])))
     assert "a" not in FeatureStore(tmp_path / "db", read_only=True).coders()["coder_id"].to_list()
+
+
+def test_a_killed_write_leaves_its_coder_pending_and_the_next_write_replaces_it(tmp_path, monkeypatch):
+    from featuredb.store import feature_store as feature_store_module
+    from featuredb.store.schema import PENDING_TABLE
+
+    store = FeatureStore(tmp_path / "db")
+    real_replace = feature_store_module._replace_coder_rows
+
+    def killed_before_listing(table, rows, key, coder_id, *rest):
+        if table.name == "coders":
+            raise KeyboardInterrupt  # like a kill: nothing is undone, examples and features stay
+        real_replace(table, rows, key, coder_id, *rest)
+
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", killed_before_listing)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_coder(coder("a"), feature_table("a"), wide_rows("a", CONTEXTS))
+    assert store.table(PENDING_TABLE).count_rows() == 1
+    monkeypatch.setattr(feature_store_module, "_replace_coder_rows", real_replace)
+    store.write_coder(coder("a"), feature_table("a"), wide_rows("a", CONTEXTS))  # rewritten, not appended twice
+    assert store.table(EXAMPLES_TABLE).count_rows() == 4 * len(CONTEXTS)
+    assert store.table("features").count_rows() == 4
+    assert store.table(PENDING_TABLE).count_rows() == 0
+    assert [r["tokens"] for r in read_back(store, "a")] == wide_rows("a", CONTEXTS)["tokens"]

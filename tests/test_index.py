@@ -378,10 +378,10 @@ def test_full_disk_while_writing_the_catalogue_is_one_line_and_keeps_the_rows(po
     before = snapshot(populated_db)
     real_replace = feature_store_module._replace_coder_rows
 
-    def disk_full_on_features(table, rows, key, coder_id):
+    def disk_full_on_features(table, rows, key, coder_id, *rest):
         if table.name == "features":
             raise DISK_FULL["LanceDB"]()
-        real_replace(table, rows, key, coder_id)
+        real_replace(table, rows, key, coder_id, *rest)
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", disk_full_on_features)
     result = run_cli("--model", str(tiny_gemma2), "--coder", gemma2_coders[0], "--corpus", str(corpus_jsonl),

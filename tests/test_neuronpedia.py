@@ -404,10 +404,10 @@ def test_cli_import_refused_a_write_mid_way_is_one_line_and_keeps_the_rows(neuro
     before = stored(db)
     real_replace = feature_store_module._replace_coder_rows
 
-    def permission_denied_on_features(table, rows, key, coder_id):
+    def permission_denied_on_features(table, rows, key, coder_id, *rest):
         if table.name == "features":  # examples are committed by then, and undone
             raise PermissionError(errno.EACCES, "Permission denied", str(db / "features.lance"))
-        real_replace(table, rows, key, coder_id)
+        real_replace(table, rows, key, coder_id, *rest)
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", permission_denied_on_features)
     result = run("import", "--format", "neuronpedia", neuronpedia_export, "--db", db, "--replace", "--quiet")
@@ -821,10 +821,10 @@ def test_a_failed_import_is_undone_and_leaves_no_marker(exported, tmp_path, monk
     before = catalogue_rows(db)
     real_replace = feature_store_module._replace_coder_rows
 
-    def no_space_for_coders(table, rows, key, coder_id):
+    def no_space_for_coders(table, rows, key, coder_id, *rest):
         if table.name == "coders":  # everything else of the coder is written by then
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_replace(table, rows, key, coder_id)
+        real_replace(table, rows, key, coder_id, *rest)
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", no_space_for_coders)
     with pytest.raises(StoreError, match="No space left on device"):

@@ -138,7 +138,7 @@ def store(tmp_path) -> FeatureStore:
 def test_tables_are_created_with_exact_schemas(store):
     assert store.table_names() == []
     write(store, "sae-a")
-    assert store.table_names() == ["coders", "contexts", "example_activations", "features", "vocabulary"]
+    assert store.table_names() == ["coders", "contexts", "example_activations", "features", "pending_writes", "vocabulary"]
     assert store.table("coders").schema.equals(coders_schema())
     assert store.table("features").schema.equals(features_schema(DIM))
     assert store.table(EXAMPLES_TABLE).schema.equals(example_activations_schema())
@@ -372,10 +372,10 @@ def test_failure_during_write_restores_committed_tables(store, monkeypatch):
     before = (store.coders(), store.features(), store.examples("sae-a"))
     real_replace = feature_store_module._replace_coder_rows
 
-    def fail_on_features(table, rows, key, coder_id):
+    def fail_on_features(table, rows, key, coder_id, *rest):
         if table.name == "features":
             raise RuntimeError("disk full")
-        real_replace(table, rows, key, coder_id)
+        real_replace(table, rows, key, coder_id, *rest)
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", fail_on_features)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -408,10 +408,10 @@ def test_full_disk_while_writing_a_coder_is_one_store_error_and_changes_nothing(
     before = stored_rows(store)
     real_replace = feature_store_module._replace_coder_rows
 
-    def disk_full_at_the_last_table(table, rows, key, coder_id):
+    def disk_full_at_the_last_table(table, rows, key, coder_id, *rest):
         if table.name == "coders":  # examples and features are committed by then: both are undone
             raise DISK_FULL[raised]()
-        real_replace(table, rows, key, coder_id)
+        real_replace(table, rows, key, coder_id, *rest)
 
     monkeypatch.setattr(feature_store_module, "_replace_coder_rows", disk_full_at_the_last_table)
     with pytest.raises(StoreError) as error:
@@ -791,7 +791,7 @@ def test_catalogue_with_the_old_names_is_upgraded_on_a_writable_open(tmp_path):
     with pytest.raises(StoreError, match="older featuredb.*featuredb describe --db"):
         FeatureStore(db, vector_dim=DIM, read_only=True)
     upgraded = FeatureStore(db, vector_dim=DIM)
-    assert upgraded.table_names() == ["coders", "contexts", "example_activations", "features", "vocabulary"]
+    assert upgraded.table_names() == ["coders", "contexts", "example_activations", "features", "pending_writes", "vocabulary"]
     for name, frame in before.items():
         assert upgraded.table(name).to_arrow().equals(frame), name
     assert FeatureStore(db, vector_dim=DIM, read_only=True).feature_row("sae-a", 0)["coder_id"] == "sae-a"

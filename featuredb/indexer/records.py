@@ -44,7 +44,7 @@ def _id_strings(ids: np.ndarray, vocab: np.ndarray) -> list[list[str]]:
 
 
 def compact_examples(coder_id: str, model: str, stats: FeatureStats, contexts: ContextStore | LoadedContexts,
-                     vocab: np.ndarray, batch_features: int = FEATURES_PER_BATCH) -> CompactExamples:
+                     vocab: np.ndarray, batch_features: int | None = None) -> CompactExamples:
     """A coder's top and interval examples in the store's compact layout, streamed: first the contexts
     they show (each once), then the example rows a batch of features at a time, so memory is bounded
     by a batch, not by the coder."""
@@ -54,11 +54,13 @@ def compact_examples(coder_id: str, model: str, stats: FeatureStats, contexts: C
             shown.append(torch.unique(context[context >= 0]).cpu().numpy())
     shown_contexts = np.unique(np.concatenate(shown)) if shown else np.zeros(0, dtype=np.int64)
     keys = np.zeros(len(shown_contexts), dtype=np.int64)
+    batch_features = batch_features or FEATURES_PER_BATCH
+    contexts_per_batch = CONTEXTS_PER_BATCH
 
     def batches() -> Iterator[tuple[pa.Table, pa.Table]]:
         empty_rows, empty_contexts = example_activations_schema().empty_table(), contexts_schema().empty_table()
-        for start in range(0, len(shown_contexts), CONTEXTS_PER_BATCH):
-            rows = context_rows(model, shown_contexts[start:start + CONTEXTS_PER_BATCH], contexts)
+        for start in range(0, len(shown_contexts), contexts_per_batch):
+            rows = context_rows(model, shown_contexts[start:start + contexts_per_batch], contexts)
             keys[start:start + rows.num_rows] = rows["context_key"].to_numpy()
             yield rows, empty_rows
         for start in range(0, stats.width, batch_features):
@@ -159,8 +161,9 @@ def top_token_counts(stats: FeatureStats, contexts: ContextStore | LoadedContext
 
 def feature_batches(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours: tuple[torch.Tensor, torch.Tensor],
                     contexts: ContextStore | LoadedContexts, vocab: np.ndarray, slots: list[tuple[int, str]] | None = None,
-                    layer_write: torch.Tensor | None = None, batch_features: int = FEATURES_PER_BATCH) -> Iterator[dict]:
+                    layer_write: torch.Tensor | None = None, batch_features: int | None = None) -> Iterator[dict]:
     """The coder's feature rows, a batch of features at a time (see feature_rows)."""
+    batch_features = batch_features or FEATURES_PER_BATCH
     for start in range(0, stats.width, batch_features):
         features = slice(start, min(start + batch_features, stats.width))
         yield feature_rows(sae, stats, logits, neighbours, contexts, vocab, slots, layer_write, features)

@@ -417,13 +417,14 @@ class Run:
             logits = logit_tables(total_write, unembed, self.model.direction_to_residual(coder.hooks_out[0]))
             neighbours = decoder_neighbours(total_write)
             # streamed a batch of features at a time: memory bounded by a batch, not by the coder
-            store.write_coder(
+            replaced = store.write_coder(
                 record,
                 feature_batches(record, coder_stats, logits, neighbours, contexts, vocab,
                                 slots=list(zip(coder.layers, coder.hooks)), layer_write=layer_write),
                 compact_examples(coder.coder_id, record["model"], coder_stats, contexts, vocab),
             )
-            write_decoder_vectors(store, coder.coder_id, total_write)  # for similarity search across coders
+            # for similarity search across coders
+            write_decoder_vectors(store, coder.coder_id, total_write, new=not replaced)
             store.forget_import(coder.coder_id)  # indexed here now: its model and coder are the user's
             written.append(coder.coder_id)
             del coder, coder_stats  # a coder received from another group is freed before the next one

@@ -33,17 +33,19 @@ def decoder_space(site: str, hook_out: str) -> str:
     return "residual" if site in ("res", "mlp", "transcoder") else hook_out
 
 
-def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any) -> int:
+def write_decoder_vectors(store: FeatureStore, coder_id: str, W_dec: Any, *, new: bool = False) -> int:
     """Store a coder's decoder directions W_dec [width, d_out] (torch tensor or numpy array) for
     similarity search, replacing what was stored for it. The coder must already be in the store's
-    coders table. Rows are normalised; all-zero or non-finite rows are skipped. Returns rows written."""
+    coders table. Rows are normalised; all-zero or non-finite rows are skipped. Returns rows written.
+    new=True: the coder was just written for the first time (write_coder returned False), so it has
+    no directions stored and they are appended, with no merge over the whole table."""
     coders = store.coders()
     rows = coders.filter(pl.col("coder_id") == coder_id)
     if rows.height == 0:
         raise StoreError(f"write_decoder_vectors: coder {coder_id!r} is not in the store (write_coder it first)")
     table_rows = decoder_rows(rows.row(0, named=True), W_dec)
     with all_or_nothing(f"decoder vectors of coder {coder_id!r}", store.uri) as commits:
-        replace_decoder_rows(store, coder_id, table_rows, commits)
+        replace_decoder_rows(store, coder_id, table_rows, commits, new=new)
     return table_rows.num_rows
 
 
@@ -79,7 +81,8 @@ def decoder_rows(coder: Mapping[str, Any], W_dec: Any) -> pa.Table:
     }, schema=decoders_schema(dim, pa.float32()))
 
 
-def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, commits: Commits) -> None:
+def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, commits: Commits, *,
+                         new: bool = False) -> None:
     """The coder's decoder rows become `rows` (from `decoder_rows`); each commit is recorded in
     `commits`, so the caller can undo them with the rest of its write."""
     dim = rows.schema.field("vector").type.list_size
@@ -87,6 +90,9 @@ def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, com
     db = connect(store.uri)
     table = db.create_table(name, schema=decoders_schema(dim), exist_ok=True)
     rows = rows.cast(table.schema)  # float16 (float32 in a table written before)
+    if new:
+        commits.commit(table, lambda t: t.add(rows))
+        return
     # a coder lives in one decoders table: drop rows a previous version left in another width
     for other in store.table_names():
         if is_decoders_table(other) and other != name:

@@ -51,6 +51,7 @@ from featuredb.store.schema import (
     IMPORTS_TABLE,
     LEGACY_CODERS_TABLE,
     LEGACY_EXAMPLES_TABLE,
+    PENDING_TABLE,
     VOCABULARY_TABLE,
     MULTI_LAYER_KINDS,
     SITES,
@@ -65,6 +66,7 @@ from featuredb.store.schema import (
     example_activations_schema,
     examples_schema,
     features_schema,
+    pending_schema,
     vocabulary_schema,
     imports_schema,
     coders_schema,
@@ -189,7 +191,7 @@ class FeatureStore:
         coder: Mapping[str, object],
         features: pa.Table | Mapping[str, object] | Iterable[pa.Table],
         examples: pa.Table | Mapping[str, object] | Iterable[pa.Table] | CompactExamples,
-    ) -> None:
+    ) -> bool:
         """Store one coder, replacing whatever was stored for its coder_id before.
 
         `coder` is one row of the coders table (created_at defaults to now). `features` holds the
@@ -197,7 +199,8 @@ class FeatureStore:
         context's tokens), each as one table (checked whole before anything is written) or as an
         iterable of tables in feature order (checked batch by batch while written; memory bounded
         by a batch). The indexer hands examples already compact (CompactExamples). Invalid input
-        raises StoreError and leaves the store as it was.
+        raises StoreError and leaves the store as it was. Returns whether rows of the coder may have
+        been stored before (False: a coder new to the store, its rows appended).
         """
         self._require_writable()
         coder_row = _validated_coder(coder)
@@ -224,17 +227,33 @@ class FeatureStore:
         with all_or_nothing(f"coder {coder_id!r}", self.uri) as commits:
             tables = {name: self._open_or_create(name) for name in
                       (VOCABULARY_TABLE, CONTEXTS_TABLE, EXAMPLES_TABLE, FEATURES_TABLE, CODERS_TABLE)}
-            self._commit_examples(commits, tables, examples, coder_id, model, width, whole_examples)
-            commits.commit(tables[FEATURES_TABLE], _replace_coder_rows, checked_features(), FEATURES_KEY, coder_id)
+            pending = self._db.create_table(PENDING_TABLE, schema=pending_schema(), exist_ok=True)
+            replacing = self._may_have_rows(coder_id, tables[CODERS_TABLE], pending)
+            if not replacing:  # from here until it is listed, a kill leaves it pending: its next write replaces
+                commits.commit(pending, _mark_pending, coder_id)
+            self._commit_examples(commits, tables, examples, coder_id, model, width, whole_examples, replacing)
+            commits.commit(tables[FEATURES_TABLE], _replace_coder_rows, checked_features(), FEATURES_KEY, coder_id,
+                           replacing)
             # last: listing the coder means it is complete
-            commits.commit(tables[CODERS_TABLE], _replace_coder_rows, [coder_row], CODERS_KEY, coder_id)
+            commits.commit(tables[CODERS_TABLE], _replace_coder_rows, [coder_row], CODERS_KEY, coder_id, replacing)
+        with writing(f"the end of the write of coder {coder_id!r}", self.uri):  # no longer pending (if it was)
+            pending.delete(Filter().eq("coder_id", coder_id).render(pending.schema))
+        return replacing
+
+    @staticmethod
+    def _may_have_rows(coder_id: str, coders: Table, pending: Table) -> bool:
+        """Whether a coder may have rows stored: it is listed, or a write of it did not finish.
+        (Two small tables, where counting its rows in the examples would scan them all.)"""
+        return any(table.count_rows(Filter().eq("coder_id", coder_id).render(table.schema)) for table in (coders, pending))
 
     def write_examples(self, coder_id: str, model: str, batches: Iterable[pa.Table | pa.RecordBatch]) -> None:
         """Replace one coder's examples (wide rows, streamed and checked batch by batch) in one commit."""
         self._require_writable()
         with all_or_nothing(f"the examples of coder {coder_id!r}", self.uri) as commits:
             tables = {name: self._open_or_create(name) for name in (VOCABULARY_TABLE, CONTEXTS_TABLE, EXAMPLES_TABLE)}
-            self._commit_examples(commits, tables, batches, coder_id, model, None, False)
+            replacing = EXAMPLES_TABLE in self.table_names() and bool(
+                tables[EXAMPLES_TABLE].count_rows(Filter().eq("coder_id", coder_id).render(tables[EXAMPLES_TABLE].schema)))
+            self._commit_examples(commits, tables, batches, coder_id, model, None, False, replacing)
 
     def drop_table(self, name: str) -> None:
         self._require_writable()
@@ -242,13 +261,13 @@ class FeatureStore:
             self._db.drop_table(name)
 
     def _commit_examples(self, commits, tables: dict[str, Table], examples, coder_id: str, model: str,
-                         width: int | None, checked: bool) -> None:
+                         width: int | None, checked: bool, replacing: bool) -> None:
         # the examples' contexts and vocabulary are added while the examples stream in, each
         # batch's before the batch: record their versions first, so a failure undoes them too
         for name in (VOCABULARY_TABLE, CONTEXTS_TABLE):
             commits.made.append((tables[name], tables[name].version))
         compact_batches = self._compact_batches(examples, coder_id, model, width, tables, checked)
-        commits.commit(tables[EXAMPLES_TABLE], _replace_coder_rows, compact_batches, EXAMPLES_KEY, coder_id)
+        commits.commit(tables[EXAMPLES_TABLE], _replace_coder_rows, compact_batches, EXAMPLES_KEY, coder_id, replacing)
 
     def _compact_batches(self, examples: Iterable[pa.Table] | CompactExamples, coder_id: str, model: str,
                          width: int | None, tables: dict[str, Table], checked: bool) -> Iterator[pa.Table]:
@@ -324,7 +343,8 @@ class FeatureStore:
         # coders first, so a coder is unlisted before its rows start to disappear.
         with writing(f"the removal of coder {coder_id!r}", self.uri):
             # its contexts stay: other coders' examples may show them
-            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, LEGACY_EXAMPLES_TABLE, IMPORTS_TABLE):
+            for name in (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, LEGACY_EXAMPLES_TABLE, IMPORTS_TABLE,
+                         PENDING_TABLE):
                 table = self._open(name)
                 if table is not None:
                     table.delete(Filter().eq("coder_id", coder_id).render(table.schema))
@@ -648,12 +668,13 @@ def _check_finite(rows: pa.Table, what: str, key: list[str] | tuple[str, ...]) -
 # --- writing helpers -------------------------------------------------------------------------
 
 
-def _replace_coder_rows(table: Table, batches: Iterable[pa.Table], key: tuple[str, ...], coder_id: str) -> None:
+def _replace_coder_rows(table: Table, batches: Iterable[pa.Table], key: tuple[str, ...], coder_id: str,
+                        replacing: bool) -> None:
     """Make the coder's rows in `table` exactly the rows of `batches` (streamed), in one commit.
 
-    A coder with no rows yet is appended; otherwise upsert on the row key, and delete this coder's
-    rows the new data no longer has. The delete condition is scoped to the coder, so other coders'
-    rows are never touched.
+    A coder with no rows yet (`replacing` False) is appended; otherwise upsert on the row key, and
+    delete this coder's rows the new data no longer has. The delete condition is scoped to the
+    coder, so other coders' rows are never touched.
     """
     own_rows = Filter().eq("coder_id", coder_id).render(table.schema)
     # LanceDB's default on_bad_vectors="error" rejects NULL vectors as "variable length".
@@ -661,7 +682,7 @@ def _replace_coder_rows(table: Table, batches: Iterable[pa.Table], key: tuple[st
     # vectors it could call bad are the nulls we mean to store: "null" keeps them null.
     rows, failures = _reader(table.schema, batches)
     try:
-        if table.count_rows(own_rows) == 0:
+        if not replacing:
             # a new coder (the usual case): an append, several times faster than a merge over the table
             table.add(rows, on_bad_vectors="null")
             return
@@ -676,6 +697,10 @@ def _replace_coder_rows(table: Table, batches: Iterable[pa.Table], key: tuple[st
         if failures:
             raise failures[0] from None
         raise
+
+
+def _mark_pending(table: Table, coder_id: str) -> None:
+    table.add(pa.table({"coder_id": [coder_id]}, schema=pending_schema()))
 
 
 def _reader(schema: pa.Schema, tables: Iterable[pa.Table]) -> pa.RecordBatchReader:

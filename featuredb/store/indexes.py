@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -245,12 +246,12 @@ def optimize(db: FeatureStore | str, *, cleanup_older_than: timedelta | None = N
     if cleanup_older_than is not None:  # the tables without indexes get compacted and cleaned up too
         for name in sorted(set(store.table_names()) - set(_tables(store))):
             with writing(f"the files of table {name!r}", store.uri):
-                store.table(name).optimize(cleanup_older_than=cleanup_older_than)
+                _optimize_files(store.table(name), cleanup_older_than)
     for name in _tables(store):
         table = store.table(name)
         with writing(f"the indexes of table {name!r}", store.uri):
             if _needs_optimize(table, cleanup_older_than):
-                table.optimize(cleanup_older_than=cleanup_older_than)
+                _optimize_files(table, cleanup_older_than)
             existing = _indexed_columns(table)
             match = _VECTOR_NAME.match(existing.get("vector", ""))
             if match:
@@ -268,6 +269,12 @@ def optimize(db: FeatureStore | str, *, cleanup_older_than: timedelta | None = N
     for name, made in created.items():
         rebuilt.setdefault(name, []).extend(made)
     return rebuilt
+
+
+def _optimize_files(table, cleanup_older_than: timedelta | None) -> None:
+    with warnings.catch_warnings():  # LanceDB warns of what a caller asking for 0 has already weighed
+        warnings.simplefilter("ignore", UserWarning)
+        table.optimize(cleanup_older_than=cleanup_older_than)
 
 
 def _needs_optimize(table, cleanup_older_than: timedelta | None) -> bool:

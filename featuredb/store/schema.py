@@ -26,6 +26,10 @@ EXAMPLES_TABLE = "example_activations"
 CONTEXTS_TABLE = "contexts"
 VOCABULARY_TABLE = "vocabulary"
 LEGACY_EXAMPLES_TABLE = "examples"
+# Coders whose write has begun and not finished (a killed write leaves its coder here): writing a
+# coder that is neither listed in `coders` nor here is a plain append, with no scan of the (large)
+# tables for rows it might already have.
+PENDING_TABLE = "pending_writes"
 TABLE_NAMES: tuple[str, ...] = (CODERS_TABLE, FEATURES_TABLE, EXAMPLES_TABLE, CONTEXTS_TABLE, VOCABULARY_TABLE)
 DESCRIPTIONS_TABLE = "descriptions"
 IMPORTS_TABLE = "imports"  # which coders came from `featuredb import` (their names are the data's, not the user's)
@@ -136,17 +140,24 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM, vector_type: pa.DataTy
     )
 
 
+def _example_key_columns() -> list[pa.Field]:
+    """Which example a row is (its feature, kind and rank) and, for an interval sample, its bin."""
+    return [
+        _required("coder_id", pa.string()),
+        _required("feature", pa.int64()),
+        _required("kind", pa.string()),
+        _required("rank", pa.int32()),
+        # Null for `top` examples; the activation bin an `interval` example was drawn from.
+        _optional("bin_min", pa.float32()),
+        _optional("bin_max", pa.float32()),
+    ]
+
+
 def examples_schema() -> pa.Schema:
     """Example contexts: `top` (rank by activation) and `interval` (sampled from one histogram bin)."""
     return pa.schema(
         [
-            _required("coder_id", pa.string()),
-            _required("feature", pa.int64()),
-            _required("kind", pa.string()),
-            _required("rank", pa.int32()),
-            # Null for `top` examples; the activation bin an `interval` example was drawn from.
-            _optional("bin_min", pa.float32()),
-            _optional("bin_max", pa.float32()),
+            *_example_key_columns(),
             _required("tokens", pa.list_(pa.string())),
             _required("token_ids", pa.list_(pa.int32())),
             _required("values", pa.list_(pa.float32())),
@@ -162,12 +173,7 @@ def example_activations_schema() -> pa.Schema:
     """One row per example in the compact layout: what is the example's own (store/examples.py)."""
     return pa.schema(
         [
-            _required("coder_id", pa.string()),
-            _required("feature", pa.int64()),
-            _required("kind", pa.string()),
-            _required("rank", pa.int32()),
-            _optional("bin_min", pa.float32()),
-            _optional("bin_max", pa.float32()),
+            *_example_key_columns(),
             _required("context_key", pa.int64()),  # contexts.context_key
             _required("max_value", pa.float32()),
             _required("max_position", pa.int32()),
@@ -341,6 +347,10 @@ def _castable(source: pa.DataType, target: pa.DataType) -> bool:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def pending_schema() -> pa.Schema:
+    return pa.schema([_required("coder_id", pa.string())])
 
 
 def imports_schema() -> pa.Schema:

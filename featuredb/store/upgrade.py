@@ -60,21 +60,11 @@ def _counts(table) -> dict[str, int]:
     return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
-class _Quiet:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool):
-    if not show or total == 0:
-        return _Quiet()
     from tqdm import tqdm
 
     return tqdm(total=total, unit="example", unit_scale=True, desc="compacting examples", file=sys.stderr,
-                disable=None)
+                disable=not show or total == 0)
 
 
 __all__ = ["upgrade_examples"]
