@@ -27,6 +27,7 @@ corpus of --contexts windows; per example top-K 32 + 2 x 16 interval samples wit
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -148,7 +149,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int) -> dict:
+def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int, finalize: bool = True) -> dict:
     if db.exists():
         shutil.rmtree(db)
     store = FeatureStore(db, vector_dim=bench_query.DIM)
@@ -210,8 +211,9 @@ def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int) -> dict:
                   f"peak RSS {rss.peak / 2**30:.2f} GiB", flush=True)
     write_seconds = time.perf_counter() - t0
     t = time.perf_counter()
-    optimize(store, cleanup_older_than=__import__("datetime").timedelta(0))
-    finalize_seconds = time.perf_counter() - t
+    if finalize:  # the demo's finalize: indexes built, files compacted, old versions removed
+        optimize(store, cleanup_older_than=datetime.timedelta(0))
+    finalize_seconds = time.perf_counter() - t if finalize else float("nan")
     setup = {"n": n, "write_seconds": write_seconds, "features_per_second": n / write_seconds,
              "seconds": seconds, "finalize_seconds": finalize_seconds, "peak_rss_bytes": rss.peak, "progress": rates,
              "exact_top10": truth.best["all"][1][:, :10].tolist()}
@@ -232,7 +234,8 @@ def table_bytes(db: Path, n: int) -> dict:
 def measure(uri: str, synth: Synth, queries: int, n: int, setup: dict) -> dict:
     cat = featuredb.open(uri)
     cat.warm()
-    Q = synth.queries(queries)
+    exact = np.asarray(setup["exact_top10"])
+    Q = synth.queries(len(exact))[:queries]  # the queries the exact answers were computed for
     rng = np.random.default_rng(21)
     coders = cat.coders()
     coder_ids = coders["coder_id"].to_list()
@@ -252,8 +255,7 @@ def measure(uri: str, synth: Synth, queries: int, n: int, setup: dict) -> dict:
 
     found = timed("semantic", lambda q: cat.search(q).limit(10).to_polars(), list(Q))
     ids = [[int(synth_id(r)) for r in f.select("coder_id", "feature").iter_rows()] for f in found]
-    exact = np.asarray(setup["exact_top10"])[:queries]
-    results["semantic"]["recall@10"] = recall(ids, exact)
+    results["semantic"]["recall@10"] = recall(ids, exact[:queries])
     print(f"  semantic recall@10 {results['semantic']['recall@10']:.3f}")
     words = list(synth.words[rng.integers(0, len(synth.words), queries)])
     timed("keyword", lambda w: cat.keyword(w).limit(10).to_polars(), words)
@@ -288,6 +290,9 @@ def s3_copy(db: Path, subset: int | None) -> tuple[str, object]:
     from moto.server import ThreadedMotoServer
     import boto3
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -336,8 +341,11 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/featuredb-bench-catalogue")
     parser.add_argument("--no-build", action="store_true", help="measure the catalogue already built")
     parser.add_argument("--build-only", action="store_true", help="build and report bytes, no queries")
+    parser.add_argument("--no-finalize", action="store_true", help="with --build-only: time the writes alone")
     parser.add_argument("--s3", action="store_true", help="also query a copy in a local moto S3 server")
     parser.add_argument("--s3-features", default=None, help="the size of the catalogue copied to S3 (built apart)")
+    parser.add_argument("--s3-queries", type=int, default=None, help="queries of each kind on S3 (default --queries)")
+    parser.add_argument("--skip-local", action="store_true", help="no local queries on the --features catalogue")
     parser.add_argument("--export-features", default=None, help="also export this many features to Neuronpedia's "
                         "format and report the exporter's peak RSS (e.g. 1M)")
     args = parser.parse_args()
@@ -354,7 +362,7 @@ def main() -> None:
         setup = json.loads((root / f"{db.name}.setup.json").read_text())
     else:
         print(f"building {n:,} features -> {db}", flush=True)
-        setup = build(db, n, synth, corpus, args.queries)
+        setup = build(db, n, synth, corpus, args.queries, finalize=not args.no_finalize)
     print(f"write: {setup['features_per_second']:,.0f} features/s ({setup['write_seconds']:.0f}s: "
           f"{json.dumps({k: round(v, 1) for k, v in setup['seconds'].items()})}), peak RSS "
           f"{setup['peak_rss_bytes'] / 2**30:.2f} GiB; finalize {setup['finalize_seconds']:.0f}s")
@@ -365,8 +373,10 @@ def main() -> None:
         (root / f"report-{args.features}-build.json").write_text(json.dumps(
             {"features": n, "setup": {k: v for k, v in setup.items() if k != "exact_top10"}, "bytes": sizes}, indent=1))
         return
-    print("local disk:", flush=True)
-    local = measure(str(db), synth, args.queries, n, setup)
+    local = None
+    if not args.skip_local:
+        print("local disk:", flush=True)
+        local = measure(str(db), synth, args.queries, n, setup)
     report = {"features": n, "setup": {k: v for k, v in setup.items() if k != "exact_top10"}, "bytes": sizes,
               "local": local, "cpu_count": os.cpu_count(), "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if args.s3:
@@ -380,9 +390,10 @@ def main() -> None:
         print(f"object store ({uri}, moto, {s3_n:,} features):", flush=True)
         if s3_db != db:
             print("local disk, same catalogue:", flush=True)
-            report["s3_local"] = measure(str(s3_db), Synth(s3_n, E, phrases, words), args.queries, s3_n, s3_setup)
+            report["s3_local"] = measure(str(s3_db), Synth(s3_n, E, phrases, words), args.s3_queries or args.queries,
+                                         s3_n, s3_setup)
             print("object store:", flush=True)
-        report["s3"] = measure(uri, Synth(s3_n, E, phrases, words), args.queries, s3_n, s3_setup)
+        report["s3"] = measure(uri, Synth(s3_n, E, phrases, words), args.s3_queries or args.queries, s3_n, s3_setup)
         report["s3_features"] = s3_n
         server.stop()
     if args.export_features:

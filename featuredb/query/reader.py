@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from featuredb.errors import FeaturedbError, NotFound, QueryError, one_line
 from featuredb.store import CODERS_TABLE, FEATURES_TABLE, FeatureStore, Filter, StoreError
-from featuredb.store.schema import DESCRIPTIONS_TABLE, slot_of_features, vector_dim_of
+from featuredb.store.schema import DESCRIPTIONS_TABLE, descriptions_schema, slot_of_features, vector_dim_of
 from featuredb.query.where import Where
 
 # Vector search defaults, measured by scripts/bench_query.py (docs/benchmarks.md): recall@10 >= 0.98
@@ -234,26 +234,29 @@ class Reader:
     def stored_feature(self, coder_id: str, index: int) -> StoredFeature:
         """The features row, examples, descriptions and neighbours' descriptions of one feature
         (three tables read in parallel). NotFound if the row is not stored."""
-        features = self.features_table()
-        columns = [c for c in features.schema.names if c != "vector"]
+        columns = [c for c in self.features_schema().names if c != "vector"]
         where = Filter().eq("coder_id", coder_id).eq("feature", index)
 
         def rows_of(name: str, select: list[str] | None = None, limit: int | None = None) -> pa.Table | None:
             if not self.has_table(name):
                 return None
             table = self.table(name)
-            query = table.search().where(where.render(table.schema))
+            # the schemas are fixed: asking the table for its own costs a round trip to LanceDB
+            schema = self.features_schema() if name == FEATURES_TABLE else descriptions_schema()
+            query = table.search().where(where.render(schema))
             return (query.select(select) if select else query).limit(limit).to_arrow()
 
         with reading(self.uri), ThreadPoolExecutor(max_workers=3) as pool:
             row_future = pool.submit(rows_of, FEATURES_TABLE, columns, 1)
             examples_future = pool.submit(self.store.read_examples, where)
             history_future = pool.submit(rows_of, DESCRIPTIONS_TABLE)
-            rows, examples, history = row_future.result(), examples_future.result(), history_future.result()
+            rows = row_future.result()
             if rows is None or rows.num_rows == 0:
                 raise NotFound(f"feature {index} of {coder_id!r} is not stored in the catalogue")
             row = rows.to_pylist()[0]
+            # the neighbours' descriptions while the examples are still being read
             neighbour_text = self.descriptions(coder_id, row["neighbours"] or [])
+            examples, history = examples_future.result(), history_future.result()
         return StoredFeature(row=row, examples=pl.DataFrame() if examples is None else pl.from_arrow(examples),
                              history=[] if history is None else history.to_pylist(), neighbour_text=neighbour_text)
 

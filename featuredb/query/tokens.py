@@ -11,7 +11,7 @@ import numbers
 import polars as pl
 
 from featuredb.errors import QueryError
-from featuredb.store import Filter
+from featuredb.store import EXAMPLES_TABLE, Filter
 from featuredb.query.builder import QueryBuilder
 from featuredb.query.search import RESULT_COLUMNS, RESULT_SCHEMA
 
@@ -65,11 +65,19 @@ class TokenQuery(QueryBuilder):
         where = Filter().eq("kind", "top")
         if self.conditions.eq:
             where = where.isin("coder_id", coders["coder_id"].to_list())
-        if single and store.is_compact():
-            # only examples whose peak token's string could match (or is unknown) need their context
-            ids = [i for model in coders["model"].unique().to_list() for i in _token_ids_like(store, model, lowered)]
-            where = where.isin("peak_token", [-1, *ids])
         hits = []
+        if single and store.is_compact():
+            # the peak token's string is its model's vocabulary's: no context is read, except for the
+            # examples whose context keeps its own strings (peak_token -1)
+            table = store.table(EXAMPLES_TABLE)
+            for (model,), of_model in coders.group_by("model"):
+                ids = [i for i, token in _token_ids_like(store, model, lowered) if _normalise(token) == phrase]
+                if ids:
+                    matching = where.isin("coder_id", of_model["coder_id"].to_list()).isin("peak_token", ids)
+                    rows = (table.search().where(matching.render(table.schema))
+                            .select(["coder_id", "feature", "max_value"]).limit(None).to_arrow())
+                    hits.append(pl.from_arrow(rows))
+            where = where.eq("peak_token", -1)
         for batch in store.iter_examples(where, ["coder_id", "feature", "tokens", "max_position", "max_value"]):
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
@@ -127,12 +135,12 @@ class TokenQuery(QueryBuilder):
         return counts
 
 
-def _token_ids_like(store, model: str, lowered: str) -> list[int]:
-    """Ids of the model's tokens whose stripped, lower-cased string is `lowered` (a superset of the
-    exact case-folded match, which is checked on the examples)."""
+def _token_ids_like(store, model: str, lowered: str) -> list[tuple[int, str]]:
+    """(id, string) of the model's tokens whose stripped, lower-cased string is `lowered` (a superset
+    of the exact case-folded match)."""
     strings = store.vocabulary(model).strings
     frame = pl.DataFrame({"token": pl.Series(strings.cast("large_string"))}).with_row_index("id")
-    return frame.filter(pl.col("token").str.strip_chars().str.to_lowercase() == lowered)["id"].to_list()
+    return list(frame.filter(pl.col("token").str.strip_chars().str.to_lowercase() == lowered).iter_rows())
 
 
 def _phrase_near_peak(tokens: list[str], peak: int, phrase: str, window: int, at_peak: bool) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ _CONTEXT_COLUMNS = ("tokens", "token_ids", "values")
 _COMPACT_ROWS = 65_536
 # Contexts looked up with one IN (...) query at most (a feature page needs ~64).
 _CONTEXT_LOOKUP = 4096
+_VERSION_CHECK_SECONDS = 1.0
 
 
 class FeatureStore:
@@ -106,6 +108,9 @@ class FeatureStore:
         self._db = connect(self.uri, consistent_reads=True)
         self._vocabularies: dict[tuple[str, int], Vocabulary] = {}  # (model, vocabulary table version) ->
         self._lock = threading.Lock()
+        self._handles: dict[str, Table] = {}
+        self._legacy_gone = False  # once the wide examples table is gone (upgraded), it never comes back
+        self._vocabulary_version: tuple[float, int] = (float("-inf"), -1)
         self._upgrade_names()
         self._keep_stored_vector_type()
         self._upgrade_columns()
@@ -180,9 +185,21 @@ class FeatureStore:
         return table
 
     def _open(self, name: str) -> Table | None:
+        """An open handle on table `name` (None if there is none). Handles are kept (with consistent
+        reads each one sees every later version), so a read does not list the catalogue's tables
+        (a directory listing; an object-store request on s3://) each time."""
+        with self._lock:
+            if name in self._handles:
+                return self._handles[name]
         if name not in self.table_names():
             return None
-        return self._db.open_table(name)
+        with self._lock:
+            return self._handles.setdefault(name, self._db.open_table(name))
+
+    def _forget_tables(self) -> None:
+        """After a table is dropped here."""
+        with self._lock:
+            self._handles.clear()
 
     # --- writing --------------------------------------------------------------------------------
 
@@ -259,6 +276,7 @@ class FeatureStore:
         self._require_writable()
         with writing(f"the removal of table {name!r}", self.uri):
             self._db.drop_table(name)
+        self._forget_tables()
 
     def _commit_examples(self, commits, tables: dict[str, Table], examples, coder_id: str, model: str,
                          width: int | None, checked: bool, replacing: bool) -> None:
@@ -306,6 +324,7 @@ class FeatureStore:
                 compacted = compact(batch.slice(start, _COMPACT_ROWS), model, vocabulary)
                 if compacted.new_vocabulary.num_rows:
                     vocabulary_table.add(compacted.new_vocabulary)
+                    self._vocabulary_version = (float("-inf"), -1)  # read it again
                     vocabulary = vocabulary.extended(compacted.new_vocabulary)
                 add_contexts(compacted.contexts)
                 yield compacted.rows
@@ -320,6 +339,7 @@ class FeatureStore:
         if not known.all():
             missing = np.flatnonzero(~known)
             table.add(vocabulary_rows(model, strings[missing], missing))
+            self._vocabulary_version = (float("-inf"), -1)  # read it again
         stored_strings = np.asarray(stored.take(np.arange(len(strings))).to_pylist(), dtype=object)
         return np.flatnonzero(known & (stored_strings != strings))
 
@@ -328,7 +348,12 @@ class FeatureStore:
         table = self._open(VOCABULARY_TABLE)
         if table is None:
             return Vocabulary.from_rows(model, vocabulary_schema().empty_table())
-        key = (model, table.version)
+        with self._lock:  # the version is asked at most once a second (a round trip to LanceDB)
+            checked, version = self._vocabulary_version
+            if time.monotonic() - checked > _VERSION_CHECK_SECONDS:
+                version = table.version
+                self._vocabulary_version = (time.monotonic(), version)
+        key = (model, version)
         with self._lock:
             if key not in self._vocabularies:
                 rows = (table.search().where(Filter().eq("model", model).render(table.schema))
@@ -420,7 +445,9 @@ class FeatureStore:
 
     def is_compact(self) -> bool:
         """Whether the examples are stored compact (False: a catalogue not upgraded yet, read-only)."""
-        return LEGACY_EXAMPLES_TABLE not in self.table_names()
+        if not self._legacy_gone:
+            self._legacy_gone = LEGACY_EXAMPLES_TABLE not in self.table_names()
+        return self._legacy_gone
 
     def coder_contexts(self, coder_id: str, columns: list[str]) -> pa.Table:
         """The distinct contexts a coder's examples show: `columns` of context_index, doc_id,
@@ -467,7 +494,7 @@ class FeatureStore:
         columns = list(schema.names) if columns is None else list(columns)
         for column in columns:
             column_ref(column, schema)
-        legacy = self._open(LEGACY_EXAMPLES_TABLE)
+        legacy = None if self.is_compact() else self._open(LEGACY_EXAMPLES_TABLE)
         if legacy is not None:  # not upgraded yet (opened read-only): the wide rows are stored as they are
             query = legacy.search().select(columns).limit(None)
             condition = where.render(legacy.schema)
@@ -477,8 +504,9 @@ class FeatureStore:
         table = self._open(EXAMPLES_TABLE)
         if table is None:
             return
-        condition = where.render(table.schema)
-        own = [c for c in columns if c in table.schema.names and c != "values"]
+        schema = self._schemas[EXAMPLES_TABLE]  # fixed: asking the table costs a round trip to LanceDB
+        condition = where.render(schema)
+        own = [c for c in columns if c in schema.names and c != "values"]
         fetched = own + (["context_key", "positions", "values"] if needs_contexts(columns) else [])
         query = table.search().select(list(dict.fromkeys(fetched))).limit(None)
         for batch in (query.where(condition) if condition else query).to_batches(batch_size=batch_rows):
@@ -498,7 +526,7 @@ class FeatureStore:
         parts = []
         for start in range(0, len(keys), _CONTEXT_LOOKUP):
             where = Filter().isin("context_key", [int(k) for k in keys[start:start + _CONTEXT_LOOKUP]])
-            parts.append(table.search().where(where.render(table.schema)).limit(None).to_arrow())
+            parts.append(table.search().where(where.render(self._schemas[CONTEXTS_TABLE])).limit(None).to_arrow())
         return pa.concat_tables(parts)
 
     def _read(self, name: str, where: Filter, columns: list[str] | None, sort_by: list[str]) -> pl.DataFrame:
