@@ -318,12 +318,15 @@ def export_rss(db: Path, features: int, out: Path) -> dict:
         chosen.append(coder_id)
         total += width
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "featuredb.cli", "export", "--format", "neuronpedia", "--db", str(db),
-               "--out", str(out), "-q", *[a for c in chosen for a in ("--coder", c)]]
+    args = ["export", "--format", "neuronpedia", "--db", str(db), "--out", str(out), "-q",
+            *[a for c in chosen for a in ("--coder", c)]]
+    # a fresh process per export, which prints its own peak RSS at the end
+    child = ("import resource, sys\nfrom featuredb.cli import main\nmain(sys.argv[1:], standalone_mode=False)\n"
+             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     t = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-c", child, *args], check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak = int(done.stdout.rsplit("PEAK", 1)[1])
     size = int(subprocess.check_output(["du", "-sb", str(out)]).split()[0])
     shutil.rmtree(out, ignore_errors=True)
     result = {"features": total, "coders": len(chosen), "seconds": seconds, "features_per_second": total / seconds,
@@ -347,7 +350,7 @@ def main() -> None:
     parser.add_argument("--s3-queries", type=int, default=None, help="queries of each kind on S3 (default --queries)")
     parser.add_argument("--skip-local", action="store_true", help="no local queries on the --features catalogue")
     parser.add_argument("--export-features", default=None, help="also export this many features to Neuronpedia's "
-                        "format and report the exporter's peak RSS (e.g. 1M)")
+                        "format and report the exporter's peak RSS; several sizes comma-separated (e.g. 16k,64k)")
     args = parser.parse_args()
     n = parse_count(args.features)
     root = Path(args.dir)
@@ -396,9 +399,9 @@ def main() -> None:
         report["s3"] = measure(uri, Synth(s3_n, E, phrases, words), args.s3_queries or args.queries, s3_n, s3_setup)
         report["s3_features"] = s3_n
         server.stop()
-    if args.export_features:
+    if args.export_features:  # e.g. "16k,64k": peak RSS at each size (bounded memory: flat)
         print("Neuronpedia export:", flush=True)
-        report["export"] = export_rss(db, parse_count(args.export_features), root / "export")
+        report["export"] = [export_rss(db, parse_count(size), root / "export") for size in args.export_features.split(",")]
     out = root / f"report-{args.features}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"report -> {out}")

@@ -119,11 +119,11 @@ def test_a_resumed_run_is_not_refused_the_coders_it_wrote_itself(tiny_gemma2, co
     written = []
     real_write = run_module.write_decoder_vectors
 
-    def fail_on_the_second_coder(store, coder_id, W_dec):
+    def fail_on_the_second_coder(store, coder_id, W_dec, **options):
         written.append(coder_id)
         if len(written) == 2:
             raise Interrupt
-        return real_write(store, coder_id, W_dec)
+        return real_write(store, coder_id, W_dec, **options)
 
     monkeypatch.setattr(run_module, "write_decoder_vectors", fail_on_the_second_coder)
     with pytest.raises(Interrupt):
