@@ -286,25 +286,34 @@ def synth_vocab_words(synth: Synth, rng, k: int) -> list[str]:
 
 
 def s3_copy(db: Path, subset: int | None) -> tuple[str, object]:
-    """Start a moto S3 server, upload the catalogue, return its s3:// URI and the server."""
-    from moto.server import ThreadedMotoServer
+    """Upload the catalogue to an S3 bucket and return its s3:// URI and the server started (None):
+    the endpoint in AWS_ENDPOINT_URL (e.g. a MinIO server, with its credentials in the AWS_*
+    variables) if set, else a local moto server (which reads a whole object for every ranged GET:
+    a functional check, not a measure of speed)."""
     import boto3
 
-    import logging
+    server = None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        import logging
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint})
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        server = ThreadedMotoServer(port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": endpoint})
     s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="featuredb")
+    bucket = os.environ.get("FEATUREDB_BENCH_BUCKET", "featuredb")
+    if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+        s3.create_bucket(Bucket=bucket)
     for path in sorted(db.rglob("*")):
         if path.is_file():
-            s3.upload_file(str(path), "featuredb", f"catalogue/{path.relative_to(db)}")
-    return "s3://featuredb/catalogue", server
+            s3.upload_file(str(path), bucket, f"catalogue/{path.relative_to(db)}")
+    return f"s3://{bucket}/catalogue", server
 
 
 def export_rss(db: Path, features: int, out: Path) -> dict:
@@ -321,8 +330,9 @@ def export_rss(db: Path, features: int, out: Path) -> dict:
     args = ["export", "--format", "neuronpedia", "--db", str(db), "--out", str(out), "-q",
             *[a for c in chosen for a in ("--coder", c)]]
     # a fresh process per export, which prints its own peak RSS at the end
-    child = ("import resource, sys\nfrom featuredb.cli import main\nmain(sys.argv[1:], standalone_mode=False)\n"
-             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    child = ("import atexit, resource, sys\n"
+             "atexit.register(lambda: print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))\n"
+             "from featuredb.cli import main\nmain(sys.argv[1:])")
     t = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", child, *args], check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - t
@@ -398,7 +408,8 @@ def main() -> None:
             print("object store:", flush=True)
         report["s3"] = measure(uri, Synth(s3_n, E, phrases, words), args.s3_queries or args.queries, s3_n, s3_setup)
         report["s3_features"] = s3_n
-        server.stop()
+        if server is not None:
+            server.stop()
     if args.export_features:  # e.g. "16k,64k": peak RSS at each size (bounded memory: flat)
         print("Neuronpedia export:", flush=True)
         report["export"] = [export_rss(db, parse_count(size), root / "export") for size in args.export_features.split(",")]

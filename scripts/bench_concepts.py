@@ -154,11 +154,8 @@ CONCEPTS: list[tuple[str, Callable[[Peak], bool]]] = [
 
 
 def load_peaks(cat) -> dict[tuple[str, int], list[Peak]]:
-    table = cat.store.table("examples")
-    where = Filter().eq("kind", "top").render(table.schema)
-    frame = pl.from_arrow(table.search().where(where).select(["coder_id", "feature", "rank", "tokens", "max_position"])
-                          .limit(None).to_arrow())
-    frame = frame.filter(pl.col("rank") < JUDGE_EXAMPLES)
+    where = Filter().eq("kind", "top").between("rank", high=JUDGE_EXAMPLES - 1)
+    frame = pl.from_arrow(cat.store.read_examples(where, ["coder_id", "feature", "rank", "tokens", "max_position"]))
     peaks: dict[tuple[str, int], list[Peak]] = {}
     for coder_id, feature, tokens, p in frame.select("coder_id", "feature", "tokens", "max_position").iter_rows():
         if tokens and 0 <= p < len(tokens):

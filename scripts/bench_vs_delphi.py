@@ -87,9 +87,8 @@ STAGES = [  # (owner, function, stage): the indexer's steps in the order a run t
     (run, "vocabulary_strings", "vocabulary strings"),
     (run, "logit_tables", "logit tables"),
     (run, "decoder_neighbours", "decoder neighbours"),
-    (run, "feature_rows", "feature rows"),
-    (run, "example_rows", "example rows"),
-    (feature_store.FeatureStore, "write_coder", "write coder rows (LanceDB)"),
+    # feature and example rows are built a batch at a time while write_coder streams them
+    (feature_store.FeatureStore, "write_coder", "feature + example rows, written (LanceDB)"),
     (run, "write_decoder_vectors", "write decoder vectors"),
     (run.Run, "remove_work_dir", "remove work dir"),
     (indexes, "finalize", "finalize (search indexes)"),
