@@ -231,6 +231,34 @@ def table_bytes(db: Path, n: int) -> dict:
     return {name: {"bytes": size, "per_feature": size / n} for name, size in out.items()}
 
 
+def bytes_of(db: Path) -> None:
+    """Bytes a feature of every table of an existing catalogue (e.g. the demo's), and of its examples
+    written in the wide layout featuredb used before (one append per coder, as its writer did)."""
+    import lancedb
+
+    from featuredb.store import Filter, examples_schema
+
+    store = FeatureStore(db, read_only=True)
+    n = store.table("features").count_rows()
+    rows = store.table("example_activations").count_rows()
+    print(f"{db}: {n:,} features, {rows:,} example rows")
+    for name, size in table_bytes(db, n).items():
+        print(f"  {name:<24} {size['bytes'] / 2**20:10.1f} MiB  {size['per_feature']:8.0f} B/feature")
+    wide = db.parent / f"{db.name}-wide-examples"
+    shutil.rmtree(wide, ignore_errors=True)
+    table = None
+    for coder_id in store.coders()["coder_id"].to_list():
+        coder_rows = store.read_examples(Filter().eq("coder_id", coder_id))
+        if table is None:
+            table = lancedb.connect(wide).create_table("examples", coder_rows, schema=examples_schema())
+        else:
+            table.add(coder_rows)
+    size = int(subprocess.check_output(["du", "-sb", str(wide)]).split()[0])
+    shutil.rmtree(wide, ignore_errors=True)
+    print(f"  the same examples wide (before): {size / 2**20:.1f} MiB, {size / n:.0f} B/feature, "
+          f"{size / max(rows, 1):.0f} B an example row")
+
+
 def measure(uri: str, synth: Synth, queries: int, n: int, setup: dict) -> dict:
     cat = featuredb.open(uri)
     cat.warm()
@@ -349,6 +377,8 @@ def export_rss(db: Path, features: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", default="2M", help="features to write (e.g. 200k, 2M, 5M)")
+    parser.add_argument("--bytes-of", default=None, metavar="DB", help="only: bytes a feature of the tables of an "
+                        "existing catalogue (e.g. featuredb-demo/catalogue), and of its examples written wide")
     parser.add_argument("--contexts", default="200k", help="distinct context windows in the corpus")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default="/tmp/featuredb-bench-catalogue")
@@ -362,6 +392,9 @@ def main() -> None:
     parser.add_argument("--export-features", default=None, help="also export this many features to Neuronpedia's "
                         "format and report the exporter's peak RSS; several sizes comma-separated (e.g. 16k,64k)")
     args = parser.parse_args()
+    if args.bytes_of:
+        bytes_of(Path(args.bytes_of))
+        return
     n = parse_count(args.features)
     root = Path(args.dir)
     cache = root / "cache"
