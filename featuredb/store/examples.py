@@ -21,7 +21,7 @@ document and index, the feature's value at every token). On disk that row is spl
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -249,13 +249,6 @@ def _lists(flat: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
 
 
-def sparse_values(values: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
-    """Positions and values of the non-zeros of each row of a dense [n, T] float32 matrix."""
-    rows, position = np.nonzero(values)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(values)))])
-    return _lists(position.astype(np.int32), offsets), _lists(values[rows, position].astype(np.float32), offsets)
-
-
 # --- compact rows -> wide rows -----------------------------------------------------------------
 
 
@@ -326,8 +319,3 @@ def _dense_values(rows: pa.Table, token_ids: pa.ListArray) -> pa.ListArray:
 
 def needs_contexts(columns: Iterable[str]) -> bool:
     return any(c in CONTEXT_FIELDS or c == "values" for c in columns)
-
-
-def batched(table: pa.Table, rows: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, rows):
-        yield table.slice(start, rows)
