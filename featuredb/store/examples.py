@@ -55,15 +55,19 @@ def _row_sums(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         return totals[offsets[1:]] - totals[offsets[:-1]]
 
 
+def _flat(lists: pa.ListArray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """A list array as (offsets from 0, its values in order): a slice of a larger array included."""
+    offsets = np.asarray(lists.offsets, dtype=np.int64)
+    return offsets - offsets[0], np.asarray(lists.flatten().to_numpy(zero_copy_only=False), dtype=dtype)
+
+
 def context_keys(model: str, doc_ids: list[str], context_index: np.ndarray, token_ids: pa.ListArray,
                  own_text: list[str | None] | None = None) -> np.ndarray:
     """The int64 key of each context: a hash of its model, document, index, token ids (each with
     its position) and, for a context that keeps its own strings, those strings (joined)."""
     own_tokens = own_text or [None] * len(doc_ids)
     token_ids = token_ids.cast(pa.list_(pa.int64()))
-    offsets = np.asarray(token_ids.offsets, dtype=np.int64)
-    offsets = offsets - offsets[0]
-    flat = np.asarray(token_ids.values.to_numpy(zero_copy_only=False), dtype=np.int64)[: offsets[-1]]
+    offsets, flat = _flat(token_ids, np.int64)
     lengths = np.diff(offsets)
     position = np.arange(len(flat), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
     with np.errstate(over="ignore"):
@@ -134,17 +138,22 @@ class CompactExamples:
     batches: Iterable[tuple[pa.Table, pa.Table]]
     vocabulary: np.ndarray | None = None
 
-    def with_own_strings(self, contexts: pa.Table, conflicts: np.ndarray) -> pa.Table:
-        """`contexts`, where one shows a token id whose stored string differs from this vocabulary's,
-        carrying its own strings (so that it reads back as it was indexed)."""
+    def resolved(self, contexts: pa.Table, rows: pa.Table, conflicts: np.ndarray) -> tuple[pa.Table, pa.Table]:
+        """A batch as the store keeps it where some token ids' stored strings differ from this
+        vocabulary's (`conflicts`): contexts showing them carry their own strings (so they read back
+        as indexed), and a peak on one is -1 (token search reads the context, not the vocabulary)."""
         if len(conflicts) == 0 or self.vocabulary is None:
-            return contexts
-        token_ids = contexts["token_ids"].combine_chunks()
-        flat = token_ids.flatten().to_numpy(zero_copy_only=False)
+            return contexts, rows
+        peak = rows["peak_token"].to_numpy()
+        peak = pa.array(np.where(np.isin(peak, conflicts), -1, peak).astype(np.int32))
+        rows = rows.set_column(rows.schema.get_field_index("peak_token"), rows.schema.field("peak_token"), peak)
+        return self._with_own_strings(contexts, conflicts), rows
+
+    def _with_own_strings(self, contexts: pa.Table, conflicts: np.ndarray) -> pa.Table:
+        offsets, flat = _flat(contexts["token_ids"].combine_chunks(), np.int64)
         shows = np.zeros(len(contexts), dtype=bool)
-        shows[pc.list_parent_indices(token_ids).to_numpy()[np.isin(flat, conflicts)]] = True
-        strings = pa.array(self.vocabulary[flat], pa.string())
-        own = pa.ListArray.from_arrays(token_ids.offsets, strings)
+        shows[np.repeat(np.arange(len(contexts)), np.diff(offsets))[np.isin(flat, conflicts)]] = True
+        own = _lists(self.vocabulary[flat], offsets, pa.string())
         tokens = pc.if_else(pa.array(shows), own, contexts["tokens"].combine_chunks())
         return contexts.set_column(contexts.schema.get_field_index("tokens"), contexts.schema.field("tokens"), tokens)
 
@@ -167,10 +176,8 @@ def compact(wide: pa.Table, model: str, vocabulary: Vocabulary) -> Compacted:
     n = wide.num_rows
     token_ids = wide["token_ids"].combine_chunks()
     tokens = wide["tokens"].combine_chunks()
-    offsets = np.asarray(token_ids.offsets, dtype=np.int64)
-    offsets = offsets - offsets[0]
+    offsets, flat_ids = _flat(token_ids, np.int64)
     lengths = np.diff(offsets)
-    flat_ids = np.asarray(token_ids.values.to_numpy(zero_copy_only=False), dtype=np.int64)[: offsets[-1]]
     flat_tokens = tokens.flatten()
     new_vocabulary, known = _resolve(model, flat_ids, flat_tokens, vocabulary)
     # a row keeps its own strings unless every one of its tokens resolves through the vocabulary
@@ -199,7 +206,7 @@ def compact(wide: pa.Table, model: str, vocabulary: Vocabulary) -> Compacted:
     }, schema=contexts_schema())
 
     values = wide["values"].combine_chunks()
-    flat_values = np.asarray(values.values.to_numpy(zero_copy_only=False), dtype=np.float32)[: offsets[-1]]
+    flat_values = _flat(values, np.float32)[1]
     max_position = wide["max_position"].to_numpy().astype(np.int64)
     peak = np.where((max_position >= 0) & (max_position < lengths), offsets[:-1] + max_position, -1)
     # the peak's id, where the vocabulary gives its string (else -1: token search reads the context's own)
@@ -245,8 +252,8 @@ def _compact_rows(wide: pa.Table, keys: np.ndarray, peak_token: np.ndarray, flat
     }, schema=example_activations_schema())
 
 
-def _lists(flat: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
+def _lists(flat: np.ndarray, offsets: np.ndarray, value_type: pa.DataType | None = None) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, value_type))
 
 
 # --- compact rows -> wide rows -----------------------------------------------------------------
@@ -290,9 +297,7 @@ def context_strings(contexts: pa.Table, context_row: pa.Array, token_ids: pa.Lis
                      vocabularies: dict[str, Vocabulary]) -> pa.ListArray:
     own = contexts["tokens"].combine_chunks().take(context_row)
     models = contexts["model"].combine_chunks().take(context_row)
-    flat_ids = token_ids.flatten().to_numpy(zero_copy_only=False)
-    offsets = np.asarray(token_ids.offsets)
-    offsets = offsets - offsets[0]
+    offsets, flat_ids = _flat(token_ids, np.int64)
     flat_models = np.repeat(np.asarray(models.to_pylist(), dtype=object), np.diff(offsets))
     flat = pa.nulls(len(flat_ids), pa.string())
     for model, vocabulary in vocabularies.items():
@@ -304,17 +309,12 @@ def context_strings(contexts: pa.Table, context_row: pa.Array, token_ids: pa.Lis
 
 
 def _dense_values(rows: pa.Table, token_ids: pa.ListArray) -> pa.ListArray:
-    offsets = np.asarray(token_ids.offsets, dtype=np.int64)
-    offsets = offsets - offsets[0]
+    offsets = _flat(token_ids, np.int64)[0]
     dense = np.zeros(offsets[-1], dtype=np.float32)
-    positions = rows["positions"].combine_chunks()
-    values = rows["values"].combine_chunks()
-    kept = np.asarray(positions.offsets, dtype=np.int64)
-    kept = kept - kept[0]
+    kept, flat_positions = _flat(rows["positions"].combine_chunks(), np.int64)
     row_of_value = np.repeat(np.arange(len(offsets) - 1), np.diff(kept))
-    flat_positions = positions.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    dense[offsets[:-1][row_of_value] + flat_positions] = values.flatten().to_numpy(zero_copy_only=False)
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(dense))
+    dense[offsets[:-1][row_of_value] + flat_positions] = _flat(rows["values"].combine_chunks(), np.float32)[1]
+    return _lists(dense, offsets)
 
 
 def needs_contexts(columns: Iterable[str]) -> bool:

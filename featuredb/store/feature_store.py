@@ -293,26 +293,21 @@ class FeatureStore:
         batch needs to their tables."""
         contexts_table, vocabulary_table = tables[CONTEXTS_TABLE], tables[VOCABULARY_TABLE]
         stored_keys = np.sort(_column(contexts_table, "context_key", Filter().eq("model", model)))
-        added: list[np.ndarray] = []
 
         def add_contexts(contexts: pa.Table) -> None:
+            nonlocal stored_keys
             keys = contexts["context_key"].to_numpy()
             new = ~_sorted_contains(stored_keys, keys)
-            for earlier in added:
-                new &= ~np.isin(keys, earlier)
             if new.any():
                 contexts_table.add(contexts.filter(pa.array(new)))
-                added.append(keys[new])
+                stored_keys = np.union1d(stored_keys, keys[new])
 
         if isinstance(examples, CompactExamples):
             conflicts = self._add_vocabulary(vocabulary_table, model, examples.vocabulary)
             for contexts, rows in examples.batches:
-                add_contexts(examples.with_own_strings(contexts, conflicts))
                 _check_compact(rows, coder_id, width)
-                if len(conflicts):  # a peak whose stored string is not this vocabulary's: token search reads the context
-                    peak = rows["peak_token"].to_numpy()
-                    rows = rows.set_column(rows.schema.get_field_index("peak_token"), rows.schema.field("peak_token"),
-                                           pa.array(np.where(np.isin(peak, conflicts), -1, peak).astype(np.int32)))
+                contexts, rows = examples.resolved(contexts, rows, conflicts)
+                add_contexts(contexts)
                 yield rows
             return
         vocabulary = self.vocabulary(model)
@@ -334,14 +329,13 @@ class FeatureStore:
         ids whose stored string differs are returned (contexts showing them keep their own strings)."""
         if strings is None:
             return np.zeros(0, dtype=np.int64)
-        stored = self.vocabulary(model)
-        known = np.asarray(stored.take(np.arange(len(strings))).is_valid())
+        stored = self.vocabulary(model).take(np.arange(len(strings)))
+        known = np.asarray(stored.is_valid())
         if not known.all():
             missing = np.flatnonzero(~known)
             table.add(vocabulary_rows(model, strings[missing], missing))
             self._vocabulary_version = (float("-inf"), -1)  # read it again
-        stored_strings = np.asarray(stored.take(np.arange(len(strings))).to_pylist(), dtype=object)
-        return np.flatnonzero(known & (stored_strings != strings))
+        return np.flatnonzero(known & (np.asarray(stored.to_pylist(), dtype=object) != strings))
 
     def vocabulary(self, model: str) -> Vocabulary:
         """One model's stored token strings (cached until the vocabulary table changes)."""
