@@ -175,6 +175,13 @@ def finalize(db: str) -> None:
 @click.option("--top-k", type=click.IntRange(min=1), default=32, show_default=True, help="Top activating contexts kept per feature.")
 @click.option("--interval-samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Random contexts kept per activation interval (16 equal-width intervals).")
+@click.option("--cooccurrence", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Per feature, keep this many features (of every coder of the pass) that fire on the same tokens "
+                   "most, by Jaccard; 0 turns counting off.")
+@click.option("--cooccurrence-tokens", type=click.IntRange(min=1, max=1 << 24), default=1 << 14, show_default=True,
+              help="Count co-firing on at most this many tokens: a fixed random sample of the corpus when it is "
+                   "larger (the catalogue records how many). The cost grows with it times the features firing a "
+                   "token squared.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Contexts per forward pass.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -196,7 +203,7 @@ def finalize(db: str) -> None:
                    "(when their statistics do not fit on one device); every group reads the whole corpus.")
 @quiet_option
 def index(model, coders, coders_from, memory, plan_only, as_json, corpus, db, tokens, context, top_k, interval_samples,
-          batch_size, device, dtype, outlier_ratio, resume, replace_coders, checkpoint_seconds, work_dir, distributed,
+          cooccurrence, cooccurrence_tokens, batch_size, device, dtype, outlier_ratio, resume, replace_coders, checkpoint_seconds, work_dir, distributed,
           coder_groups, quiet):
     """Run a corpus through a model and its coders; store per-feature statistics and examples.
 
@@ -204,6 +211,7 @@ def index(model, coders, coders_from, memory, plan_only, as_json, corpus, db, to
     its share of the corpus and rank 0 writes one catalogue, equal to a single-process run's;
     with --coder-groups G each group of world/G processes holds only its share of the coders.
     """
+    from featuredb.indexer.cooccurrence import CooccurrenceConfig
     from featuredb.indexer.plan import human, parse_size
     from featuredb.indexer.run import IndexConfig, plan_only as make_plan, run_index
     from featuredb.indexer.stats import StatsConfig
@@ -217,6 +225,7 @@ def index(model, coders, coders_from, memory, plan_only, as_json, corpus, db, to
     config = IndexConfig(
         model=model, coders=specs, corpus=corpus, db=db, tokens=tokens, context=context,
         batch_size=batch_size, stats=StatsConfig(top_k=top_k, interval_per_bin=interval_samples),
+        cooccurrence=CooccurrenceConfig(top_n=cooccurrence, sample_tokens=cooccurrence_tokens),
         device=device, dtype=dtype, outlier_ratio=outlier_ratio, resume=resume, replace=replace_coders,
         work_dir=work_dir, checkpoint_seconds=checkpoint_seconds, progress=not quiet, distributed=distributed,
         coder_groups=coder_groups, memory=parse_size(memory) if memory is not None else None,
@@ -386,18 +395,56 @@ def fires(text, coder_ids, by, positions, max_density, limit, per_token, device,
 
 
 @main.command()
+@click.argument("texts", nargs=-1, required=True, metavar="TEXT...")
+@click.option("--not", "negatives", multiple=True, metavar="TEXT",
+              help="A negative example: none of its tokens carries the concept (repeatable; no marks).")
+@click.option("--by", type=click.Choice(["f1", "auroc", "precision"]), default="f1", show_default=True,
+              help="Rank by F1 of firing (activation > 0) on the marked tokens, AUROC of the activations, or precision.")
+@coder_option()
+@click.option("--layer", type=int, multiple=True, help="Only this layer (repeatable).")
+@click.option("--max-density", type=float, default=None, help="Only features at most this dense.")
+@click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of features.")
+@click.option("--device", default=None, help="cpu (default), cuda, ...")
+@click.option("--model", default=None, help="Subject model to run (default: the one the coders record).")
+@db_option
+@json_option
+@trust_option
+def find(texts, negatives, by, coder_ids, layer, max_density, limit, device, model, db, as_json, trust_models):
+    """Features that fire on the tokens marked [[like this]] in each TEXT and not on the others.
+
+    A TEXT without marks counts as positive throughout; --not texts and the unmarked tokens of
+    the TEXTs are the negatives. All texts run through the model once."""
+    from featuredb.query.where import where_conditions
+
+    cat = open_catalogue(db, trust_models)
+    query = cat.find(list(texts), list(negatives), by=by, device=device, model=model)
+    query = query.where(**where_conditions(layer, coder_ids, None, None, None, max_density)).limit(limit)
+    frame = query.to_polars()
+    if as_json:
+        echo_json(frame.to_dicts())
+    else:
+        from featuredb.query.render import find_results
+
+        click.echo(find_results(frame, by))
+
+
+@main.command()
 @click.argument("ref", metavar="CODER_ID/INDEX")
 @click.option("--within", is_flag=True, help="Only the same coder (default: every coder of the same model and space).")
+@click.option("--by", type=click.Choice(["decoder", "cooccurrence"]), default="decoder", show_default=True,
+              help="decoder: cosine of decoder directions; cooccurrence: features firing on the same tokens (Jaccard, "
+                   "counted while indexing).")
 @filter_options
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
 @db_option
 @json_option
-def similar(ref, within, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json):
-    """Features nearest to CODER_ID/INDEX by decoder-direction cosine."""
+def similar(ref, within, by, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json):
+    """Features nearest to CODER_ID/INDEX by decoder-direction cosine, or (--by cooccurrence) the
+    features that fire on the same tokens most (Jaccard)."""
     from featuredb.query.where import where_conditions
 
     coder_id, index = feature_ref(ref)
-    query = open_catalogue(db).similar(coder_id, index, across=not within)
+    query = open_catalogue(db).similar(coder_id, index, across=not within, by=by)
     query = query.where(**where_conditions(layer, coder_ids, site, model, min_density, max_density)).limit(limit)
     frame = query.to_polars()
     if as_json:
@@ -405,10 +452,10 @@ def similar(ref, within, layer, coder_ids, site, model, min_density, max_density
         return
     from featuredb.query.render import results
 
-    if not query.uses_decoder_vectors:
+    if by == "decoder" and not query.uses_decoder_vectors:
         click.echo("note: no decoder vectors stored for this coder; showing the stored within-coder neighbours",
                    err=True)
-    click.echo(results(frame, score="cosine") if frame.height else "no similar features")
+    click.echo(results(frame, score="cosine" if by == "decoder" else "jaccard") if frame.height else "no similar features")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ directions, then finalizes (indexes) and measures:
 - p50 / p99 over >= 200 queries each: semantic search (through the index), keyword search,
   semantic search filtered by layer + density, one feature's page (`Catalogue.feature`),
   `similar`, `with_token`; recall@10 of semantic search against exact search;
-- optionally (--s3) the same queries on a copy of the catalogue in an object store (a local moto
-  S3 server; it keeps objects in memory, so --s3-features sizes the copy).
+- optionally (--s3) the same queries on a copy of the catalogue in an object store: the S3 server
+  at AWS_ENDPOINT_URL (credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION), else a
+  local moto server (in memory, and it reads a whole object for every ranged GET: a functional
+  check only). Offline, s3rver (npm, files on disk, ranged GETs served as ranges) stands in for
+  MinIO; docs/benchmarks.md gives the commands.
 
 Synthetic data, real shapes: descriptions and their 384-d vectors as scripts/bench_query.py makes
 them (clustered around real MiniLM embeddings of concept phrases); statistics and logit tables
@@ -22,6 +25,8 @@ corpus of --contexts windows; per example top-K 32 + 2 x 16 interval samples wit
 
     python scripts/bench_catalogue.py --features 2M                 # build + measure
     python scripts/bench_catalogue.py --features 2M --no-build --s3 --s3-features 200k
+    AWS_ENDPOINT_URL=http://127.0.0.1:4568 AWS_ACCESS_KEY_ID=S3RVER AWS_SECRET_ACCESS_KEY=S3RVER \
+        AWS_REGION=us-east-1 python scripts/bench_catalogue.py --features 5M --no-build --skip-local --s3
 """
 
 from __future__ import annotations
@@ -385,7 +390,7 @@ def main() -> None:
     parser.add_argument("--no-build", action="store_true", help="measure the catalogue already built")
     parser.add_argument("--build-only", action="store_true", help="build and report bytes, no queries")
     parser.add_argument("--no-finalize", action="store_true", help="with --build-only: time the writes alone")
-    parser.add_argument("--s3", action="store_true", help="also query a copy in a local moto S3 server")
+    parser.add_argument("--s3", action="store_true", help="also query a copy in an S3 server (AWS_ENDPOINT_URL, else a local moto server)")
     parser.add_argument("--s3-features", default=None, help="the size of the catalogue copied to S3 (built apart)")
     parser.add_argument("--s3-queries", type=int, default=None, help="queries of each kind on S3 (default --queries)")
     parser.add_argument("--skip-local", action="store_true", help="no local queries on the --features catalogue")
@@ -433,14 +438,15 @@ def main() -> None:
             build(s3_db, s3_n, Synth(s3_n, E, phrases, words), corpus, args.queries)
         s3_setup = json.loads((root / f"{s3_db.name}.setup.json").read_text())
         uri, server = s3_copy(s3_db, None)
-        print(f"object store ({uri}, moto, {s3_n:,} features):", flush=True)
+        served_by = "moto (in memory)" if server is not None else os.environ["AWS_ENDPOINT_URL"]
+        print(f"object store ({uri} at {served_by}, {s3_n:,} features):", flush=True)
         if s3_db != db:
             print("local disk, same catalogue:", flush=True)
             report["s3_local"] = measure(str(s3_db), Synth(s3_n, E, phrases, words), args.s3_queries or args.queries,
                                          s3_n, s3_setup)
             print("object store:", flush=True)
         report["s3"] = measure(uri, Synth(s3_n, E, phrases, words), args.s3_queries or args.queries, s3_n, s3_setup)
-        report["s3_features"] = s3_n
+        report["s3_features"], report["s3_endpoint"] = s3_n, served_by
         if server is not None:
             server.stop()
     if args.export_features:  # e.g. "16k,64k": peak RSS at each size (bounded memory: flat)

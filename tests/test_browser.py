@@ -1,7 +1,7 @@
 """The HTML pages in a real headless browser (Debian's Chromium driven by Playwright) against a
 live `featuredb serve` (uvicorn in a background thread) over a small indexed, described catalogue:
-search, token shading with hover values, the histogram, similar-feature links, the test-text box
-and the fires-on-text page.
+search, token shading with hover values, the histogram, similar-feature links, the test-text box,
+the fires-on-text page and the find-by-example form.
 """
 
 from __future__ import annotations
@@ -132,3 +132,16 @@ def test_fires_page_lists_features_that_fire(server, page):
     assert rows.count() >= 1 and len(shaded_tokens(page.locator(".tok"))) >= 1
     rows.first.locator("a.fref").click()
     page.locator(".test-result").wait_for()  # the feature page opens with this text tested
+
+
+def test_find_form_draws_the_marked_tokens_under_each_result(server, page):
+    page.goto(f"{server}/")
+    page.fill("#positive-0", "The [[cat]] sat on the mat.")
+    page.fill("#negative-0", "The dog sat on the log.")
+    page.click("form.find-form button[type=submit]")
+    page.locator(".find-result").first.wait_for()
+    marked = page.locator(".find-result .tok.marked")
+    assert marked.count() >= 1 and marked.first.evaluate("e => getComputedStyle(e).boxShadow") not in ("", "none")
+    assert len(shaded_tokens(page.locator(".find-result .tok"))) >= 1  # every result fires on a marked token
+    assert page.locator("#positive-0").input_value() == "The [[cat]] sat on the mat."
+    assert page.locator("a.json-link").get_attribute("href").startswith("/api/find?")

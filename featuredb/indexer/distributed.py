@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from featuredb.errors import IndexingError
+from featuredb.indexer.cooccurrence import TokenSample
 from featuredb.indexer.stats import FeatureStats
 from featuredb.indexer.workdir import ContextStore, LoadedContexts
 
@@ -222,6 +223,19 @@ def _stats_tensors(stats: FeatureStats) -> list[torch.Tensor]:
     """The state as tensors on the stats' device, in a fixed order (the token count last)."""
     count = torch.tensor([stats.tokens_counted], dtype=torch.int64, device=stats.device)
     return [getattr(stats, name) for name in FeatureStats.TENSORS] + [count]
+
+
+def gather_samples(sample: TokenSample, shard: Shard) -> TokenSample | None:
+    """Every rank's co-occurrence token sample merged on rank 0 (None on the other ranks): the ranks
+    of a group hold parts of the stream, the groups hold other coders' features on the same tokens."""
+    parts: list | None = [None] * shard.world if shard.is_writer else None
+    dist.gather_object({name: t.cpu() for name, t in sample.state_dict().items()}, parts, dst=0)
+    if parts is None:
+        return None
+    merged = TokenSample(sample.capacity, sample.context)
+    for part in parts:
+        merged.merge(TokenSample.from_state(part))
+    return merged
 
 
 # ---------------------------------------------------------------------------- contexts

@@ -7,7 +7,7 @@ from flat numpy buffers and offsets: a 16k-wide coder has a million example rows
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +17,7 @@ from featuredb.indexer.geometry import LogitTables
 from featuredb.indexer.stats import FeatureStats
 from featuredb.indexer.workdir import PAD, ContextStore, LoadedContexts
 from featuredb.store.examples import CompactExamples, context_keys
-from featuredb.store.schema import contexts_schema, example_activations_schema
+from featuredb.store.schema import COOCCURRENCE_COLUMNS, contexts_schema, example_activations_schema
 
 TOP_TOKENS = 10
 # Rows are built and written this many features at a time (examples: ~64 rows per feature), and
@@ -161,20 +161,23 @@ def top_token_counts(stats: FeatureStats, contexts: ContextStore | LoadedContext
 
 def feature_batches(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours: tuple[torch.Tensor, torch.Tensor],
                     contexts: ContextStore | LoadedContexts, vocab: np.ndarray, slots: list[tuple[int, str]] | None = None,
-                    layer_write: torch.Tensor | None = None, batch_features: int | None = None) -> Iterator[dict]:
+                    layer_write: torch.Tensor | None = None, batch_features: int | None = None,
+                    cooccurring: Callable[[slice], dict] | None = None) -> Iterator[dict]:
     """The coder's feature rows, a batch of features at a time (see feature_rows)."""
     batch_features = batch_features or FEATURES_PER_BATCH
     for start in range(0, stats.width, batch_features):
         features = slice(start, min(start + batch_features, stats.width))
-        yield feature_rows(sae, stats, logits, neighbours, contexts, vocab, slots, layer_write, features)
+        yield feature_rows(sae, stats, logits, neighbours, contexts, vocab, slots, layer_write, features, cooccurring)
 
 
 def feature_rows(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours: tuple[torch.Tensor, torch.Tensor],
                  contexts: ContextStore | LoadedContexts, vocab: np.ndarray, slots: list[tuple[int, str]] | None = None,
-                 layer_write: torch.Tensor | None = None, features: slice = slice(None)) -> dict:
+                 layer_write: torch.Tensor | None = None, features: slice = slice(None),
+                 cooccurring: Callable[[slice], dict] | None = None) -> dict:
     """Rows of `features` (default all). `slots`: the (layer, hook) each slot of features reads,
     layer-major (default: the coder's one); `layer_write` [F, output layers]: a multi-layer coder's
-    decoder norm per output layer."""
+    decoder norm per output layer; `cooccurring`: the co-occurrence columns of a slice of features
+    (cooccurrence.Partners.for_coder), None when not counted."""
     index = np.arange(stats.width, dtype=np.int64)[features]
     F = len(index)
     slots = slots or [(sae["layer"], sae["hook"])]
@@ -214,4 +217,5 @@ def feature_rows(sae: dict, stats: FeatureStats, logits: LogitTables, neighbours
         "embedding_model": [None] * F,
         "vector": [None] * F,
         "layer_write": [None] * F if layer_write is None else as_lists(layer_write.float()),
+        **(dict.fromkeys(COOCCURRENCE_COLUMNS, [None] * F) if cooccurring is None else cooccurring(features)),
     }

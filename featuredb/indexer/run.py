@@ -29,10 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from featuredb.errors import CoderError, CorpusError, IndexingError
+from featuredb.indexer.cooccurrence import CooccurrenceConfig, Partners, TokenSample
 from featuredb.indexer.corpus import Window, iter_windows
 from featuredb.indexer.distributed import (SINGLE, Shard, barrier, decided_by_writer, gather_contexts,
-                                           gather_example_contexts, process_group, rank_device, receive_stats,
-                                           reduce_stats, send_stats, shard_from_env)
+                                           gather_example_contexts, gather_samples, process_group, rank_device,
+                                           receive_stats, reduce_stats, send_stats, shard_from_env)
 from featuredb.indexer.geometry import decoder_neighbours, logit_tables
 from featuredb.indexer.plan import Pass, Plan, PlannedCoder, human, model_weight_bytes, plan_passes, planned_coders
 from featuredb.indexer.preflight import check_replacements, coder_headers, default_budget_for, refuse_duplicate_ids
@@ -48,7 +49,7 @@ from featuredb.store import FeatureStore
 from featuredb.store.connect import is_remote
 from featuredb.store.decoder_vectors import write_decoder_vectors
 
-CHECKPOINT_FORMAT = 3  # part of the fingerprint: work dirs of an older layout are not resumed
+CHECKPOINT_FORMAT = 4  # part of the fingerprint: work dirs of an older layout are not resumed
 
 
 @dataclass
@@ -61,6 +62,9 @@ class IndexConfig:
     context: int = 128
     batch_size: int = 16  # contexts per forward pass
     stats: StatsConfig = field(default_factory=StatsConfig)
+    # features that fire together (indexer/cooccurrence.py): partners kept per feature (0: off), and
+    # the tokens they are counted on (a fixed random sample when the corpus is larger)
+    cooccurrence: CooccurrenceConfig = field(default_factory=CooccurrenceConfig)
     device: str | None = None  # default: cuda when available
     dtype: str | None = None  # model dtype; default float32 on CPU, bfloat16 on CUDA
     resume: bool = False
@@ -83,6 +87,7 @@ class IndexConfig:
         checked on their own, for a clearer error)."""
         keys = dict(model=self.model, coders=self.coders, corpus=str(self.corpus), tokens=self.tokens,
                     context=self.context, batch_size=self.batch_size, stats=asdict(self.stats),
+                    cooccurrence=asdict(self.cooccurrence),
                     outlier_ratio=self.outlier_ratio, format=CHECKPOINT_FORMAT)
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -242,6 +247,7 @@ class Run:
     progress: Progress  # where this rank stands in the corpus stream of this pass
     checkpoints: Checkpoints  # this rank's
     contexts: ContextStore  # the token ids of the contexts this rank indexed (stored by the first pass)
+    sample: TokenSample | None  # the tokens co-occurrence is counted on (None: not counted)
 
     @classmethod
     def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path, store: FeatureStore | None,
@@ -250,7 +256,7 @@ class Run:
         (a fresh run's first pass starts from an empty work dir); None when the run being resumed
         already wrote this pass."""
         planned = plan.passes[pass_index]
-        progress, states = _restore_or_start_over(config, shard, work_dir, plan, pass_index)
+        progress, states, sample_state = _restore_or_start_over(config, shard, work_dir, plan, pass_index)
         if progress.pass_index > pass_index:
             return None
         mine = [c for c, g in zip(planned.coders, planned.group_of) if g == shard.group]
@@ -266,11 +272,14 @@ class Run:
                                     "other settings; run without --resume to start over")
             for s, state in zip(stats, states):
                 s.load_state_dict(state)
+        sample = TokenSample(config.cooccurrence.sample_tokens, config.context) if config.cooccurrence.enabled else None
+        if sample is not None and sample_state is not None:
+            sample.load_state_dict(sample_state)
         own_dir = rank_dir(work_dir, shard.rank, shard.world)
         contexts = ContextStore(own_dir, config.context)
         contexts.truncate(progress.contexts, progress.docs_started)
         return cls(config, shard, work_dir, store, model, planned, coders, stats, progress, Checkpoints(own_dir),
-                   contexts)
+                   contexts, sample)
 
     @property
     def own_dir(self) -> Path:
@@ -279,6 +288,13 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def feature_offsets(self) -> dict[str, int]:
+        """Each coder of the pass (every group's): the pass-global id of its first feature."""
+        widths = [c.header.width for c in self.planned.coders]
+        starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()
+        return {c.coder_id: int(start) for c, start in zip(self.planned.coders, starts)}
 
     @property
     def hooks(self) -> list[str]:
@@ -350,6 +366,8 @@ class Run:
         first = progress.stream_contexts
         context_ids = torch.arange(first, first + len(batch.windows), device=device)
         context_index = np.arange(first, first + len(batch.windows))  # the same on the host: no device sync
+        sampled = None if self.sample is None else self.sample.candidates(context_ids, count_mask)
+        offsets = self.feature_offsets
         for coder, coder_stats in zip(self.coders, self.stats):
             mask, n_counted = _counted_by(coder, counts)
             acts = coder.encode_hooked(activations)
@@ -357,6 +375,10 @@ class Run:
             if peak is not None:
                 peak.saw_codes(acts)
             coder_stats.update(acts, context_ids, n_counted)
+            if sampled is not None:
+                sampled.add(acts, offsets[coder.coder_id])
+        if sampled is not None:
+            self.sample.merge(sampled)
 
         progress.tokens_counted += counted
         if progress.pass_index > 0:
@@ -368,7 +390,8 @@ class Run:
         progress.last_doc = batch.windows[-1].doc_ordinal
 
     def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.progress, [s.state_dict() for s in self.stats])
+        self.checkpoints.save(self.progress, [s.state_dict() for s in self.stats],
+                              None if self.sample is None else self.sample.state_dict())
 
     # --- writing the catalogue ------------------------------------------------------------------
 
@@ -376,12 +399,19 @@ class Run:
         """Merge every rank's statistics; rank 0 writes every coder's rows (the ids it wrote), the
         leaders of the other coder groups hand theirs over to it as it goes."""
         examples_from: ContextStore | LoadedContexts | None = self.contexts
+        sample = self.sample
         if self.shard.world > 1:
             reduce_stats(self.stats, self.shard)  # each group's leader (rank 0 for group 0) now holds its group's
             examples_from = gather_contexts(self.contexts, gather_example_contexts(self.stats, self.shard), self.shard)
+            if sample is not None:
+                sample = gather_samples(sample, self.shard)  # every rank's, merged on rank 0
         written = []
         if self.store is not None:
-            written = self.write_coders(self.store, self.every_coder(), examples_from)
+            partners = None
+            if sample is not None:  # over every coder of the pass, before the first is written
+                width = sum(c.header.width for c in self.planned.coders)
+                partners = sample.top_partners(width, self.config.cooccurrence.top_n, self.device)
+            written = self.write_coders(self.store, self.every_coder(), examples_from, partners)
         elif self.shard.groups > 1 and self.shard.member == 0:
             _hand_over(self.stats)  # to rank 0, as it writes
         barrier(self.shard)  # every rank keeps its checkpoint until the catalogue is written
@@ -403,13 +433,15 @@ class Run:
             del coder, coder_stats  # before the next coder arrives
 
     def write_coders(self, store: FeatureStore, coders: Iterator[tuple[Coder, FeatureStats]],
-                     contexts: ContextStore | LoadedContexts) -> list[str]:
-        """Write every coder's rows; returns their ids."""
+                     contexts: ContextStore | LoadedContexts, partners: Partners | None = None) -> list[str]:
+        """Write every coder's rows (with each feature's co-firing partners when counted); returns their ids."""
         unembed = self.model.unembed()
         vocab = vocabulary_strings(self.model.tokenizer, unembed.shape[0])
+        offsets = self.feature_offsets
         written = []
         for coder, coder_stats in coders:
-            record = coder_record(self.config, coder, self.progress)
+            record = coder_record(self.config, coder, self.progress, None if partners is None else partners.tokens)
+            cooccurring = None if partners is None else partners.for_coder(offsets[coder.coder_id], coder.width, offsets)
             # a multi-layer coder's decoder is read here, once, from its files (runtime/multilayer.py)
             total_write, layer_write = coder.decoder_summary()
             total_write = total_write.to(self.device)
@@ -420,7 +452,8 @@ class Run:
             replaced = store.write_coder(
                 record,
                 feature_batches(record, coder_stats, logits, neighbours, contexts, vocab,
-                                slots=list(zip(coder.layers, coder.hooks)), layer_write=layer_write),
+                                slots=list(zip(coder.layers, coder.hooks)), layer_write=layer_write,
+                                cooccurring=cooccurring),
                 compact_examples(coder.coder_id, record["model"], coder_stats, contexts, vocab),
             )
             # for similarity search across coders
@@ -632,7 +665,7 @@ def _check_coder_groups(work_dir: Path, shard: Shard) -> None:
 
 
 def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, plan: Plan,
-                           pass_index: int) -> tuple[Progress, list[dict] | None]:
+                           pass_index: int) -> tuple[Progress, list[dict] | None, dict | None]:
     """This rank's progress in pass `pass_index`, and its statistics when its checkpoint holds some
     (None: the pass starts with empty statistics). The first pass of a run that does not resume
     starts from an empty work dir; every later pass starts from the checkpoint the one before left."""
@@ -645,14 +678,14 @@ def _restore_or_start_over(config: IndexConfig, shard: Shard, work_dir: Path, pl
         return Progress(fingerprint=config.fingerprint(), coder_groups=shard.groups, replace=config.replace,
                         started_at=time.time(), plan=[{"coders": p.coder_ids, "groups": p.group_of}
                                                       for p in plan.passes],
-                        budget_bytes=plan.budget_bytes, budget_note=plan.budget_note), None
-    progress, states = saved
+                        budget_bytes=plan.budget_bytes, budget_note=plan.budget_note), None, None
+    progress, states, sample = saved
     if progress.fingerprint != config.fingerprint():
         raise IndexingError(f"the checkpoint in {own_dir} was made with other settings; "
                             "run without --resume to start over")
     if progress.pass_index != pass_index or (not states and progress.stream_batches == 0):
-        return progress, None  # a pass already written (skipped), or one that starts here
-    return progress, states
+        return progress, None, None  # a pass already written (skipped), or one that starts here
+    return progress, states, sample
 
 
 def _clear_work_dir(work_dir: Path, own_dir: Path, shard: Shard, whole: bool) -> None:
@@ -762,9 +795,10 @@ def _advance_stream(progress: Progress, windows: list[Window], counted: int) -> 
 # --- the catalogue's rows --------------------------------------------------------------------------
 
 
-def coder_record(config: IndexConfig, coder: Coder, progress: Progress) -> dict:
+def coder_record(config: IndexConfig, coder: Coder, progress: Progress, cooccurrence_tokens: int | None = None) -> dict:
     """The coder's row of the catalogue. A multi-layer coder's hook names every layer it reads
-    (model.layers.{5,9,12}.output), `layer` is the first of them and `layers` all of them."""
+    (model.layers.{5,9,12}.output), `layer` is the first of them and `layers` all of them;
+    `cooccurrence_tokens`: the tokens its features' co-firing partners were counted on."""
     if coder.kind in ("transcoder", "skip_transcoder", "clt"):
         site = "transcoder"
     else:
@@ -777,6 +811,7 @@ def coder_record(config: IndexConfig, coder: Coder, progress: Progress) -> dict:
         d_out=coder.d_out, width=coder.width, source=_absolute_if_local(coder.source),
         tokens_indexed=progress.stream_tokens, contexts_indexed=progress.stream_contexts, context=config.context,
         top_k=config.stats.top_k, layers=coder.layers if coder.kind in MULTI_LAYER_KINDS else None,
+        cooccurrence_tokens=cooccurrence_tokens,
     )
 
 

@@ -206,6 +206,9 @@ def _truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+SAMPLE_FILE = "cooccurrence.safetensors"
+
+
 class Checkpoints:
     def __init__(self, directory: Path):
         self.directory = directory
@@ -213,13 +216,16 @@ class Checkpoints:
         self.staging = directory / "checkpoint.tmp"
         self.previous = directory / "checkpoint.old"
 
-    def save(self, progress: Progress, states: list[dict]) -> None:
-        """Stage the new checkpoint, then swap it in; a failure while staging keeps the live one."""
+    def save(self, progress: Progress, states: list[dict], sample: dict | None = None) -> None:
+        """Stage the new checkpoint (each coder's statistics, and the co-occurrence token sample), then
+        swap it in; a failure while staging keeps the live one."""
         with writing("a checkpoint", self.directory, IndexingError):
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir(parents=True)
             for i, state in enumerate(states):
                 save_file(state, str(self.staging / f"coder_{i}.safetensors"))
+            if sample is not None:
+                save_file(sample, str(self.staging / SAMPLE_FILE))
             (self.staging / "progress.json").write_text(json.dumps(asdict(progress)))
             _fsync_dir(self.staging)
             shutil.rmtree(self.previous, ignore_errors=True)
@@ -228,7 +234,8 @@ class Checkpoints:
             os.replace(self.staging, self.live)
             shutil.rmtree(self.previous, ignore_errors=True)
 
-    def load(self) -> tuple[Progress, list[dict]] | None:
+    def load(self) -> tuple[Progress, list[dict], dict | None] | None:
+        """The saved progress, coder statistics and co-occurrence sample (None if not saved)."""
         candidate = self._saved()
         if candidate is None:
             return None
@@ -237,7 +244,8 @@ class Checkpoints:
         while (candidate / f"coder_{i}.safetensors").exists():
             states.append(load_file(str(candidate / f"coder_{i}.safetensors")))
             i += 1
-        return _read_progress(candidate), states
+        sample = load_file(str(candidate / SAMPLE_FILE)) if (candidate / SAMPLE_FILE).exists() else None
+        return _read_progress(candidate), states, sample
 
     def load_progress(self) -> Progress | None:
         """The saved progress alone (no statistics read)."""

@@ -12,6 +12,7 @@ featuredb.query.similar for decoder vectors (similarity search).
 from featuredb.errors import NotFound, QueryError, TooLarge
 from featuredb.query.builder import QueryBuilder
 from featuredb.query.catalogue import DEFAULT_DB, Catalogue, default_db, open
+from featuredb.query.find import FindQuery, FindResult
 from featuredb.query.fires_on import FiresOn
 from featuredb.query.reader import Reader
 from featuredb.query.search import SearchQuery
@@ -22,6 +23,8 @@ from featuredb.store.indexes import create_indexes, finalize, optimize
 __all__ = [
     "DEFAULT_DB",
     "Catalogue",
+    "FindQuery",
+    "FindResult",
     "FiresOn",
     "NotFound",
     "QueryBuilder",

@@ -7,6 +7,7 @@ similarity, in the fluent style of LanceDB's own API.
     cat.hybrid("Paris").to_polars()                                       # both, RRF-fused
     cat.feature("res-layer_12-width_16k", 123)                            # dict: everything
     cat.fires_on("The Eiffel tower is in Paris")                          # runs the model
+    cat.find(["The [[Eiffel]] tower", "[[Paris]] in May"]).to_polars()    # runs the model
     cat.with_token(" Paris").to_polars()                                  # stored contexts only
     cat.similar("res-layer_12-width_16k", 123).to_polars()                # decoder cosine
 
@@ -26,6 +27,7 @@ import polars as pl
 from featuredb.errors import QueryError
 from featuredb.query.builder import check_text
 from featuredb.query.feature_view import feature_dict, feature_index
+from featuredb.query.find import FindQuery, find_query
 from featuredb.query.fires_on import FiresOn, fires_on
 from featuredb.query.reader import Reader
 from featuredb.query.search import SearchQuery, finite_vector
@@ -106,16 +108,24 @@ class Catalogue:
         return fires_on(self.reader, text, coders=coders, by=by, positions=positions, max_density=max_density,
                         limit=limit, per_token=per_token, device=device, model=model)
 
+    def find(self, positives: str | list[str], negatives: str | list[str] | None = None, *, by: str = "f1",
+             coders: list[str] | str | None = None, device: str | None = None, model: str | None = None) -> FindQuery:
+        """Features that separate the tokens marked `[[like this]]` in the positive texts from every
+        other token (a positive text without marks counts throughout; negatives, never), ranked
+        by f1, auroc or precision. Runs the model once for all texts. See featuredb.query.find."""
+        return find_query(self.reader, positives, negatives, by=by, coders=coders, device=device, model=model)
+
     def with_token(self, token_or_phrase: str, *, window: int = 0) -> TokenQuery:
         """Features whose stored top examples peak on this token (or, with a phrase or a window,
         whose context around the peak contains it). No model needed."""
         return TokenQuery(self.reader, check_text(token_or_phrase, "token or phrase", 200), window=window)
 
-    def similar(self, coder_id: str, index: int, *, across: bool = True) -> SimilarQuery:
+    def similar(self, coder_id: str, index: int, *, across: bool = True, by: str = "decoder") -> SimilarQuery:
         """Nearest features by decoder-direction cosine: within the coder, and with across=True in
-        every coder of the same model whose decoder lives in the same space."""
+        every coder of the same model whose decoder lives in the same space. by="cooccurrence":
+        the features firing on the same tokens most (Jaccard; counted while indexing)."""
         coder = self.reader.coder_row(coder_id)
-        return SimilarQuery(self.reader, coder["coder_id"], feature_index(index, coder), across=bool(across))
+        return SimilarQuery(self.reader, coder["coder_id"], feature_index(index, coder), across=bool(across), by=by)
 
     def warm(self) -> None:
         """Load the search indexes into memory now (a server calls this at start)."""

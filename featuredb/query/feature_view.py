@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from featuredb.errors import NotFound, QueryError
-from featuredb.store.schema import hook_layers
+from featuredb.store.schema import COOCCURRENCE_COLUMNS, COOCCURRENCE_MIN_COUNT, hook_layers
 
 if TYPE_CHECKING:
     from featuredb.query.reader import StoredFeature
@@ -82,9 +82,28 @@ def layer_write(coder: dict, norms: list[float] | None) -> list[dict]:
             for layer, norm in zip(layers, norms)]
 
 
+def cooccurring(row: dict, labels: dict[tuple[str, int], dict]) -> list[dict]:
+    """The features that fire together with this one, best Jaccard first ([] when none was found
+    or none was counted: `cooccurrence_counted` tells which)."""
+    return [{"coder_id": coder_id, "feature": feature, "count": count, "jaccard": jaccard,
+             "layer": labels.get((coder_id, feature), {}).get("layer"),
+             "description": labels.get((coder_id, feature), {}).get("description")}
+            for coder_id, feature, count, jaccard in zip(*(row.get(c) or [] for c in COOCCURRENCE_COLUMNS))]
+
+
+def cooccurrence_counted(coder: dict, row: dict) -> dict | None:
+    """On how many tokens co-firing was counted (a sample when fewer than the coder's indexed
+    tokens), and the score; None when it was not (--cooccurrence 0, or an older featuredb)."""
+    tokens, indexed = coder.get("cooccurrence_tokens"), coder.get("tokens_indexed")
+    if row.get("cooccurring_features") is None or tokens is None:
+        return None
+    return {"tokens": tokens, "tokens_indexed": indexed, "sampled": indexed is not None and tokens < indexed,
+            "score": "jaccard", "min_count": COOCCURRENCE_MIN_COUNT}
+
+
 def feature_dict(coder: dict, stored: StoredFeature) -> dict:
     """Everything about one feature as plain values (what `Catalogue.feature` returns)."""
-    row, examples, neighbour_text = stored.row, stored.examples, stored.neighbour_text
+    row, examples, labels = stored.row, stored.examples, stored.labels
     counts = list(row["hist_counts"] or [])
     hist_max = float(row["hist_max"])
     edges = [hist_max * i / len(counts) for i in range(len(counts) + 1)] if counts else []
@@ -111,8 +130,10 @@ def feature_dict(coder: dict, stored: StoredFeature) -> dict:
             "bottom": [{"token": t, "id": i, "value": v} for t, i, v in
                        zip(row["bottom_logit_tokens"], row["bottom_logit_ids"], row["bottom_logit_values"])],
         },
-        "neighbours": [{"feature": f, "cosine": c, "description": neighbour_text.get(f)}
+        "neighbours": [{"feature": f, "cosine": c, "description": labels.get((row["coder_id"], f), {}).get("description")}
                        for f, c in zip(row["neighbours"], row["neighbour_cosines"])],
+        "cooccurring": cooccurring(row, labels),
+        "cooccurrence": cooccurrence_counted(coder, row),
         "top_tokens": [{"token": t, "count": c} for t, c in zip(row["top_tokens"], row["top_token_counts"])],
         "layer_write": layer_write(coder, row.get("layer_write")),
         "top_examples": examples_of_kind(examples, "top"),

@@ -1,4 +1,4 @@
-"""A subject model shared by concurrent requests (the server's fires_on).
+"""A subject model shared by concurrent requests (the server's fires_on and find).
 
 `SubjectModel.capture` registers forward hooks on the model's modules for the length of a pass,
 and hooks are shared by every thread: two captures at once record each other's activations (or
@@ -17,6 +17,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from featuredb.errors import QueryError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -63,14 +65,43 @@ class SharedModel:
         with self._tokenizer_lock:
             return [self.model.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in token_ids]
 
+    def token_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The text's token ids (as `token_ids` gives them) and each token's [start, end) characters
+        in the text. A fast tokenizer says where each token comes from; for a slow one the spans
+        are measured by decoding ever longer prefixes, which holds when the decoded tokens spell
+        the text back."""
+        with self._tokenizer_lock:
+            if getattr(self.model.tokenizer, "is_fast", False):
+                encoded = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                ids, spans = list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+            else:
+                ids = list(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+                spans = self._decoded_spans(text, ids)
+        if ids and ids[0] == self.model.bos_token_id:
+            ids, spans = ids[1:], spans[1:]
+        return ids, spans  # type: ignore[return-value]
+
+    def _decoded_spans(self, text: str, ids: list[int]) -> list[tuple[int, int]]:
+        ends = [len(self.model.tokenizer.decode(ids[:i + 1], clean_up_tokenization_spaces=False))
+                for i in range(len(ids))]
+        if self.model.tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
+            raise QueryError("the model's tokenizer gives no character offsets and does not spell this text back: "
+                             "cannot tell which tokens are marked")
+        return [(start, end) for start, end in zip([0, *ends[:-1]], ends)]
+
     def capture(self, token_ids: list[int], hooks: set[str]) -> dict[str, Tensor]:
         """Activations [1 + len(token_ids), d] at each hook for BOS + token_ids, as a lone pass gives them."""
-        request = _Request([self.model.bos_token_id, *token_ids], frozenset(hooks))
+        return self.capture_many([token_ids], hooks)[0]
+
+    def capture_many(self, texts: list[list[int]], hooks: set[str]) -> list[dict[str, Tensor]]:
+        """`capture` for several texts at once: they are queued together, so they share passes
+        (as many as fit one, see _next_batch) with each other and with anyone else's."""
+        requests = [_Request([self.model.bos_token_id, *token_ids], frozenset(hooks)) for token_ids in texts]
         with self._queue_lock:
-            self._queue.append(request)
+            self._queue.extend(requests)
         with self._forward_lock:
             # Whoever holds the lock runs the texts queued first; ours may already be answered.
-            while not request.done.is_set():
+            while not all(request.done.is_set() for request in requests):
                 batch = self._next_batch()
                 try:
                     self._run(batch)
@@ -78,10 +109,10 @@ class SharedModel:
                     for waiting in batch:
                         if not waiting.done.is_set():
                             waiting.answer(error=RuntimeError("the forward pass was interrupted"))
-        if request.error is not None:
-            raise request.error
-        assert request.activations is not None
-        return request.activations
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return [request.activations for request in requests]  # type: ignore[misc]
 
     def _next_batch(self) -> list[_Request]:
         """The longest run of queued requests (oldest first) that fits one pass."""

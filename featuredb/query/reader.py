@@ -108,7 +108,8 @@ class StoredFeature:
     row: dict  # the features row (without its vector)
     examples: pl.DataFrame  # its top and interval examples
     history: list[dict]  # its rows of the descriptions table
-    neighbour_text: dict[int, str | None]  # the description of each stored neighbour
+    # layer and description of each stored neighbour and co-firing partner, by (coder_id, feature)
+    labels: dict[tuple[str, int], dict]
 
 
 # --- the reader -----------------------------------------------------------------------------------
@@ -254,18 +255,25 @@ class Reader:
             if rows is None or rows.num_rows == 0:
                 raise NotFound(f"feature {index} of {coder_id!r} is not stored in the catalogue")
             row = rows.to_pylist()[0]
-            # the neighbours' descriptions while the examples are still being read
-            neighbour_text = self.descriptions(coder_id, row["neighbours"] or [])
+            # the neighbours' and partners' labels while the examples are still being read
+            partners = zip(row.get("cooccurring_coder_ids") or [], row.get("cooccurring_features") or [])
+            labels = self.feature_labels([(coder_id, f) for f in row["neighbours"] or []] + list(partners))
             examples, history = examples_future.result(), history_future.result()
         return StoredFeature(row=row, examples=pl.DataFrame() if examples is None else pl.from_arrow(examples),
-                             history=[] if history is None else history.to_pylist(), neighbour_text=neighbour_text)
+                             history=[] if history is None else history.to_pylist(), labels=labels)
 
-    def descriptions(self, coder_id: str, features: list[int]) -> dict[int, str | None]:
-        """The current description of each of a coder's `features`."""
-        if not features:
+    def feature_labels(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+        """{(coder_id, feature): {"layer", "description"}} of the stored features among `keys`, in one
+        query: the rows of every named coder x every named feature, cut down to `keys` here."""
+        if not keys:
             return {}
-        rows = self.feature_rows([(coder_id, f) for f in features], ["feature", "description"])
-        return dict(rows.iter_rows())
+        table = self.features_table()
+        where = Filter().isin("coder_id", sorted({c for c, _ in keys})).isin("feature", sorted({f for _, f in keys}))
+        rows = table.search().where(where.render(self.features_schema())) \
+            .select(["coder_id", "feature", "layer", "description"]).limit(None).to_arrow().to_pylist()
+        wanted = set(keys)
+        return {(r["coder_id"], r["feature"]): {"layer": r["layer"], "description": r["description"]}
+                for r in rows if (r["coder_id"], r["feature"]) in wanted}
 
     def warm(self) -> None:
         """Load the features table's indexes into memory now."""

@@ -130,6 +130,17 @@ def dashboard(feature: dict, examples: int = 5) -> str:
         lines.append("fires on:   " + "  ".join(f"{t['token']!r}×{t['count']}" for t in feature["top_tokens"]))
     if feature["neighbours"]:
         lines.append("neighbours: " + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in feature["neighbours"][:10]))
+    counted = feature.get("cooccurrence")
+    if counted is not None:
+        sample = f"a sample of {counted['tokens']:,} of {counted['tokens_indexed']:,} tokens" if counted["sampled"] \
+            else f"all {counted['tokens']:,} tokens"
+        lines.append(click.style(f"fires together with (Jaccard, on {sample})", bold=True))
+        for p in feature["cooccurring"][:10]:
+            text = printable(p["description"] or "(no description)")
+            lines.append(f"  {p['jaccard']:.3f}  ×{p['count']:<6} {printable(p['coder_id'])}/{p['feature']}  "
+                         f"L{p['layer']}  {text[:70] + '…' if len(text) > 70 else text}")
+        if not feature["cooccurring"]:
+            lines.append("  (none fired with it on at least 2 tokens)")
     if feature["top_examples"]:
         lines.append(click.style("top examples", bold=True))
         for ex in feature["top_examples"][:examples]:
@@ -159,6 +170,16 @@ def fires(result, per_token_rows: int = 3) -> str:
             cells = "  ".join(f"{r['coder_id']}/{r['feature']} {r['activation']:.3g}" for r in top)
             lines.append(f"  {position:>4} {result.tokens[position]!r:<14} {cells}")
     return "\n".join(lines)
+
+
+def find_results(frame: pl.DataFrame, by: str) -> str:
+    """`find`'s ranked features: score, how many marked / other tokens each fires on, and why."""
+    if frame.height == 0:
+        return "no feature fires on a marked token"
+    shown = frame.with_columns(
+        marked=pl.format("{}/{}", "marked_fired", "marked_tokens"), other=pl.format("{}/{}", "other_fired", "other_tokens"))
+    return table(shown, ["score", "coder_id", "feature", "layer", "marked", "other", "mean_marked", "description"],
+                 [by, "coder_id", "feature", "layer", "marked", "other", "mean act", "description"])
 
 
 def json_safe(value: Any) -> Any:

@@ -11,6 +11,9 @@ space are compared across coders; within a coder everything is comparable.
 after FeatureStore.write_coder); `Catalogue.similar` searches them with a vector index once
 `create_indexes`/`optimize` built one. A catalogue without decoder vectors falls back to the
 `neighbours` column that the indexer stores (top 10 within the coder).
+
+by="cooccurrence" ranks instead the features that fire on the same tokens (the features table's
+`cooccurring_*` columns, counted by the indexer over every coder of its pass): score = Jaccard.
 """
 
 from __future__ import annotations
@@ -23,23 +26,33 @@ import polars as pl
 from featuredb.errors import QueryError, one_line
 from featuredb.store import Filter, StoreError
 from featuredb.store.decoder_vectors import decoder_space
-from featuredb.store.schema import decoders_table_name
+from featuredb.store.schema import COOCCURRENCE_COLUMNS, decoders_table_name
 from featuredb.query.builder import QueryBuilder
 from featuredb.query.reader import scope_plan
 from featuredb.query.search import RESULT_COLUMNS, RESULT_SCHEMA, empty_results
 
 
+SIMILAR_BY = ("decoder", "cooccurrence")
+
+
 @dataclasses.dataclass(frozen=True)
 class SimilarQuery(QueryBuilder):
-    """Features nearest to one feature by decoder cosine (score = cosine similarity).
+    """Features nearest to one feature by decoder cosine (score = cosine similarity), or with
+    by="cooccurrence" the features that fire on the same tokens (score = Jaccard).
 
     across=False: the same coder only. across=True: every coder of the same model whose decoder
-    directions live in the same space (see the module docstring). `where` narrows further
-    (coder_id/layer/site/hook inside the index; density/max_activation after it)."""
+    directions live in the same space (see the module docstring); for co-occurrence, every coder
+    indexed in the same pass. `where` narrows further (coder_id/layer/site/hook inside the index;
+    density/max_activation after it)."""
 
     coder_id: str
     index: int
     across: bool = True
+    by: str = "decoder"
+
+    def __post_init__(self) -> None:
+        if self.by not in SIMILAR_BY:
+            raise QueryError(f"unknown similarity {self.by!r} (choose from {', '.join(SIMILAR_BY)})")
 
     @property
     def uses_decoder_vectors(self) -> bool:
@@ -55,6 +68,8 @@ class SimilarQuery(QueryBuilder):
         return table if table.count_rows(Filter().eq("coder_id", self.coder_id).render(table.schema)) else None
 
     def _execute(self, n: int) -> pl.DataFrame:
+        if self.by == "cooccurrence":
+            return self._from_cooccurrence(n)
         table = self._table()
         if table is None:
             return self._from_neighbours(n)
@@ -112,6 +127,28 @@ class SimilarQuery(QueryBuilder):
                             schema={"coder_id": pl.String, "feature": pl.Int64, "score": pl.Float64})
         if self.conditions.eq and self.coder_id not in self.conditions.matching_coders(reader.coder_table())["coder_id"].to_list():
             hits = hits.head(0)
+        return self._finish(hits, n)
+
+    def _from_cooccurrence(self, n: int) -> pl.DataFrame:
+        """The stored co-firing partners (best Jaccard first), narrowed by `where`."""
+        reader = self.reader
+        schema = reader.features_schema()
+        if "cooccurring_features" not in schema.names:
+            raise QueryError("this catalogue has no co-occurrence counts (indexed by an older featuredb): index it again")
+        rows = reader.feature_rows([(self.coder_id, self.index)], list(COOCCURRENCE_COLUMNS)).to_dicts()
+        if not rows:
+            raise QueryError(f"feature {self.index} of {self.coder_id!r} is not stored in the catalogue")
+        row = rows[0]
+        if row["cooccurring_features"] is None:
+            raise QueryError(f"co-occurrence was not counted for {self.coder_id!r} (indexed with --cooccurrence 0)")
+        hits = pl.DataFrame({"coder_id": row["cooccurring_coder_ids"], "feature": row["cooccurring_features"],
+                             "score": row["cooccurring_jaccard"]},
+                            schema={"coder_id": pl.String, "feature": pl.Int64, "score": pl.Float64})
+        if not self.across:
+            hits = hits.filter(pl.col("coder_id") == self.coder_id)
+        if self.conditions.eq:
+            hits = hits.filter(pl.col("coder_id").is_in(
+                self.conditions.matching_coders(reader.coder_table())["coder_id"].to_list()))
         return self._finish(hits, n)
 
     def _finish(self, hits: pl.DataFrame, n: int) -> pl.DataFrame:

@@ -21,7 +21,10 @@ from featuredb.server.views import (
     Strings,
     examples_view,
     feature_view,
+    FindBy,
+    Ints,
     filters,
+    find_view,
     fires_view,
     page,
     coders_view,
@@ -39,7 +42,7 @@ class Error(BaseModel):
 
 
 ERRORS = {400: "bad request (the message says what is wrong)", 404: "unknown coder or feature",
-          413: "text too long", 422: "a parameter of the wrong type or out of range"}
+          413: "text too long, or too many examples", 422: "a parameter of the wrong type or out of range"}
 router = APIRouter(prefix="/api", tags=["api"],
                    responses={status: {"model": Error, "description": text} for status, text in ERRORS.items()})
 FeatureLimit = Annotated[int, Query(ge=1, le=100, description="Features returned.")]
@@ -67,10 +70,11 @@ def examples(cat: Cat, coder_id: str, index: str, kind: ExampleKind = "top", pag
 
 
 @router.get("/features/{coder_id}/{index}/similar")
-def similar(cat: Cat, coder_id: str, index: str, within: bool = False, chosen: Filters = Depends(filters),
-            paging: Page = Depends(page)) -> dict:
-    """Features nearest to this one by decoder-direction cosine (within=true: same coder only)."""
-    return similar_view(cat, coder_id, index, within, chosen, paging)
+def similar(cat: Cat, coder_id: str, index: str, within: bool = False, by: Literal["decoder", "cooccurrence"] = "decoder",
+            chosen: Filters = Depends(filters), paging: Page = Depends(page)) -> dict:
+    """Features nearest to this one by decoder-direction cosine (within=true: same coder only), or
+    by=cooccurrence: the features firing on the same tokens most (score = Jaccard)."""
+    return similar_view(cat, coder_id, index, within, chosen, paging, by)
 
 
 @router.get("/features/{coder_id}/{index}")
@@ -103,3 +107,30 @@ class FiresRequest(BaseModel):
 def fires_on_post(cat: Cat, body: FiresRequest) -> dict:
     """fires_on with a JSON body: {"text": ..., "coder": [...], "by": "max", ...}."""
     return fires_view(cat, body.text, body.coder, body.by, body.max_density, body.limit, body.per_token)
+
+
+class FindRequest(BaseModel):
+    """find: texts with the concept's tokens marked [[like this]] (a text without marks is positive
+    throughout), negative texts without marks, and the usual filters."""
+
+    positives: list[str]
+    negatives: list[str] = []
+    by: FindBy = "f1"
+    coder: list[str] = []
+    layer: list[int] = []
+    max_density: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    limit: int = Field(10, ge=1, le=100)
+
+
+@router.post("/find")
+def find(cat: Cat, body: FindRequest) -> dict:
+    """Features whose activation separates the marked tokens from the others (runs the model once
+    for every example): {"positives": ["x = [[1]]", ...], "negatives": [...], "by": "f1", ...}."""
+    return find_view(cat, body.positives, body.negatives, body.by, body.coder, body.layer, body.max_density, body.limit)
+
+
+@router.get("/find")
+def find_get(cat: Cat, positive: Strings, negative: Strings = [], by: FindBy = "f1", coder: Strings = [],
+             layer: Ints = [], max_density: Density = None, limit: FeatureLimit = 10) -> dict:
+    """find with the texts as query parameters (the find page's JSON twin): positive=...&negative=..."""
+    return find_view(cat, positive, negative, by, coder, layer, max_density, limit)

@@ -1,7 +1,8 @@
 """The HTML pages: Jinja2 templates rendered on the server from the same views as the JSON API.
 
-Pages: `/` (search, with filters and paging), `/features/{coder_id}/{index}` (a Neuronpedia-style
-feature dashboard with a test-text box), `/fires` (which features fire on a text). Every page
+Pages: `/` (search, with filters and paging, and the find-by-example form),
+`/features/{coder_id}/{index}` (a Neuronpedia-style feature dashboard with a test-text box),
+`/fires` (which features fire on a text), `/find` (features that fire on marked tokens). Every page
 links its JSON twin. Autoescaping is on, so tokens such as `<script>` render as text.
 """
 
@@ -106,4 +107,16 @@ def fires_page(request: Request, cat: views.Cat, text: Text = None, coder: views
     return templates.TemplateResponse(request, "fires.html", {
         "result": result, "text": text or "", "by": by, "max_density": max_density, "chosen_coders": coder,
         "coders": views.coders_view(cat)["coders"], "json_url": _twin(request, "/api/fires_on") if result else None,
+    })
+
+
+@router.get("/find")
+def find_page(request: Request, cat: views.Cat, positive: views.Strings = [], negative: views.Strings = [],
+              by: views.FindBy = "f1", coder: views.Strings = [], layer: views.Ints = [],
+              max_density: views.Density = None, limit: Annotated[int, Query(ge=1, le=100)] = 10):
+    result = views.find_view(cat, positive, negative, by, coder, layer, max_density, limit) if positive else None
+    return templates.TemplateResponse(request, "find.html", {
+        "result": result, "positives": positive, "negatives": negative, "by": by, "chosen_coders": coder,
+        "chosen_layers": layer, "max_density": max_density, "coders": views.coders_view(cat)["coders"],
+        "json_url": _twin(request, "/api/find") if result else None,
     })

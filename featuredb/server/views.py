@@ -48,6 +48,7 @@ def _blank_to_none(value: Any) -> Any:
 
 _Blank = BeforeValidator(_blank_to_none)
 Strings = Annotated[list[str], Query(), _Blank]
+Ints = Annotated[list[int], Query(), _Blank]
 Density = Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False), _Blank]
 
 
@@ -135,13 +136,15 @@ def examples_view(cat: Catalogue, coder_id: str, index: str, kind: ExampleKind, 
             **_page_of(window, paging)}
 
 
-def similar_view(cat: Catalogue, coder_id: str, index: str, within: bool, chosen: Filters, paging: Page) -> dict:
-    """One page of the features nearest to one feature by decoder-direction cosine."""
+def similar_view(cat: Catalogue, coder_id: str, index: str, within: bool, chosen: Filters, paging: Page,
+                 by: str = "decoder") -> dict:
+    """One page of the features nearest to one feature by decoder-direction cosine, or (by
+    "cooccurrence") of those firing on the same tokens most."""
     coder_id, number = _feature_key(coder_id, index)
-    query = cat.similar(coder_id, number, across=not within).where(**chosen.where())
+    query = cat.similar(coder_id, number, across=not within, by=by).where(**chosen.where())
     rows = query.offset(paging.offset).limit(paging.limit + 1).to_list()
-    return {"coder_id": coder_id, "feature": number, "within": within, "filters": asdict(chosen),
-            "uses_decoder_vectors": query.uses_decoder_vectors, **_page_of(rows, paging)}
+    return {"coder_id": coder_id, "feature": number, "within": within, "by": by, "filters": asdict(chosen),
+            "uses_decoder_vectors": by == "decoder" and query.uses_decoder_vectors, **_page_of(rows, paging)}
 
 
 def fires_view(cat: Catalogue, text: str, coders: list[str], by: Literal["max", "sum"], max_density: float | None,
@@ -150,6 +153,21 @@ def fires_view(cat: Catalogue, text: str, coders: list[str], by: Literal["max", 
     _check_text_size(text)
     result = cat.fires_on(text, coders=coders or None, by=by, max_density=max_density, limit=limit, per_token=per_token)
     return {"text": text, "max_density": max_density, **result.to_dict()}
+
+
+FindBy = Literal["f1", "auroc", "precision"]
+
+
+def find_view(cat: Catalogue, positives: list[str], negatives: list[str], by: FindBy, coders: list[str],
+              layers: list[int], max_density: float | None, limit: int) -> dict:
+    """The features that separate the marked tokens of the positive examples from every other
+    token (runs the model once for all examples): ranked rows, each with its activation on every
+    token of every example, and the examples as tokens with their marks."""
+    query = cat.find(positives, negatives, by=by).where(**where_conditions(layers, coders, None, None, None, max_density))
+    result = query.limit(limit).result()
+    return {"positives": positives, "negatives": negatives, "filters": {"coder": coders, "layer": layers,
+                                                                         "max_density": max_density},
+            **result.to_dict()}
 
 
 # --- helpers -----------------------------------------------------------------------------------

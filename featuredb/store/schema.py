@@ -99,6 +99,9 @@ def coders_schema() -> pa.Schema:
             # order (features are numbered slot-major); null for a single-layer coder. Last: added
             # to older catalogues in place (store.feature_store).
             _optional("layers", pa.list_(pa.int32())),
+            # Counted tokens its features' co-firing partners (features.cooccurring_*) were counted
+            # on: every token of the run, or a fixed random sample of them; null when not counted.
+            _optional("cooccurrence_tokens", pa.int64()),
         ]
     )
 
@@ -136,8 +139,19 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM, vector_type: pa.DataTy
             # A multi-layer coder's feature: the norm of its decoder vector at each output layer (the
             # layers of the coder's hook_out, in order); null for a single-layer coder.
             _optional("layer_write", pa.list_(pa.float32())),
+            # Features that fire together with this one on the same tokens (indexer/cooccurrence.py),
+            # best Jaccard first: partner coder and feature, tokens where both fire, Jaccard; null
+            # when not counted. The coder's `cooccurrence_tokens` says how many tokens were counted.
+            _optional("cooccurring_coder_ids", pa.list_(pa.string())),
+            _optional("cooccurring_features", pa.list_(pa.int64())),
+            _optional("cooccurring_counts", pa.list_(pa.int64())),
+            _optional("cooccurring_jaccard", pa.list_(pa.float32())),
         ]
     )
+
+
+COOCCURRENCE_COLUMNS = ("cooccurring_coder_ids", "cooccurring_features", "cooccurring_counts", "cooccurring_jaccard")
+COOCCURRENCE_MIN_COUNT = 2  # a partner fires with the feature on at least this many tokens: one is not evidence
 
 
 def _example_key_columns() -> list[pa.Field]:

@@ -1,0 +1,294 @@
+"""Features that fire together: per feature, the features of the same pass (every coder of it) that
+fire on the same tokens most often, counted exactly on a fixed random sample of tokens.
+
+Counting every pair over a corpus costs sum over tokens of (features firing there)^2: the demo's
+coders fire ~420 features a token together, ~90k pairs a token. So the pairs are counted on a
+sample of at most `sample_tokens` counted tokens: the ones with the lowest hash priority
+hash(context, position). A bottom-k by a fixed hash is a uniform random sample that merges
+exactly (union, keep the k lowest), so a resumed run and a torchrun job sample the same tokens
+as one process; coder groups, which each see the whole stream, sample the same tokens too and
+their feature lists are joined per token. A corpus of at most `sample_tokens` tokens is counted
+in full.
+
+State (bounded by the sample, not by the corpus or the coders' width): per sampled token its
+priority, its key (context * T + position) and the pass-global ids of the features firing on it
+(coder offset + feature, coders in the pass's order), as CSR.
+
+At the end, per feature i with n_i firings in the sample, every partner j != i with c_ij >= MIN_COUNT
+tokens where both fire is scored by Jaccard c_ij / (n_i + n_j - c_ij); the `top_n` best are kept
+(ties: larger count, then lower id). The counts come from a sparse product A^T A of the sample's
+token x feature matrix, taken a block of features at a time so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from featuredb.indexer.stats import hash_priority
+from featuredb.store.schema import COOCCURRENCE_MIN_COUNT
+
+MIN_COUNT = COOCCURRENCE_MIN_COUNT  # a pair seen on one token only is not evidence of anything
+DEFAULT_TOP_N = 10
+DEFAULT_SAMPLE_TOKENS = 1 << 14
+_SEED = 0x5EED  # fixed: every run of a corpus samples the same tokens
+_BLOCK_PAIRS = 1 << 24  # pair products per sparse block: bounds the block's output and its sort
+
+
+@dataclass(frozen=True)
+class CooccurrenceConfig:
+    top_n: int = DEFAULT_TOP_N  # partners kept per feature; 0 turns counting off
+    sample_tokens: int = DEFAULT_SAMPLE_TOKENS  # tokens the pairs are counted on (at most)
+
+    def __post_init__(self):
+        if self.top_n < 0 or self.sample_tokens < 1:
+            raise ValueError("co-occurrence: top_n must be >= 0 and sample_tokens >= 1")
+        if self.sample_tokens > 1 << 24:  # counts are summed in float32: exact below 2**24
+            raise ValueError("co-occurrence: at most 16,777,216 sampled tokens")
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_n > 0
+
+
+def sample_bytes(config: CooccurrenceConfig, features_per_token: float) -> int:
+    """Host bytes the sample holds when full, with this many features firing per token (the
+    pass's summed L0): priority, key and offset (8 B each) per token, 8 B per firing."""
+    if not config.enabled:
+        return 0
+    return int(config.sample_tokens * (24 + 8 * features_per_token))
+
+
+class TokenSample:
+    """The bottom-`capacity` counted tokens of the stream by hash priority, with the pass-global ids
+    of the features firing on each. Kept on the host: it is small and the device stays free."""
+
+    def __init__(self, capacity: int, context: int):
+        self.capacity, self.context = capacity, context
+        self.priority = torch.zeros(0, dtype=torch.int64)
+        self.key = torch.zeros(0, dtype=torch.int64)
+        self.offsets = torch.zeros(1, dtype=torch.int64)  # CSR row pointers into `features`
+        self.features = torch.zeros(0, dtype=torch.int64)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.key)
+
+    # --- streaming ------------------------------------------------------------------------------
+
+    def candidates(self, context_ids: Tensor, count_mask: Tensor) -> BatchCandidates | None:
+        """The batch's counted tokens that can enter the sample (None when none can): those below the
+        sample's current worst priority. context_ids [B]; count_mask [B, T]."""
+        B, T = count_mask.shape
+        key = (context_ids.long()[:, None] * T + torch.arange(T, device=context_ids.device)).cpu()
+        priority = hash_priority(key, torch.zeros_like(key), _SEED)
+        eligible = count_mask.cpu().bool()
+        if self.tokens >= self.capacity:
+            eligible &= priority <= self.priority.max()  # a tie may still win on its key
+        rows, positions = eligible.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return None
+        return BatchCandidates(rows, positions, priority[rows, positions], key[rows, positions])
+
+    def merge(self, other: TokenSample | BatchCandidates) -> None:
+        """Fold in more tokens (a batch's candidates, or another rank's sample) and keep the bottom
+        `capacity`. A token already held (another coder group's part of it) gets its features joined."""
+        other_offsets, other_features = other.offsets, other.features
+        priority = torch.cat([self.priority, other.priority])
+        key = torch.cat([self.key, other.key])
+        owner = torch.cat([torch.arange(self.tokens), self.tokens + torch.arange(len(other.key))])
+        entry_token = torch.cat([_row_of_entries(self.offsets), self.tokens + _row_of_entries(other_offsets)])
+        features = torch.cat([self.features, other_features])
+        # distinct tokens by (priority, key), lowest first; the first `capacity` stay
+        order = _lexsort(priority, key)
+        sorted_key = key[order]
+        first = torch.ones(len(order), dtype=torch.bool)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        distinct = first.cumsum(0) - 1  # the new row of each (sorted) input token
+        kept = distinct < self.capacity
+        new_row = torch.full((len(order),), -1, dtype=torch.int64)
+        new_row[owner[order]] = torch.where(kept, distinct, -1)
+        keep_rows = order[first & kept]
+        # every entry follows its token to its new row; entries of dropped tokens go
+        entry_row = new_row[entry_token]
+        entries = (entry_row >= 0).nonzero(as_tuple=True)[0]
+        entry_order = _lexsort(entry_row[entries], features[entries])
+        entries = entries[entry_order]
+        self.priority, self.key = priority[keep_rows], key[keep_rows]
+        self.features = features[entries]
+        counts = torch.bincount(entry_row[entries], minlength=len(keep_rows))
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+
+    # --- checkpoints and collectives -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"priority": self.priority, "key": self.key, "offsets": self.offsets, "features": self.features,
+                "shape": torch.tensor([self.capacity, self.context], dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        capacity, context = (int(v) for v in state["shape"])
+        if (capacity, context) != (self.capacity, self.context):
+            raise ValueError(f"co-occurrence sample of {capacity} tokens x {context}, expected "
+                             f"{self.capacity} x {self.context}")
+        self.priority, self.key = state["priority"].long(), state["key"].long()
+        self.offsets, self.features = state["offsets"].long(), state["features"].long()
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> TokenSample:
+        capacity, context = (int(v) for v in state["shape"])
+        sample = cls(capacity, context)
+        sample.load_state_dict(state)
+        return sample
+
+    # --- results --------------------------------------------------------------------------------
+
+    def firing_counts(self, n_features: int) -> Tensor:
+        """n_i: sampled tokens on which each pass-global feature fires."""
+        return torch.bincount(self.features, minlength=n_features)
+
+    def top_partners(self, n_features: int, top_n: int, device: torch.device | str = "cpu") -> Partners:
+        """Per pass-global feature, its `top_n` partners by Jaccard (see the module docstring)."""
+        partner = torch.full((n_features, top_n), -1, dtype=torch.int64)
+        count = torch.zeros((n_features, top_n), dtype=torch.int64)
+        jaccard = torch.zeros((n_features, top_n), dtype=torch.float32)
+        if top_n == 0 or self.features.numel() == 0:
+            return Partners(partner, count, jaccard, self.tokens)
+        fires = self.firing_counts(n_features).to(device)
+        token_of = _row_of_entries(self.offsets)
+        A = _csr(self.offsets, self.features, (self.tokens, n_features), device)
+        # A^T as CSR: each feature's tokens
+        by_feature = _lexsort(self.features, token_of)
+        At_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), fires.cpu().cumsum(0)])
+        At_tokens = token_of[by_feature]
+        # pair products per feature (an upper bound on its output row), to cut blocks by work
+        per_token = (self.offsets[1:] - self.offsets[:-1])
+        work = torch.zeros(n_features, dtype=torch.int64).index_add_(0, self.features, per_token[token_of])
+        for start, stop in _blocks(work, _BLOCK_PAIRS):
+            lo, hi = int(At_offsets[start]), int(At_offsets[stop])
+            if lo == hi:
+                continue
+            block = _csr(At_offsets[start:stop + 1] - lo, At_tokens[lo:hi], (stop - start, self.tokens), device)
+            counts = torch.sparse.mm(block, A)  # [stop - start, n_features]: tokens where both fire
+            rows = _row_of_entries(counts.crow_indices().cpu()) + start
+            cols = counts.col_indices().cpu()
+            c = counts.values().cpu().round().long()
+            keep = (cols != rows) & (c >= MIN_COUNT)
+            rows, cols, c = rows[keep], cols[keep], c[keep]
+            n_i, n_j = fires.cpu()[rows], fires.cpu()[cols]
+            j = (c.double() / (n_i + n_j - c).double()).float()
+            # best first within each row: jaccard desc, count desc, partner id asc
+            order = _lexsort(rows, -j, -c, cols)
+            rows, cols, c, j = rows[order], cols[order], c[order], j[order]
+            first_of_row = torch.ones(len(rows), dtype=torch.bool)
+            first_of_row[1:] = rows[1:] != rows[:-1]
+            position = torch.arange(len(rows))
+            rank = position - torch.where(first_of_row, position, 0).cummax(0).values
+            top = rank < top_n
+            partner[rows[top], rank[top]] = cols[top]
+            count[rows[top], rank[top]] = c[top]
+            jaccard[rows[top], rank[top]] = j[top]
+        return Partners(partner, count, jaccard, self.tokens)
+
+
+@dataclass
+class BatchCandidates:
+    """A batch's tokens that may enter the sample, and, as each coder encodes the batch, the
+    pass-global ids of its features firing on them."""
+
+    rows: Tensor  # [n] batch row of each candidate token
+    positions: Tensor  # [n] its position in the context
+    priority: Tensor
+    key: Tensor
+    _token: list[Tensor] | None = None  # per coder: candidate index of each firing
+    _feature: list[Tensor] | None = None
+
+    def add(self, acts: Tensor, offset: int) -> None:
+        """acts [B, T, F]: one coder's activations of the batch (non-counted tokens zeroed); `offset`:
+        its first feature's pass-global id."""
+        rows, positions = self.rows.to(acts.device), self.positions.to(acts.device)
+        token, feature = acts[rows, positions].nonzero(as_tuple=True)
+        self._token = (self._token or []) + [token.cpu()]
+        self._feature = (self._feature or []) + [feature.cpu() + offset]
+
+    @property
+    def offsets(self) -> Tensor:
+        token = torch.cat(self._token) if self._token else torch.zeros(0, dtype=torch.int64)
+        counts = torch.bincount(token, minlength=len(self.key))
+        return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+
+    @property
+    def features(self) -> Tensor:
+        if not self._token:
+            return torch.zeros(0, dtype=torch.int64)
+        token, feature = torch.cat(self._token), torch.cat(self._feature)
+        return feature[_lexsort(token, feature)]
+
+
+@dataclass
+class Partners:
+    """Per pass-global feature: partner ids (-1: none), counts, Jaccard, best first; and the number of
+    sampled tokens they were counted on."""
+
+    partner: Tensor  # [F, top_n] int64
+    count: Tensor  # [F, top_n] int64
+    jaccard: Tensor  # [F, top_n] float32
+    tokens: int
+
+    def for_coder(self, offset: int, width: int, offsets: dict[str, int]) -> Callable[[slice], dict]:
+        """The features-table columns of a coder of `width` features whose first pass-global id is `offset`, for a slice
+        of its features: partners as (coder_id, feature), through `offsets` (each coder of the pass:
+        its first pass-global id)."""
+        coder_ids = list(offsets)
+        bounds = torch.tensor([offsets[c] for c in coder_ids], dtype=torch.int64)
+        if (bounds[1:] < bounds[:-1]).any():
+            raise ValueError("co-occurrence: coder offsets must be in increasing order")
+
+        def columns(features: slice) -> dict:
+            first, last, _ = features.indices(width)
+            start, stop = offset + first, offset + last
+            partner = self.partner[start:stop]
+            valid = (partner >= 0).sum(1).tolist()  # found partners come first, then -1
+            coder_index = torch.searchsorted(bounds, partner.clamp(min=0), right=True) - 1
+            local = (partner - bounds[coder_index]).tolist()
+            coder_index, count, jaccard = coder_index.tolist(), self.count[start:stop].tolist(), \
+                self.jaccard[start:stop].tolist()
+            return {"cooccurring_coder_ids": [[coder_ids[k] for k in ks[:n]] for ks, n in zip(coder_index, valid)],
+                    "cooccurring_features": [fs[:n] for fs, n in zip(local, valid)],
+                    "cooccurring_counts": [cs[:n] for cs, n in zip(count, valid)],
+                    "cooccurring_jaccard": [js[:n] for js, n in zip(jaccard, valid)]}
+
+        return columns
+
+
+def _row_of_entries(offsets: Tensor) -> Tensor:
+    """The row of every entry of a CSR with these row pointers."""
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets[1:] - offsets[:-1])
+
+
+def _lexsort(*keys: Tensor) -> Tensor:
+    """Indices ordering by keys[0], then keys[1], ... (each ascending; stable)."""
+    order = torch.arange(len(keys[0]))
+    for key in reversed(keys):
+        order = order[key[order].argsort(stable=True)]
+    return order
+
+
+def _csr(offsets: Tensor, columns: Tensor, shape: tuple[int, int], device: torch.device | str) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(offsets.to(device), columns.to(device),
+                                       torch.ones(len(columns), dtype=torch.float32, device=device), size=shape,
+                                       check_invariants=False)
+
+
+def _blocks(work: Tensor, budget: int) -> list[tuple[int, int]]:
+    """Consecutive feature ranges [start, stop) of about `budget` summed work each (at most twice it,
+    or one feature's own work when that alone is more)."""
+    block_of = torch.cumsum(work, 0) // max(budget, 1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), (block_of[1:] != block_of[:-1]).nonzero()[:, 0] + 1])
+    bounds = starts.tolist() + [len(work)]
+    return list(zip(bounds[:-1], bounds[1:]))
