@@ -35,11 +35,13 @@ import featuredb  # noqa: E402
 
 JUDGES = dict(bench_concepts.CONCEPTS)
 
-# (concept as bench_concepts names it, positive texts with marks, negative texts)
+# (concept as bench_concepts names it, positive texts with marks, negative texts). At most one
+# positive text of a concept has its marked token first: features that fire on whatever token
+# comes first after BOS would otherwise separate the marks as well as the concept's own.
 CONCEPTS: list[tuple[str, list[str], list[str]]] = [
     ("function definitions",
-     ["[[def]] area(r):\n    return 3.14 * r * r", "class Stack:\n    [[def]] push(self, item):",
-      "[[def]] main():\n    print('hello')", "@property\n[[def]] name(self):"],
+     ["import math\n[[def]] area(r):\n    return 3.14 * r * r", "class Stack:\n    [[def]] push(self, item):",
+      "x = 1\n\n[[def]] main():\n    print('hello')", "@property\n[[def]] name(self):"],
      ["The definition of a term is given in the glossary.", "area(r) returns the area"]),
     ("return statements",
      ["def f(x):\n    [[return]] x + 1", "if not items:\n    [[return]] None", "else:\n    [[return]] self._value",
@@ -55,7 +57,7 @@ CONCEPTS: list[tuple[str, list[str], list[str]]] = [
      ["x = [[42]]", "range([[10]])", "timeout = [[30]]", "the year [[1999]]", "port [[8080]] is open"],
      ["x = y", "the year ahead"]),
     ("exceptions and errors",
-     ["raise [[ValueError]]('bad value')", "except [[KeyError]]:", "[[try]]:\n    f()\n[[except]] OSError:",
+     ["raise [[ValueError]]('bad value')", "except [[KeyError]]:", "x = 0\n[[try]]:\n    f()\n[[except]] OSError:",
       "raise [[TypeError]](msg)"],
      ["return value", "the key is missing"]),
     ("indentation at the start of a line",
@@ -74,13 +76,15 @@ CONCEPTS: list[tuple[str, list[str], list[str]]] = [
      ["x [[=]] 1", "name [[=]] 'Bob'", "self.size [[=]] size", "total [[=]] a + b"],
      ["x == 1", "f(x)"]),
     ("import statements",
-     ["[[import]] os", "[[from]] collections [[import]] deque", "[[import]] sys, re"],
+     ["[[import]] os", "x = 1\n[[from]] collections [[import]] deque", "# setup\n[[import]] sys, re"],
      ["the import of goods", "os.path.join(a, b)"]),
     ("if statements",
-     ["[[if]] x > 0:", "for x in xs:\n    [[if]] not x:", "[[if]] key in d:\n    pass", "y = a [[if]] ok else b"],
+     ["x = f()\n[[if]] x > 0:", "for x in xs:\n    [[if]] not x:", "d = {}\n[[if]] key in d:\n    pass",
+      "y = a [[if]] ok else b"],
      ["x > 0", "the data is ready"]),
     ("self",
-     ["def run([[self]]):", "[[self]].count += 1", "return [[self]].name", "[[self]].items.append(x)"],
+     ["def run([[self]]):", "def inc([[self]]):\n    [[self]].count += 1", "return [[self]].name",
+      "if x:\n    [[self]].items.append(x)"],
      ["def run(x):", "count += 1"]),
     ("None, True and False",
      ["x = [[None]]", "return [[True]]", "flag = [[False]]", "if y is [[None]]:"],
@@ -92,7 +96,8 @@ CONCEPTS: list[tuple[str, list[str], list[str]]] = [
      ["os[[.]]path", "self[[.]]name", "x[[.]]append(1)", "sys[[.]]argv"],
      ["End of sentence. Next one.", "3.14"]),
     ("decorators",
-     ["[[@]]property\ndef x(self):", "[[@]]staticmethod\ndef f():", "[[@]]classmethod\ndef g(cls):"],
+     ["class A:\n    [[@]]property\n    def x(self):", "x = 1\n\n[[@]]staticmethod\ndef f():",
+      "[[@]]classmethod\ndef g(cls):"],
      ["user@example.com", "def x(self):"]),
 ]
 

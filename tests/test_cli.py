@@ -22,7 +22,7 @@ def one_line_error(result, code: int) -> None:
 
 
 def test_every_command_is_registered():
-    assert set(COMMANDS) == {"index", "describe", "demo", "search", "show", "fires", "similar", "serve",
+    assert set(COMMANDS) == {"index", "describe", "demo", "search", "show", "fires", "find", "similar", "serve",
                              "export", "import", "coders", "upgrade"}
 
 

@@ -32,9 +32,10 @@ def coders(tmp_path) -> list[str]:
 
 
 def index_args(model: Path, coders: list[str], corpus: Path, *extra: str) -> list[str]:
-    # batch size 3: 8 batches of the 22 contexts, the last one short, split 4 / 4 between two ranks
+    # batch size 3: 8 batches of the 22 contexts, the last one short, split 4 / 4 between two ranks;
+    # co-occurrence on a sample of 100 of their ~300 tokens: the ranks' samples merge into one
     args = ["--model", str(model), "--corpus", str(corpus), "--context", str(CONTEXT), "--batch-size", "3",
-            "--top-k", "4", "--quiet", "--checkpoint-seconds", "0", *extra]
+            "--top-k", "4", "--quiet", "--checkpoint-seconds", "0", "--cooccurrence-tokens", "100", *extra]
     for c in coders:
         args += ["--coder", c]
     return args

@@ -428,7 +428,7 @@ def run_demo(config: DemoConfig) -> None:
             checkpoint_seconds=60, progress=config.progress))
         click.echo(f"  indexed {result.tokens:,} tokens in {result.seconds:.0f}s "
                    f"({result.stream_seconds:.0f}s of it the model and statistics; loading, logit tables and writing "
-                   "the rest)")
+                   f"the rest; features firing together: {result.cooccurrence_seconds:.0f}s)")
     timings["index"] = time.perf_counter() - t
 
     t = step("5/6 describe: an offline description of every feature (what it fires on, in words), embedded with MiniLM")

@@ -16,7 +16,7 @@ priority, its key (context * T + position) and the pass-global ids of the featur
 
 At the end, per feature i with n_i firings in the sample, every partner j != i with c_ij >= MIN_COUNT
 tokens where both fire is scored by Jaccard c_ij / (n_i + n_j - c_ij); the `top_n` best are kept
-(ties: larger count, then lower id). The counts come from a sparse product A^T A of the sample's
+(ties: the lower id). The counts come from a sparse product A^T A of the sample's
 token x feature matrix, taken a block of features at a time so memory stays bounded.
 """
 
@@ -35,8 +35,10 @@ from featuredb.store.schema import COOCCURRENCE_MIN_COUNT
 MIN_COUNT = COOCCURRENCE_MIN_COUNT  # a pair seen on one token only is not evidence of anything
 DEFAULT_TOP_N = 10
 DEFAULT_SAMPLE_TOKENS = 1 << 14
+PLANNED_FIRING = 256  # features of one coder firing on a token, as the planner assumes
 _SEED = 0x5EED  # fixed: every run of a corpus samples the same tokens
 _BLOCK_PAIRS = 1 << 24  # pair products per sparse block: bounds the block's output and its sort
+_ONE_BITS = 0x3F800000  # float32 1.0's bits: Jaccard <= 1
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class CooccurrenceConfig:
     def __post_init__(self):
         if self.top_n < 0 or self.sample_tokens < 1:
             raise ValueError("co-occurrence: top_n must be >= 0 and sample_tokens >= 1")
-        if self.sample_tokens > 1 << 24:  # counts are summed in float32: exact below 2**24
+        if self.sample_tokens > 1 << 24:  # counts are summed in float32 (exact below 2**24); sort keys pack tokens in 24 bits
             raise ValueError("co-occurrence: at most 16,777,216 sampled tokens")
 
     @property
@@ -55,12 +57,14 @@ class CooccurrenceConfig:
         return self.top_n > 0
 
 
-def sample_bytes(config: CooccurrenceConfig, features_per_token: float) -> int:
-    """Host bytes the sample holds when full, with this many features firing per token (the
-    pass's summed L0): priority, key and offset (8 B each) per token, 8 B per firing."""
+def sample_bytes(config: CooccurrenceConfig, width: int) -> int:
+    """A coder's share of the sample's bytes when full (what the pass planner counts): 8 B per
+    firing of its features on a sampled token, planned at PLANNED_FIRING a token (Gemma Scope's
+    L0s run ~10-200; the true count is only known once the run has seen the corpus), and the
+    sampled tokens' own 24 B (priority, key, offset), counted in full with each coder."""
     if not config.enabled:
         return 0
-    return int(config.sample_tokens * (24 + 8 * features_per_token))
+    return config.sample_tokens * (24 + 8 * min(width, PLANNED_FIRING))
 
 
 class TokenSample:
@@ -116,7 +120,7 @@ class TokenSample:
         # every entry follows its token to its new row; entries of dropped tokens go
         entry_row = new_row[entry_token]
         entries = (entry_row >= 0).nonzero(as_tuple=True)[0]
-        entry_order = _lexsort(entry_row[entries], features[entries])
+        entry_order = ((entry_row[entries] << 38) | features[entries]).argsort()  # by row, then feature
         entries = entries[entry_order]
         self.priority, self.key = priority[keep_rows], key[keep_rows]
         self.features = features[entries]
@@ -161,36 +165,37 @@ class TokenSample:
         token_of = _row_of_entries(self.offsets)
         A = _csr(self.offsets, self.features, (self.tokens, n_features), device)
         # A^T as CSR: each feature's tokens
-        by_feature = _lexsort(self.features, token_of)
+        by_feature = ((self.features << 24) | token_of).argsort()  # by feature, then token (< 2**24)
         At_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), fires.cpu().cumsum(0)])
         At_tokens = token_of[by_feature]
         # pair products per feature (an upper bound on its output row), to cut blocks by work
         per_token = (self.offsets[1:] - self.offsets[:-1])
         work = torch.zeros(n_features, dtype=torch.int64).index_add_(0, self.features, per_token[token_of])
+        fires_host = fires.cpu()
         for start, stop in _blocks(work, _BLOCK_PAIRS):
             lo, hi = int(At_offsets[start]), int(At_offsets[stop])
             if lo == hi:
                 continue
             block = _csr(At_offsets[start:stop + 1] - lo, At_tokens[lo:hi], (stop - start, self.tokens), device)
             counts = torch.sparse.mm(block, A)  # [stop - start, n_features]: tokens where both fire
-            rows = _row_of_entries(counts.crow_indices().cpu()) + start
-            cols = counts.col_indices().cpu()
-            c = counts.values().cpu().round().long()
-            keep = (cols != rows) & (c >= MIN_COUNT)
-            rows, cols, c = rows[keep], cols[keep], c[keep]
-            n_i, n_j = fires.cpu()[rows], fires.cpu()[cols]
-            j = (c.double() / (n_i + n_j - c).double()).float()
-            # best first within each row: jaccard desc, count desc, partner id asc
-            order = _lexsort(rows, -j, -c, cols)
+            crow, cols, c = counts.crow_indices().cpu(), counts.col_indices().cpu(), counts.values().cpu()
+            rows = _row_of_entries(crow) + start
+            keep = (c >= MIN_COUNT - 0.5) & (cols != rows)  # most pairs meet once: dropped before sorting
+            rows, cols, c = rows[keep], cols[keep], c[keep].round().long()
+            j = (c.double() / (fires_host[rows] + fires_host[cols] - c).double()).float()
+            # by row, then Jaccard descending (a positive float32's bits order like it), then partner
+            # id: sorted by id first (any order of equal ids: they are in different rows), then stably
+            by_id = cols.argsort()
+            key = (rows[by_id] << 31) | (_ONE_BITS - j[by_id].view(torch.int32).long())
+            order = by_id[key.argsort(stable=True)]
             rows, cols, c, j = rows[order], cols[order], c[order], j[order]
             first_of_row = torch.ones(len(rows), dtype=torch.bool)
             first_of_row[1:] = rows[1:] != rows[:-1]
             position = torch.arange(len(rows))
             rank = position - torch.where(first_of_row, position, 0).cummax(0).values
-            top = rank < top_n
-            partner[rows[top], rank[top]] = cols[top]
-            count[rows[top], rank[top]] = c[top]
-            jaccard[rows[top], rank[top]] = j[top]
+            top = (rank < top_n).nonzero(as_tuple=True)[0]
+            slot = (rows[top], rank[top])
+            partner[slot], count[slot], jaccard[slot] = cols[top], c[top], j[top]
         return Partners(partner, count, jaccard, self.tokens)
 
 
@@ -225,7 +230,7 @@ class BatchCandidates:
         if not self._token:
             return torch.zeros(0, dtype=torch.int64)
         token, feature = torch.cat(self._token), torch.cat(self._feature)
-        return feature[_lexsort(token, feature)]
+        return feature[((token << 38) | feature).argsort()]  # by token, then feature
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Passes planned to fit the device: which coders go through the corpus together.
 
 A run holds, on its device, every coder's encoder (in float32: JumpReLU thresholds are compared at
-full precision) and its statistics state (`stats.state_bytes`), and while one coder encodes a batch,
+full precision) and its statistics state (`stats.state_bytes`, plus its share of the co-occurrence
+token sample, `cooccurrence.sample_bytes`), and while one coder encodes a batch,
 that coder's activations and the scratch of its statistics update (`work_bytes`, one coder at a
 time). So a pass of coders C needs
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featuredb.errors import IndexingError
+from featuredb.indexer.cooccurrence import CooccurrenceConfig, sample_bytes
 from featuredb.indexer.stats import StatsConfig, state_bytes
 from featuredb.runtime.coder_headers import CoderHeader, read_safetensors_header
 
@@ -145,11 +147,14 @@ class Plan:
 
 
 def planned_coders(headers: Sequence[CoderHeader], context: int, batch_size: int,
-                   stats: StatsConfig, on_host: bool = False) -> list[PlannedCoder]:
+                   stats: StatsConfig, on_host: bool = False,
+                   cooccurrence: CooccurrenceConfig = CooccurrenceConfig()) -> list[PlannedCoder]:
     """Each coder's bytes on the run's device; `on_host`: the device is the CPU, whose memory also
-    holds the decoders that a GPU run keeps off the device."""
+    holds the decoders that a GPU run keeps off the device. The statistics include the coder's share
+    of the co-occurrence token sample (cooccurrence.sample_bytes)."""
     return [PlannedCoder(h, h.encoder_bytes(ENCODE_ITEMSIZE) + (h.decoder_bytes() if on_host else 0),
-                         state_bytes(h.width, context, stats), work_bytes(h.width, batch_size, context, stats))
+                         state_bytes(h.width, context, stats) + sample_bytes(cooccurrence, h.width),
+                         work_bytes(h.width, batch_size, context, stats))
             for h in headers]
 
 

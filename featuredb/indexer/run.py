@@ -99,6 +99,7 @@ class IndexResult:
     contexts: int
     seconds: float
     stream_seconds: float = 0.0  # of that: reading, forward passes and statistics, without loading or writing
+    cooccurrence_seconds: float = 0.0  # of that: co-occurrence (sampling tokens while streaming, counting pairs)
     written: bool = True  # False on the ranks of a distributed run that did not write the catalogue
     world: int = 1
     coders_held: list[str] = field(default_factory=list)  # the coders this process loaded and indexed
@@ -119,6 +120,7 @@ class PassReport:
     seconds: float  # loading its coders, streaming and writing them
     stream_seconds: float
     tokens: int
+    cooccurrence_seconds: float = 0.0  # of `seconds`: sampling tokens and counting pairs (rank 0's)
 
     @property
     def tokens_per_second(self) -> float:
@@ -180,13 +182,14 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None,
             tokens, contexts = run.progress.stream_tokens, run.progress.stream_contexts
             planned = plan.passes[k]
             reports.append(PassReport(k, planned.coder_ids, planned.layers, planned.bytes, measured,
-                                      time.perf_counter() - pass_started, stream_seconds, tokens))
+                                      time.perf_counter() - pass_started, stream_seconds, tokens,
+                                      run.cooccurrence_seconds))
             run.next_pass()
             del run  # its coders and statistics, before the next pass loads its own
         remove_work_dir(work_dir, shard)
     seconds = time.perf_counter() - start_time
     return IndexResult(written or held, tokens, contexts, seconds, sum(r.stream_seconds for r in reports),
-                       written=store is not None, world=shard.world, coders_held=held, passes=reports, plan=plan)
+                       cooccurrence_seconds=sum(r.cooccurrence_seconds for r in reports), written=store is not None, world=shard.world, coders_held=held, passes=reports, plan=plan)
 
 
 class PeakMemory:
@@ -209,6 +212,8 @@ class PeakMemory:
         # the CPU has no allocator statistics: what the pass holds, counted (the decoders too: same memory)
         held = sum(t.numel() * t.element_size() for c in run.coders for t in _held_tensors(c))
         held += sum(t.numel() * t.element_size() for s in run.stats for t in s.state_dict().values())
+        if run.sample is not None:
+            held += sum(t.numel() * t.element_size() for t in run.sample.state_dict().values())
         return held + self.largest_codes
 
 
@@ -248,6 +253,7 @@ class Run:
     checkpoints: Checkpoints  # this rank's
     contexts: ContextStore  # the token ids of the contexts this rank indexed (stored by the first pass)
     sample: TokenSample | None  # the tokens co-occurrence is counted on (None: not counted)
+    cooccurrence_seconds: float = 0.0  # spent on co-occurrence so far in this pass (this process)
 
     @classmethod
     def start(cls, config: IndexConfig, shard: Shard, device: torch.device, work_dir: Path, store: FeatureStore | None,
@@ -366,8 +372,10 @@ class Run:
         first = progress.stream_contexts
         context_ids = torch.arange(first, first + len(batch.windows), device=device)
         context_index = np.arange(first, first + len(batch.windows))  # the same on the host: no device sync
+        started = time.perf_counter()
         sampled = None if self.sample is None else self.sample.candidates(context_ids, count_mask)
         offsets = self.feature_offsets
+        self.cooccurrence_seconds += time.perf_counter() - started
         for coder, coder_stats in zip(self.coders, self.stats):
             mask, n_counted = _counted_by(coder, counts)
             acts = coder.encode_hooked(activations)
@@ -376,9 +384,13 @@ class Run:
                 peak.saw_codes(acts)
             coder_stats.update(acts, context_ids, n_counted)
             if sampled is not None:
+                started = time.perf_counter()
                 sampled.add(acts, offsets[coder.coder_id])
+                self.cooccurrence_seconds += time.perf_counter() - started
         if sampled is not None:
+            started = time.perf_counter()
             self.sample.merge(sampled)
+            self.cooccurrence_seconds += time.perf_counter() - started
 
         progress.tokens_counted += counted
         if progress.pass_index > 0:
@@ -409,8 +421,10 @@ class Run:
         if self.store is not None:
             partners = None
             if sample is not None:  # over every coder of the pass, before the first is written
+                started = time.perf_counter()
                 width = sum(c.header.width for c in self.planned.coders)
                 partners = sample.top_partners(width, self.config.cooccurrence.top_n, self.device)
+                self.cooccurrence_seconds += time.perf_counter() - started
             written = self.write_coders(self.store, self.every_coder(), examples_from, partners)
         elif self.shard.groups > 1 and self.shard.member == 0:
             _hand_over(self.stats)  # to rank 0, as it writes
@@ -524,7 +538,7 @@ def plan_only(config: IndexConfig) -> Plan:
 
 def _planned_coders(config: IndexConfig, device: torch.device) -> list[PlannedCoder]:
     return planned_coders(coder_headers(config.coders, config.model), config.context, config.batch_size,
-                          config.stats, on_host=device.type == "cpu")
+                          config.stats, on_host=device.type == "cpu", cooccurrence=config.cooccurrence)
 
 
 def _plan(config: IndexConfig, shard: Shard, device: torch.device, planned: list[PlannedCoder]) -> Plan:

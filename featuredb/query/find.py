@@ -332,18 +332,13 @@ def _activations(ranked: pl.DataFrame, entries: dict, offsets: np.ndarray) -> li
 def find_query(reader: Reader, positives: object, negatives: object = None, *, by: str = "f1",
                coders: list[str] | str | None = None, device: str | None = None, model: str | None = None) -> FindQuery:
     """A FindQuery over the reader; the examples and options are checked now."""
-    names = None
-    if coders is not None:
-        names = (coders,) if isinstance(coders, str) else coders
-        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(s, str) and s for s in names):
-            raise QueryError(f"coders must be a coder_id or a non-empty list of them, got {coders!r}")
-        reader.check_coder_ids(set(names))
+    names = None if coders is None else tuple(chosen_coders(reader, coders)["coder_id"].to_list())  # checked now
     if device is not None and not isinstance(device, str):
         raise QueryError(f"device must be a string, got {device!r}")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise QueryError(f"model must be a non-empty string, got {model!r}")
     return FindQuery(reader, parse_examples(positives, negatives), by=check_by(by),
-                     coders=tuple(names) if names else None, device=device, model=model)
+                     coders=names, device=device, model=model)
 
 
 __all__ = ["BY", "Example", "FindQuery", "FindResult", "MAX_EXAMPLES", "MAX_EXAMPLE_CHARS", "MAX_EXAMPLE_TOKENS",
