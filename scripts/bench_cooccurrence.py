@@ -87,7 +87,7 @@ def synthetic(width: int, l0: int, sample_tokens: int, top_n: int, batch_tokens:
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             picked = torch.cat([features[starts[i]:starts[i] + lengths[i]] for i in index.tolist()])
             candidates._token, candidates._feature = [token], [picked]
-            sample.merge(candidates)
+            sample.add(candidates)
         merge_seconds += time.perf_counter() - started
         tokens += n
     fill_seconds = time.perf_counter() - t

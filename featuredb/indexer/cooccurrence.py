@@ -98,15 +98,31 @@ class TokenSample:
             return None
         return BatchCandidates(rows, positions, priority[rows, positions], key[rows, positions])
 
-    def merge(self, other: TokenSample | BatchCandidates) -> None:
-        """Fold in more tokens (a batch's candidates, or another rank's sample) and keep the bottom
-        `capacity`. A token already held (another coder group's part of it) gets its features joined."""
-        other_offsets, other_features = other.offsets, other.features
+    def add(self, batch: BatchCandidates) -> None:
+        """Fold in a batch's candidates (tokens the sample has not seen) and keep the bottom `capacity`.
+        Rows stay in no set order (what is counted does not depend on it): kept rows keep their
+        place, new ones follow, and no entry is sorted; only the tokens' priorities are."""
+        n = self.tokens
+        priority, key = torch.cat([self.priority, batch.priority]), torch.cat([self.key, batch.key])
+        keep = torch.zeros(len(key), dtype=torch.bool)
+        keep[_lexsort(priority, key)[:self.capacity]] = True
+        old_lengths, new_lengths = self.offsets[1:] - self.offsets[:-1], batch.lengths
+        old_entries = torch.repeat_interleave(keep[:n], old_lengths)
+        new_entries = torch.repeat_interleave(keep[n:], new_lengths)
+        self.features = torch.cat([self.features[old_entries], batch.features[new_entries]])
+        lengths = torch.cat([old_lengths[keep[:n]], new_lengths[keep[n:]]])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        self.priority, self.key = priority[keep], key[keep]
+
+    def merge(self, other: TokenSample) -> None:
+        """Fold in another process's sample (another part of the stream, or the same tokens with
+        another coder group's features, which are joined) and keep the bottom `capacity`. The result
+        is canonical: rows by (priority, key), each row's features ascending."""
         priority = torch.cat([self.priority, other.priority])
         key = torch.cat([self.key, other.key])
-        owner = torch.cat([torch.arange(self.tokens), self.tokens + torch.arange(len(other.key))])
-        entry_token = torch.cat([_row_of_entries(self.offsets), self.tokens + _row_of_entries(other_offsets)])
-        features = torch.cat([self.features, other_features])
+        owner = torch.cat([torch.arange(self.tokens), self.tokens + torch.arange(other.tokens)])
+        entry_token = torch.cat([_row_of_entries(self.offsets), self.tokens + _row_of_entries(other.offsets)])
+        features = torch.cat([self.features, other.features])
         # distinct tokens by (priority, key), lowest first; the first `capacity` stay
         order = _lexsort(priority, key)
         sorted_key = key[order]
@@ -120,12 +136,17 @@ class TokenSample:
         # every entry follows its token to its new row; entries of dropped tokens go
         entry_row = new_row[entry_token]
         entries = (entry_row >= 0).nonzero(as_tuple=True)[0]
-        entry_order = ((entry_row[entries] << 38) | features[entries]).argsort()  # by row, then feature
-        entries = entries[entry_order]
+        entries = entries[((entry_row[entries] << 38) | features[entries]).argsort()]  # by row, then feature
         self.priority, self.key = priority[keep_rows], key[keep_rows]
         self.features = features[entries]
         counts = torch.bincount(entry_row[entries], minlength=len(keep_rows))
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+
+    def canonical(self) -> TokenSample:
+        """The same sample with rows by (priority, key) and features ascending (as `merge` leaves it)."""
+        out = TokenSample(self.capacity, self.context)
+        out.merge(self)
+        return out
 
     # --- checkpoints and collectives -----------------------------------------------------------
 
@@ -220,17 +241,18 @@ class BatchCandidates:
         self._feature = (self._feature or []) + [feature.cpu() + offset]
 
     @property
-    def offsets(self) -> Tensor:
+    def lengths(self) -> Tensor:
+        """Features firing on each candidate token."""
         token = torch.cat(self._token) if self._token else torch.zeros(0, dtype=torch.int64)
-        counts = torch.bincount(token, minlength=len(self.key))
-        return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        return torch.bincount(token, minlength=len(self.key))
 
     @property
     def features(self) -> Tensor:
+        """The firing features' pass-global ids, by candidate token, then id."""
         if not self._token:
             return torch.zeros(0, dtype=torch.int64)
         token, feature = torch.cat(self._token), torch.cat(self._feature)
-        return feature[((token << 38) | feature).argsort()]  # by token, then feature
+        return feature[((token << 38) | feature).argsort()]
 
 
 @dataclass

@@ -389,7 +389,7 @@ class Run:
                 self.cooccurrence_seconds += time.perf_counter() - started
         if sampled is not None:
             started = time.perf_counter()
-            self.sample.merge(sampled)
+            self.sample.add(sampled)
             self.cooccurrence_seconds += time.perf_counter() - started
 
         progress.tokens_counted += counted

@@ -384,13 +384,12 @@ class Reader:
         return dim
 
     def embed_query(self, text: str) -> np.ndarray:
-        from featuredb.runtime.embedding import EmbeddingError, embed
+        from featuredb.runtime.embedding import EmbeddingError, embed_query
 
         name = self.embedding_model()
         self._check_embedder_loadable(name)
         try:
-            with _quiet_progress():
-                vector = embed([text], name)[0]
+            vector = embed_query(text, name)  # numpy, not sentence-transformers, where the model allows
         except EmbeddingError as e:
             raise QueryError(one_line(e)) from None
         dim = self.vector_dim()
@@ -431,21 +430,6 @@ class Reader:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_progress():
-    """No per-tensor "Loading weights" bars from transformers while the embedder loads."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
 
 
 def _known_hint(known: list[str]) -> str:
