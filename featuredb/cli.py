@@ -178,7 +178,7 @@ def finalize(db: str) -> None:
 @click.option("--cooccurrence", type=click.IntRange(min=0), default=10, show_default=True,
               help="Per feature, keep this many features (of every coder of the pass) that fire on the same tokens "
                    "most, by Jaccard; 0 turns counting off.")
-@click.option("--cooccurrence-tokens", type=click.IntRange(min=1, max=1 << 24), default=1 << 14, show_default=True,
+@click.option("--cooccurrence-tokens", type=click.IntRange(min=1, max=1 << 24), default=1 << 13, show_default=True,
               help="Count co-firing on at most this many tokens: a fixed random sample of the corpus when it is "
                    "larger (the catalogue records how many). The cost grows with it times the features firing a "
                    "token squared.")

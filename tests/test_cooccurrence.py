@@ -131,13 +131,13 @@ def test_a_sample_of_tokens_is_the_brute_force_sample_and_resumes(tiny_gemma2, g
     assert_same_catalogue(tmp_path / "whole", tmp_path / "resumed")
 
 
-def _random_batches(widths, batches=12, B=3, T=10, seed=0):
+def _random_batches(widths, batches=12, B=3, T=10, seed=0, shift=1.2):
     generator = torch.Generator().manual_seed(seed)
     out = []
     for b in range(batches):
         mask = torch.rand(B, T, generator=generator) > 0.1
         mask[:, 0] = False
-        acts = [torch.relu(torch.randn(B, T, w, generator=generator) - 1.2) * mask[..., None] for w in widths]
+        acts = [torch.relu(torch.randn(B, T, w, generator=generator) - shift) * mask[..., None] for w in widths]
         out.append((torch.arange(b * B, (b + 1) * B), mask, acts))
     return out
 
@@ -181,6 +181,24 @@ def test_split_streams_and_split_coders_merge_to_one_sample(capacity):
     got = [int(c) for c, j in zip(partners.count.flatten().tolist(), partners.partner.flatten().tolist()) if j >= 0]
     expected = [int(both[i, j]) for i, js in enumerate(partners.partner.tolist()) for j in js if j >= 0]
     assert got == expected and got
+
+
+@pytest.mark.parametrize("shift", [0.8, 2.6])  # most features firing on a token (a dense count), few (sparse)
+def test_partners_are_the_brute_force_best_by_jaccard(shift):
+    widths = [120, 90]
+    batches = _random_batches(widths, batches=30, B=4, T=12, shift=shift)
+    sample = _sample(batches, widths, 10_000, range(len(batches)), [0, 1])
+    fires = torch.cat([torch.cat(acts, dim=-1)[mask] for _, mask, acts in batches]) > 0
+    X = fires.double()
+    both, n = (X.T @ X).long(), fires.sum(0)
+    partners = sample.top_partners(sum(widths), 4)
+    for i in range(sum(widths)):
+        ranked = sorted((-float(both[i, j] / (n[i] + n[j] - both[i, j])), j) for j in range(sum(widths))
+                        if j != i and both[i, j] >= MIN_COUNT)[:4]
+        assert [j for j in partners.partner[i].tolist() if j >= 0] == [j for _, j in ranked], i
+        assert partners.count[i, :len(ranked)].tolist() == [int(both[i, j]) for _, j in ranked]
+        assert partners.jaccard[i, :len(ranked)].tolist() == pytest.approx([-v for v, _ in ranked], rel=1e-6)
+    assert (partners.partner[:, 0] >= 0).sum() >= 10  # enough rows with partners to check
 
 
 def test_shown_by_show_similar_api_and_page(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path):

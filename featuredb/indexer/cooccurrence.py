@@ -34,10 +34,11 @@ from featuredb.store.schema import COOCCURRENCE_MIN_COUNT
 
 MIN_COUNT = COOCCURRENCE_MIN_COUNT  # a pair seen on one token only is not evidence of anything
 DEFAULT_TOP_N = 10
-DEFAULT_SAMPLE_TOKENS = 1 << 14
+DEFAULT_SAMPLE_TOKENS = 1 << 13  # the demo: ~5% of its index stage (docs/benchmarks.md)
 PLANNED_FIRING = 256  # features of one coder firing on a token, as the planner assumes
 _SEED = 0x5EED  # fixed: every run of a corpus samples the same tokens
 _BLOCK_PAIRS = 1 << 24  # pair products per sparse block: bounds the block's output and its sort
+_DENSE_BLOCK = 1 << 24  # a block's output is taken dense (for a top-k) up to this many cells
 _ONE_BITS = 0x3F800000  # float32 1.0's bits: Jaccard <= 1
 
 
@@ -199,10 +200,7 @@ class TokenSample:
                 continue
             block = _csr(At_offsets[start:stop + 1] - lo, At_tokens[lo:hi], (stop - start, self.tokens), device)
             counts = torch.sparse.mm(block, A)  # [stop - start, n_features]: tokens where both fire
-            crow, cols, c = counts.crow_indices().cpu(), counts.col_indices().cpu(), counts.values().cpu()
-            rows = _row_of_entries(crow) + start
-            keep = (c >= MIN_COUNT - 0.5) & (cols != rows)  # most pairs meet once: dropped before sorting
-            rows, cols, c = rows[keep], cols[keep], c[keep].round().long()
+            rows, cols, c = _candidates(counts, start, fires, top_n)
             j = (c.double() / (fires_host[rows] + fires_host[cols] - c).double()).float()
             # by row, then Jaccard descending (a positive float32's bits order like it), then partner
             # id: sorted by id first (any order of equal ids: they are in different rows), then stably
@@ -234,7 +232,7 @@ class BatchCandidates:
 
     def add(self, acts: Tensor, offset: int) -> None:
         """acts [B, T, F]: one coder's activations of the batch (non-counted tokens zeroed); `offset`:
-        its first feature's pass-global id."""
+        its first feature's pass-global id (coders are added in increasing offsets)."""
         rows, positions = self.rows.to(acts.device), self.positions.to(acts.device)
         token, feature = acts[rows, positions].nonzero(as_tuple=True)
         self._token = (self._token or []) + [token.cpu()]
@@ -248,11 +246,18 @@ class BatchCandidates:
 
     @property
     def features(self) -> Tensor:
-        """The firing features' pass-global ids, by candidate token, then id."""
-        if not self._token:
-            return torch.zeros(0, dtype=torch.int64)
-        token, feature = torch.cat(self._token), torch.cat(self._feature)
-        return feature[((token << 38) | feature).argsort()]
+        """The firing features' pass-global ids, by candidate token, then id. Each coder's list is
+        by token then feature already (nonzero's order) and coders come in increasing offsets, so
+        each entry's place is counted, not sorted."""
+        lengths = self.lengths
+        out = torch.empty(int(lengths.sum()), dtype=torch.int64)
+        filled = torch.cumsum(lengths, 0) - lengths  # next free place of each token's row
+        for token, feature in zip(self._token or [], self._feature or []):
+            counts = torch.bincount(token, minlength=len(self.key))
+            first = torch.cumsum(counts, 0) - counts  # where each token's run starts in this list
+            out[filled[token] + torch.arange(len(token)) - first[token]] = feature
+            filled += counts
+        return out
 
 
 @dataclass
@@ -289,6 +294,28 @@ class Partners:
                     "cooccurring_jaccard": [js[:n] for js, n in zip(jaccard, valid)]}
 
         return columns
+
+
+def _candidates(counts: Tensor, start: int, fires: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, partner, count) on the host of a block's pairs that may be among a row's `top_n`: every
+    pair met on >= MIN_COUNT tokens; where the block's output is dense (coders firing hundreds of
+    features a token), only those at or above each row's top_n-th Jaccard (a top-k, ties kept),
+    which spares sorting millions of pairs that cannot be kept."""
+    b, width = counts.shape
+    if counts.values().numel() < b * width // 8 or b * width > _DENSE_BLOCK:
+        crow, cols, c = counts.crow_indices().cpu(), counts.col_indices().cpu(), counts.values().cpu()
+        rows = _row_of_entries(crow) + start
+        keep = (c >= MIN_COUNT - 0.5) & (cols != rows)  # most pairs meet once: dropped before sorting
+        return rows[keep], cols[keep], c[keep].round().long()
+    dense = counts.to_dense()
+    local = torch.arange(b, device=dense.device)
+    dense[local, local + start] = 0  # not its own partner
+    both = dense.double()
+    jaccard = (both / (fires[start:start + b, None].double() + fires[None, :].double() - both)).float()
+    jaccard = torch.where(dense >= MIN_COUNT - 0.5, jaccard, -1.0)
+    threshold = jaccard.topk(min(top_n, width), dim=1).values[:, -1:]
+    rows, cols = ((jaccard >= threshold) & (jaccard >= 0)).nonzero(as_tuple=True)
+    return (rows + start).cpu(), cols.cpu(), dense[rows, cols].round().long().cpu()
 
 
 def _row_of_entries(offsets: Tensor) -> Tensor:
