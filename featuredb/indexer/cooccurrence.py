@@ -59,13 +59,13 @@ class CooccurrenceConfig:
 
 
 def sample_bytes(config: CooccurrenceConfig, width: int) -> int:
-    """A coder's share of the sample's bytes when full (what the pass planner counts): 8 B per
-    firing of its features on a sampled token, planned at PLANNED_FIRING a token (Gemma Scope's
-    L0s run ~10-200; the true count is only known once the run has seen the corpus), and the
-    sampled tokens' own 24 B (priority, key, offset), counted in full with each coder."""
+    """A coder's share of the sample's bytes when full (what the pass planner counts): 8 B for each
+    firing of its features on a sampled token, planned at a 16th of its width up to PLANNED_FIRING
+    a token (Gemma Scope's L0s run ~10-200; the true count is only known once the run has seen the
+    corpus). The tokens' own 24 B (priority, key, offset) are a fixed ~0.2 MiB a pass."""
     if not config.enabled:
         return 0
-    return config.sample_tokens * (24 + 8 * min(width, PLANNED_FIRING))
+    return config.sample_tokens * 8 * min(PLANNED_FIRING, max(1, width // 16))
 
 
 class TokenSample:
