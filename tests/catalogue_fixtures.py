@@ -29,6 +29,7 @@ from featuredb.query import create_indexes
 from featuredb.store import FeatureStore, examples_schema, features_schema
 from featuredb.store.decoder_vectors import write_decoder_vectors
 from featuredb.store.descriptions import DESCRIPTION_COLUMNS, write_descriptions
+from featuredb.store.schema import COOCCURRENCE_COLUMNS
 
 MODEL = "tiny-model"
 D = 8
@@ -88,7 +89,8 @@ CONTEXTS = {
 def empty_columns() -> tuple[dict[str, list], dict[str, list]]:
     """Empty feature and example columns to fill row by row (the optional columns a test leaves out
     are stored null)."""
-    features = {name: [] for name in features_schema().names if name != "layer_write"}
+    left_out = {"layer_write", *COOCCURRENCE_COLUMNS}
+    features = {name: [] for name in features_schema().names if name not in left_out}
     return features, {name: [] for name in examples_schema().names}
 
 
