@@ -17,6 +17,7 @@ from featuredb.indexer.cooccurrence import MIN_COUNT, CooccurrenceConfig, TokenS
 from featuredb.indexer.run import IndexConfig, run_index
 from featuredb.indexer.stats import hash_priority
 from featuredb.store import FeatureStore
+from featuredb.store.schema import COOCCURRENCE_COLUMNS
 
 from test_index import CONTEXT, STATS, assert_same_catalogue, brute_force, gemma2_coders  # noqa: F401
 
@@ -108,6 +109,13 @@ def test_a_sample_of_tokens_is_the_brute_force_sample_and_resumes(tiny_gemma2, g
     order = np.lexsort((keys.numpy(), priority.numpy()))
     sample = keys[torch.as_tensor(order[:60])]
     check_against_brute_force(tmp_path / "whole", keys, acts, top_n=4, sample=sample)
+    # sampling never changes what the statistics count: the same rows as a run that does not sample
+    index(tiny_gemma2, gemma2_coders, corpus_jsonl, tmp_path / "off", cooccurrence=CooccurrenceConfig(top_n=0))
+    sampled, off = FeatureStore(str(tmp_path / "whole")), FeatureStore(str(tmp_path / "off"))
+    for coder_id in acts:
+        assert sampled.features(coder_id).sort("feature").drop(COOCCURRENCE_COLUMNS).equals(
+            off.features(coder_id).sort("feature").drop(COOCCURRENCE_COLUMNS))
+        assert sampled.examples(coder_id).equals(off.examples(coder_id))
     shown = json.loads(CliRunner().invoke(main, ["show", f"{sorted(acts)[0]}/0", "--db", str(tmp_path / "whole"),
                                                  "--json"]).output)
     assert shown["cooccurrence"]["sampled"] and shown["cooccurrence"]["tokens"] == 60

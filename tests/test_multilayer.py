@@ -27,6 +27,7 @@ from featuredb.runtime.coders import load_coder
 from featuredb.runtime.model import load_model
 from featuredb.runtime.multilayer import MultiLayerCoder
 from featuredb.store import FeatureStore
+from featuredb.store.schema import COOCCURRENCE_COLUMNS
 from test_coders import fake_hub
 from test_distributed import torchrun
 from test_index import assert_same_catalogue
@@ -379,8 +380,9 @@ def test_a_catalogue_written_before_multi_layer_coders_reads_and_upgrades(tiny_g
     db = tmp_path / "db"
     index(tiny_gemma3, [single], corpus_jsonl, db)
     raw = lancedb.connect(str(db))
-    raw.open_table("coders").drop_columns(["layers"])
-    raw.open_table("features").drop_columns(["layer_write"])
+    # every column added since (co-occurrence came later still): a catalogue of that time has none of them
+    raw.open_table("coders").drop_columns(["layers", "cooccurrence_tokens"])
+    raw.open_table("features").drop_columns(["layer_write", *COOCCURRENCE_COLUMNS])
     before = raw.open_table("features").to_arrow()
 
     shown = Catalogue(str(db)).feature("resid_post-layer_1_width_16_l0_medium", 3)  # read-only, as it is
@@ -390,6 +392,6 @@ def test_a_catalogue_written_before_multi_layer_coders_reads_and_upgrades(tiny_g
     FeatureStore(str(db))  # writable: upgraded in place
     after = raw.open_table("features").to_arrow()
     assert after.column("layer_write").null_count == after.num_rows
-    assert after.drop_columns(["layer_write"]).equals(before)
+    assert after.drop_columns(["layer_write", *COOCCURRENCE_COLUMNS]).equals(before)
     assert raw.open_table("coders").to_arrow().column("layers").null_count == 1
     index(tiny_gemma3, [single], corpus_jsonl, db, replace=True)  # and it takes new writes

@@ -17,6 +17,7 @@ from lancedb.merge import LanceMergeInsertBuilder
 from lancedb.table import LanceTable
 
 from featuredb.cli import main
+from featuredb.store.schema import COOCCURRENCE_COLUMNS
 from featuredb.store import (
     FeatureStore,
     Filter,
@@ -56,7 +57,7 @@ def make_sae(coder_id: str, width: int = 4, **overrides) -> dict:
     sae = dict(
         coder_id=coder_id, model="tiny-model", hook="blocks.1.hook_resid_post", hook_out="blocks.1.hook_resid_post",
         site="res", layer=1, architecture="jumprelu", kind="sae", d_in=8, d_out=8, width=width,
-        source="local:test", tokens_indexed=1000, contexts_indexed=50, context=3, top_k=2, created_at=CREATED, layers=None,
+        source="local:test", tokens_indexed=1000, contexts_indexed=50, context=3, top_k=2, created_at=CREATED, layers=None, cooccurrence_tokens=None,
     )
     sae.update(overrides)
     return sae
@@ -173,7 +174,8 @@ def test_write_then_read_back_equal(store):
         expected_frame(examples, examples_schema(), ["feature", "kind", "rank"])
     )
     row = store.feature_row("sae-a", 2)
-    assert row == {name: values[2] for name, values in features.items()} | {"layer_write": None}
+    assert row == {name: values[2] for name, values in features.items()} | {"layer_write": None} | dict.fromkeys(
+        COOCCURRENCE_COLUMNS)
     assert store.feature_row("sae-a", 1)["vector"] is None and store.feature_row("sae-a", 1)["description"] is None
     assert store.feature_row("sae-a", 7) is None
 

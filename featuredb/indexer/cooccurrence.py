@@ -91,9 +91,9 @@ class TokenSample:
         B, T = count_mask.shape
         key = (context_ids.long()[:, None] * T + torch.arange(T, device=context_ids.device)).cpu()
         priority = hash_priority(key, torch.zeros_like(key), _SEED)
-        eligible = count_mask.cpu().bool()
+        eligible = count_mask.cpu().bool()  # may be count_mask itself: never changed in place
         if self.tokens >= self.capacity:
-            eligible &= priority <= self.priority.max()  # a tie may still win on its key
+            eligible = eligible & (priority <= self.priority.max())  # a tie may still win on its key
         rows, positions = eligible.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return None
