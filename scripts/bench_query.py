@@ -40,6 +40,7 @@ import lancedb  # noqa: E402
 import featuredb  # noqa: E402
 from featuredb.store.indexes import create_indexes  # noqa: E402
 from featuredb.store import examples_schema, features_schema, coders_schema  # noqa: E402
+from featuredb.store.schema import COOCCURRENCE_COLUMNS  # noqa: E402
 
 SIZES = {"100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
 DIM = 384
@@ -181,6 +182,7 @@ class Synth:
             "embedding_model": pa.array(np.full(m, "sentence-transformers/all-MiniLM-L6-v2", dtype=object), pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM),
             "layer_write": pa.nulls(m, pa.list_(pa.float32())),
+            **{c: pa.nulls(m, features_schema(DIM).field(c).type) for c in COOCCURRENCE_COLUMNS},
         }, schema=features_schema(DIM))
         examples_table = None
         if examples_per_feature:
