@@ -90,6 +90,12 @@ def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 
+def forward_options(f):
+    """--device and --model of the commands that run the subject model (fires, find)."""
+    f = click.option("--model", default=None, help="Subject model to run (default: the one the coders record).")(f)
+    return click.option("--device", default=None, help="cpu (default), cuda, ...")(f)
+
+
 def quiet_option(f):
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
 
@@ -376,8 +382,7 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--max-density", type=float, default=None, help="Hide features denser than this.")
 @click.option("--limit", "-n", type=int, default=20, show_default=True, help="Number of features.")
 @click.option("--per-token", type=int, default=3, show_default=True, help="Top features listed per token.")
-@click.option("--device", default=None, help="cpu (default), cuda, ...")
-@click.option("--model", default=None, help="Subject model to run (default: the one the coders record).")
+@forward_options
 @db_option
 @json_option
 @trust_option
@@ -404,8 +409,7 @@ def fires(text, coder_ids, by, positions, max_density, limit, per_token, device,
 @click.option("--layer", type=int, multiple=True, help="Only this layer (repeatable).")
 @click.option("--max-density", type=float, default=None, help="Only features at most this dense.")
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of features.")
-@click.option("--device", default=None, help="cpu (default), cuda, ...")
-@click.option("--model", default=None, help="Subject model to run (default: the one the coders record).")
+@forward_options
 @db_option
 @json_option
 @trust_option

@@ -107,10 +107,11 @@ class TokenSample:
         priority, key = torch.cat([self.priority, batch.priority]), torch.cat([self.key, batch.key])
         keep = torch.zeros(len(key), dtype=torch.bool)
         keep[_lexsort(priority, key)[:self.capacity]] = True
-        old_lengths, new_lengths = self.offsets[1:] - self.offsets[:-1], batch.lengths
+        new_lengths, new_features = batch.placed()
+        old_lengths = self.offsets[1:] - self.offsets[:-1]
         old_entries = torch.repeat_interleave(keep[:n], old_lengths)
         new_entries = torch.repeat_interleave(keep[n:], new_lengths)
-        self.features = torch.cat([self.features[old_entries], batch.features[new_entries]])
+        self.features = torch.cat([self.features[old_entries], new_features[new_entries]])
         lengths = torch.cat([old_lengths[keep[:n]], new_lengths[keep[n:]]])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
         self.priority, self.key = priority[keep], key[keep]
@@ -238,26 +239,20 @@ class BatchCandidates:
         self._token = (self._token or []) + [token.cpu()]
         self._feature = (self._feature or []) + [feature.cpu() + offset]
 
-    @property
-    def lengths(self) -> Tensor:
-        """Features firing on each candidate token."""
-        token = torch.cat(self._token) if self._token else torch.zeros(0, dtype=torch.int64)
-        return torch.bincount(token, minlength=len(self.key))
-
-    @property
-    def features(self) -> Tensor:
-        """The firing features' pass-global ids, by candidate token, then id. Each coder's list is
-        by token then feature already (nonzero's order) and coders come in increasing offsets, so
-        each entry's place is counted, not sorted."""
-        lengths = self.lengths
+    def placed(self) -> tuple[Tensor, Tensor]:
+        """Features firing on each candidate token, and the firing features' pass-global ids by
+        candidate token, then id. Each coder's list is by token then feature already (nonzero's
+        order) and coders come in increasing offsets, so each entry's place is counted, not sorted."""
+        lists = list(zip(self._token or [], self._feature or []))
+        counts = [torch.bincount(token, minlength=len(self.key)) for token, _ in lists]
+        lengths = torch.stack(counts).sum(0) if counts else torch.zeros(len(self.key), dtype=torch.int64)
         out = torch.empty(int(lengths.sum()), dtype=torch.int64)
         filled = torch.cumsum(lengths, 0) - lengths  # next free place of each token's row
-        for token, feature in zip(self._token or [], self._feature or []):
-            counts = torch.bincount(token, minlength=len(self.key))
-            first = torch.cumsum(counts, 0) - counts  # where each token's run starts in this list
+        for (token, feature), count in zip(lists, counts):
+            first = torch.cumsum(count, 0) - count  # where each token's run starts in this list
             out[filled[token] + torch.arange(len(token)) - first[token]] = feature
-            filled += counts
-        return out
+            filled += count
+        return lengths, out
 
 
 @dataclass

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -295,7 +296,7 @@ class Run:
     def device(self) -> torch.device:
         return self.model.device
 
-    @property
+    @cached_property  # read by every batch; the pass's coders never change
     def feature_offsets(self) -> dict[str, int]:
         """Each coder of the pass (every group's): the pass-global id of its first feature."""
         widths = [c.header.width for c in self.planned.coders]
