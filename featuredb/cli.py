@@ -284,9 +284,14 @@ def index(model, coders, coders_from, memory, plan_only, as_json, corpus, db, to
               help="llm: retries on 429 / 5xx / timeouts, with exponential backoff.")
 @click.option("--cache", default=None, help="Reply cache file (default: DB/_describe_cache.sqlite).")
 @click.option("--device", default=None, help="local: cpu, cuda, ... (default: cuda when available).")
+@click.option("--embedding-score/--no-embedding-score", default=True, show_default=True,
+              help="Score every description offline: AUROC of its embedding's similarity to the contexts where the "
+                   "feature fires against random contexts and its nearest features' (delphi's embedding scorer).")
+@click.option("--score-only", is_flag=True,
+              help="Describe nothing: only give the stored descriptions that lack one an embedding score.")
 @quiet_option
 def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_model, concurrency, timeout,
-             max_retries, cache, device, quiet):
+             max_retries, cache, device, embedding_score, score_only, quiet):
     """Describe features: a label or LLM description per feature, with provenance, scores and embeddings."""
     from featuredb.describe import DescribeConfig, run_describe
 
@@ -294,6 +299,7 @@ def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_
         db=db, explainer=explainer, coder_ids=list(coder_ids), limit=limit, score=score, base_url=base_url,
         model=model, embedding_model=embedding_model, concurrency=concurrency, timeout=timeout,
         max_retries=max_retries, cache=cache, device=device, progress=not quiet,
+        embedding_score=embedding_score, score_only=score_only,
     )
     r = run_describe(config)
     finalize(db)
@@ -306,6 +312,9 @@ def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_
     if r.embedded:
         click.echo(f"embedded {r.embedded:,} description(s) with {embedding_model} in {r.embed_seconds:.1f}s "
                    f"({r.embedded / max(r.embed_seconds, 1e-9):,.1f}/s)")
+    if r.embedding_scored:
+        click.echo(f"scored {r.embedding_scored:,} description(s) (embedding AUROC) in {r.score_seconds:.1f}s, "
+                   f"embedding {r.windows_embedded:,} context window(s)")
     if explainer not in ("words", "tokens"):
         click.echo(f"{r.requests:,} request(s), {r.cache_hits:,} cached, {r.retries:,} retried")
     if r.unparsed:
@@ -325,11 +334,15 @@ def describe(db, explainer, coder_ids, limit, score, base_url, model, embedding_
               help="Keyword search for a query of symbols only, semantic otherwise (default: measured best, "
                    "docs/benchmarks.md).")
 @filter_options
+@click.option("--min-score", type=float, default=None, metavar="X",
+              help="Only features whose description scores at least X in [0, 1] (its embedding AUROC, "
+                   "from `featuredb describe`; the desc.score column).")
 @click.option("--limit", "-n", type=int, default=10, show_default=True, help="Number of results.")
 @db_option
 @json_option
 @trust_option
-def search(text, mode, layer, coder_ids, site, model, min_density, max_density, limit, db, as_json, trust_models):
+def search(text, mode, layer, coder_ids, site, model, min_density, max_density, min_score, limit, db, as_json,
+           trust_models):
     """Search features by what their descriptions say."""
     from featuredb.query.where import where_conditions
 
@@ -338,7 +351,8 @@ def search(text, mode, layer, coder_ids, site, model, min_density, max_density, 
     cat = open_catalogue(db, trust_models)
     mode = auto_mode(text) if mode == "auto" else mode
     query = {"semantic": cat.search, "keyword": cat.keyword, "hybrid": cat.hybrid}[mode](text)
-    frame = query.where(**where_conditions(layer, coder_ids, site, model, min_density, max_density)).limit(limit).to_polars()
+    conditions = where_conditions(layer, coder_ids, site, model, min_density, max_density, min_score)
+    frame = query.where(**conditions).limit(limit).to_polars()
     if as_json:
         echo_json(frame.to_dicts())
     else:
@@ -430,6 +444,32 @@ def find(texts, negatives, by, coder_ids, layer, max_density, limit, device, mod
         from featuredb.query.render import find_results
 
         click.echo(find_results(frame, by))
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True, metavar="CODER_ID/INDEX[:STRENGTH]...")
+@click.argument("prompt")
+@click.option("--tokens", "-t", type=int, default=32, show_default=True, help="New tokens per text (at most 128).")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; above: sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (both texts draw the same numbers).")
+@forward_options
+@db_option
+@json_option
+@trust_option
+def steer(refs, prompt, tokens, temperature, seed, device, model, db, as_json, trust_models):
+    """Generate from PROMPT twice, unsteered and with each feature's decoder direction added where
+    its coder writes (at every position), and print both.
+
+    STRENGTH (default 1) is in units of the feature's max activation in the catalogue; negative
+    strengths turn a feature down. Several features add up (at most 8)."""
+    result = open_catalogue(db, trust_models).steer(list(refs), prompt, tokens=tokens, temperature=temperature,
+                                                    seed=seed, device=device, model=model)
+    if as_json:
+        echo_json(result.to_dict())
+    else:
+        from featuredb.query.render import steered
+
+        click.echo(steered(result))
 
 
 @main.command()
@@ -574,6 +614,57 @@ def upgrade(db):
     store = FeatureStore(db)  # a writable open upgrades
     finalize(db)
     click.echo(f"upgraded {db}: {len(store.coders())} coder(s), examples compact")
+
+
+# ---------------------------------------------------------------------------------------------
+# the map
+
+@main.command("map")
+@db_option
+@click.option("--png", "png_path", default=None, metavar="PATH", help="Write the map as a PNG image here.")
+@coder_option("Coders drawn in the PNG (repeatable; default: the largest mapped group).")
+@click.option("--colour", type=click.Choice(["coder", "layer", "density"]), default="coder", show_default=True,
+              help="PNG: colour each feature by its coder, its layer or its density.")
+@click.option("--size", type=click.IntRange(64, 4096), default=800, show_default=True, help="PNG: pixels a side.")
+@click.option("--recompute", is_flag=True, help="With --png: compute the map again first (without --png it always is).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sample and UMAP.")
+@click.option("--fit-rows", type=click.IntRange(min=16), default=None,
+              help="Features per group fitted by UMAP; the rest are placed by their nearest fitted ones.")
+@quiet_option
+def map_(db, png_path, coder_ids, colour, size, recompute, seed, fit_rows, quiet):
+    """Compute the 2-D map of every feature (UMAP of decoder directions, per model and decoder space)
+    and store it; with --png, draw the stored map (missing groups computed first) into an image."""
+    import time
+
+    from featuredb.query.catalogue import default_db
+    from featuredb.store import FeatureStore
+    from featuredb.store.feature_map import MapConfig, update_map
+
+    db = db or default_db()
+    config = MapConfig(seed=seed, progress=not quiet, **({"fit_rows": fit_rows} if fit_rows else {}))
+    started = time.perf_counter()
+    open_catalogue(db)  # a clear error for a path that holds no catalogue, before a writable open creates it
+    store = FeatureStore(db)
+    result = update_map(store, config, force=recompute or not png_path)
+    for group in result.groups:
+        click.echo(f"mapped {group['features']:,} features of {group['space']} ({group['model']}): "
+                   f"{group['fitted']:,} fitted by UMAP in {group['fit_seconds']:.1f}s, the rest placed in "
+                   f"{group['place_seconds']:.1f}s ({group['features'] / max(group['seconds'], 1e-9):,.0f} features/s)")
+    if not result.groups:
+        from featuredb.store.feature_map import map_groups
+
+        if not map_groups(store):
+            raise QueryError(f"nothing to map in {db}: it stores no decoder directions")
+        click.echo(f"every feature is on the map already ({time.perf_counter() - started:.1f}s)")
+    if png_path:
+        from featuredb.query.feature_map import map_png
+
+        cat = open_catalogue(db)
+        selection = cat.map_selection(list(coder_ids))
+        frame = cat.map(selection.coder_ids)
+        Path(png_path).write_bytes(map_png(frame, selection.coder_ids, colour, size))
+        click.echo(f"wrote {png_path}: {frame.height:,} features of {len(selection.coder_ids)} coder(s), "
+                   f"coloured by {colour}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ corpus of --contexts windows; per example top-K 32 + 2 x 16 interval samples wit
 
     python scripts/bench_catalogue.py --features 2M                 # build + measure
     python scripts/bench_catalogue.py --features 2M --no-build --s3 --s3-features 200k
+    python scripts/bench_catalogue.py --features 5M --finalize-existing  # finish a build whose finalize was cut
     AWS_ENDPOINT_URL=http://127.0.0.1:4568 AWS_ACCESS_KEY_ID=S3RVER AWS_SECRET_ACCESS_KEY=S3RVER \
         AWS_REGION=us-east-1 python scripts/bench_catalogue.py --features 5M --no-build --skip-local --s3
 """
@@ -226,6 +227,25 @@ def build(db: Path, n: int, synth: Synth, corpus: Corpus, queries: int, finalize
     return setup
 
 
+def finalize_existing(db: Path, n: int, synth: Synth, queries: int) -> dict:
+    """Finish a build whose writes completed but whose finalize was cut off: the exact answers are
+    recomputed from the same deterministic stream (nothing is written), then finalize is timed. It
+    may find part of its work done (LanceDB keeps every committed index), so its time is a floor."""
+    truth = bench_query.Truth(synth.queries(queries), np.zeros(queries, np.int32), np.full(queries, "", dtype=object))
+    for b in range((n + bench_query.BATCH - 1) // bench_query.BATCH):
+        _, _, v, layers, coder_ids = synth.batch(b, 0, 0)
+        truth.update(v, b * bench_query.BATCH, layers, coder_ids)
+    print(f"  exact answers recomputed over {n:,} features", flush=True)
+    t = time.perf_counter()
+    with PeakRss() as rss:
+        optimize(FeatureStore(db, vector_dim=bench_query.DIM), cleanup_older_than=datetime.timedelta(0))
+    setup = {"n": n, "write_seconds": None, "features_per_second": None, "seconds": {},
+             "finalize_seconds": time.perf_counter() - t, "finalize_resumed": True, "peak_rss_bytes": rss.peak,
+             "progress": [], "exact_top10": truth.best["all"][1][:, :10].tolist()}
+    (db.parent / f"{db.name}.setup.json").write_text(json.dumps(setup))
+    return setup
+
+
 def table_bytes(db: Path, n: int) -> dict:
     out = {}
     for table in sorted(db.iterdir()):
@@ -388,6 +408,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--dir", default="/tmp/featuredb-bench-catalogue")
     parser.add_argument("--no-build", action="store_true", help="measure the catalogue already built")
+    parser.add_argument("--finalize-existing", action="store_true", help="finish a build whose finalize was cut off "
+                        "(the writes done), then measure")
     parser.add_argument("--build-only", action="store_true", help="build and report bytes, no queries")
     parser.add_argument("--no-finalize", action="store_true", help="with --build-only: time the writes alone")
     parser.add_argument("--s3", action="store_true", help="also query a copy in an S3 server (AWS_ENDPOINT_URL, else a local moto server)")
@@ -411,12 +433,19 @@ def main() -> None:
     corpus = Corpus(parse_count(args.contexts))
     if args.no_build:
         setup = json.loads((root / f"{db.name}.setup.json").read_text())
+    elif args.finalize_existing:
+        print(f"finalizing the {n:,} features already written in {db}", flush=True)
+        setup = finalize_existing(db, n, synth, args.queries)
     else:
         print(f"building {n:,} features -> {db}", flush=True)
         setup = build(db, n, synth, corpus, args.queries, finalize=not args.no_finalize)
-    print(f"write: {setup['features_per_second']:,.0f} features/s ({setup['write_seconds']:.0f}s: "
-          f"{json.dumps({k: round(v, 1) for k, v in setup['seconds'].items()})}), peak RSS "
-          f"{setup['peak_rss_bytes'] / 2**30:.2f} GiB; finalize {setup['finalize_seconds']:.0f}s")
+    if setup["write_seconds"] is None:
+        print(f"write: not in this run; finalize {setup['finalize_seconds']:.0f}s (resumed), peak RSS "
+              f"{setup['peak_rss_bytes'] / 2**30:.2f} GiB")
+    else:
+        print(f"write: {setup['features_per_second']:,.0f} features/s ({setup['write_seconds']:.0f}s: "
+              f"{json.dumps({k: round(v, 1) for k, v in setup['seconds'].items()})}), peak RSS "
+              f"{setup['peak_rss_bytes'] / 2**30:.2f} GiB; finalize {setup['finalize_seconds']:.0f}s")
     sizes = table_bytes(db, n)
     for name, size in sizes.items():
         print(f"  {name:<24} {size['bytes'] / 2**20:10.1f} MiB  {size['per_feature']:8.0f} B/feature")

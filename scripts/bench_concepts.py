@@ -1,7 +1,7 @@
 """Concept search benchmark (issue 16): do searches for a concept find a feature that fires on it?
 
     python scripts/bench_concepts.py --db featuredb-demo/catalogue [--modes semantic,keyword,hybrid,auto]
-                                     [--k 5] [--json out.json] [--show-misses]
+                                     [--sets concepts,classes] [--k 5] [--json out.json] [--show-misses]
 
 Each concept is a query a researcher might type ("equals sign", "negation", "indentation") and a
 judge: a predicate on one peak of a feature, i.e. the token where one of its top examples peaks
@@ -20,9 +20,11 @@ The catalogue's current descriptions are what is searched: describe it with anot
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import keyword
 import re
+import string
 import sys
 import time
 from collections import Counter
@@ -153,12 +155,84 @@ CONCEPTS: list[tuple[str, Callable[[Peak], bool]]] = [
 ]
 
 
+def _identifier(p: Peak) -> bool:
+    return bool(p.s) and (p.s[0].isalpha() or p.s[0] == "_") and all(c.isalnum() or c == "_" for c in p.s)
+
+
+def _whole_word(p: Peak) -> bool:
+    """A whole lowercase English word (not a piece of a longer one)."""
+    return p.s.isalpha() and p.s.islower() and p.word == p.s
+
+
+def _chunk(p: Peak) -> str:
+    """The run of text without spaces around the peak (as far as the peak's neighbours show it)."""
+    left = "" if p.token[:1].isspace() else re.split(r"\s", p.line_before)[-1]
+    right = p.next if p.next and not p.next[:1].isspace() and not p.token[-1:].isspace() else ""
+    return left + p.s + right
+
+
+_NOT_PLURAL = {"this", "was", "has", "does", "always", "perhaps", "its", "his", "thus", "yes", "across", "unless",
+               "less", "class", "process", "access", "address", "pass", "status", "series", "news", "whereas"}
+_BUILTIN_FUNCTIONS = {n for n in dir(builtins) if n.islower() and not n.startswith("_") and callable(getattr(builtins, n))}
+
+# A second set (issue 24): classes of tokens, named as people name them (by form, by word class, by
+# role in code). Judged on the peaks alone, like the first set; a class with no feature firing on
+# it is reported unscored.
+CLASS_CONCEPTS: list[tuple[str, Callable[[Peak], bool]]] = [
+    ("digits", lambda p: p.s.isdigit()),
+    ("closing brackets", lambda p: bool(p.s) and p.s[0] in ")]}" and not any(c.isalnum() for c in p.s)),
+    ("opening brackets", lambda p: bool(p.s) and p.s[-1] in "([{" and not any(c.isalnum() for c in p.s)),
+    ("punctuation marks", lambda p: bool(p.s) and all(c in string.punctuation for c in p.s)),
+    ("whitespace runs", lambda p: not p.s and len(p.token) >= 2),
+    ("arithmetic operators", lambda p: p.s in ("+", "-", "*", "/", "%", "**", "//")),
+    ("file paths", lambda p: bool(p.s) and bool(re.search(r"\w/[\w.]|^/\w|\w\.(py|txt|json|csv|cfg|toml|yaml|md|rst|html)\b",
+                                                          _chunk(p)))),
+    ("URLs", lambda p: bool(p.s) and bool(re.search(r"https?:|://|www\.", _chunk(p)))),
+    ("plural nouns", lambda p: _whole_word(p) and len(p.s) >= 4 and p.s.endswith("s") and not p.s.endswith(("ss", "us", "is"))
+                               and p.s not in _NOT_PLURAL and p.prev.strip().lower() not in ("it", "he", "she", "which", "that")),
+    ("verbs in the past tense", lambda p: _whole_word(p) and len(p.s) >= 5 and p.s.endswith("ed") and not p.s.endswith("eed")),
+    ("adverbs", lambda p: _whole_word(p) and len(p.s) >= 5 and p.s.endswith("ly") and p.s not in ("only", "family", "apply")),
+    ("verbs", lambda p: _whole_word(p) and ((len(p.s) >= 5 and p.s.endswith(("ing", "ed")) and p.s not in ("string", "thing"))
+                                            or p.prev.strip().lower() in ("to", "can", "will", "should", "must", "may"))),
+    ("conjunctions", _is({"and", "or", "but", "because", "although", "so", "yet", "while", "nor"})),
+    ("modal verbs", _is({"can", "could", "will", "would", "should", "may", "might", "must", "shall"})),
+    ("articles", _is({"a", "an", "the"})),
+    ("question words", _is({"what", "which", "who", "when", "where", "why", "how"})),
+    ("number words", _is({"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "first",
+                          "second", "third", "hundred", "thousand", "million"})),
+    ("proper nouns", lambda p: p.s.isalpha() and len(p.s) > 1 and p.s[0].isupper() and p.s[1:].islower()
+                               and bool(p.line_before.strip()) and not p.line_before.rstrip().endswith((".", ":", "!", "?", '"', "#"))),
+    ("word endings (suffixes)", lambda p: p.s.isalpha() and not p.token[:1].isspace() and p.prev[-1:].isalpha()
+                                          and not p.next[:1].isalpha()),
+    ("function names", lambda p: _identifier(p) and p.s not in PYTHON_KEYWORDS
+                                 and (p.prev.strip() == "def" or p.next.startswith("("))),
+    ("class names", lambda p: _identifier(p) and (p.prev.strip() == "class" or (p.word[:1].isupper() and
+                                                  any(c.islower() for c in p.word) and p.next.startswith("(")))),
+    ("variable names", lambda p: _identifier(p) and p.s not in PYTHON_KEYWORDS and p.next.strip().startswith("=")
+                                 and not p.next.strip().startswith("==")),
+    ("module names", lambda p: _identifier(p) and p.s not in ("import", "from", "as")
+                               and bool(re.match(r"\s*(import|from)\s", p.line_before))),
+    ("attribute names", lambda p: _identifier(p) and p.prev.strip().endswith(".")),
+    ("keyword arguments", lambda p: _identifier(p) and p.next.strip() == "="
+                                    and p.line_before.count("(") > p.line_before.count(")")),
+    ("built-in functions", lambda p: p.s in _BUILTIN_FUNCTIONS and p.word == p.s),
+    ("exception names", lambda p: bool(re.search(r"(Error|Exception|Warning)$", p.word))),
+    ("control flow keywords", lambda p: p.s in ("if", "elif", "else", "for", "while", "break", "continue", "return",
+                                                "try", "except", "finally", "raise")),
+    ("snake_case names", lambda p: "_" in p.word.strip("_") and any(c.isalpha() for c in p.word)),
+    ("camelCase names", lambda p: bool(re.search(r"[a-z][A-Z]", p.word))),
+]
+QUERY_SETS = {"concepts": CONCEPTS, "classes": CLASS_CONCEPTS}
+
+
 def load_peaks(cat) -> dict[tuple[str, int], list[Peak]]:
     where = Filter().eq("kind", "top").between("rank", high=JUDGE_EXAMPLES - 1)
     frame = pl.from_arrow(cat.store.read_examples(where, ["coder_id", "feature", "rank", "tokens", "max_position"]))
     peaks: dict[tuple[str, int], list[Peak]] = {}
     for coder_id, feature, tokens, p in frame.select("coder_id", "feature", "tokens", "max_position").iter_rows():
-        if tokens and 0 <= p < len(tokens):
+        if tokens and 0 < p < len(tokens):
+            # every stored window starts with BOS (its text, '<bos>', is no part of the line the peak is on)
+            tokens, p = tokens[1:], p - 1
             peaks.setdefault((coder_id, feature), []).append(peak_of(tokens, p))
     return peaks
 
@@ -181,6 +255,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", required=True)
     ap.add_argument("--modes", default="semantic,keyword,hybrid")
+    ap.add_argument("--sets", default=",".join(QUERY_SETS), help="query sets: " + ", ".join(QUERY_SETS))
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--json", default=None, help="write per-query results here")
     ap.add_argument("--show-misses", action="store_true")
@@ -192,13 +267,21 @@ def main() -> None:
     peaks = load_peaks(cat)
     methods = Counter(cat.store.table("features").search().select(["description_method"]).limit(None)
                       .to_arrow()["description_method"].to_pylist())
-    answerable = {q: sum(fires_on(ps, judge) for ps in peaks.values()) for q, judge in CONCEPTS}
-    scored = [(q, judge) for q, judge in CONCEPTS if answerable[q]]
     print(f"catalogue {args.db}: {len(peaks):,} features with top examples; descriptions by "
           + ", ".join(f"{m} ({n:,})" for m, n in methods.most_common()))
-    print(f"{len(CONCEPTS)} concepts, {len(scored)} with at least one feature firing on them "
+    report = {"db": args.db, "k": args.k, "methods": dict(methods), "sets": {}}
+    for set_name in args.sets.split(","):
+        report["sets"][set_name] = run_set(cat, peaks, set_name, QUERY_SETS[set_name], modes, args, started)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def run_set(cat, peaks, set_name: str, concepts, modes: list[str], args, started: float) -> dict:
+    answerable = {q: sum(fires_on(ps, judge) for ps in peaks.values()) for q, judge in concepts}
+    scored = [(q, judge) for q, judge in concepts if answerable[q]]
+    print(f"\n[{set_name}] {len(concepts)} concepts, {len(scored)} with at least one feature firing on them "
           f"(judged in {time.perf_counter() - started:.1f}s); unscored: "
-          + (", ".join(q for q, _ in CONCEPTS if not answerable[q]) or "none"))
+          + (", ".join(q for q, _ in concepts if not answerable[q]) or "none"))
 
     results = []
     hits = {m: 0 for m in modes}
@@ -219,14 +302,12 @@ def main() -> None:
         results.append(row)
 
     n = len(scored)
-    print(f"\nhit@{args.k} over {n} concepts")
+    print(f"[{set_name}] hit@{args.k} over {n} concepts")
     print("| mode | hit@%d | " % args.k + " | ".join(sorted({s for _, s in by_shape})) + " |")
     for mode in modes:
         shapes = " | ".join(f"{sum(v)}/{len(v)}" for (m, s), v in sorted(by_shape.items()) if m == mode)
         print(f"| {mode} | {hits[mode]}/{n} ({hits[mode] / max(n, 1):.0%}) | {shapes} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"db": args.db, "k": args.k, "methods": dict(methods),
-                                               "hits": hits, "n": n, "results": results}, indent=1))
+    return {"hits": hits, "n": n, "unscored": [q for q, _ in concepts if not answerable[q]], "results": results}
 
 
 if __name__ == "__main__":

@@ -162,17 +162,20 @@ def main() -> None:
                 timings[f"save L{layer} w{width}"] = time.perf_counter() - t
             row = dict(layer=layer, width=width, k=args.k, train_tokens=len(train_x),
                        left_out=int((~kept[:split]).sum()), steps=metrics.steps, fve=ev.fve, fve_all=ev_all.fve,
-                       dead=ev.dead_share, dead_train=metrics.dead_share, train_fvu=metrics.fvu,
+                       dead=ev.dead_share, dead_train=metrics.dead_share, clone_pairs=ev.clone_pairs,
+                       clones=ev.clones, wasted=ev.wasted_share, train_fvu=metrics.fvu,
                        train_s=train_s, tokens_per_s=metrics.tokens_per_second)
             results.append(row)
             print(f"L{layer:<3} w{width:<6} FVE {ev.fve:.3f} (typical tokens; all held-out tokens {ev_all.fve:.3f})  "
-                  f"dead {ev.dead_share:.1%}  train {train_s:.1f}s ({metrics.tokens_per_second:,.0f} tok/s)")
+                  f"dead {ev.dead_share:.1%}  clones {ev.clones / width:.1%} ({ev.clone_pairs:,} pairs)  "
+                  f"wasted {ev.wasted_share:.1%}  train {train_s:.1f}s ({metrics.tokens_per_second:,.0f} tok/s)")
 
     total = time.perf_counter() - start
-    print(f"\n{'layer':>5} {'width':>6} {'k':>3} {'FVE':>6} {'FVE all':>8} {'dead':>6} {'train tok':>10} "
-          f"{'left out':>8} {'steps':>6} {'train s':>8}")
+    print(f"\n{'layer':>5} {'width':>6} {'k':>3} {'FVE':>6} {'FVE all':>8} {'dead':>6} {'clones':>6} {'wasted':>6} "
+          f"{'train tok':>10} {'left out':>8} {'steps':>6} {'train s':>8}")
     for r in results:
         print(f"{r['layer']:>5} {r['width']:>6} {r['k']:>3} {r['fve']:>6.3f} {r['fve_all']:>8.3f} {r['dead']:>6.1%} "
+              f"{r['clones'] / r['width']:>6.1%} {r['wasted']:>6.1%} "
               f"{r['train_tokens']:>10,} {r['left_out']:>8,} {r['steps']:>6} {r['train_s']:>8.1f}")
     print(f"held-out tokens: {boundaries[-1] - split:,}. FVE: over typical tokens (norm <= {args.typical_ratio}x the "
           f"median); FVE all: every held-out token. Trained without tokens of norm > {args.outlier_ratio}x the median "

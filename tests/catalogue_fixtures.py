@@ -89,7 +89,7 @@ CONTEXTS = {
 def empty_columns() -> tuple[dict[str, list], dict[str, list]]:
     """Empty feature and example columns to fill row by row (the optional columns a test leaves out
     are stored null)."""
-    left_out = {"layer_write", *COOCCURRENCE_COLUMNS}
+    left_out = {"layer_write", *COOCCURRENCE_COLUMNS, "description_score", "description_score_method"}
     features = {name: [] for name in features_schema().names if name not in left_out}
     return features, {name: [] for name in examples_schema().names}
 

@@ -65,7 +65,8 @@ def test_search_modes(client):
     semantic = ok(client.get("/api/search", params={"q": "towns in France", "model": MODEL, "limit": 3}))
     assert set(keys(semantic["results"])) == FRENCH and semantic["mode"] == "semantic"
     assert list(semantic["results"][0]) == ["coder_id", "feature", "layer", "site", "description", "density",
-                                            "max_activation", "top_tokens", "score"]
+                                            "max_activation", "top_tokens", "description_score", "score",
+                                            "duplicates", "duplicate_features"]
     # the default mode is chosen by the query's shape: symbols alone by keyword, words semantically
     assert ok(client.get("/api/search", params={"q": "(", "limit": 3}))["mode"] == "keyword"
     keyword = ok(client.get("/api/search", params={"q": "Marseille", "mode": "keyword"}))

@@ -145,3 +145,42 @@ def test_find_form_draws_the_marked_tokens_under_each_result(server, page):
     assert len(shaded_tokens(page.locator(".find-result .tok"))) >= 1  # every result fires on a marked token
     assert page.locator("#positive-0").input_value() == "The [[cat]] sat on the mat."
     assert page.locator("a.json-link").get_attribute("href").startswith("/api/find?")
+
+
+def test_map_page_draws_every_point_hovers_and_opens_a_feature(model_catalogue, server, page):
+    pytest.importorskip("umap")
+    from featuredb.store import FeatureStore
+    from featuredb.store.feature_map import update_map
+
+    update_map(FeatureStore(str(model_catalogue)))  # as `featuredb map` does (finalize maps only when asked)
+    body = httpx.get(f"{server}/api/map", params={"limit": 1}, timeout=60).json()
+    page.goto(f"{server}/map")
+    page.wait_for_function("window.mapState && window.mapState.ready")
+    state = page.evaluate("window.mapState")
+    assert state["drawn"] == body["count"] > 0  # every point of the chosen coders is in view
+    # the canvas holds coloured pixels (not only its white ground)
+    coloured = page.evaluate("""() => { const c = document.getElementById('map');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] < 240 || d[i + 1] < 240 || d[i + 2] < 240) n++; return n; }""")
+    assert coloured >= body["count"]
+    # hover the first point: the tooltip names it and shows its description
+    point = body["results"][0]
+    box = page.locator("#map").bounding_box()
+    target = page.evaluate("([coder, feature]) => window.mapPoint(coder, feature)", [point["coder_id"], point["feature"]])
+    page.mouse.move(box["x"] + target[0], box["y"] + target[1])
+    tip = page.locator("#map-tip")
+    tip.wait_for()
+    page.wait_for_function("!document.getElementById('map-tip').textContent.includes('…')")
+    label = httpx.get(f"{server}/api/map/label/{point['coder_id']}/{point['feature']}", timeout=60).json()
+    hovered = tip.text_content()
+    assert hovered.startswith(f"{point['coder_id']}/") and (label["description"] or "(no description)") in hovered \
+        or hovered.split(" · ")[0] != f"{point['coder_id']}/{point['feature']}"  # a neighbour on the same pixel
+    # colour by layer redraws; the search box circles matches
+    page.select_option("#colour-by", "layer")
+    page.fill("#map-search", "the")
+    page.press("#map-search", "Enter")
+    page.wait_for_function("document.getElementById('search-note').textContent.length > 0")
+    # clicking the hovered point opens its feature page
+    page.mouse.click(box["x"] + target[0], box["y"] + target[1])
+    page.wait_for_url("**/features/**")
+    assert "/features/" in page.url

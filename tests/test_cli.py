@@ -22,8 +22,8 @@ def one_line_error(result, code: int) -> None:
 
 
 def test_every_command_is_registered():
-    assert set(COMMANDS) == {"index", "describe", "demo", "search", "show", "fires", "find", "similar", "serve",
-                             "export", "import", "coders", "upgrade"}
+    assert set(COMMANDS) == {"index", "describe", "demo", "search", "show", "fires", "find", "steer", "similar", "serve",
+                             "export", "import", "coders", "upgrade", "map"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

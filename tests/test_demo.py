@@ -110,6 +110,9 @@ def test_gemma_coders_are_in_gemma_scope_2_layout_named_for_the_subject(gemma_de
     assert set(training) == {p.coder_id for p in plan_coders(gemma_demo)}
     for report in training.values():
         assert 0 < report["fve"] <= 1 and 0 <= report["dead_share"] <= 1 and report["l0"] > 0
+        # clones counted beside dead features (issue 24): a clone is as wasted as a dead feature
+        assert report["clone_pairs"] >= report["clones"] >= 0
+        assert report["wasted_share"] == pytest.approx(report["dead_share"] + report["clones"] / report["width"])
 
 
 @needs_gemma

@@ -665,7 +665,9 @@ def test_the_evidence_is_recorded_with_each_description_and_old_tables_upgrade(d
     import lancedb
 
     run_describe(DescribeConfig(db=str(db), explainer="tokens", progress=False), embedder=fake_embed)
-    lancedb.connect(str(db)).open_table(DESCRIPTIONS_TABLE).drop_columns(["evidence"])  # as an older featuredb wrote it
+    # as an older featuredb wrote it (before the evidence column and the embedding score after it)
+    lancedb.connect(str(db)).open_table(DESCRIPTIONS_TABLE).drop_columns(
+        ["evidence", "embedding_score", "embedding_score_details"])
     run_describe(DescribeConfig(db=str(db), explainer="words", progress=False), embedder=fake_embed)
     rows = current_descriptions(FeatureStore(db), SAE)
     tokens_rows = [r for r in rows if r["method"] == "tokens"]

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from featuredb.demo.gemma_scope_format import coder_folder, gemma_scope_config, save_gemma_scope_2, width_tag
-from featuredb.demo.jumprelu import JumpReLUConfig, JumpReLUTrainer, evaluate_jumprelu, train_jumprelu
+from featuredb.demo.clones import count_clones
+from featuredb.demo.jumprelu import (JumpReLUConfig, JumpReLUTrainer, distinct_high_loss_tokens, evaluate_jumprelu,
+                                     train_jumprelu)
 from featuredb.demo.train import evaluate
 from featuredb.runtime.coders import load_coder
 from test_train import one_thread  # noqa: F401  (autouse: small tensors run fastest on one thread)
@@ -340,7 +343,7 @@ def test_resampling_revives_dead_features_at_tokens_explained_worst():
     with torch.no_grad():
         trainer.log_threshold[0, :20] = 30.0  # e^30: nothing reaches it
     trainer.forward([x], torch.float32)
-    assert trainer.resample([x[:1024]], x[:1024], dead, torch.float32) == 20
+    assert torch.equal(trainer.resample([x[:1024]], x[:1024], dead, torch.float32), dead)
     z = x @ trainer.W_enc[0] + trainer.b_enc[0]
     rate = (z > trainer.log_threshold.exp()[0]).float().mean(0)
     assert (rate[:20] > 0).all()  # every one fires again
@@ -348,7 +351,7 @@ def test_resampling_revives_dead_features_at_tokens_explained_worst():
     torch.testing.assert_close(trainer.W_dec[0, :20].norm(dim=1), torch.ones(20))
     state = trainer.optimizer.state[trainer.params["W_dec"]]
     assert float(state["exp_avg"][0, :20].abs().sum()) == 0 and float(state["exp_avg"][0, 20:].abs().sum()) > 0
-    assert trainer.resample([x[:1024]], x[:1024], torch.zeros_like(dead), torch.float32) == 0
+    assert not trainer.resample([x[:1024]], x[:1024], torch.zeros_like(dead), torch.float32).any()
 
 
 def test_training_reports_resampled_and_dead_features(sae):
@@ -409,3 +412,83 @@ def test_clt_trains_causal_and_saves_in_gemma_scope_2s_clt_layout(tmp_path):
     xs = [x[10_000:10_100] for x in inputs]
     ours = torch.cat(coder.encode(xs), -1)
     torch.testing.assert_close(loaded.encode_hooked(dict(zip(hooks_in, xs))), ours, rtol=1e-5, atol=1e-5)
+
+
+# --- clones (issue 24) ---------------------------------------------------------------------------------
+
+
+def brute_force_clones(rows: torch.Tensor, live: torch.Tensor, threshold: float = 0.99) -> tuple[int, int]:
+    """(pairs of live rows with cosine > threshold, live rows with such a twin of lower index), pair by pair."""
+    unit = [r / np.linalg.norm(r) if r.any() else r for r in rows.double().numpy()]
+    live = live.tolist()
+    pairs = clones = 0
+    for j in range(len(rows)):
+        twin = False
+        for i in range(j):
+            if live[i] and live[j] and float(unit[i] @ unit[j]) > threshold:
+                pairs, twin = pairs + 1, True
+        clones += twin
+    return pairs, clones
+
+
+def test_clone_count_matches_brute_force():
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.randn(300, 16, generator=gen)
+    rows[10] = 3 * rows[3]  # a scaled copy is a clone (direction, not norm)
+    rows[11] = rows[3] + 1e-3 * torch.randn(16, generator=gen)  # ... and so is a near copy: one group of three
+    rows[12] = -rows[3]  # opposite: not a clone
+    rows[20:25] = rows[7] + 1e-3 * torch.randn(5, 16, generator=gen)  # a group of six
+    rows[40] = rows[30]  # a copy of a dead feature: no live twin
+    rows[99] = 0  # an all-zero row has no direction
+    rows[100] = rows[99]
+    live = torch.rand(300, generator=gen) > 0.1
+    live[[3, 10, 11, 12, 7, 20, 21, 22, 23, 24, 40, 99, 100]] = True
+    live[30] = False
+    count = count_clones(rows, live, chunk=64)  # several chunks
+    assert (count.pairs, count.clones) == brute_force_clones(rows, live)
+    assert count.clones == 2 + 5 and count.pairs == 3 + 15  # the planted groups, and nothing else here
+
+
+def test_resampled_features_get_tokens_of_their_own():
+    """Each resampled feature gets a distinct token, never one whose error is a near copy of another's
+    (a repeated window), drawn by its loss: tokens the coder explains exactly are never drawn."""
+    gen = torch.Generator().manual_seed(0)
+    err = torch.randn(256, 32, generator=gen)
+    err[100:150] = err[5]  # 50 copies of one token's error
+    err[200:] = 0  # explained exactly
+    tokens = distinct_high_loss_tokens(err, 400, max_cosine=0.9, generator=gen)
+    assert len(tokens) == len(set(tokens.tolist())) <= 200 - 50 + 1 and (tokens < 200).all()
+    assert len({5, *range(100, 150)} & set(tokens.tolist())) <= 1
+    unit = torch.nn.functional.normalize(err[tokens], dim=1)
+    assert (unit @ unit.T - 2 * torch.eye(len(tokens))).max() <= 0.9
+    assert len(distinct_high_loss_tokens(err, 20, max_cosine=0.9, generator=gen)) == 20
+
+
+CLONE_PRONE = dict(batch_size=128, epochs=3, dead_after_tokens=1000, resample_every=5)
+
+
+@pytest.mark.parametrize("kind", ["sae", "crosscoder", "transcoder"])
+def test_trained_coders_have_no_clones(kind):
+    """Far more features than the data has directions, a small batch and frequent resampling: hundreds of
+    features die and are resampled at once. Every live feature keeps a direction of its own (resampled
+    onto tokens drawn with replacement from one batch, as the trainer once did, the SAE here had 12
+    pairs of live features with decoder cosine > 0.99), and the evaluation counts clones as brute force does."""
+    if kind == "sae":
+        x = residual_like(6_000)
+        xs, ys, hooks_in, hooks_out, width = [x], None, [RES.format(2)], None, 512
+    elif kind == "crosscoder":
+        xs, ys, hooks_in, hooks_out, width = layered(6_000), None, [RES.format(L) for L in (1, 4, 6)], None, 128
+    else:
+        x, y = mlp_like(6_000)
+        xs, ys, hooks_in, hooks_out, width = [x], [y], [MLP_IN], [MLP_OUT], 256
+    config = JumpReLUConfig(**{**SMALL.__dict__, **CLONE_PRONE, "width": width})
+    coder, metrics = train_jumprelu([x[:5000] for x in xs], None if ys is None else [y[:5000] for y in ys],
+                                    hooks_in=hooks_in, hooks_out=hooks_out, config=config)
+    assert metrics.resampled > width * len(xs) / 4  # the resampling was exercised
+    held_in, held_out = [x[5000:] for x in xs], None if ys is None else [y[5000:] for y in ys]
+    result = evaluate_jumprelu(coder, held_in, held_out)
+    live = torch.cat([(a > 0).any(0) for a in coder.encode(held_in)])
+    assert result.dead_share == pytest.approx(1 - float(live.float().mean()))
+    assert (result.clone_pairs, result.clones) == brute_force_clones(coder.w_dec.flatten(0, 1).flatten(1), live)
+    assert result.clone_pairs == 0, result
+    assert result.wasted_share == pytest.approx(result.dead_share)

@@ -33,6 +33,7 @@ from test_distributed import torchrun
 from test_index import assert_same_catalogue
 
 CONTEXT = 16
+DESCRIPTION_SCORE_COLUMNS = ["description_score", "description_score_method"]  # columns added after co-occurrence
 STATS = StatsConfig(top_k=4, hist_bins=16, interval_bins=4, interval_per_bin=2)
 D = 64  # the tiny Gemma 3's d_model; it has layers 0..2
 
@@ -382,7 +383,8 @@ def test_a_catalogue_written_before_multi_layer_coders_reads_and_upgrades(tiny_g
     raw = lancedb.connect(str(db))
     # every column added since (co-occurrence came later still): a catalogue of that time has none of them
     raw.open_table("coders").drop_columns(["layers", "cooccurrence_tokens"])
-    raw.open_table("features").drop_columns(["layer_write", *COOCCURRENCE_COLUMNS])
+    # (and description scores later again)
+    raw.open_table("features").drop_columns(["layer_write", *COOCCURRENCE_COLUMNS, *DESCRIPTION_SCORE_COLUMNS])
     before = raw.open_table("features").to_arrow()
 
     shown = Catalogue(str(db)).feature("resid_post-layer_1_width_16_l0_medium", 3)  # read-only, as it is
@@ -392,6 +394,6 @@ def test_a_catalogue_written_before_multi_layer_coders_reads_and_upgrades(tiny_g
     FeatureStore(str(db))  # writable: upgraded in place
     after = raw.open_table("features").to_arrow()
     assert after.column("layer_write").null_count == after.num_rows
-    assert after.drop_columns(["layer_write", *COOCCURRENCE_COLUMNS]).equals(before)
+    assert after.drop_columns(["layer_write", *COOCCURRENCE_COLUMNS, *DESCRIPTION_SCORE_COLUMNS]).equals(before)
     assert raw.open_table("coders").to_arrow().column("layers").null_count == 1
     index(tiny_gemma3, [single], corpus_jsonl, db, replace=True)  # and it takes new writes

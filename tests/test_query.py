@@ -51,7 +51,7 @@ def test_semantic_search_finds_the_concept(cat):
     frame = cat.search("towns in France").where(model=MODEL).limit(3).to_polars()
     assert set(keys(frame)) == FRENCH
     assert frame.columns == ["coder_id", "feature", "layer", "site", "description", "density", "max_activation",
-                             "top_tokens", "score"]
+                             "top_tokens", "description_score", "score", "duplicates", "duplicate_features"]
     assert frame["score"].to_list() == sorted(frame["score"].to_list(), reverse=True)
     assert 0.3 < frame["score"].min() <= frame["score"].max() <= 1.0
     code = cat.search("programming source code").limit(2).to_polars()

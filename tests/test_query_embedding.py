@@ -46,12 +46,12 @@ def test_the_offline_minilm_runs_without_sentence_transformers(minilm_folder):
 
 def test_query_vectors_equal_sentence_transformers(minilm_folder):
     fast = np.stack([embed_query(text) for text in TEXTS])
-    reference = embed(TEXTS)  # sentence-transformers' encode, in one padded batch
+    reference = embed(TEXTS, precision="float32")  # sentence-transformers' encode, length-sorted batches
     assert fast.dtype == np.float32 and fast.shape == reference.shape
     assert np.allclose(fast, reference, atol=1e-5, rtol=0)
     assert np.all(np.sum(fast * reference, axis=1) >= 0.9999)
     assert np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-6)
-    one = np.stack([embed([text])[0] for text in TEXTS[:4]])  # and one at a time, as a query was embedded
+    one = np.stack([embed([text], precision="float32")[0] for text in TEXTS[:4]])  # and one at a time, as a query was embedded
     assert np.allclose(fast[:4], one, atol=1e-5, rtol=0)
 
 
@@ -110,9 +110,10 @@ def test_folders_of_another_shape_fall_back_to_sentence_transformers(minilm_fold
 def test_a_hub_name_falls_back_to_sentence_transformers(monkeypatch):
     assert load_query_embedder("someone/else") is None
     calls = []
-    monkeypatch.setattr(embedding, "embed", lambda texts, name: calls.append((texts, name)) or np.ones((1, 3)))
+    monkeypatch.setattr(embedding, "embed", lambda texts, name, **options: calls.append((texts, name, options))
+                        or np.ones((1, 3)))
     assert embed_query("cats", "someone/else").tolist() == [1.0, 1.0, 1.0]
-    assert calls == [(["cats"], "someone/else")]
+    assert calls == [(["cats"], "someone/else", {"precision": "float32"})]  # a query in float32, as the numpy path
 
 
 # --- the search: the same top 10 as with sentence-transformers --------------------------------------
@@ -132,7 +133,7 @@ def test_cli_semantic_top_10_equals_the_sentence_transformers_path(catalogue_pat
                                            "--db", str(catalogue_path)])
         assert result.exit_code == 0, result.output
         rows = json.loads(result.output)
-        reference = cat.search(embed([query])[0]).limit(10).to_list()  # the query embedded by sentence-transformers
+        reference = cat.search(embed([query], precision="float32")[0]).limit(10).to_list()  # the query embedded by sentence-transformers
         assert len(rows) == 10
         assert [(r["coder_id"], r["feature"]) for r in rows] == [(r["coder_id"], r["feature"]) for r in reference]
         assert np.allclose([r["score"] for r in rows], [r["score"] for r in reference], atol=1e-5)

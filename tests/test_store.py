@@ -175,7 +175,7 @@ def test_write_then_read_back_equal(store):
     )
     row = store.feature_row("sae-a", 2)
     assert row == {name: values[2] for name, values in features.items()} | {"layer_write": None} | dict.fromkeys(
-        COOCCURRENCE_COLUMNS)
+        COOCCURRENCE_COLUMNS) | {"description_score": None, "description_score_method": None}
     assert store.feature_row("sae-a", 1)["vector"] is None and store.feature_row("sae-a", 1)["description"] is None
     assert store.feature_row("sae-a", 7) is None
 

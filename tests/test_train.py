@@ -95,6 +95,23 @@ def test_decoder_rows_unit_norm_and_exactly_k_active(trained):
     assert coder.hook == "model.layers.2.output" and coder.layer == 2 and coder.k == SMALL.k
 
 
+def test_no_clones_and_a_planted_one_is_counted(trained):
+    """No two live latents share a decoder direction; a latent turned into a copy of another is a clone,
+    and it counts as wasted beside the dead ones (issue 24)."""
+    import dataclasses
+
+    coder, metrics, held_out, _ = trained
+    kw = dict(tokens_since_fired=metrics.tokens_since_fired, dead_after_tokens=SMALL.dead_after_tokens)
+    result = evaluate(coder, held_out, **kw)
+    assert (result.clone_pairs, result.clones) == (0, 0) and result.wasted_share == result.dead_share
+    live = [i for i in range(coder.width) if (coder.encode(held_out)[:, i] > 0).any()]
+    copy = dataclasses.replace(coder, W_dec=coder.W_dec.clone())
+    copy.W_dec[live[1]] = copy.W_dec[live[0]]  # latent live[1] now writes what live[0] writes
+    planted = evaluate(copy, held_out, **kw)
+    assert (planted.clone_pairs, planted.clones) == (1, 1)
+    assert planted.wasted_share == pytest.approx(planted.dead_share + 1 / coder.width)
+
+
 def test_input_scale_is_folded_into_the_weights():
     """Training is scale invariant: 1000x the data gives the same latents with 1000x the activations."""
     x, _ = sparse_data(2048, seed=1)

@@ -32,7 +32,7 @@ import torch
 
 from featuredb.demo.corpus import write_demo_corpus
 from featuredb.demo.gemma_scope_format import gemma_scope_folder, save_gemma_scope_2, width_tag
-from featuredb.demo.jumprelu import JumpReLUConfig, evaluate_jumprelu, train_jumprelu
+from featuredb.demo.jumprelu import JumpReLUCoder, JumpReLUConfig, evaluate_jumprelu, train_jumprelu
 from featuredb.demo.subject import HUB_ID, SUBJECT_NAME, check_dtype, default_layers, gemma3_270m_folder
 from featuredb.demo.train import TrainConfig, evaluate, save_saelens, train_topk_sae
 from featuredb.errors import ModelError
@@ -260,32 +260,47 @@ def train_gemma_scope_coders(config: DemoConfig, model: SubjectModel, plans: lis
     split = min(config.train_tokens, n - 1000)
     reports = []
     for plan in plans:
-        xs = [acts[h] for h in plan.hooks_in]
-        ys = None if plan.kind not in ("transcoder", "clt") else [acts[h] for h in plan.hooks_out]
-        kept = typical([x[:split] for x in xs + (ys or [])], config.outlier_ratio)
-        train_in = [x[:split][kept] for x in xs]
-        train_out = None if ys is None else [y[:split][kept] for y in ys]
-        jump_config = JumpReLUConfig(width=plan.width, l0_target=plan.l0, epochs=config.epochs,
-                                     batch_size=config.batch_size, bandwidth=config.bandwidth,
-                                     progress=config.progress)
-        coder, metrics = train_jumprelu(train_in, train_out, hooks_in=plan.hooks_in, hooks_out=plan.hooks_out,
-                                        config=jump_config, kind=plan.kind, model_name=config.spec.model_name,
-                                        desc=f"training {plan.coder_id}")
-        held = evaluate_jumprelu(coder, [x[split:] for x in xs], None if ys is None else [y[split:] for y in ys])
-        report = dict(coder_id=plan.coder_id, kind=plan.kind, folder=str(plan.folder.relative_to(config.coders_dir)),
-                      hooks_in=plan.hooks_in, hooks_out=plan.hooks_out, width=plan.width * len(plan.hooks_in),
-                      l0_target=plan.l0, train_tokens=len(train_in[0]), left_out=int((~kept).sum()),
-                      steps=metrics.steps, train_seconds=round(metrics.seconds, 1),
-                      train_tokens_per_second=round(metrics.tokens_per_second), resampled=metrics.resampled,
-                      held_out_tokens=held.tokens, fve=held.fve, fve_per_slot=held.fve_per_slot, l0=held.l0,
-                      dead_share=held.dead_share)
+        coder, report = train_coder(config, plan, acts, split)
         save_into_place(coder, plan, config)
-        click.echo(f"  {plan.coder_id}: FVE {held.fve:.3f}"
-                   + (f" ({' / '.join(f'{v:.3f}' for v in held.fve_per_slot)})" if len(held.fve_per_slot) > 1 else "")
-                   + f", L0 {held.l0:.1f}, dead {held.dead_share:.1%} on {held.tokens:,} held-out tokens; "
-                   f"{metrics.tokens:,} training tokens in {metrics.seconds:.0f}s ({metrics.tokens_per_second:,.0f}/s)")
+        click.echo(f"  {plan.coder_id}: " + report_line(report))
         reports.append(report)
     return reports
+
+
+def train_coder(config: DemoConfig, plan: CoderPlan, acts: dict[str, torch.Tensor], split: int) -> tuple[JumpReLUCoder, dict]:
+    """Train one planned coder on the first `split` tokens of the collected activations (massive-activation
+    tokens left out) and evaluate it on the rest; returns the coder and its report (coders/training.json)."""
+    xs = [acts[h] for h in plan.hooks_in]
+    ys = None if plan.kind not in ("transcoder", "clt") else [acts[h] for h in plan.hooks_out]
+    kept = typical([x[:split] for x in xs + (ys or [])], config.outlier_ratio)
+    train_in = [x[:split][kept] for x in xs]
+    train_out = None if ys is None else [y[:split][kept] for y in ys]
+    jump_config = JumpReLUConfig(width=plan.width, l0_target=plan.l0, epochs=config.epochs,
+                                 batch_size=config.batch_size, bandwidth=config.bandwidth,
+                                 progress=config.progress)
+    coder, metrics = train_jumprelu(train_in, train_out, hooks_in=plan.hooks_in, hooks_out=plan.hooks_out,
+                                    config=jump_config, kind=plan.kind, model_name=config.spec.model_name,
+                                    desc=f"training {plan.coder_id}")
+    held = evaluate_jumprelu(coder, [x[split:] for x in xs], None if ys is None else [y[split:] for y in ys])
+    report = dict(coder_id=plan.coder_id, kind=plan.kind, folder=str(plan.folder.relative_to(config.coders_dir)),
+                  hooks_in=plan.hooks_in, hooks_out=plan.hooks_out, width=plan.width * len(plan.hooks_in),
+                  l0_target=plan.l0, train_tokens=len(train_in[0]), left_out=int((~kept).sum()),
+                  steps=metrics.steps, train_seconds=round(metrics.seconds, 1),
+                  train_tokens_per_second=round(metrics.tokens_per_second), resampled=metrics.resampled,
+                  held_out_tokens=held.tokens, fve=held.fve, fve_per_slot=held.fve_per_slot, l0=held.l0,
+                  dead_share=held.dead_share, clone_pairs=held.clone_pairs, clones=held.clones,
+                  wasted_share=held.wasted_share)
+    return coder, report
+
+
+def report_line(report: dict) -> str:
+    """A coder's held-out quality in one line: FVE (per slot), L0, dead, clones and wasted (dead + clones)."""
+    per_slot = report["fve_per_slot"]
+    return (f"FVE {report['fve']:.3f}" + (f" ({' / '.join(f'{v:.3f}' for v in per_slot)})" if len(per_slot) > 1 else "")
+            + f", L0 {report['l0']:.1f}, dead {report['dead_share']:.1%}, clones {report['clones'] / report['width']:.1%}"
+            f" ({report['clone_pairs']:,} pairs), wasted {report['wasted_share']:.1%} on {report['held_out_tokens']:,}"
+            f" held-out tokens; {report['steps']:,} steps in {report['train_seconds']:.0f}s"
+            f" ({report['train_tokens_per_second']:,} tokens/s)")
 
 
 def save_into_place(coder, plan: CoderPlan, config: DemoConfig) -> None:
@@ -323,11 +338,14 @@ def train_topk_saes(config: DemoConfig, model: SubjectModel, layers: list[int]) 
         held = evaluate(coder, held_out, tokens_since_fired=metrics.tokens_since_fired,
                         dead_after_tokens=train_config.dead_after_tokens)
         report = dict(layer=layer, width=config.width, k=config.k, train_tokens=len(train_x),
-                      left_out=int((~kept).sum()), held_out_tokens=held.tokens, fve=held.fve, dead_share=held.dead_share)
+                      left_out=int((~kept).sum()), held_out_tokens=held.tokens, fve=held.fve, l0=held.l0,
+                      dead_share=held.dead_share, clone_pairs=held.clone_pairs, clones=held.clones,
+                      wasted_share=held.wasted_share)
         save_saelens(coder, config.sae_dir(layer), model_name=config.spec.model_name, context_size=config.context,
                      dataset_path="featuredb.demo.corpus", extra_metadata={"training": report})
         click.echo(f"  layer {layer:>2}: FVE {held.fve:.3f} on {held.tokens:,} held-out tokens, "
-                   f"dead {held.dead_share:.1%}, {len(train_x):,} training tokens")
+                   f"dead {held.dead_share:.1%}, clones {held.clones / config.width:.1%} ({held.clone_pairs:,} pairs), "
+                   f"wasted {held.wasted_share:.1%}, {len(train_x):,} training tokens")
         reports.append(report)
     return reports
 
@@ -438,9 +456,20 @@ def run_demo(config: DemoConfig) -> None:
     click.echo(f"  {described.tokens_labels:,} new labels, {described.skipped:,} already done")
     timings["describe"] = time.perf_counter() - t
 
-    t = step("6/6 search indexes, files compacted")
+    t = step("6/6 the map (UMAP of decoder directions), search indexes, files compacted")
+    from featuredb.store import FeatureStore
+    from featuredb.store.feature_map import umap_available, update_map
     from featuredb.store.indexes import finalize
 
+    if umap_available():  # finalize maps too; done first here to time it on its own
+        mapped = update_map(FeatureStore(str(config.db)))
+        if mapped.groups:
+            click.echo(f"  mapped {mapped.features:,} features in {mapped.seconds:.0f}s "
+                       f"(`featuredb map --png map.png` draws it; `featuredb serve` shows it at /map)")
+    else:
+        click.echo("  no map: umap-learn is not installed (pip install umap-learn, then `featuredb map`)")
+    timings["map"] = time.perf_counter() - t
+    t = time.perf_counter()
     # the demo owns its catalogue (no reader can hold an old version): old versions go now
     built = finalize(str(config.db), cleanup_older_than=dt.timedelta(0))
     click.echo("  " + ", ".join(f"{table}: {', '.join(names) or 'exact search (small table)'}"

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from featuredb.demo.clones import count_clones
 from featuredb.runtime.coders import SparseCoder
 from featuredb.runtime.device import fast_bf16
 from featuredb.runtime.hooks import parse_hook
@@ -123,6 +124,8 @@ class JumpReLUConfig:
     dead_after_tokens: int = 10_000  # a feature that has not fired for this many training tokens is dead
     resample_every: int = 25  # steps between resamplings of dead features (0: never)
     resample_until: float = 0.7  # ... up to this share of the steps, so the last ones train what they revived
+    resample_pool: int = 4096  # tokens whose loss each resampling measures (more than one batch: see resample)
+    resample_max_cosine: float = 0.9  # a token whose error direction is this close to one drawn before is skipped
     seed: int = 0
     progress: bool = True  # tqdm bar with tokens/s
 
@@ -216,6 +219,29 @@ def densify(s: Support, vals: Tensor, n_rows: int, n_cols: int, dtype: torch.dty
     out = torch.zeros(n_rows, n_cols, dtype=dtype)
     out[s.rows, s.cols] = vals.to(dtype)
     return out
+
+
+def distinct_high_loss_tokens(err: Tensor, n: int, max_cosine: float, generator: torch.Generator) -> Tensor:
+    """Up to n distinct tokens (rows of err [B, e]) for resampled features, drawn without replacement with
+    probability ~ loss^2 = |err|^4 (Anthropic's rule), skipping every token whose error direction has
+    cosine > max_cosine with a token drawn before it (a repeated window, the same token in the same kind
+    of context): features pointed at such a pair would start as near-clones. Fewer than n when the
+    tokens offer fewer."""
+    weight = err.double().pow(2).sum(1).pow(2)
+    drawable = int((weight > 0).sum())  # multinomial without replacement draws among positive weights only
+    if drawable == 0:
+        return torch.zeros(0, dtype=torch.long)
+    order = torch.multinomial(weight, drawable, replacement=False, generator=generator)  # a weighted shuffle
+    unit = F.normalize(err[order].float(), dim=1)
+    chosen = []
+    for start in range(0, drawable, 512):  # in chunks, stopping once n are found: not all [B, B] cosines
+        stop = min(drawable, start + 512)
+        near = (unit[start:stop] @ unit[:stop].T > max_cosine) & (
+            torch.arange(stop)[None, :] < torch.arange(start, stop)[:, None])
+        chosen.append(order[start:stop][~near.any(1)])
+        if sum(len(c) for c in chosen) >= n:
+            break
+    return torch.cat(chosen)[:n]
 
 
 # --- the trainer (scaled units) ----------------------------------------------------------------------
@@ -402,25 +428,34 @@ class JumpReLUTrainer:
         return metrics
 
     @torch.no_grad()
-    def resample(self, xs: list[Tensor], y: Tensor, dead: Tensor, mm_dtype: torch.dtype) -> int:
-        """Give the dead features [S, F] (bool) a new job on this batch; returns how many were resampled.
+    def resample(self, xs: list[Tensor], y: Tensor, dead: Tensor, mm_dtype: torch.dtype) -> Tensor:
+        """Give the dead features [S, F] (bool) a new job on these tokens; returns the features resampled
+        ([S, F] bool: fewer than the dead ones when the tokens offer fewer distinct jobs).
 
         A JumpReLU feature whose threshold has risen above all its pre-activations gets no gradient
         again: on Gemma 3 activations most features of a short run end so (77% of 4096 at layer 9).
         As Anthropic's resampling (Bricken et al. 2023) does for ReLU SAEs, each dead feature is pointed
-        at one token drawn with probability ~ its squared reconstruction error: its decoder row becomes
+        at one token drawn with probability ~ the square of its loss |error|^2: its decoder row becomes
         that token's unit error, its encoder reads the token's centred input through the inverse
         covariance (so it fires on similar tokens, not on the stream's top principal components), at
         the alive features' mean encoder norm, centred, and its threshold is set so it fires on its
-        share l0_target / (S F) of the batch. Adam forgets its moments for the entries rewritten."""
+        share l0_target / (S F) of the tokens. Adam forgets its moments for the entries rewritten.
+
+        Every resampled feature gets its own token (distinct_high_loss_tokens): two features pointed at
+        one token get the same encoder, threshold and decoder row, hence the same gradients at every step
+        after, and stay clones for good (drawn with replacement from one batch, 629 pairs of the demo's
+        layer-9 SAE's live features had decoder cosine > 0.99)."""
         dead_ids = dead.nonzero()
         if len(dead_ids) == 0:
-            return 0
+            return torch.zeros_like(dead)
         y_hat, _ = self.forward(xs, mm_dtype)
         err = y - y_hat
-        weight = err.pow(2).sum(1).double()
-        tokens = torch.multinomial(weight, len(dead_ids), replacement=len(dead_ids) > len(weight),
-                                   generator=self.generator)
+        tokens = distinct_high_loss_tokens(err, len(dead_ids), self.config.resample_max_cosine, self.generator)
+        # when the tokens offer fewer jobs than there are dead features, a random subset of them (every
+        # slot alike) is resampled now and the others wait for the next resampling
+        dead_ids = dead_ids[torch.randperm(len(dead_ids), generator=self.generator)[:len(tokens)]]
+        resampled = torch.zeros_like(dead)
+        resampled[dead_ids[:, 0], dead_ids[:, 1]] = True
         S, Fw = self.W_enc.shape[0], self.W_enc.shape[2]
         keep = max(1, min(len(y), len(y) - round(len(y) * self.config.l0_target / (S * Fw))))
         state = self.optimizer.state
@@ -443,7 +478,7 @@ class JumpReLUTrainer:
                 for moment in state.get(self.params[name], {}).values():
                     if moment.ndim > 0:  # exp_avg, exp_avg_sq (not the step count)
                         moment[index] = 0
-        return len(dead_ids)
+        return resampled
 
     def to_raw_units(self, s_in: Tensor, s_out: Tensor) -> dict[str, Tensor]:
         """Weights for raw activations, given the slot scales s_in [S], s_out [S_out] (module doc):
@@ -537,8 +572,12 @@ def train_jumprelu(inputs: list[Tensor], targets: list[Tensor] | None = None, *,
         dead = since_fired >= config.dead_after_tokens
         m["dead"] = float(dead.float().mean())
         if config.resample_every and step % config.resample_every == 0 and step < resample_until and dead.any():
-            resampled += trainer.resample(xs, y, dead, mm_dtype)
-            since_fired[dead] = 0  # a fresh start: judged again after dead_after_tokens
+            # the loss is measured on a random pool of tokens larger than a batch: every resampled feature
+            # needs a token of its own, and hundreds of features die together early in a run
+            pool = torch.randperm(N, generator=generator)[:max(config.batch_size, config.resample_pool)]
+            revived = trainer.resample(*batch(pool), dead, mm_dtype)
+            resampled += int(revived.sum())
+            since_fired[revived] = 0  # a fresh start: judged again after dead_after_tokens
         if step >= steps - max(1, steps // 10):
             tail.append(m)
         if step % max(1, steps // 100) == 0 or step == steps - 1:
@@ -611,6 +650,18 @@ class JumpReLUEval:
     fve_per_slot: list[float]  # the same per output slot
     l0: float  # mean active features per token, all slots together
     dead_share: float  # share of all S * F features that never fire on these tokens
+    clone_pairs: int = 0  # pairs of live features with decoder cosine > 0.99 (featuredb.demo.clones)
+    clones: int = 0  # live features with such a twin of lower index
+    features: int = 0  # S * F
+
+    @property
+    def clone_share(self) -> float:
+        return self.clones / max(1, self.features)
+
+    @property
+    def wasted_share(self) -> float:
+        """Dead or a clone: features the coder could lose without losing anything it writes."""
+        return self.dead_share + self.clone_share
 
 
 @torch.no_grad()
@@ -636,5 +687,7 @@ def evaluate_jumprelu(coder: JumpReLUCoder, inputs: list[Tensor], targets: list[
             y = y[i:i + batch_size].double()
             err[m] += float((y_hat.double() - y).pow(2).sum())
             var[m] += float((y - means[m]).pow(2).sum())
+    clones = count_clones(coder.w_dec.flatten(0, 1).flatten(1), fired.flatten())
     return JumpReLUEval(tokens=N, fve=float(1 - err.sum() / var.sum()), fve_per_slot=(1 - err / var).tolist(),
-                        l0=l0 / N, dead_share=float((~fired).float().mean()))
+                        l0=l0 / N, dead_share=float((~fired).float().mean()), clone_pairs=clones.pairs,
+                        clones=clones.clones, features=fired.numel())

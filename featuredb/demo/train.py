@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from featuredb.demo.clones import count_clones
 from featuredb.runtime.coders import SparseCoder
 from featuredb.runtime.device import cpu_has_fast_bf16
 from featuredb.runtime.hooks import HookError, parse_hook
@@ -334,6 +335,14 @@ class EvalMetrics:
     l0: float  # mean active latents per token
     dead_share: float  # never fired here (and, if given, not in the training tail either)
     dead_share_here: float  # never fired on these tokens
+    clone_pairs: int = 0  # pairs of live latents with decoder cosine > 0.99 (featuredb.demo.clones)
+    clones: int = 0  # live latents with such a twin of lower index
+    width: int = 0  # latents in all
+
+    @property
+    def wasted_share(self) -> float:
+        """Dead or a clone: latents the SAE could lose without losing anything it writes."""
+        return self.dead_share + self.clones / max(1, self.width)
 
 
 @torch.no_grad()
@@ -359,8 +368,10 @@ def evaluate(coder: SparseCoder, activations: Tensor, *, tokens_since_fired: Ten
     dead = dead_here
     if tokens_since_fired is not None:
         dead = dead & (tokens_since_fired >= (dead_after_tokens or 0))
+    clones = count_clones(coder.W_dec, ~dead)
     return EvalMetrics(tokens=N, fve=1 - err / var, l0=l0 / N, dead_share=float(dead.float().mean()),
-                       dead_share_here=float(dead_here.float().mean()))
+                       dead_share_here=float(dead_here.float().mean()), clone_pairs=clones.pairs,
+                       clones=clones.clones, width=coder.width)
 
 
 # --- saving ------------------------------------------------------------------------------------------

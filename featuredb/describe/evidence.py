@@ -11,10 +11,12 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from featuredb.store import FEATURES_TABLE, FeatureStore, Filter
+from featuredb.store.schema import CONTEXTS_TABLE
 
 _FEATURE_COLUMNS = [
     "feature", "active_count", "density", "max_activation", "top_logit_tokens", "top_logit_values",
@@ -123,6 +125,38 @@ def load_evidence(store: FeatureStore, coder_id: str, features: list[int], top_k
         ev.top = sorted(top[f], key=lambda c: c.rank)
         ev.interval = [c for _, c in sorted(interval[f], key=lambda bc: (-bc[0], bc[1].rank))]
     return evidence
+
+
+def corpus_tokens(store: FeatureStore, model: str, batch_rows: int = 4096) -> frozenset[str]:
+    """The strings of every token of `model` that occurs in the stored contexts (the indexed text
+    the catalogue keeps; each window's first token, BOS, left out). One pass over the contexts'
+    token ids, a batch at a time: memory is one flag per vocabulary entry and a batch."""
+    vocabulary = store.vocabulary(model)
+    seen = np.zeros(len(vocabulary), dtype=bool)
+    own: set[str] = set()  # contexts that keep their own strings (ids unknown or in conflict)
+    if not store.is_compact():  # a catalogue not upgraded yet: the wide examples hold the windows
+        coder_ids = [r["coder_id"] for r in store.coders().to_dicts() if r["model"] == model]
+        for rows in store.iter_examples(Filter().isin("coder_id", coder_ids), ["tokens"], batch_rows):
+            for tokens in rows["tokens"].to_pylist():
+                own.update(tokens[1:])
+        return frozenset(own)
+    if CONTEXTS_TABLE not in store.table_names():
+        return frozenset()
+    table = store.table(CONTEXTS_TABLE)
+    query = table.search().where(Filter().eq("model", model).render(table.schema)) \
+        .select(["token_ids", "tokens"]).limit(None)
+    for batch in query.to_batches(batch_size=batch_rows):
+        token_ids = batch.column("token_ids")
+        offsets = np.asarray(token_ids.offsets, dtype=np.int64)
+        flat = np.asarray(token_ids.values.to_numpy(zero_copy_only=False), dtype=np.int64)[offsets[0]:offsets[-1]]
+        keep = np.ones(len(flat), dtype=bool)
+        keep[(offsets[:-1] - offsets[0])[np.diff(offsets) > 0]] = False  # each window's BOS
+        ids = flat[keep]
+        seen[ids[(ids >= 0) & (ids < len(seen))]] = True
+        for tokens in batch.column("tokens").drop_null().to_pylist():
+            own.update(tokens[1:])
+    strings = vocabulary.take(np.flatnonzero(seen)).drop_null().to_pylist()
+    return frozenset(strings) | frozenset(own)
 
 
 class NegativePool:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
 from featuredb.store import FeatureStore
-from featuredb.describe.evidence import FeatureEvidence, NegativePool, load_evidence
+from featuredb.describe.evidence import FeatureEvidence, NegativePool, corpus_tokens, load_evidence
 from featuredb.describe.explainers import TOKENS_METHOD, TOKENS_VERSION, ChatExplainer, tokens_label
-from featuredb.describe.words import WORDS_METHOD, WORDS_VERSION, evidence_record, words_label
+from featuredb.describe.words import WORDS_METHOD, WORDS_VERSION, analyse, evidence_record, supported, words_label
 from featuredb.describe.llm_client import (
     ChatBackend,
     LLMError,
@@ -36,6 +36,7 @@ from featuredb.describe.llm_client import (
 )
 from featuredb.describe.prompts import EXPLAIN_PROMPT_VERSION, WINDOW_AFTER, WINDOW_BEFORE
 from featuredb.describe.scoring import Scorer, ScoreResult
+from featuredb.describe.embedding_score import EmbeddingScoreConfig, EmbeddingScorer
 from featuredb.store.descriptions import Embedder, SyncResult, current_descriptions, sync_features, write_descriptions
 from featuredb.errors import DescribeError
 
@@ -67,6 +68,8 @@ class DescribeConfig:
     n_score: int = 10  # activating (and as many non-activating) contexts per scorer
     chunk_size: int | None = None  # features per write (default: 1024 for tokens, 64 with an LLM)
     progress: bool = True
+    embedding_score: bool = True  # score every description offline (describe/embedding_score.py)
+    score_only: bool = False  # describe nothing: only score the stored descriptions that lack a score
 
 
 @dataclass
@@ -85,6 +88,9 @@ class DescribeResult:
     requests: int = 0
     cache_hits: int = 0
     retries: int = 0
+    embedding_scored: int = 0  # descriptions given an embedding score
+    score_seconds: float = 0.0  # spent on them, embedding their context windows included
+    windows_embedded: int = 0  # context windows embedded for them
 
 
 def default_cache_path(db: str) -> Path:
@@ -125,6 +131,8 @@ def _check(config: DescribeConfig) -> None:
         raise DescribeError(f"unknown explainer {config.explainer!r} (expected one of {', '.join(EXPLAINERS)})")
     if config.explainer not in OFFLINE_EXPLAINERS and not config.model:
         raise DescribeError(f"--explainer {config.explainer} needs --model")
+    if config.score_only and (config.score or not config.embedding_score):
+        raise DescribeError("--score-only computes the embedding score: it takes neither --score nor --no-embedding-score")
     if config.score and config.explainer in OFFLINE_EXPLAINERS:
         raise DescribeError("--score needs an LLM to score with: use --explainer llm or local")
     if config.limit is not None and config.limit < 1:
@@ -169,6 +177,12 @@ def _describe(store: FeatureStore, coders: list[str], config: DescribeConfig, ba
         if config.score else None
 
     plans = {coder_id: _plan(store, coder_id, config, backend) for coder_id in selected}
+    if config.score_only:
+        for plan in plans.values():
+            plan.skipped, plan.todo = plan.skipped + len(plan.todo), []
+    embed_scorer = EmbeddingScorer(store, embedder, config.embedding_model, EmbeddingScoreConfig(
+        n_top_shown=config.n_top, n_interval_shown=config.n_interval)) if config.embedding_score else None
+    _add_corpus_tokens(store, plans, config.explainer)
     result.skipped = sum(p.skipped for p in plans.values())
     budget = config.limit
     for plan in plans.values():
@@ -187,7 +201,9 @@ def _describe(store: FeatureStore, coders: list[str], config: DescribeConfig, ba
             for start in range(0, len(plan.todo), chunk_size):
                 chunk = plan.todo[start:start + chunk_size]
                 _describe_chunk(store, coder_id, plan, chunk, config, explainer, scorer, negatives, pool,
-                                progress, result, embedder)
+                                progress, result, embed_scorer.reusing if embed_scorer else embedder, embed_scorer)
+        if embed_scorer is not None:  # descriptions written before scoring existed, or by a run without it
+            _score_stored(embed_scorer, selected, config)
         # Repair / re-embed anything out of line (cheap when nothing is). Every coder, not only the
         # selected ones, so a new --embedding-model leaves the catalogue with one embedding model.
         for coder_id in coders:
@@ -197,6 +213,10 @@ def _describe(store: FeatureStore, coders: list[str], config: DescribeConfig, ba
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
+        if embed_scorer is not None:
+            result.embedding_scored, result.score_seconds = embed_scorer.scored, embed_scorer.seconds
+            result.windows_embedded = embed_scorer.windows.embedded
+            result.embed_seconds += embed_scorer.description_seconds  # the descriptions' embeddings, reused
         stats = getattr(backend, "stats", None)
         if stats is not None:
             result.requests, result.cache_hits, result.retries = stats.requests, stats.cache_hits, stats.retries
@@ -211,6 +231,22 @@ class _Plan:
     need_offline: set[int]
     need_chat: set[int]
     skipped: int
+    corpus_tokens: frozenset[str] | None = None  # token strings of the indexed text (words labels)
+
+
+def _add_corpus_tokens(store: FeatureStore, plans: dict[str, _Plan], explainer: str) -> None:
+    """Give each plan with words labels to write the tokens of its model's indexed text, read
+    once per model (a label names only promoted tokens that occur there)."""
+    if offline_method(explainer)[0] != WORDS_METHOD:
+        return
+    models = {r["coder_id"]: r["model"] for r in store.coders().to_dicts()}
+    by_model: dict[str, frozenset[str]] = {}
+    for coder_id, plan in plans.items():
+        if plan.need_offline and plan.todo:
+            model = models[coder_id]
+            if model not in by_model:
+                by_model[model] = corpus_tokens(store, model)
+            plan.corpus_tokens = by_model[model]
 
 
 def _plan(store: FeatureStore, coder_id: str, config: DescribeConfig, backend: ChatBackend | None) -> _Plan:
@@ -239,11 +275,13 @@ def offline_method(explainer: str) -> tuple[str, str]:
     return (TOKENS_METHOD, TOKENS_VERSION) if explainer == TOKENS_METHOD else (WORDS_METHOD, WORDS_VERSION)
 
 
-def offline_label(explainer: str, ev: FeatureEvidence) -> tuple[str, dict | None]:
+def offline_label(explainer: str, ev: FeatureEvidence,
+                  corpus_tokens: frozenset[str] | None = None) -> tuple[str, dict | None]:
     """The offline label of one feature and the evidence it rests on (words only)."""
     if explainer == TOKENS_METHOD:
         return tokens_label(ev), None
-    return words_label(ev), evidence_record(ev)
+    claims = supported(analyse(ev))  # once: the label and its record both rest on them (half the labelling time)
+    return words_label(ev, corpus_tokens, claims=claims), evidence_record(ev, claims=claims)
 
 
 def _row(coder_id: str, feature: int, text: str, method: str, model: str | None, source: str | None,
@@ -264,7 +302,7 @@ def _row(coder_id: str, feature: int, text: str, method: str, model: str | None,
 def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: DescribeConfig,
                     explainer: ChatExplainer | None, scorer: Scorer | None, negatives: NegativePool | None,
                     pool: cf.ThreadPoolExecutor | None, progress, result: DescribeResult,
-                    embedder: Embedder | None) -> None:
+                    embedder: Embedder | None, embed_scorer: EmbeddingScorer | None = None) -> None:
     evidence = load_evidence(store, coder_id, chunk, plan.top_k)
     rows: list[dict] = []
     chat_features = [f for f in chunk if f in plan.need_chat and f in evidence
@@ -272,7 +310,7 @@ def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: Desc
     method, version = offline_method(config.explainer)
     for f in chunk:
         if f in plan.need_offline and f in evidence:
-            text, record = offline_label(config.explainer, evidence[f])
+            text, record = offline_label(config.explainer, evidence[f], plan.corpus_tokens)
             rows.append(_row(coder_id, f, text, method, None, None, version, plan.indexed_at, evidence=record))
             result.tokens_labels += 1
         if f not in chat_features:
@@ -316,9 +354,22 @@ def _describe_chunk(store, coder_id, plan: _Plan, chunk: list[int], config: Desc
             _write(store, coder_id, rows, config, result, embedder)
             raise
     result.features += len(chunk)
+    if embed_scorer is not None:
+        embed_scorer.fill(coder_id, rows, evidence)
     _write(store, coder_id, rows, config, result, embedder)
     if error is not None:
         raise DescribeError(str(error))
+
+
+def _score_stored(embed_scorer: EmbeddingScorer, coder_ids: list[str], config: DescribeConfig) -> None:
+    """Embedding scores for the coders' current descriptions that lack one (a bar of its own)."""
+    todo = {coder_id: embed_scorer.unscored(coder_id) for coder_id in coder_ids}
+    progress = _progress_bar(sum(len({r["feature"] for r in rows}) for rows in todo.values()), config.progress, "score")
+    try:
+        for coder_id, rows in todo.items():
+            embed_scorer.score_stored(coder_id, rows, config.chunk_size or 1024, progress)
+    finally:
+        progress.close()
 
 
 def _write(store, coder_id, rows, config, result, embedder) -> None:
@@ -342,9 +393,9 @@ class _NoProgress:
         pass
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, what: str = "describe"):
     if not enabled or total == 0:
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="feature", desc="describe", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="feature", desc=what, file=sys.stderr, dynamic_ncols=True)

@@ -7,8 +7,10 @@ search (query/search.py turns a quoted symbol into the same names the descriptio
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import re
+from dataclasses import dataclass
 
 from featuredb.store.indexes import char_name, short_char_name, symbol_names
 
@@ -45,6 +47,22 @@ PYTHON_KEYWORD_ROLES: dict[str, str] = {
 PYTHON_KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) - {"_", "type"}
 # Not keywords, but what the same searches are after.
 PYTHON_BUILTIN_NAMES = frozenset({"self", "cls", "print", "len", "range", "str", "int", "list", "dict", "object"})
+
+# Built-in functions and types people search for by name ("built-in functions", "type names").
+PYTHON_BUILTIN_FUNCTIONS = frozenset(
+    name for name in dir(builtins) if name.islower() and not name.startswith("_")
+    and name not in ("copyright", "credits", "license", "exit", "quit", "help"))
+PYTHON_TYPE_NAMES = frozenset({"int", "float", "str", "bool", "bytes", "list", "dict", "tuple", "set", "frozenset",
+                               "complex", "object", "type", "bytearray", "Any", "Optional", "Union", "List", "Dict",
+                               "Tuple", "Callable", "Iterable", "Iterator", "Sequence", "Mapping"})
+KEYWORD_GROUPS: dict[str, frozenset[str]] = {
+    "control_flow": frozenset({"if", "elif", "else", "for", "while", "break", "continue", "return", "try", "except",
+                               "finally", "raise", "with", "yield", "pass", "match", "case", "await"}),
+    "constants": frozenset({"None", "True", "False"}),
+    "logic": frozenset({"and", "or", "not", "in", "is"}),
+    "definitions": frozenset({"def", "class", "lambda", "import", "from", "as", "global", "nonlocal", "async", "del",
+                              "assert"}),
+}
 
 FUNCTION_WORDS: dict[str, str] = {}
 for _cls, _words in {
@@ -131,3 +149,144 @@ def capitalisation(word: str) -> str | None:
     if _CAMEL.search(word):
         return "camelCase identifier"
     return "lowercase word"
+
+
+# --- classes of tokens ----------------------------------------------------------------------------
+# A class is a family of tokens people search for by its name ("closing brackets", "plural nouns",
+# "function names"): by form, by word class, by role in code. The `words` explainer counts, for each
+# class, the share of a feature's peaks in it and names the class when that share is high enough.
+
+
+@dataclass(frozen=True)
+class TokenClass:
+    text: str  # how a description names it
+    parent: str | None  # the broader class it belongs to (a class is named in place of its parent)
+    specificity: int  # ties on share go to the narrower class
+
+
+TOKEN_CLASSES: dict[str, TokenClass] = {
+    # by form
+    "numbers": TokenClass("digits (numbers)", None, 2),
+    "punctuation": TokenClass("punctuation or symbol", None, 1),
+    "brackets": TokenClass("brackets", "punctuation", 2),
+    "opening_brackets": TokenClass("opening bracket", "brackets", 3),
+    "closing_brackets": TokenClass("closing bracket", "brackets", 3),
+    "quotes": TokenClass("quotation mark (string delimiter)", "punctuation", 3),
+    "arithmetic": TokenClass("arithmetic operators (+ - * /)", "punctuation", 3),
+    "comparison": TokenClass("comparison operators (== != < >)", "punctuation", 3),
+    "sentence_punctuation": TokenClass("sentence punctuation (periods, commas)", "punctuation", 2),
+    "whitespace": TokenClass("whitespace", None, 0),
+    "whitespace_runs": TokenClass("whitespace runs (several spaces or line breaks)", "whitespace", 1),
+    "capitalised": TokenClass("capitalised word", None, 2),
+    "proper_nouns": TokenClass("proper nouns (capitalised names mid-sentence)", "capitalised", 3),
+    "all_caps": TokenClass("all-caps words (acronyms, constants)", None, 2),
+    "camel_case": TokenClass("camelCase identifiers", None, 2),
+    "snake_case": TokenClass("snake_case identifier (name with underscores)", None, 3),
+    "word_endings": TokenClass("word endings (the last piece of a longer word)", None, 2),
+    "file_paths": TokenClass("file paths and file names", None, 3),
+    "urls": TokenClass("URLs (web addresses)", None, 3),
+    # by word class (English)
+    "function_words": TokenClass("function words (stop words)", None, 1),
+    "negations": TokenClass("negation words", "function_words", 3),
+    "conjunctions": TokenClass("conjunctions", "function_words", 3),
+    "articles": TokenClass("articles (determiners)", "function_words", 3),
+    "prepositions": TokenClass("prepositions", "function_words", 3),
+    "pronouns": TokenClass("pronouns", "function_words", 3),
+    "auxiliaries": TokenClass("auxiliary and modal verbs", "function_words", 3),
+    "conditionals": TokenClass("conditional words", "function_words", 3),
+    "number_words": TokenClass("number words", "function_words", 3),
+    "question_words": TokenClass("question words (what, which, who, how)", "function_words", 3),
+    "verbs": TokenClass("verbs", None, 2),
+    "ing_verbs": TokenClass("verbs ending -ing (gerunds, participles)", "verbs", 3),
+    "ed_verbs": TokenClass("verbs ending -ed (past tense)", "verbs", 3),
+    "plural_nouns": TokenClass("plural nouns (words ending -s)", None, 3),
+    "abstract_nouns": TokenClass("nouns ending -tion, -ment, -ness, -ity", None, 3),
+    "adjectives": TokenClass("adjectives (-able, -ive, -ous, -ful, -al)", None, 3),
+    "adverbs": TokenClass("adverbs ending -ly", None, 3),
+    # by role in code
+    "identifiers": TokenClass("names (identifiers) in code", None, 1),
+    "function_names": TokenClass("function names", "identifiers", 3),
+    "method_names": TokenClass("method names (after a dot, before a call)", "function_names", 4),
+    "class_names": TokenClass("class names", "identifiers", 3),
+    "variable_names": TokenClass("variable names (assigned with =)", "identifiers", 3),
+    "argument_names": TokenClass("parameter and keyword argument names", "identifiers", 3),
+    "attribute_names": TokenClass("attribute names (after a dot)", "identifiers", 3),
+    "module_names": TokenClass("module names in imports", "identifiers", 3),
+    "builtins": TokenClass("Python built-in functions and types", "identifiers", 3),
+    "exception_names": TokenClass("exception classes (errors)", None, 3),
+    "keywords": TokenClass("Python keywords", None, 2),
+    "control_flow": TokenClass("control-flow keywords (if, for, return)", "keywords", 3),
+    "constants": TokenClass("constants None, True, False", "keywords", 3),
+    "logic": TokenClass("boolean and membership operators (and, or, not, in)", "keywords", 3),
+    "definitions": TokenClass("definition and import keywords (def, class, import)", "keywords", 3),
+}
+
+QUESTION_WORDS = frozenset({"what", "which", "who", "whom", "whose", "when", "where", "why", "how"})
+FUNCTION_WORD_CLASSES = {
+    "negation": "negations", "conjunction": "conjunctions", "article (determiner)": "articles",
+    "preposition": "prepositions", "pronoun": "pronouns", "auxiliary or modal verb": "auxiliaries",
+    "conditional word": "conditionals", "number word": "number_words",
+}
+
+
+def class_ancestors(key: str) -> list[str]:
+    """The broader classes a class belongs to, nearest first."""
+    out = []
+    parent = TOKEN_CLASSES[key].parent
+    while parent is not None:
+        out.append(parent)
+        parent = TOKEN_CLASSES[parent].parent
+    return out
+
+
+# Words the suffix rules would misread (a noun ending -ing, a singular ending -s, ...).
+_NOT_ING = frozenset("thing something nothing anything everything string during bring spring king ring sing wing "
+                     "morning evening ceiling swing sibling".split())
+_NOT_ED = frozenset("need speed indeed feed seed bed red shed hundred embed naked sacred wicked".split())
+_NOT_PLURAL = frozenset("this his its us thus yes was has does always perhaps across unless less class process "
+                        "access address pass bus status basis analysis axis series species news plus bonus "
+                        "alias canvas corpus virus census lens atlas chaos gas minus versus whereas".split())
+_NOT_LY = frozenset("only family apply reply supply early fly italy july assembly anomaly rely multiply imply "
+                    "comply holy ugly belly jelly bully ally rally poly".split())
+_ADJECTIVE_ENDINGS = ("able", "ible", "ful", "less", "ous", "ive", "ical", "ary")
+_NOT_ADJECTIVE = frozenset("table cable give live five drive archive alive olive dive hive primary library "
+                           "dictionary summary boundary binary".split())
+_ABSTRACT_ENDINGS = ("tion", "sion", "ment", "ness", "ity", "ance", "ence")
+_NOT_ABSTRACT = frozenset("since hence once fence city".split())
+
+
+def word_form_class(word: str) -> str | None:
+    """The class a whole lowercase English word belongs to by its ending (None: no clear one)."""
+    w = word.lower()
+    if not w.isalpha() or len(w) < 4 or w in FUNCTION_WORDS:
+        return None
+    if w.endswith("ing") and len(w) >= 5 and w not in _NOT_ING:
+        return "ing_verbs"
+    if w.endswith("ed") and len(w) >= 5 and w not in _NOT_ED:
+        return "ed_verbs"
+    if w.endswith("ly") and len(w) >= 5 and w not in _NOT_LY:
+        return "adverbs"
+    if w.endswith(_ABSTRACT_ENDINGS) and len(w) >= 6 and w not in _NOT_ABSTRACT:
+        return "abstract_nouns"
+    if w.endswith(_ADJECTIVE_ENDINGS) and len(w) >= 6 and w not in _NOT_ADJECTIVE:
+        return "adjectives"
+    if w.endswith("s") and not w.endswith(("ss", "us", "is", "ous")) and w not in _NOT_PLURAL:
+        return "plural_nouns"
+    return None
+
+
+_URL = re.compile(r"(https?://|ftp://|www\.)|\w\.(com|org|net|io|edu|gov)(/|$)", re.IGNORECASE)
+_FILE_EXTENSION = re.compile(
+    r"\w\.(py|pyc|pyi|txt|json|csv|md|rst|yaml|yml|toml|cfg|ini|html?|css|js|ts|c|h|cpp|sh|bat|exe|dll|so|zip|"
+    r"gz|tar|whl|png|jpe?g|gif|svg|pdf|log|xml|db|sqlite|ipynb)\b", re.IGNORECASE)
+# Windows paths need a drive or a folder name of 3+ characters between backslashes: not a regex's '\s\d'.
+_PATH = re.compile(r"(^|[\s'\"(=])(~|\.{1,2})?/[\w.-]+|[\w.-]+/[\w.-]+/|[A-Za-z]:\\|\\[A-Za-z][\w.-]{2,}\\")
+
+
+def path_or_url(chunk: str) -> str | None:
+    """Whether a run of text without spaces is a URL or a file path: 'urls', 'file_paths' or None."""
+    if _URL.search(chunk):
+        return "urls"
+    if _PATH.search(chunk) or _FILE_EXTENSION.search(chunk):
+        return "file_paths"
+    return None

@@ -8,11 +8,16 @@ what role it plays (an assignment, a call, a function name after `def`, an impor
 where it sits (code or prose, start or end of a line, the token before and after). Each such claim
 is counted over the top examples and over the interval examples; a claim goes into the description
 only when it fits at least CLAIM_SHARE of the top examples (of the interval examples when there
-are no top ones), with that share. The literal tokens follow (keyword search needs them), then
-what the feature promotes, named the same way when the promoted tokens share a class.
+are no top ones), with that share. A peak also belongs to classes of tokens (token_classes.
+TOKEN_CLASSES: by form, by word class, by role in code), counted the same way; the narrowest
+class that fits as many peaks is named first, unless one token fits as many (its own claim says
+it). The literal tokens follow (keyword search needs them), then what the feature promotes: at
+most three readable tokens that occur in the indexed text (the logit table keeps the rest),
+named the same way when they share a class.
 
     "equals sign '=' (100%); assignment (90%); in Python code (100%); after a name (80%) —
      tokens ' =', '=' — promotes ' None', ' self', ' 0'"
+    "plural nouns (words ending -s) (63%); in prose (88%) — tokens ' patterns', ' methods'"
 
 Deterministic: the same evidence gives the same text. `analyse` returns the claims with both
 shares for the LLM prompt and for the record kept with each description.
@@ -21,32 +26,44 @@ shares for the LLM prompt and for the record kept with each description.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 from featuredb.describe.evidence import Context, FeatureEvidence
 from featuredb.describe.token_classes import (
     CLOSING,
+    FUNCTION_WORD_CLASSES,
     FUNCTION_WORDS,
+    KEYWORD_GROUPS,
+    QUESTION_WORDS,
     OPENING,
     OPERATOR_CONCEPTS,
+    PYTHON_BUILTIN_FUNCTIONS,
     PYTHON_BUILTIN_NAMES,
     PYTHON_KEYWORD_ROLES,
     PYTHON_KEYWORDS,
+    PYTHON_TYPE_NAMES,
     QUOTES,
+    TOKEN_CLASSES,
     capitalisation,
+    class_ancestors,
     is_symbolic,
     line_of,
     looks_like_code,
+    path_or_url,
     short_char_name,
     show_token,
     word_around,
+    word_form_class,
 )
 
 WORDS_METHOD = "words"
-WORDS_VERSION = "words-v1"
+WORDS_VERSION = "words-v2"  # v2: classes of tokens; promotes only tokens of the indexed text
 CLAIM_SHARE = 0.6  # a claim must fit at least this share of the examples it is counted on
-MAX_CLAIMS = {"what": 3, "role": 2, "where": 3}
+MAX_CLAIMS = {"what": 3, "class": 2, "role": 2, "where": 3}
 LABEL_TOKENS = 3
 LABEL_LOGITS = 3
 LOGIT_CLASS_SHARE = 0.5  # promoted tokens named by class when this share of the top ten share it
@@ -54,7 +71,16 @@ SUFFIXES = ("ing", "ed", "s", "es", "ly", "tion", "ion", "er", "ers", "able", "m
             "ity", "ive", "ous")
 
 # family -> order in the text; within a family, higher share first, then the more specific claim.
-_FAMILIES = ("what", "role", "where")
+# "class" names a family of tokens the peaks share (see token_classes.TOKEN_CLASSES).
+_FAMILIES = ("what", "class", "role", "where")
+_ARITHMETIC = frozenset({"+", "-", "*", "/", "%", "**", "//", "+=", "-=", "*=", "/="})
+_COMPARISON = frozenset({"==", "!=", "<", ">", "<=", ">="})
+_SENTENCE_PUNCTUATION = frozenset({".", ",", ";", ":", "!", "?"})
+_ONE_TOKEN = ("symbol:", "lex:", "keyword:", "builtin:", "piece:", "indent:", "newline", "blank_line")
+# Unicode categories no readable token holds: control, format (zero-width joiners, direction marks),
+# private use, unassigned, surrogates.
+_UNREADABLE = frozenset({"Cc", "Cf", "Co", "Cn", "Cs"})
+_MODALS = frozenset({"to", "can", "could", "will", "would", "should", "may", "might", "must", "shall", "cannot"})
 
 
 @dataclass(frozen=True)
@@ -98,13 +124,22 @@ def _symbol_facts(token: str, code: bool, before_line: str, prev: str, nxt: str)
         for ch in dict.fromkeys(s):  # a class of tokens sharing one symbol: '(', '):', '()'
             if len(s) > 1:
                 facts[f"char:{ch}"] = _Fact(f"tokens containing the {short_char_name(ch)}", "what", 3)
+    classes = ["punctuation"]
     if all(ch in OPENING for ch in s):
-        facts["opening"] = _Fact("opening bracket", "what", 2)
-    if all(ch in CLOSING for ch in s) or (s[0] in CLOSING and len(s) > 1):
-        facts["closing"] = _Fact("closing bracket", "what", 2)
+        classes.append("opening_brackets")
+    elif all(ch in CLOSING for ch in s) or (s[0] in CLOSING and len(s) > 1):
+        classes.append("closing_brackets")
+    elif all(ch in OPENING | CLOSING for ch in s):
+        classes.append("brackets")
     if all(ch in QUOTES for ch in s):
-        facts["quote"] = _Fact("quotation mark (string delimiter)", "what", 2)
-    facts["punctuation"] = _Fact("punctuation or symbol", "what", 1)
+        classes.append("quotes")
+    if s in _ARITHMETIC and code:
+        classes.append("arithmetic")
+    elif s in _COMPARISON:
+        classes.append("comparison")
+    elif s in _SENTENCE_PUNCTUATION and not code:
+        classes.append("sentence_punctuation")
+    facts.update(_class_facts(classes))
     concept = OPERATOR_CONCEPTS.get(s)
     if concept and (code or s in (">>>", "::", "``")):
         facts[f"op:{concept}"] = _Fact(concept, "role", 4)
@@ -151,14 +186,14 @@ def _whitespace_facts(tokens: tuple[str, ...], p: int, before_line: str) -> dict
             facts[f"indent:{width}"] = _Fact(f"{width}-space indentation at the start of a line", "what", 5)
         else:
             facts["spaces"] = _Fact("run of spaces", "what", 3)
-    facts["whitespace"] = _Fact("whitespace", "what", 1)
+    facts.update(_class_facts(["whitespace_runs" if len(token) >= 2 else "whitespace"]))
     return facts
 
 
 def _number_facts(tokens: tuple[str, ...], p: int) -> dict[str, _Fact]:
     s = tokens[p].strip()
     whole, first, last = word_around(tokens, p)
-    facts = {"number": _Fact("digits (numbers)", "what", 3)}
+    facts = _class_facts(["numbers"])
     if len(s) == 1:
         facts["digit"] = _Fact("single digit", "what", 2)
     if whole.lower().startswith("0x"):
@@ -178,55 +213,96 @@ def _word_facts(tokens: tuple[str, ...], p: int, code: bool, before_line: str) -
     word, first, last = word_around(tokens, p)
     whole = first == p == last
     facts: dict[str, _Fact] = {}
+    classes: list[str] = []
     lower = s.lower()
     if first < p:
         facts["piece"] = _Fact("subword piece inside a longer word", "what", 3)
         if last == p and lower in SUFFIXES:
             facts[f"suffix:{lower}"] = _Fact(f"the suffix -{lower} ending words like {show_token(word)}", "what", 4)
+        if last == p:
+            classes.append("word_endings")
         facts[f"piece:{lower}"] = _Fact(f"subword piece {show_token(s)} inside longer words like {show_token(word)}",
                                         "what", 5)
     elif last > p:
         facts["word_start"] = _Fact("first piece of a longer word", "what", 3)
     if "_" in word.strip("_") and code:
-        facts["snake"] = _Fact("snake_case identifier (name with underscores)", "what", 3)
+        classes.append("snake_case")
     if word.startswith("__") and word.endswith("__") and len(word) > 4:
         facts["dunder"] = _Fact("dunder name (__special__ method or attribute)", "what", 4)
     case = capitalisation(word)
-    if case and case != "lowercase word":
-        facts[f"case:{case}"] = _Fact(case, "what", 2)
+    classes += {"capitalised word": ["capitalised"], "all-caps word": ["all_caps"],
+                "camelCase identifier": ["camel_case"]}.get(case or "", [])
+    if case == "capitalised word" and not code and first == p and before_line.strip() and \
+            not before_line.rstrip().endswith((".", "!", "?", ":", '"', "'", "(", "#", "*", "-")):
+        classes.append("proper_nouns")  # capitalised where a sentence does not start
+    if word.endswith(("Error", "Exception", "Warning")) and len(word) > 7:
+        classes.append("exception_names")
     if whole and s.isalpha():  # the word itself, whatever the text around it
         cls = FUNCTION_WORDS.get(lower)
         facts[f"lex:{lower}"] = _Fact(f"the word {show_token(lower)}" + (f" ({cls})" if cls else ""), "what", 5)
+    prev = tokens[p - 1].strip() if first > 0 else ""
+    nxt = tokens[last + 1] if last + 1 < len(tokens) else ""
     if whole and code and s in PYTHON_KEYWORDS:
         facts[f"keyword:{s}"] = _Fact(f"Python keyword {show_token(s)}", "what", 6)
-        facts["keyword"] = _Fact("Python keywords", "what", 2)
+        classes += ["keywords"] + [group for group, words in KEYWORD_GROUPS.items() if s in words]
         role = PYTHON_KEYWORD_ROLES.get(s)
         if role:
             facts[f"kwrole:{role}"] = _Fact(role, "role", 4)
     elif whole and code and s in PYTHON_BUILTIN_NAMES:
         facts[f"builtin:{s}"] = _Fact(f"the name {show_token(s)} in code", "what", 4)
     elif whole and lower in FUNCTION_WORDS:
-        cls = FUNCTION_WORDS[lower]
-        facts[f"fw:{cls}"] = _Fact(f"{cls} words", "what", 3)
+        classes += ["function_words", FUNCTION_WORD_CLASSES[FUNCTION_WORDS[lower]]]
+        if lower in QUESTION_WORDS:
+            classes.append("question_words")
     elif code and not (s in PYTHON_KEYWORDS):
-        facts["identifier"] = _Fact("names (identifiers) in code", "what", 1)
-    prev = tokens[p - 1].strip() if first > 0 else ""
-    nxt = tokens[last + 1] if last + 1 < len(tokens) else ""
+        classes.append("identifiers")
+    if code and (word in PYTHON_BUILTIN_FUNCTIONS or word in PYTHON_TYPE_NAMES) and first == p:
+        classes.append("builtins")
+    prose = not code or "#" in before_line or before_line.count('"') % 2 == 1 or before_line.count("'") % 2 == 1
+    if whole and s.isalpha() and s.islower() and prose:  # English words by their form or place
+        form = word_form_class(s)
+        if form:
+            classes.append(form)
+        elif prev.lower() in _MODALS and lower not in FUNCTION_WORDS:
+            classes.append("verbs")  # 'to return', 'can change'
     if code:
         if prev == "def":
             facts["def_name"] = _Fact("function name in a def (function definition)", "role", 5)
+            classes.append("function_names")
         elif prev == "class":
             facts["class_name"] = _Fact("class name in a class definition", "role", 5)
+            classes.append("class_names")
         elif before_line.lstrip().startswith(("import ", "from ")):
             facts["import"] = _Fact("module name in an import statement", "role", 4)
+            classes.append("module_names")
         elif prev.endswith(".") and first > 0:
             facts["attribute"] = _Fact("attribute or method name after a dot", "role", 4)
+            classes.append("attribute_names")
         if nxt.startswith("(") and s not in PYTHON_KEYWORDS:
             facts["call"] = _Fact("function or method name before its call parentheses", "role", 4)
+            if case == "capitalised word":
+                classes.append("class_names")  # CapWords(...) constructs an instance
+            elif prev.endswith(".") and first > 0:
+                classes.append("method_names")
+            elif "builtins" not in classes:
+                classes.append("function_names")
         elif nxt.strip().startswith("=") and not nxt.strip().startswith("==") and \
                 before_line.count("(") > before_line.count(")"):
             facts["kwarg_name"] = _Fact("keyword argument name", "role", 4)
+            classes.append("argument_names")
+        elif nxt.strip().startswith("=") and not nxt.strip().startswith("==") and "identifiers" in classes:
+            classes.append("variable_names")
+        elif before_line.lstrip().startswith("def ") and before_line.count("(") > before_line.count(")") and \
+                "identifiers" in classes:
+            classes.append("argument_names")  # a parameter in a def's signature
+    facts.update(_class_facts(classes))
     return facts
+
+
+def _class_facts(classes: list[str]) -> dict[str, _Fact]:
+    """Facts naming the classes of tokens a peak belongs to, and every broader class above them."""
+    keys = dict.fromkeys(k for c in classes for k in (c, *class_ancestors(c)))
+    return {f"class:{k}": _Fact(TOKEN_CLASSES[k].text, "class", TOKEN_CLASSES[k].specificity) for k in keys}
 
 
 def _where_facts(tokens: tuple[str, ...], p: int, code: bool, before_line: str, after_line: str,
@@ -290,6 +366,12 @@ def facts_of(ctx: Context) -> dict[str, _Fact]:
         facts = _symbol_facts(token, code, before_line, prev, nxt)
     else:
         facts = _word_facts(tokens, p, code, before_line)
+    if s:
+        left = "" if token[:1].isspace() else re.split(r"\s", before_line)[-1]
+        right = "" if token[-1:].isspace() else re.split(r"\s", after_line)[0]
+        where_from = path_or_url(left + s + right)  # the run of text without spaces the token is in
+        if where_from:
+            facts.update(_class_facts([where_from]))
     facts.update(_where_facts(tokens, p, code, before_line, after_line, after_text))
     return facts
 
@@ -321,7 +403,9 @@ def analyse(ev: FeatureEvidence) -> list[Claim]:
 def supported(claims: list[Claim]) -> list[Claim]:
     """The claims the description makes: those fitting CLAIM_SHARE of their examples (and at least
     two of them), at most MAX_CLAIMS per family, families in order. A general claim is left out
-    when a more specific one of the same kind fits as many examples."""
+    when a more specific one of the same kind fits as many examples; so is one of the broadest
+    classes (punctuation, whitespace, identifiers, function words) when a claim about the token
+    itself fits as many."""
     chosen: list[Claim] = []
     for family in _FAMILIES:
         kept: list[Claim] = []
@@ -331,29 +415,28 @@ def supported(claims: list[Claim]) -> list[Claim]:
                 continue
             if any(k.share >= c.share and k.specificity > c.specificity and _same_kind(k, c) for k in kept):
                 continue
+            if family == "class" and c.specificity <= 1 and \
+                    any(k.family == "what" and k.share >= c.share for k in chosen):
+                continue
             kept.append(c)
         chosen += kept[:MAX_CLAIMS[family]]
     return chosen
 
 
 def _same_kind(specific: Claim, general: Claim) -> bool:
-    """Whether `specific` makes `general` redundant (e.g. 'equals sign' over 'punctuation')."""
+    """Whether `specific` makes `general` redundant (e.g. 'closing bracket' over 'punctuation')."""
     kinds = {
-        "punctuation": ("symbol:", "char:", "opening", "closing", "quote"),
-        "opening": ("symbol:",), "closing": ("symbol:",), "quote": ("symbol:",),
         "whitespace": ("newline", "indentation", "indent:", "tab", "spaces", "blank_line"),
         "newline": ("indentation", "indent:", "blank_line"), "indentation": ("indent:",),
-        "number": ("digit", "hex", "year", "decimal", "long_number"), "keyword": ("keyword:",),
-        "piece": ("piece:", "suffix:"), "identifier": ("call", "def_name", "class_name", "attribute", "snake", "dunder"),
+        "piece": ("piece:", "suffix:"),
     }
-    general_key = general.key.split(":")[0] if general.key.startswith("char:") else general.key
+    if general.key.startswith("class:"):
+        return specific.key.startswith("class:") and general.key[6:] in class_ancestors(specific.key[6:])
     if general.key.startswith("char:"):
         return specific.key.startswith("symbol:")
-    if general.key.startswith("fw:"):
-        return specific.key.startswith("lex:")
     if general.key.startswith("lex:"):
         return specific.key == "keyword:" + general.key[4:] or specific.key.startswith("builtin:")
-    return any(specific.key.startswith(prefix) for prefix in kinds.get(general_key, ()))
+    return any(specific.key.startswith(prefix) for prefix in kinds.get(general.key, ()))
 
 
 # --- the label ------------------------------------------------------------------------------------
@@ -398,8 +481,22 @@ def token_kind(token: str) -> str | None:
     return None
 
 
-def promotes_text(ev: FeatureEvidence) -> str | None:
-    promoted = [t for t, v in ev.top_logits if v > 0]
+def readable(token: str) -> bool:
+    """Whether a token reads as text: no control, format (zero-width), private-use, unassigned or
+    replacement characters (a byte-fallback piece), and not empty."""
+    return bool(token) and all(ch in "\n\t" or (unicodedata.category(ch) not in _UNREADABLE and ch != "\ufffd")
+                               for ch in token)
+
+
+def promoted_tokens(ev: FeatureEvidence, corpus_tokens: Collection[str] | None = None) -> list[str]:
+    """The tokens a label says the feature promotes: positive logits, readable, and (when the
+    tokens of the indexed text are known) ones that occur in it; the logit table keeps them all."""
+    return [t for t, v in ev.top_logits
+            if v > 0 and readable(t) and (corpus_tokens is None or t in corpus_tokens)]
+
+
+def promotes_text(ev: FeatureEvidence, corpus_tokens: Collection[str] | None = None) -> str | None:
+    promoted = promoted_tokens(ev, corpus_tokens)
     if not promoted:
         return None
     text = "promotes " + ", ".join(show_token(t) for t in promoted[:LABEL_LOGITS])
@@ -411,25 +508,38 @@ def promotes_text(ev: FeatureEvidence) -> str | None:
     return text
 
 
-def words_label(ev: FeatureEvidence) -> str:
-    """The description: supported claims with their shares, the literal tokens, what it promotes."""
+def words_label(ev: FeatureEvidence, corpus_tokens: Collection[str] | None = None, *,
+                claims: list[Claim] | None = None) -> str:
+    """The description: supported claims with their shares (the class of tokens first, unless one
+    token says it all, see `_label_order`), the literal tokens, what it promotes among `corpus_tokens` (the token
+    strings of the indexed text, `evidence.corpus_tokens`; None: every readable token)."""
     if ev.dead:
         return "never active in the indexed text"
-    claims = supported(analyse(ev))
+    claims = _label_order(supported(analyse(ev)) if claims is None else claims)  # given: computed once by the caller
     parts = [f"{c.text} ({_percent(c.share)})" for c in claims]
     tokens = _frequent_peaks(ev)
     head = "; ".join(parts) if parts else "no shared pattern at its peaks"
     label = head
     if tokens:
         label += " — tokens " + ", ".join(show_token(t) for t in tokens)
-    promotes = promotes_text(ev)
+    promotes = promotes_text(ev, corpus_tokens)
     if promotes:
         label += " — " + promotes
     return label
 
 
-def evidence_record(ev: FeatureEvidence) -> dict:
-    """The supported claims with both shares, kept with a description (and given to the LLM)."""
-    claims = supported(analyse(ev))
+def _label_order(claims: list[Claim]) -> list[Claim]:
+    """Claims in the order the label says them: the class of tokens first ('plural nouns (85%)').
+    A class is left out when one token fits as many peaks: its claim already names the token and
+    what it is ("the word 'not' (negation)", "equals sign '=='" with its operator role)."""
+    one_token = max((c.share for c in claims if c.family == "what" and c.key.startswith(_ONE_TOKEN)), default=0.0)
+    classes = [c for c in claims if c.family == "class" and c.share > one_token]
+    return classes + [c for c in claims if c.family != "class"]
+
+
+def evidence_record(ev: FeatureEvidence, *, claims: list[Claim] | None = None) -> dict:
+    """The supported claims (`supported(analyse(ev))`, unless given) with both shares, kept with a
+    description (and given to the LLM)."""
+    claims = supported(analyse(ev)) if claims is None else claims
     return {"version": WORDS_VERSION, "claims": [
         {k: v for k, v in asdict(c).items() if k != "specificity"} for c in claims]}

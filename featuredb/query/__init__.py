@@ -17,6 +17,7 @@ from featuredb.query.fires_on import FiresOn
 from featuredb.query.reader import Reader
 from featuredb.query.search import SearchQuery
 from featuredb.query.similar import SimilarQuery
+from featuredb.query.steer import Steered, SteerFeature
 from featuredb.query.tokens import TokenQuery
 from featuredb.store.indexes import create_indexes, finalize, optimize
 
@@ -32,6 +33,8 @@ __all__ = [
     "Reader",
     "SearchQuery",
     "SimilarQuery",
+    "SteerFeature",
+    "Steered",
     "TooLarge",
     "TokenQuery",
     "create_indexes",

@@ -62,7 +62,9 @@ class QueryBuilder:
 
     def where(self, **conditions: Any) -> Self:
         """Keep only features with these properties (AND): coder_id, layer, site, model, hook take a
-        value or a list of values; density and max_activation a (low, high) pair (None = open)."""
+        value or a list of values; density, max_activation and description_score a (low, high) pair
+        (None = open); min_score=x is description_score=(x, None), the current description's score in
+        [0, 1] (its embedding AUROC, featuredb.describe.embedding_score)."""
         where = self.conditions.add(**conditions)
         self.reader.check_coder_ids(where.mentioned_coder_ids())
         return dataclasses.replace(self, conditions=where)

@@ -8,6 +8,7 @@ similarity, in the fluent style of LanceDB's own API.
     cat.feature("res-layer_12-width_16k", 123)                            # dict: everything
     cat.fires_on("The Eiffel tower is in Paris")                          # runs the model
     cat.find(["The [[Eiffel]] tower", "[[Paris]] in May"]).to_polars()    # runs the model
+    cat.steer(["res-layer_12-width_16k/123:4"], "I went to")              # generates twice
     cat.with_token(" Paris").to_polars()                                  # stored contexts only
     cat.similar("res-layer_12-width_16k", 123).to_polars()                # decoder cosine
 
@@ -32,6 +33,7 @@ from featuredb.query.fires_on import FiresOn, fires_on
 from featuredb.query.reader import Reader
 from featuredb.query.search import SearchQuery, finite_vector
 from featuredb.query.similar import SimilarQuery
+from featuredb.query.steer import DEFAULT_TOKENS, Steered, steer
 from featuredb.query.tokens import TokenQuery
 from featuredb.store import indexes
 
@@ -115,6 +117,16 @@ class Catalogue:
         by f1, auroc or precision. Runs the model once for all texts. See featuredb.query.find."""
         return find_query(self.reader, positives, negatives, by=by, coders=coders, device=device, model=model)
 
+    def steer(self, features: str | list, prompt: str, *, tokens: int = DEFAULT_TOKENS, temperature: float = 0.0,
+              seed: int = 0, device: str | None = None, model: str | None = None) -> Steered:
+        """Generate from `prompt` twice, unsteered and with each feature's decoder direction added
+        where its coder writes, at every position, scaled by strength x its max activation.
+        `features`: "CODER_ID/INDEX[:STRENGTH]" strings, (coder_id, index[, strength]) tuples or
+        {"coder_id", "feature", "strength"} dicts (strength 1 by default; at most 8 features).
+        Greedy unless temperature > 0 (then sampled with `seed`). See featuredb.query.steer."""
+        return steer(self.reader, features, prompt, tokens=tokens, temperature=temperature, seed=seed, device=device,
+                     model=model)
+
     def with_token(self, token_or_phrase: str, *, window: int = 0) -> TokenQuery:
         """Features whose stored top examples peak on this token (or, with a phrase or a window,
         whose context around the peak contains it). No model needed."""
@@ -126,6 +138,22 @@ class Catalogue:
         the features firing on the same tokens most (Jaccard; counted while indexing)."""
         coder = self.reader.coder_row(coder_id)
         return SimilarQuery(self.reader, coder["coder_id"], feature_index(index, coder), across=bool(across), by=by)
+
+    def map_selection(self, coders: list[str] | str | None = None):
+        """Which group of the map these coders are in (default: the largest group's coders); see
+        featuredb.query.feature_map.select."""
+        from featuredb.query import feature_map
+
+        chosen = [coders] if isinstance(coders, str) else list(coders or [])
+        known = set(self.reader.coder_table(refresh=bool(chosen))["coder_id"].to_list())
+        return feature_map.select(self.store, chosen, known)
+
+    def map(self, coders: list[str] | str | None = None) -> pl.DataFrame:
+        """The 2-D map coordinates of the chosen coders' features (default: the largest mapped
+        group): coder_id, feature, layer, density, x, y. Computed by `featuredb map` / finalize."""
+        from featuredb.query import feature_map
+
+        return feature_map.points(self.store, self.map_selection(coders))
 
     def warm(self) -> None:
         """Load the search indexes into memory now (a server calls this at start)."""

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import numbers
 from typing import TYPE_CHECKING, Any
-
-import polars as pl
 
 from featuredb.errors import NotFound, QueryError
 from featuredb.store.schema import COOCCURRENCE_COLUMNS, COOCCURRENCE_MIN_COUNT, hook_layers
@@ -27,13 +26,13 @@ def feature_index(index: object, coder: dict) -> int:
     return index
 
 
-def examples_of_kind(examples: pl.DataFrame, kind: str) -> list[dict]:
-    if examples.height == 0:
-        return []
+def examples_of_kind(examples: list[dict], kind: str) -> list[dict]:
+    """The examples of one kind ("top" or "interval") by rank (plain Python: a few dozen rows, where
+    a dataframe's filter-sort-select costs more than the rows)."""
     keep = ["rank", "tokens", "token_ids", "values", "max_value", "max_position", "doc_id", "context_index"]
     if kind == "interval":
         keep[1:1] = ["bin_min", "bin_max"]
-    return examples.filter(pl.col("kind") == kind).sort("rank").select(keep).to_dicts()
+    return [{k: e[k] for k in keep} for e in sorted((e for e in examples if e["kind"] == kind), key=lambda e: e["rank"])]
 
 
 def description_entry(stored: dict, indexed_at: Any) -> dict:
@@ -46,8 +45,28 @@ def description_entry(stored: dict, indexed_at: Any) -> dict:
         "stale": stored["indexed_at"] != indexed_at,
         "scores": {"detection": stored["detection_score"], "fuzz": stored["fuzz_score"],
                    "detection_n": stored["detection_n"], "fuzz_n": stored["fuzz_n"],
-                   "details": stored["score_details"]},
+                   "details": stored["score_details"],
+                   # the offline embedding AUROC (method "embedding"); absent in older catalogues
+                   "embedding": stored.get("embedding_score"),
+                   "embedding_details": _json_or_none(stored.get("embedding_score_details"))},
     }
+
+
+def _json_or_none(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def description_score(row: dict) -> dict | None:
+    """The current description's score as the features row holds it: value and method ("embedding":
+    its embedding AUROC); None when it has none."""
+    if row.get("description_score") is None:
+        return None
+    return {"value": row["description_score"], "method": row.get("description_score_method")}
 
 
 def description_list(coder: dict, row: dict, history: list[dict]) -> list[dict]:
@@ -117,6 +136,7 @@ def feature_dict(coder: dict, stored: StoredFeature) -> dict:
         "coder": {k: coder[k] for k in ("kind", "architecture", "width", "d_in", "d_out", "hook_out", "source",
                                        "tokens_indexed", "contexts_indexed", "context", "top_k")},
         "description": row.get("description"),
+        "description_score": description_score(row),
         "descriptions": description_list(coder, row, stored.history),
         "density": row["density"],
         "active_count": row["active_count"],

@@ -1,4 +1,4 @@
-"""A subject model shared by concurrent requests (the server's fires_on and find).
+"""A subject model shared by concurrent requests (the server's fires_on, find and steer).
 
 `SubjectModel.capture` registers forward hooks on the model's modules for the length of a pass,
 and hooks are shared by every thread: two captures at once record each other's activations (or
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from featuredb.errors import QueryError
 
@@ -88,6 +89,18 @@ class SharedModel:
             raise QueryError("the model's tokenizer gives no character offsets and does not spell this text back: "
                              "cannot tell which tokens are marked")
         return [(start, end) for start, end in zip([0, *ends[:-1]], ends)]
+
+    def text(self, token_ids: list[int]) -> str:
+        """The text of token ids (special tokens left out)."""
+        with self._tokenizer_lock:
+            return self.model.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    @contextmanager
+    def alone(self) -> Iterator[SubjectModel]:
+        """The model to the caller alone while the block runs (steering: many passes under hooks
+        of its own); every capture waits until it ends, and runs after it."""
+        with self._forward_lock:
+            yield self.model
 
     def capture(self, token_ids: list[int], hooks: set[str]) -> dict[str, Tensor]:
         """Activations [1 + len(token_ids), d] at each hook for BOS + token_ids, as a lone pass gives them."""

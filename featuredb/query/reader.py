@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from featuredb.errors import FeaturedbError, NotFound, QueryError, one_line
 from featuredb.store import CODERS_TABLE, FEATURES_TABLE, FeatureStore, Filter, StoreError
+from featuredb.store.scan import scan
 from featuredb.store.schema import DESCRIPTIONS_TABLE, descriptions_schema, slot_of_features, vector_dim_of
 from featuredb.query.where import Where
 
@@ -106,7 +107,7 @@ class StoredFeature:
     """What the catalogue stores about one feature, as read for `Catalogue.feature`."""
 
     row: dict  # the features row (without its vector)
-    examples: pl.DataFrame  # its top and interval examples
+    examples: list[dict]  # its top and interval example rows, in no set order
     history: list[dict]  # its rows of the descriptions table
     # layer and description of each stored neighbour and co-firing partner, by (coder_id, feature)
     labels: dict[tuple[str, int], dict]
@@ -131,6 +132,8 @@ class Reader:
         if FEATURES_TABLE not in names or CODERS_TABLE not in names:
             raise QueryError(f"no catalogue at {self.uri}: it has no {FEATURES_TABLE!r} table (run `featuredb index` first)")
         self._lock = threading.RLock()
+        # a page's reads run side by side; one pool for the reader's life (a new thread costs ms)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="featuredb-read")
         self._tables: dict[str, Any] = {}
         self._coders_frame: pl.DataFrame | None = None
         self._schema: pa.Schema | None = None
@@ -219,15 +222,20 @@ class Reader:
             return self._schema
 
     def feature_rows(self, keys: list[tuple[str, int]], columns: list[str]) -> pl.DataFrame:
-        """Feature rows for (coder_id, feature) keys, one query per coder, in no particular order."""
+        """Feature rows for (coder_id, feature) keys, one query per coder, in no particular order.
+        A column an older catalogue's table lacks (e.g. description_score) comes back all null."""
         table = self.features_table()
+        absent = [c for c in columns if c not in self.features_schema().names]
+        if absent:
+            rows = self.feature_rows(keys, [c for c in columns if c not in absent])
+            return rows.with_columns(pl.lit(None).alias(c) for c in absent).select(columns)
         by_coder: dict[str, list[int]] = {}
         for coder_id, feature in keys:
             by_coder.setdefault(coder_id, []).append(int(feature))
         frames = []
         for coder_id, features in by_coder.items():
             where = Filter().eq("coder_id", coder_id).isin("feature", sorted(set(features))).render(table.schema)
-            frames.append(pl.from_arrow(table.search().where(where).select(columns).limit(None).to_arrow()))
+            frames.append(pl.from_arrow(scan(table, where, columns)))
         if not frames:
             return pl.from_arrow(table.schema.empty_table().select(columns))  # type: ignore[return-value]
         return pl.concat(frames, how="vertical")  # type: ignore[arg-type]
@@ -244,14 +252,12 @@ class Reader:
             table = self.table(name)
             # the schemas are fixed: asking the table for its own costs a round trip to LanceDB
             schema = self.features_schema() if name == FEATURES_TABLE else descriptions_schema()
-            query = table.search().where(where.render(schema))
-            return (query.select(select) if select else query).limit(limit).to_arrow()
+            return scan(table, where.render(schema), select, limit)
 
-        with reading(self.uri), ThreadPoolExecutor(max_workers=3) as pool:
-            row_future = pool.submit(rows_of, FEATURES_TABLE, columns, 1)
-            examples_future = pool.submit(self.store.read_examples, where)
-            history_future = pool.submit(rows_of, DESCRIPTIONS_TABLE)
-            rows = row_future.result()
+        with reading(self.uri):
+            examples_future = self._pool.submit(self.store.read_examples, where)
+            history_future = self._pool.submit(rows_of, DESCRIPTIONS_TABLE)
+            rows = rows_of(FEATURES_TABLE, columns, 1)
             if rows is None or rows.num_rows == 0:
                 raise NotFound(f"feature {index} of {coder_id!r} is not stored in the catalogue")
             row = rows.to_pylist()[0]
@@ -259,7 +265,7 @@ class Reader:
             partners = zip(row.get("cooccurring_coder_ids") or [], row.get("cooccurring_features") or [])
             labels = self.feature_labels([(coder_id, f) for f in row["neighbours"] or []] + list(partners))
             examples, history = examples_future.result(), history_future.result()
-        return StoredFeature(row=row, examples=pl.DataFrame() if examples is None else pl.from_arrow(examples),
+        return StoredFeature(row=row, examples=[] if examples is None else examples.to_pylist(),
                              history=[] if history is None else history.to_pylist(), labels=labels)
 
     def feature_labels(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
@@ -269,8 +275,7 @@ class Reader:
             return {}
         table = self.features_table()
         where = Filter().isin("coder_id", sorted({c for c, _ in keys})).isin("feature", sorted({f for _, f in keys}))
-        rows = table.search().where(where.render(self.features_schema())) \
-            .select(["coder_id", "feature", "layer", "description"]).limit(None).to_arrow().to_pylist()
+        rows = scan(table, where.render(self.features_schema()), ["coder_id", "feature", "layer", "description"]).to_pylist()
         wanted = set(keys)
         return {(r["coder_id"], r["feature"]): {"layer": r["layer"], "description": r["description"]}
                 for r in rows if (r["coder_id"], r["feature"]) in wanted}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import textwrap
+from itertools import zip_longest
 from typing import Any
 
 import click
@@ -72,8 +74,19 @@ def table(frame: pl.DataFrame, columns: list[str], headers: list[str] | None = N
 def results(frame: pl.DataFrame, score: str = "score") -> str:
     if frame.height == 0:
         return "no matching features"
-    return table(frame, ["score", "coder_id", "feature", "layer", "site", "density", "max_activation", "description"],
-                 [score, "coder_id", "feature", "layer", "site", "density", "max", "description"])
+    columns = ["score", "coder_id", "feature", "layer", "site", "density", "max_activation", "description"]
+    headers = [score, "coder_id", "feature", "layer", "site", "density", "max", "description"]
+    if "description_score" in frame.columns:  # the description's own score (embedding AUROC), "-" if none
+        columns.insert(-1, "description_score")
+        headers.insert(-1, "desc.score")
+    if "duplicates" in frame.columns and frame["duplicates"].sum():
+        # a search shows features of one coder with the same statistics and description once: the
+        # count of the others beside it (their numbers: --json, `duplicate_features`)
+        frame = frame.with_columns(pl.when(pl.col("duplicates") > 0).then(pl.format("+{}", "duplicates"))
+                                   .otherwise(pl.lit("")).alias("_dups"))
+        columns.insert(3, "_dups")
+        headers.insert(3, "dups")
+    return table(frame, columns, headers)
 
 
 def sparkline(counts: list[int]) -> str:
@@ -104,6 +117,13 @@ def dashboard(feature: dict, examples: int = 5) -> str:
     lines.append(click.style(title, bold=True) + printable(f"  ({feature['model']}, layer {feature['layer']}, "
                                                            f"{feature['site']}, {feature['hook']})"))
     lines.append(f"description: {printable(feature['description'] or '(none yet)')}")
+    score = feature.get("description_score")
+    if score is not None:  # the description's own score and the method that made it
+        current = next((d for d in feature["descriptions"] if d.get("current")), None)
+        details = ((current or {}).get("scores") or {}).get("embedding_details") or {}
+        against = (f" ({details['activating']} activating vs {details['hard_negatives'] + details['random_negatives']} "
+                   f"non-activating contexts)") if "activating" in details else ""
+        lines.append(f"description score: {score['value']:.3f} by {printable(str(score['method']))} AUROC{against}")
     for extra in feature["descriptions"]:
         source = ", ".join(str(extra[k]) for k in ("method", "model") if extra.get(k))
         if source:
@@ -180,6 +200,34 @@ def find_results(frame: pl.DataFrame, by: str) -> str:
         marked=pl.format("{}/{}", "marked_fired", "marked_tokens"), other=pl.format("{}/{}", "other_fired", "other_tokens"))
     return table(shown, ["score", "coder_id", "feature", "layer", "marked", "other", "mean_marked", "description"],
                  [by, "coder_id", "feature", "layer", "marked", "other", "mean act", "description"])
+
+
+def steered(result) -> str:
+    """`steer`'s two continuations side by side, under the prompt and the features that steer."""
+    sampling = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}, seed {result.seed}"
+    lines = [printable(f"model {result.model}: {result.prompt_tokens} prompt tokens, up to {result.tokens} new, "
+                       f"{sampling}"),
+             "prompt: " + printable(result.prompt)]
+    for f in result.features:
+        sites = ", ".join(f"{w['hook']} (|v| {w['norm']:.3g})" for w in f["writes"]) or "nowhere (an all-zero direction)"
+        lines.append(printable(f"steer:  {f['coder_id']}/{f['feature']} x{f['strength']:g} of max "
+                               f"{f['max_activation']:.4g} at {sites}: {f['description'] or '(no description)'}"))
+    width = max(20, (_width() - 3) // 2)
+    left, right = _wrapped(result.unsteered, width), _wrapped(result.steered, width)
+    lines += ["", click.style("unsteered".ljust(width), bold=True) + " │ " + click.style("steered", bold=True),
+              "─" * width + "─┼─" + "─" * width]
+    lines += [a.ljust(width) + " │ " + b for a, b in zip_longest(left, right, fillvalue="")]
+    generated = len(result.unsteered_ids) + len(result.steered_ids)
+    lines += ["", f"{generated} tokens generated in {result.seconds:.1f} s ({result.tokens_per_second:.2f} tokens/s)"]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    """`text` cut into lines of at most `width` characters, its own line breaks kept."""
+    out = []
+    for line in text.split("\n"):
+        out += textwrap.wrap(printable(line), width, drop_whitespace=False) or [""]
+    return out
 
 
 def json_safe(value: Any) -> Any:

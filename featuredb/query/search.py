@@ -21,15 +21,25 @@ from featuredb.errors import QueryError
 from featuredb.query.builder import QueryBuilder
 from featuredb.store.indexes import keyword_terms
 
-# Columns of every search result row (score is added).
-RESULT_COLUMNS = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens"]
+# Columns of every search result row (score is added). description_score: the current description's
+# own score (its embedding AUROC; null when unscored, and in catalogues written before scores existed).
+RESULT_COLUMNS = ["coder_id", "feature", "layer", "site", "description", "density", "max_activation", "top_tokens",
+                  "description_score"]
 # What a search reads from the index's rows: layer and site are properties of the coder and come
 # from the (cached) coders table instead; every column read costs about 0.3 ms at 10M rows.
-FETCHED_COLUMNS = ["coder_id", "feature", "description", "density", "max_activation", "top_tokens"]
+FETCHED_COLUMNS = ["coder_id", "feature", "description", "density", "max_activation", "top_tokens", "description_score"]
 RESULT_SCHEMA = {
     "coder_id": pl.String, "feature": pl.Int64, "layer": pl.Int32, "site": pl.String, "description": pl.String,
-    "density": pl.Float64, "max_activation": pl.Float32, "top_tokens": pl.List(pl.String), "score": pl.Float64,
+    "density": pl.Float64, "max_activation": pl.Float32, "top_tokens": pl.List(pl.String),
+    "description_score": pl.Float32, "score": pl.Float64,
 }
+# Features of one coder with the same statistics and description are one row: a coder's clones (features
+# trained into one direction) fire on the same tokens and get the same description, and a page of them
+# says nothing new. The best-ranked one stands for them; `duplicates` counts the others, listed in
+# `duplicate_features` (issue 24).
+DUPLICATE_KEY = ["coder_id", "density", "max_activation", "description"]
+DUPLICATE_SCHEMA = {"duplicates": pl.Int32, "duplicate_features": pl.List(pl.Int64)}
+MAX_FETCH = 4000  # rows a search reads at most to find `limit` distinct ones
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.)
 OVERFETCH = 4  # range-only filters: rows fetched per row asked before filtering (see _filtered)
 
@@ -69,8 +79,22 @@ class SearchQuery(QueryBuilder):
 
     def _execute(self, n: int) -> pl.DataFrame:
         """Result rows, best first: coder_id, feature, layer, site, description, density,
-        max_activation, top_tokens, score (cosine similarity, BM25 score or RRF score)."""
+        max_activation, top_tokens, score (cosine similarity, BM25 score or RRF score), duplicates and
+        duplicate_features (collapse_duplicates): n distinct rows, reading more rows while duplicates
+        leave fewer, or while the n-th row's duplicates may go on past the rows read."""
         condition = self.conditions.render(self.reader.features_schema())
+        fetch = n + max(5, n // 2)  # room for a few duplicates, so one query is usually enough
+        while True:
+            rows = self._ranked(condition, fetch)
+            distinct = collapse_duplicates(rows)
+            if rows.height < fetch or fetch >= MAX_FETCH:  # every match read
+                return distinct.head(n)
+            if distinct.height >= n and rows["score"][-1] < distinct["score"][n - 1]:
+                return distinct.head(n)  # duplicates share a score: all of the n-th row's have been read
+            fetch = min(MAX_FETCH, 2 * fetch)
+
+    def _ranked(self, condition: str | None, n: int) -> pl.DataFrame:
+        """The best n rows, duplicates included."""
         if self.mode == "semantic":
             return self._vector_leg(condition, n)
         if self.mode == "keyword":
@@ -95,7 +119,7 @@ class SearchQuery(QueryBuilder):
             query = plan.apply(table.search(vector, vector_column_name="vector").distance_type("cosine"))
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
-            return query.select(FETCHED_COLUMNS + ["_distance"]).limit(limit)
+            return query.select(fetched_columns(reader) + ["_distance"]).limit(limit)
 
         frame = reader.with_coder_columns(_frame(self._filtered(build, k)))
         return _finish(frame.with_columns(score=(1.0 - pl.col("_distance").cast(pl.Float64))).drop("_distance"))
@@ -110,7 +134,7 @@ class SearchQuery(QueryBuilder):
             query = table.search(terms, query_type="fts", fts_columns="description")
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
-            return query.select(FETCHED_COLUMNS + ["_score"]).limit(limit)
+            return query.select(fetched_columns(self.reader) + ["_score"]).limit(limit)
 
         frame = self.reader.with_coder_columns(_frame(self._filtered(build, k)))
         return _finish(frame.rename({"_score": "score"}).with_columns(pl.col("score").cast(pl.Float64)))
@@ -157,9 +181,10 @@ def auto_mode(text: str) -> str:
 
 
 def rrf_fuse(legs: list[pl.DataFrame], k: int, rrf_k: int = RRF_K) -> pl.DataFrame:
-    """Reciprocal-rank fusion: score = sum over legs of 1 / (rrf_k + rank), rank from 1."""
+    """Reciprocal-rank fusion: score = sum over legs of 1 / (rrf_k + rank), rank from 1; rows with equal
+    scores in a leg share its rank (a coder's duplicates stay tied, so search collapses them whole)."""
     ranked = [
-        leg.with_row_index("rank", offset=1).with_columns(
+        leg.with_columns(rank=pl.col("score").rank("min", descending=True)).with_columns(
             rrf=1.0 / (rrf_k + pl.col("rank").cast(pl.Float64))
         )
         for leg in legs if leg.height
@@ -176,16 +201,39 @@ def rrf_fuse(legs: list[pl.DataFrame], k: int, rrf_k: int = RRF_K) -> pl.DataFra
     return fused.select(list(RESULT_SCHEMA))
 
 
+def collapse_duplicates(rows: pl.DataFrame) -> pl.DataFrame:
+    """Rows ranked best first -> one row per coder, density, max activation and description (DUPLICATE_KEY),
+    at the rank of its best row, with `duplicates` (how many rows it stands for besides itself) and
+    `duplicate_features` (their feature numbers, best first)."""
+    if rows.height == 0:
+        return rows.with_columns(*(pl.lit(None, dtype=t).alias(c) for c, t in DUPLICATE_SCHEMA.items())).clear()
+    columns = rows.columns
+    grouped = rows.group_by(DUPLICATE_KEY, maintain_order=True).agg(  # groups in order of their first row
+        *(pl.col(c).first() for c in columns if c not in DUPLICATE_KEY),
+        pl.col("feature").slice(1).alias("duplicate_features"),  # a group's rows keep their order
+    )
+    return grouped.with_columns(duplicates=pl.col("duplicate_features").list.len()).select(
+        columns + [pl.col(c).cast(t) for c, t in DUPLICATE_SCHEMA.items()])
+
+
 def _frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame
 
 
+def fetched_columns(reader) -> list[str]:
+    """FETCHED_COLUMNS that the catalogue's features table has (an older one lacks description_score;
+    `_finish` gives it as null)."""
+    names = reader.features_schema().names
+    return [c for c in FETCHED_COLUMNS if c in names]
+
+
 def _finish(frame: pl.DataFrame) -> pl.DataFrame:
     if frame.height == 0:
         return empty_results()
     frame = frame.filter(pl.col("score").is_not_nan())
+    frame = frame.with_columns(pl.lit(None).alias(c) for c in RESULT_SCHEMA if c not in frame.columns)
     return frame.sort(["score", "coder_id", "feature"], descending=[True, False, False]).select(
         [pl.col(c).cast(t) for c, t in RESULT_SCHEMA.items()]
     )

@@ -1,7 +1,7 @@
 """Typed search filters -> featuredb.store.Filter (the only way a filter is built).
 
 `where(layer=12, coder_id=..., site="res", model=..., hook=..., density=(lo, hi),
-max_activation=(lo, hi))`: every value is type-checked here and rendered by Filter as an escaped
+max_activation=(lo, hi), description_score=(lo, hi), min_score=0.8)`: every value is type-checked here and rendered by Filter as an escaped
 literal, so a value holding quotes or SQL is compared as a value and never parsed.
 """
 
@@ -23,8 +23,11 @@ from featuredb.errors import QueryError
 
 # column -> Python type of its values; a list/tuple/set of values means "any of them"
 EQ_COLUMNS: dict[str, type] = {"coder_id": str, "layer": int, "site": str, "model": str, "hook": str}
-RANGE_COLUMNS: tuple[str, ...] = ("density", "max_activation")
-WHERE_KEYS: tuple[str, ...] = tuple(EQ_COLUMNS) + RANGE_COLUMNS
+RANGE_COLUMNS: tuple[str, ...] = ("density", "max_activation", "description_score")
+# min_score=x is description_score=(x, None): the current description's score (its embedding AUROC)
+MIN_SCORE = "min_score"
+SCORE_COLUMN = "description_score"
+WHERE_KEYS: tuple[str, ...] = tuple(EQ_COLUMNS) + RANGE_COLUMNS + (MIN_SCORE,)
 MAX_VALUES = 10_000  # values in one isin
 
 
@@ -46,6 +49,10 @@ class Where:
                 if value is None:
                     continue
                 ranges.append((key, *_range(key, value)))
+            elif key == MIN_SCORE:
+                if value is None:
+                    continue
+                ranges.append((SCORE_COLUMN, score_bound(value), None))
             else:
                 raise QueryError(f"unknown filter {key!r}: filter on {', '.join(WHERE_KEYS)}")
         return Where(tuple(eq), tuple(ranges))
@@ -72,6 +79,9 @@ class Where:
         return result
 
     def render(self, schema: pa.Schema, columns: Iterable[str] | None = None) -> str | None:
+        if any(column == SCORE_COLUMN for column, _, _ in self.ranges) and SCORE_COLUMN not in schema.names:
+            raise QueryError("this catalogue's descriptions carry no scores yet: score them with "
+                             "`featuredb describe --score-only`")
         try:
             return self.to_filter(columns).render(schema)
         except StoreError as e:
@@ -134,6 +144,8 @@ def _range(key: str, value: object) -> tuple[float | None, float | None]:
             raise QueryError(f"where({key}=...): bounds must be finite numbers or None, got {bound!r}")
         bounds.append(float(bound))
     low, high = bounds
+    if key == SCORE_COLUMN:
+        low, high = (None if b is None else score_bound(b, key) for b in (low, high))
     if low is None and high is None:
         raise QueryError(f"where({key}=(None, None)): give at least one bound")
     if low is not None and high is not None and low > high:
@@ -141,7 +153,20 @@ def _range(key: str, value: object) -> tuple[float | None, float | None]:
     return low, high
 
 
-def where_conditions(layer, coder_ids, site, model, min_density, max_density) -> dict:
+def score_bound(value: object, what: str = MIN_SCORE) -> float:
+    """A bound on description scores: a number in [0, 1] (a string holding one too, as a web form
+    sends it); QueryError otherwise."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise QueryError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+        raise QueryError(f"{what} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def where_conditions(layer, coder_ids, site, model, min_density, max_density, min_score=None) -> dict:
     where: dict[str, Any] = {}
     if layer:
         where["layer"] = list(layer)
@@ -153,4 +178,6 @@ def where_conditions(layer, coder_ids, site, model, min_density, max_density) ->
         where["model"] = list(model)
     if min_density is not None or max_density is not None:
         where["density"] = (min_density, max_density)
+    if min_score is not None:
+        where[MIN_SCORE] = min_score
     return where

@@ -115,6 +115,13 @@ class SparseCoder(EncoderOnDevice):
         """Each feature's total write (its decoder row) and, for a single-layer coder, no layer-write profile."""
         return self.W_dec, None
 
+    def writes(self, feature: int) -> list[tuple[str, Tensor]]:
+        """What feature `feature` adds to the model, and where: its decoder row, at the output site
+        (hook_out: an SAE's own site, a transcoder's MLP output). Steering adds it there."""
+        if not 0 <= feature < self.d_sae:
+            raise CoderError(f"coder {self.coder_id}: feature {feature} is out of range (width {self.d_sae})")
+        return [(self.hook_out, self.W_dec[feature])]
+
     def _check(self) -> None:
         where = self.source or self.coder_id
 

@@ -136,6 +136,25 @@ class MultiLayerCoder(EncoderOnDevice):
             out[..., slot * F:(slot + 1) * F] = jump_relu(pre, self.threshold[slot])
         return out
 
+    def writes(self, feature: int) -> list[tuple[str, Tensor]]:
+        """What feature `feature` adds to the model, and where: its decoder slice at each output
+        layer's site (float32, CPU), read from its slot's file. Slices that are all zero are left
+        out (a CLT feature writes nothing to the layers before its own)."""
+        from safetensors import safe_open
+
+        if not 0 <= feature < self.width:
+            raise CoderError(f"coder {self.coder_id}: feature {feature} is out of range (width {self.width})")
+        slot, row = divmod(feature, self.per_slot)
+        path = self.files[slot]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                slices = f.get_slice("w_dec")[row:row + 1][0].float()  # [S_out, d_out]
+        except Exception as e:  # a file changed or truncated since it was loaded
+            raise CoderError(f"{path}: cannot read w_dec ({short_reason(e)})") from None
+        if (problem := non_finite(slices)) is not None:
+            raise CoderError(f"{path}: w_dec row {row} + {problem}: coder weights must be finite")
+        return [(hook, vector) for hook, vector in zip(self.hooks_out, slices) if bool(vector.any())]
+
     def decoder_summary(self) -> tuple[Tensor, Tensor]:
         """Per feature, read from the files in row slices: its total write [width, d_out] and its
         layer-write profile [width, S_out] (the norm of its decoder vector at each output layer),

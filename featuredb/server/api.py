@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
 from featuredb.server.views import (
@@ -30,8 +30,20 @@ from featuredb.server.views import (
     coders_view,
     search_view,
     similar_view,
+    steer_panel,
+    steer_view,
+    SteerPanel,
 )
+from featuredb.query.steer import DEFAULT_TOKENS, MAX_FEATURES, MAX_NEW_TOKENS, MAX_TEMPERATURE
 
+
+
+class SteerFeatureBody(BaseModel):
+    """One feature to steer with: strength in units of its max activation (negative: turned down)."""
+
+    coder_id: str
+    feature: int
+    strength: float = 1.0
 
 
 class Error(BaseModel):
@@ -80,9 +92,11 @@ def similar(cat: Cat, coder_id: str, index: str, within: bool = False, by: Liter
 @router.get("/features/{coder_id}/{index}")
 def feature(cat: Cat, coder_id: str, index: str,
             text: Annotated[str | None, Query(description="Also run this text through the model and give "
-                                                          "this feature's activation on each token.")] = None) -> dict:
-    """Everything about one feature: statistics, histogram, logits, descriptions, examples, similar."""
-    return feature_view(cat, coder_id, index, text)
+                                                          "this feature's activation on each token.")] = None,
+            steer: SteerPanel = Depends(steer_panel)) -> dict:
+    """Everything about one feature: statistics, histogram, logits, descriptions, examples, similar
+    (and, given `steer`, a prompt's continuations with and without this feature steered)."""
+    return feature_view(cat, coder_id, index, text, steer)
 
 
 @router.get("/fires_on")
@@ -134,3 +148,54 @@ def find_get(cat: Cat, positive: Strings, negative: Strings = [], by: FindBy = "
              layer: Ints = [], max_density: Density = None, limit: FeatureLimit = 10) -> dict:
     """find with the texts as query parameters (the find page's JSON twin): positive=...&negative=..."""
     return find_view(cat, positive, negative, by, coder, layer, max_density, limit)
+
+
+class SteerRequest(BaseModel):
+    """steer: the features ("CODER_ID/INDEX[:STRENGTH]" or {"coder_id", "feature", "strength"}), the
+    prompt, and how to generate. The limits are checked with the Python API's (one-line 400)."""
+
+    features: list[str | SteerFeatureBody] = Field(description=f"At most {MAX_FEATURES}.")
+    prompt: str = Field(description="At most 4,000 characters.")
+    tokens: int = Field(DEFAULT_TOKENS, description=f"New tokens per text, 1..{MAX_NEW_TOKENS}.")
+    temperature: float = Field(0.0, description=f"0: greedy; up to {MAX_TEMPERATURE:g}: sampled with the seed.")
+    seed: int = 0
+
+
+@router.post("/steer")
+def steer(cat: Cat, body: SteerRequest) -> dict:
+    """Generate from the prompt twice, unsteered and with each feature's decoder direction added
+    where its coder writes (strength in units of its max activation; runs the model alone):
+    {"features": ["coder/12:4"], "prompt": "I went to", "tokens": 32}."""
+    features = [f if isinstance(f, str) else f.model_dump() for f in body.features]
+    return steer_view(cat, features, body.prompt, body.tokens, body.temperature, body.seed)
+
+
+MapLimit = Annotated[int, Query(ge=1, le=10_000, description="Points per page.")]
+
+
+@router.get("/map")
+def feature_map(cat: Cat, coder: Strings = [], limit: MapLimit = 1000,
+                offset: Annotated[int, Query(ge=0)] = 0) -> dict:
+    """The map: 2-D coordinates of every feature of the chosen coders (default: the largest group
+    of coders mapped together), one page of points at a time; /api/map/points has all of them."""
+    from featuredb.server.views import map_view
+
+    return map_view(cat, coder, limit, offset)
+
+
+@router.get("/map/points", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "typed arrays"}})
+def feature_map_points(cat: Cat, coder: Strings = []) -> Response:
+    """Every point of the chosen coders as typed arrays (the map page's canvas reads these; the
+    layout is in featuredb.server.views.map_points)."""
+    from featuredb.server.views import map_points
+
+    return Response(map_points(cat, coder), media_type="application/octet-stream")
+
+
+@router.get("/map/label/{coder_id}/{index}")
+def feature_map_label(cat: Cat, coder_id: str, index: str) -> dict:
+    """One feature's layer and description (the map's hover)."""
+    from featuredb.server.views import map_label
+
+    return map_label(cat, coder_id, index)

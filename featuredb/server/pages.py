@@ -1,7 +1,8 @@
 """The HTML pages: Jinja2 templates rendered on the server from the same views as the JSON API.
 
 Pages: `/` (search, with filters and paging, and the find-by-example form),
-`/features/{coder_id}/{index}` (a Neuronpedia-style feature dashboard with a test-text box),
+`/features/{coder_id}/{index}` (a Neuronpedia-style feature dashboard with a test-text box and a
+steering panel),
 `/fires` (which features fire on a text), `/find` (features that fire on marked tokens). Every page
 links its JSON twin. Autoescaping is on, so tokens such as `<script>` render as text.
 """
@@ -94,10 +95,11 @@ def search_page(request: Request, cat: views.Cat, q: Text = None, mode: views.Mo
 
 
 @router.get("/features/{coder_id}/{index}")
-def feature_page(request: Request, cat: views.Cat, coder_id: str, index: str, text: Text = None):
-    feature = views.feature_view(cat, coder_id, index, text if text and text.strip() else None)
+def feature_page(request: Request, cat: views.Cat, coder_id: str, index: str, text: Text = None,
+                 steer: views.SteerPanel = Depends(views.steer_panel)):
+    feature = views.feature_view(cat, coder_id, index, text if text and text.strip() else None, steer)
     json_url = _twin(request, f"/api/features/{url_segment(coder_id)}/{url_segment(index)}")
-    return templates.TemplateResponse(request, "feature.html", {"f": feature, "json_url": json_url})
+    return templates.TemplateResponse(request, "feature.html", {"f": feature, "json_url": json_url, "steer": steer})
 
 
 @router.get("/fires")
@@ -119,4 +121,22 @@ def find_page(request: Request, cat: views.Cat, positive: views.Strings = [], ne
         "result": result, "positives": positive, "negatives": negative, "by": by, "chosen_coders": coder,
         "chosen_layers": layer, "max_density": max_density, "coders": views.coders_view(cat)["coders"],
         "json_url": _twin(request, "/api/find") if result else None,
+    })
+
+
+@router.get("/map")
+def map_page(request: Request, cat: views.Cat, coder: views.Strings = []):
+    """Every feature of the chosen coders on a canvas (the points come from /api/map/points)."""
+    from featuredb.errors import NotFound
+    from featuredb.query.feature_map import NO_MAP
+
+    try:
+        result = views.map_summary(cat, coder)
+    except NotFound as e:
+        if str(e) != NO_MAP:
+            raise
+        result = None
+    return templates.TemplateResponse(request, "map.html", {
+        "result": result, "no_map": NO_MAP, "chosen_coders": coder, "json_url": _twin(request, "/api/map"),
+        "points_url": _twin(request, "/api/map/points"),
     })

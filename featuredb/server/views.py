@@ -16,11 +16,12 @@ import polars as pl
 from fastapi import Depends, Query, Request
 from pydantic import BeforeValidator
 
-from featuredb.errors import QueryError, TooLarge
+from featuredb.errors import NotFound, QueryError, TooLarge
 from featuredb.query.builder import MAX_LIMIT
 from featuredb.query.catalogue import Catalogue
-from featuredb.query.where import where_conditions
+from featuredb.query.where import score_bound, where_conditions
 from featuredb.query.search import auto_mode
+from featuredb.query.steer import DEFAULT_TOKENS
 
 MAX_PAGE = 100  # rows per page
 # A page fetches offset + limit + 1 rows (the extra row says whether a next page exists), and the
@@ -62,14 +63,23 @@ class Filters:
     model: list[str]
     min_density: float | None
     max_density: float | None
+    min_score: float | None = None  # the description's own score (embedding AUROC), at least this
 
     def where(self) -> dict[str, Any]:
-        return where_conditions(self.layer, self.coder, self.site, self.model, self.min_density, self.max_density)
+        return where_conditions(self.layer, self.coder, self.site, self.model, self.min_density, self.max_density,
+                                self.min_score)
+
+
+# Taken as text and checked by the query layer, so a bad value is a one-line 400 like every filter's
+Score = Annotated[str | None, Query(description="Only features whose description scores at least this, in [0, 1] "
+                                                "(its embedding AUROC)."), _Blank]
 
 
 def filters(coder: Strings = [], layer: Annotated[list[int], Query(), _Blank] = [], site: Strings = [],
-            model: Strings = [], min_density: Density = None, max_density: Density = None) -> Filters:
-    return Filters(coder, layer, site, model, min_density, max_density)
+            model: Strings = [], min_density: Density = None, max_density: Density = None,
+            min_score: Score = None) -> Filters:
+    return Filters(coder, layer, site, model, min_density, max_density,
+                   None if min_score is None else score_bound(min_score))
 
 
 @dataclass(frozen=True)
@@ -113,9 +123,28 @@ def search_view(cat: Catalogue, q: str, mode: Mode, chosen: Filters, paging: Pag
     return {"q": q, "mode": mode, "filters": asdict(chosen), **_page_of(rows, paging)}
 
 
-def feature_view(cat: Catalogue, coder_id: str, index: str, text: str | None = None) -> dict:
-    """Everything about one feature, its nearest features by decoder direction and, given a
-    text, this feature's activation on each of the text's tokens."""
+@dataclass(frozen=True)
+class SteerPanel:
+    """The feature page's steering form: a prompt, this feature's strength and the new tokens."""
+
+    prompt: str | None
+    strength: float
+    tokens: int
+
+
+def steer_panel(steer: Annotated[str | None, Query(description="Also generate from this prompt with this feature "
+                                                               "steered (and without).")] = None,
+                strength: Annotated[float, Query(description="In units of the feature's max activation.")] = 1.0,
+                steer_tokens: Annotated[int, Query(description="New tokens per text.")] = DEFAULT_TOKENS) -> SteerPanel:
+    """The page's steering form (its limits are the Python API's: a one-line 400)."""
+    return SteerPanel(steer if steer and steer.strip() else None, strength, steer_tokens)
+
+
+def feature_view(cat: Catalogue, coder_id: str, index: str, text: str | None = None,
+                 steer: SteerPanel | None = None) -> dict:
+    """Everything about one feature, its nearest features by decoder direction, given a text,
+    this feature's activation on each of the text's tokens, and given a steering prompt, the
+    prompt's continuations with and without this feature steered."""
     coder_id, number = _feature_key(coder_id, index)
     feature = cat.feature(coder_id, number)
     try:
@@ -124,6 +153,10 @@ def feature_view(cat: Catalogue, coder_id: str, index: str, text: str | None = N
     except QueryError as e:  # e.g. an all-zero decoder row has no direction to compare
         feature["similar"], feature["similar_note"] = [], str(e)
     feature["test_text"] = None if text is None else _feature_on_text(cat, coder_id, number, text)
+    feature["steer"] = None
+    if steer is not None and steer.prompt is not None:
+        chosen = [{"coder_id": coder_id, "feature": number, "strength": steer.strength}]
+        feature["steer"] = steer_view(cat, chosen, steer.prompt, steer.tokens, 0.0, 0)
     return feature
 
 
@@ -168,6 +201,90 @@ def find_view(cat: Catalogue, positives: list[str], negatives: list[str], by: Fi
     return {"positives": positives, "negatives": negatives, "filters": {"coder": coders, "layer": layers,
                                                                          "max_density": max_density},
             **result.to_dict()}
+
+
+def steer_view(cat: Catalogue, features: list, prompt: str, tokens: int, temperature: float, seed: int) -> dict:
+    """The prompt's continuations, unsteered and with the features steered (runs the model twice,
+    holding it alone: serialised with every other forward pass)."""
+    _check_text_size(prompt)
+    return cat.steer(features, prompt, tokens=tokens, temperature=temperature, seed=seed).to_dict()
+
+
+MAX_MAP_PAGE = 10_000  # points per page of the map's JSON (the page itself reads the binary twin)
+
+
+def map_summary(cat: Catalogue, coders: list[str]) -> dict:
+    """What the map page shows besides its canvas: the mapped groups, the chosen coders (default:
+    the largest group's) with their colours, and how many points they have (no point is read)."""
+    from featuredb.query.feature_map import CODER_COLOURS, COLOUR_BY, RAMP
+
+    selection = cat.map_selection(coders)
+    counts = {c: n for g in selection.groups for c, n in g["coders"].items()}
+    return {"model": selection.model, "space": selection.space, "groups": selection.groups,
+            "coders": selection.coder_ids, "count": sum(counts[c] for c in selection.coder_ids),
+            "colour_by": list(COLOUR_BY),
+            "colours": {c: CODER_COLOURS[i % len(CODER_COLOURS)] for i, c in enumerate(selection.coder_ids)},
+            "ramp": RAMP, "points_url": "/api/map/points"}
+
+
+def map_view(cat: Catalogue, coders: list[str], limit: int = 1000, offset: int = 0) -> dict:
+    """The map's summary (`map_summary`), the bounds of its points and one page of them
+    (coder_id, feature, layer, density, x, y; by coder, then feature)."""
+    summary = map_summary(cat, coders)
+    frame = cat.map(summary["coders"])
+    bounds = {"x": [frame["x"].min(), frame["x"].max()], "y": [frame["y"].min(), frame["y"].max()]} if frame.height else None
+    rows = frame.slice(offset, limit + 1).to_dicts()
+    more = len(rows) > limit
+    return {**summary, "count": frame.height, "bounds": bounds, "limit": limit, "offset": offset, "results": rows[:limit],
+            "next_offset": offset + limit if more else None, "prev_offset": max(0, offset - limit) if offset else None}
+
+
+def map_points(cat: Catalogue, coders: list[str]) -> bytes:
+    """The chosen coders' points as typed arrays for the page's canvas (little-endian): a uint32
+    header length, the header (JSON: count, coders, layer range, padded with spaces to 4 bytes),
+    then x, y, density (float32; NaN where unknown), feature (int32), coder (uint16, an index
+    into the header's coders) and layer (int16), each n long. 20 bytes a point: 20 MB at 1M. The
+    last answer is kept until the map changes (a reload of the page costs nothing)."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from featuredb.store.feature_map import map_version, read_map
+
+    selection = cat.map_selection(coders)
+    key = (cat.uri, map_version(cat.store), tuple(selection.coder_ids))
+    if _POINTS_CACHE.get("key") == key:
+        return _POINTS_CACHE["bytes"]
+    rows = read_map(cat.store, selection.coder_ids)  # arrow: no conversion of 1M strings
+
+    def column(name: str, dtype: str, fill: float | None = None) -> bytes:
+        values = rows[name] if fill is None else pc.fill_null(rows[name], fill)
+        return np.asarray(values.to_numpy(), dtype=dtype).tobytes()
+
+    coder_index = pc.index_in(rows["coder_id"], value_set=pa.array(selection.coder_ids)).to_numpy()
+    header = json.dumps({"count": rows.num_rows, "coders": selection.coder_ids, "model": selection.model,
+                         "space": selection.space}).encode()
+    header += b" " * (-len(header) % 4)
+    body = b"".join([np.uint32(len(header)).astype("<u4").tobytes(), header, column("x", "<f4"), column("y", "<f4"),
+                     column("density", "<f4", float("nan")), column("feature", "<i4"),
+                     coder_index.astype("<u2").tobytes(), column("layer", "<i2")])
+    _POINTS_CACHE.update(key=key, bytes=body)
+    return body
+
+
+_POINTS_CACHE: dict = {}  # the last map_points answer and its key (catalogue, map version, coders)
+
+
+def map_label(cat: Catalogue, coder_id: str, index: str) -> dict:
+    """What the map's hover shows of one feature: its layer and description."""
+    coder_id, number = _feature_key(coder_id, index)
+    cat.reader.check_coder_ids({coder_id})
+    label = cat.reader.feature_labels([(coder_id, number)]).get((coder_id, number))
+    if label is None:
+        raise NotFound(f"feature {number} of {coder_id!r} is not stored in the catalogue")
+    return {"coder_id": coder_id, "feature": number, **label}
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from lancedb.table import Table
 
 from featuredb.store.connect import connect
 from featuredb.store.failures import Commits, all_or_nothing
+from featuredb.store.feature_map import delete_map_rows
 from featuredb.store.filters import Filter
 from featuredb.store.schema import StoreError, decoders_schema, decoders_table_name, is_decoders_table, slot_of_features
 
@@ -93,6 +94,7 @@ def replace_decoder_rows(store: FeatureStore, coder_id: str, rows: pa.Table, com
     if new:
         commits.commit(table, lambda t: t.add(rows))
         return
+    delete_map_rows(store, coder_id, commits)  # the map follows the directions: mapped again by finalize
     # a coder lives in one decoders table: drop rows a previous version left in another width
     for other in store.table_names():
         if is_decoders_table(other) and other != name:
@@ -119,6 +121,7 @@ def delete_decoder_vectors(store: FeatureStore, coder_id: str, commits: Commits 
     """Remove a coder's decoder directions (a no-op where none are stored); with `commits`, each
     commit is recorded there for the caller to undo."""
     commits = commits if commits is not None else Commits()
+    delete_map_rows(store, coder_id, commits)
     for name in store.table_names():
         if is_decoders_table(name):
             commits.commit(store.table(name), _delete_rows_of, coder_id)

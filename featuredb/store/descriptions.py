@@ -4,9 +4,11 @@ Two places hold descriptions:
 
 - the `descriptions` table keeps every description ever made, with provenance (method,
   explainer model and endpoint, prompt version, time, the indexing it was made from) and scores.
-  It is append-only.
+  It is append-only, but for one thing: an embedding score computed after its row was written
+  (`set_embedding_scores`, for rows made before the scorer existed).
 - the `features` table's description columns hold each feature's current best description and
-  its embedding (`vector`, with `embedding_model`).
+  its embedding (`vector`, with `embedding_model`), and that description's score
+  (`description_score`, with `description_score_method`), which search filters on.
 
 `write_descriptions` validates new rows before touching anything, appends them (one commit), then
 `sync_features` recomputes the best description of the features concerned from the descriptions
@@ -45,6 +47,10 @@ from featuredb.store.schema import (DESCRIPTIONS_TABLE, absent_optional_fields, 
 METHOD_RANK = {"tokens": 0, "words": 1, "llm": 2, "local": 2, "manual": 3}
 MAX_DESCRIPTION_CHARS = 2000
 DESCRIPTION_COLUMNS = ("description", "description_method", "description_model", "embedding_model", "vector")
+SCORE_COLUMNS = ("description_score", "description_score_method")
+EMBEDDING_SCORE_METHOD = "embedding"  # describe/embedding_score.py: the offline AUROC every description gets
+# One row of the descriptions table (written once per feature, method and moment).
+DESCRIPTION_ROW_KEY = ("coder_id", "feature", "method", "created_at")
 
 Embedder = Callable[[list[str], str], np.ndarray]
 
@@ -122,7 +128,7 @@ def check_descriptions(table: pa.Table, coder_id: str, indexed_at: dt.datetime, 
     unknown = [m for m in pc.unique(table["method"]).to_pylist() if m not in METHOD_RANK]
     if unknown:
         raise StoreError(f"descriptions: method {unknown[0]!r} is not one of {sorted(METHOD_RANK)}")
-    for column in ("detection_score", "fuzz_score"):
+    for column in ("detection_score", "fuzz_score", "embedding_score"):
         for value in table[column].to_pylist():
             if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise StoreError(f"descriptions: {column} {value!r} is not in [0, 1]")
@@ -196,9 +202,10 @@ def sync_features(
         by_feature.setdefault(row["feature"], []).append(row)
     if not by_feature:
         return SyncResult()
-    columns = ["feature", "description", "description_method", "description_model", "embedding_model"]
+    columns = ["feature", "description", "description_method", "description_model", "embedding_model",
+               *SCORE_COLUMNS]
     stored = {r["feature"]: r for r in _read(store, FEATURES_TABLE, coder_id, sorted(by_feature), columns)}
-    changes = []
+    changes, rescored = [], []
     for feature, rows in sorted(by_feature.items()):
         best = best_description(rows)
         now = stored.get(feature)
@@ -206,8 +213,12 @@ def sync_features(
             continue
         wanted = (best["description"], best["method"], best["explainer_model"], embedding_model)
         have = (now["description"], now["description_method"], now["description_model"], now["embedding_model"])
+        score = description_score(best)
         if wanted != have:
-            changes.append((feature, *wanted))
+            changes.append((feature, *wanted, *score))
+        elif score != (_as_float32(now["description_score"]), now["description_score_method"]):
+            rescored.append((feature, *score))  # same text, new score: no embedding needed
+    _write_scores(store, coder_id, rescored)
     if not changes:
         return SyncResult()
 
@@ -219,7 +230,7 @@ def sync_features(
                          f"features table's vector column holds {dim}")
     if not np.isfinite(vectors).all():
         raise StoreError(f"embedding model {embedding_model!r} returned non-finite values")
-    fields = [features_table.schema.field(n) for n in ("coder_id", "feature", *DESCRIPTION_COLUMNS)]
+    fields = [features_table.schema.field(n) for n in ("coder_id", "feature", *DESCRIPTION_COLUMNS, *SCORE_COLUMNS)]
     update = pa.table({
         "coder_id": [coder_id] * len(changes),
         "feature": [c[0] for c in changes],
@@ -228,11 +239,55 @@ def sync_features(
         "description_model": [c[3] for c in changes],
         "embedding_model": [c[4] for c in changes],
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        "description_score": [c[5] for c in changes],
+        "description_score_method": [c[6] for c in changes],
     }).cast(pa.schema(fields))
     # Matched rows only: a feature deleted meanwhile is not brought back; other columns untouched.
     with writing(f"the description columns of coder {coder_id!r}", store.uri):
         features_table.merge_insert(["coder_id", "feature"]).when_matched_update_all().execute(update)
     return SyncResult(updated=len(changes), embedded=len(changes), embed_seconds=seconds)
+
+
+def description_score(row: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """The score a feature row shows for its current description `row` (a descriptions row) and its
+    method: the embedding score, which every description gets offline (so features compare)."""
+    value = row.get("embedding_score")
+    return (None, None) if value is None else (_as_float32(value), EMBEDDING_SCORE_METHOD)
+
+
+def _as_float32(value: float | None) -> float | None:
+    """As the float32 column stores it (so a stored score compares equal to the one it came from)."""
+    return None if value is None else float(np.float32(value))
+
+
+def _write_scores(store: FeatureStore, coder_id: str, scores: list[tuple[int, float | None, str | None]]) -> None:
+    """Only the score columns of these feature rows (one merge_insert commit)."""
+    if not scores:
+        return
+    features_table = store.table(FEATURES_TABLE)
+    fields = [features_table.schema.field(n) for n in ("coder_id", "feature", *SCORE_COLUMNS)]
+    update = pa.table({
+        "coder_id": [coder_id] * len(scores), "feature": [s[0] for s in scores],
+        "description_score": [s[1] for s in scores], "description_score_method": [s[2] for s in scores],
+    }).cast(pa.schema(fields))
+    with writing(f"the description scores of coder {coder_id!r}", store.uri):
+        features_table.merge_insert(["coder_id", "feature"]).when_matched_update_all().execute(update)
+
+
+def set_embedding_scores(store: FeatureStore, coder_id: str, rows: list[dict]) -> None:
+    """Fill in the embedding score of stored descriptions rows (as read by current_descriptions, with
+    `embedding_score` and `embedding_score_details` set): one merge_insert commit matching each row
+    by (coder_id, feature, method, created_at). The one change ever made to a stored description
+    row: its text and provenance stay as written. Call sync_features after, for the feature rows."""
+    _require_writable(store)
+    if not rows:
+        return
+    table = _descriptions_table(store)
+    update = conform_table({name: [r.get(name) for r in rows] for name in descriptions_schema().names},
+                           descriptions_schema(), "descriptions")
+    check_descriptions(update, coder_id, coder_indexed_at(store, coder_id), {r["feature"] for r in rows})
+    with writing(f"description scores of coder {coder_id!r}", store.uri):
+        table.merge_insert(list(DESCRIPTION_ROW_KEY)).when_matched_update_all().execute(update)
 
 
 def _require_embedder(embedder: Embedder | None, embedding_model: str | None) -> None:

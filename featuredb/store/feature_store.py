@@ -38,6 +38,7 @@ from featuredb.store.examples import (CompactExamples, Vocabulary, compact, cont
                                       vocabulary_rows)
 from featuredb.store.failures import all_or_nothing, writing
 from featuredb.store.filters import Filter, column_ref, sql_literal
+from featuredb.store.scan import scan, scan_batches
 from featuredb.store.schema import (
     CODER_KINDS,
     DEFAULT_VECTOR_DIM,
@@ -502,8 +503,7 @@ class FeatureStore:
         condition = where.render(schema)
         own = [c for c in columns if c in schema.names and c != "values"]
         fetched = own + (["context_key", "positions", "values"] if needs_contexts(columns) else [])
-        query = table.search().select(list(dict.fromkeys(fetched))).limit(None)
-        for batch in (query.where(condition) if condition else query).to_batches(batch_size=batch_rows):
+        for batch in scan_batches(table, condition, list(dict.fromkeys(fetched)), batch_rows):
             rows = pa.Table.from_batches([batch])
             if not needs_contexts(columns):
                 yield rows.select(columns)
@@ -520,7 +520,7 @@ class FeatureStore:
         parts = []
         for start in range(0, len(keys), _CONTEXT_LOOKUP):
             where = Filter().isin("context_key", [int(k) for k in keys[start:start + _CONTEXT_LOOKUP]])
-            parts.append(table.search().where(where.render(self._schemas[CONTEXTS_TABLE])).limit(None).to_arrow())
+            parts.append(scan(table, where.render(self._schemas[CONTEXTS_TABLE])))
         return pa.concat_tables(parts)
 
     def _read(self, name: str, where: Filter, columns: list[str] | None, sort_by: list[str]) -> pl.DataFrame:
@@ -535,10 +535,7 @@ class FeatureStore:
         if table is None:
             return pl.from_arrow(schema.empty_table().select(selected))  # type: ignore[return-value]
         fetched = selected + [c for c in sort_by if c not in selected]
-        query = table.search().select(fetched).limit(None)  # search() alone would cap at 10 rows
-        if condition is not None:
-            query = query.where(condition)
-        frame = pl.from_arrow(query.to_arrow())
+        frame = pl.from_arrow(scan(table, condition, fetched))
         assert isinstance(frame, pl.DataFrame)
         if sort_by:
             frame = frame.sort(sort_by)

@@ -62,6 +62,10 @@ def _check_column_name(column: object) -> None:
 def _typed_literal(field: pa.Field, value: object) -> str:
     """`sql_literal(value)` after checking that value fits the column's type."""
     type_ = field.type
+    if type(value) is int and type_ in _INT_BITS:  # the common case (feature and context ids), without the ABC checks
+        if abs(value) > 2 ** (_INT_BITS[type_] - 1) - 1:
+            raise StoreError(f"value {value!r} is out of range for column {field.name!r} ({type_})")
+        return str(value)
     if pa.types.is_string(type_) or pa.types.is_large_string(type_):
         ok = isinstance(value, str)
     elif pa.types.is_boolean(type_):

@@ -30,7 +30,7 @@ from lancedb.index import FTS, BTree, Bitmap, IvfPq, IvfRq
 
 from featuredb.store import EXAMPLES_TABLE, FEATURES_TABLE, FeatureStore
 from featuredb.store.failures import writing
-from featuredb.store.schema import CONTEXTS_TABLE, is_decoders_table
+from featuredb.store.schema import CONTEXTS_TABLE, MAP_TABLE, is_decoders_table
 from featuredb.errors import one_line
 from featuredb.errors import QueryError
 
@@ -299,10 +299,28 @@ def _needs_optimize(table, cleanup_older_than: timedelta | None) -> bool:
 READER_GRACE = timedelta(minutes=10)
 
 
-def finalize(db: FeatureStore | str, cleanup_older_than: timedelta | None = READER_GRACE) -> dict[str, list[str]]:
+def finalize(db: FeatureStore | str, cleanup_older_than: timedelta | None = READER_GRACE, *,
+             feature_map: bool = False) -> dict[str, list[str]]:
     """After a run wrote coders (or descriptions): create missing indexes, fold new rows into the
-    rest, compact the files and remove table versions older than `cleanup_older_than`."""
-    return optimize(db, cleanup_older_than=cleanup_older_than)
+    rest, compact the files, remove table versions older than `cleanup_older_than`, then map the
+    features not on the map yet when feature_map=True and umap-learn is installed
+    (store/feature_map.py; off by default: UMAP's first call in a process compiles for minutes
+    whatever the size, so `featuredb map` and the demo ask for it). Returns {table: [what was built]}."""
+    from featuredb.store.feature_map import update_map, umap_available
+
+    built = optimize(db, cleanup_older_than=cleanup_older_than)  # first: a map that fails leaves the indexes built
+    if feature_map and umap_available():
+        groups = update_map(_writable(db)).groups
+        if groups:
+            built[MAP_TABLE] = [f"{g['features']:,} features of {g['space']} mapped in {g['seconds']:.0f}s"
+                                for g in groups]
+    return built
+
+
+def _writable(db: FeatureStore | str | Any) -> FeatureStore:
+    if isinstance(db, FeatureStore):
+        return db if not db.read_only else FeatureStore(db.uri)
+    return FeatureStore(str(db))
 
 
 def index_summary(db: FeatureStore | str) -> dict[str, list[dict]]:

@@ -146,6 +146,10 @@ def features_schema(vector_dim: int = DEFAULT_VECTOR_DIM, vector_type: pa.DataTy
             _optional("cooccurring_features", pa.list_(pa.int64())),
             _optional("cooccurring_counts", pa.list_(pa.int64())),
             _optional("cooccurring_jaccard", pa.list_(pa.float32())),
+            # The current description's score and the method that made it ("embedding": its
+            # embedding AUROC, describe/embedding_score.py); null when it has none.
+            _optional("description_score", pa.float32()),
+            _optional("description_score_method", pa.string()),
         ]
     )
 
@@ -242,6 +246,12 @@ def descriptions_schema() -> pa.Schema:
             # JSON: what an offline description rests on, or what an explainer's prompt was shown (the
             # supported claims with their shares of top and interval examples). Last: added in place.
             _optional("evidence", pa.string()),
+            # The offline embedding score (describe/embedding_score.py): AUROC of description-vs-context
+            # cosine separating activating from non-activating contexts, and its JSON details (method
+            # "embedding", version, embedding model, counts). Filled in by a describe run, also on rows
+            # written before it existed (the one change made to a stored row). Last: added in place.
+            _optional("embedding_score", pa.float32()),
+            _optional("embedding_score_details", pa.string()),
         ]
     )
 
@@ -261,6 +271,29 @@ def decoders_schema(dim: int, vector_type: pa.DataType = VECTOR_TYPE) -> pa.Sche
             *_feature_and_coder_columns(),
             _required("space", pa.string()),
             _required("vector", pa.list_(vector_type, int(dim))),
+        ]
+    )
+
+
+# 2-D map coordinates of features (store/feature_map.py): a small table of its own, so that a
+# recomputed map replaces a few columns of a few bytes a feature and never rewrites the features
+# table (its vectors and lists); a catalogue without it opens and serves as before.
+MAP_TABLE = "feature_map"
+
+
+def map_schema() -> pa.Schema:
+    """One row per mapped feature: its key, the group it was mapped in (model and decoder space),
+    its layer and density (copied, to colour by) and its coordinates."""
+    return pa.schema(
+        [
+            _required("coder_id", pa.string()),
+            _required("feature", pa.int64()),
+            _required("model", pa.string()),
+            _required("space", pa.string()),
+            _required("layer", pa.int32()),
+            _optional("density", pa.float32()),
+            _required("x", pa.float32()),
+            _required("y", pa.float32()),
         ]
     )
 
