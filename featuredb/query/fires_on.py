@@ -55,6 +55,17 @@ class FiresOn:
                 "features": self.features.to_dicts(), "per_token": self.per_token.to_dicts()}
 
 
+def text_token_ids(shared, text: str, name: str, too_long: type[QueryError] = QueryError) -> list[int]:
+    """The token ids of `text` for the model: QueryError when it has none, `too_long` when it has
+    more than MAX_TOKENS (one forward pass stays interactive)."""
+    token_ids = shared.token_ids(text)
+    if not token_ids:
+        raise QueryError(f"the {name} has no tokens")
+    if len(token_ids) > MAX_TOKENS:
+        raise too_long(f"the {name} is {len(token_ids):,} tokens long; at most {MAX_TOKENS:,}")
+    return token_ids
+
+
 def fires_on(reader: Reader, text: str, *, coders: list[str] | str | None = None, by: str = "max",
              positions: list[int] | None = None, max_density: float | None = None, limit: int = 20,
              per_token: int = 5, device: str | None = None, model: str | None = None) -> FiresOn:
@@ -65,11 +76,7 @@ def fires_on(reader: Reader, text: str, *, coders: list[str] | str | None = None
     reader.check_loadable(coders, explicit_model=model)
 
     shared = shared_model(reader, spec, device)
-    token_ids = shared.token_ids(text)
-    if not token_ids:
-        raise QueryError("the text has no tokens")
-    if len(token_ids) > MAX_TOKENS:
-        raise QueryError(f"the text is {len(token_ids):,} tokens long; at most {MAX_TOKENS:,}")
+    token_ids = text_token_ids(shared, text, "text")
     chosen = _positions(positions, len(token_ids))
     loaded = loaded_coders(reader, coders, shared.model)
     captured = capture(shared, [token_ids], loaded)[0]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from featuredb.errors import FeaturedbError, NotFound, QueryError, TooLarge, one_line
 from featuredb.query.builder import check_text
 from featuredb.query.feature_view import feature_index
-from featuredb.query.fires_on import MAX_TEXT_CHARS, MAX_TOKENS
+from featuredb.query.fires_on import MAX_TEXT_CHARS, text_token_ids
 from featuredb.query.model_run import chosen_coders, loaded_coders, model_spec, shared_model
 
 if TYPE_CHECKING:
@@ -142,11 +142,7 @@ def steer(reader: Reader, features: list, prompt: str, *, tokens: int = DEFAULT_
     reader.check_loadable(coders, explicit_model=model)
 
     shared = shared_model(reader, spec, device)
-    token_ids = shared.token_ids(prompt)
-    if not token_ids:
-        raise QueryError("the prompt has no tokens")
-    if len(token_ids) > MAX_TOKENS:
-        raise TooLarge(f"the prompt is {len(token_ids):,} tokens long; at most {MAX_TOKENS:,}")
+    token_ids = text_token_ids(shared, prompt, "prompt", too_long=TooLarge)
     loaded = {coder.coder_id: coder for coder in loaded_coders(reader, coders, shared.model)}
     additions, described = _additions(chosen, rows, loaded)
 
