@@ -225,20 +225,21 @@ class Reader:
         """Feature rows for (coder_id, feature) keys, one query per coder, in no particular order.
         A column an older catalogue's table lacks (e.g. description_score) comes back all null."""
         table = self.features_table()
-        absent = [c for c in columns if c not in self.features_schema().names]
-        if absent:
-            rows = self.feature_rows(keys, [c for c in columns if c not in absent])
-            return rows.with_columns(pl.lit(None).alias(c) for c in absent).select(columns)
+        stored = self.stored_columns(columns)
         by_coder: dict[str, list[int]] = {}
         for coder_id, feature in keys:
             by_coder.setdefault(coder_id, []).append(int(feature))
-        frames = []
-        for coder_id, features in by_coder.items():
-            where = Filter().eq("coder_id", coder_id).isin("feature", sorted(set(features))).render(table.schema)
-            frames.append(pl.from_arrow(scan(table, where, columns)))
-        if not frames:
-            return pl.from_arrow(table.schema.empty_table().select(columns))  # type: ignore[return-value]
-        return pl.concat(frames, how="vertical")  # type: ignore[arg-type]
+        frames = [pl.from_arrow(scan(table, Filter().eq("coder_id", coder_id).isin("feature", sorted(set(features)))
+                                     .render(table.schema), stored))
+                  for coder_id, features in by_coder.items()]
+        rows = pl.concat(frames, how="vertical") if frames else pl.from_arrow(table.schema.empty_table().select(stored))
+        return rows.with_columns(pl.lit(None).alias(c) for c in columns if c not in stored).select(columns)  # type: ignore[union-attr]
+
+    def stored_columns(self, columns: list[str]) -> list[str]:
+        """Those of `columns` the features table has (one written by an older featuredb lacks the
+        newer ones, e.g. description_score: readers give them as null)."""
+        names = set(self.features_schema().names)
+        return [c for c in columns if c in names]
 
     def stored_feature(self, coder_id: str, index: int) -> StoredFeature:
         """The features row, examples, descriptions and neighbours' descriptions of one feature

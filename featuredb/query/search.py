@@ -119,7 +119,7 @@ class SearchQuery(QueryBuilder):
             query = plan.apply(table.search(vector, vector_column_name="vector").distance_type("cosine"))
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
-            return query.select(fetched_columns(reader) + ["_distance"]).limit(limit)
+            return query.select(reader.stored_columns(FETCHED_COLUMNS) + ["_distance"]).limit(limit)
 
         frame = reader.with_coder_columns(_frame(self._filtered(build, k)))
         return _finish(frame.with_columns(score=(1.0 - pl.col("_distance").cast(pl.Float64))).drop("_distance"))
@@ -134,7 +134,7 @@ class SearchQuery(QueryBuilder):
             query = table.search(terms, query_type="fts", fts_columns="description")
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
-            return query.select(fetched_columns(self.reader) + ["_score"]).limit(limit)
+            return query.select(self.reader.stored_columns(FETCHED_COLUMNS) + ["_score"]).limit(limit)  # `_finish` nulls the rest
 
         frame = self.reader.with_coder_columns(_frame(self._filtered(build, k)))
         return _finish(frame.rename({"_score": "score"}).with_columns(pl.col("score").cast(pl.Float64)))
@@ -220,13 +220,6 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame
-
-
-def fetched_columns(reader) -> list[str]:
-    """FETCHED_COLUMNS that the catalogue's features table has (an older one lacks description_score;
-    `_finish` gives it as null)."""
-    names = reader.features_schema().names
-    return [c for c in FETCHED_COLUMNS if c in names]
 
 
 def _finish(frame: pl.DataFrame) -> pl.DataFrame:
