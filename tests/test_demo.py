@@ -9,7 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import featuredb
-from featuredb.demo.build import DemoConfig, collect_activations, plan_coders, run_demo
+from featuredb.demo.build import (INDEX_BATCH, DemoConfig, ReplayingModel, collect_activations, model_dtype, plan_coders,
+                                  run_demo)
+from featuredb.indexer.corpus import iter_windows
+from featuredb.indexer.run import IndexConfig, batches, run_index
 from featuredb.demo.subject import HUB_ID
 from featuredb.errors import ModelError
 from featuredb.runtime.coders import load_coder
@@ -92,6 +95,63 @@ def test_gemma_demo_fills_every_table(gemma_demo):
         assert (features["density"] > 0).sum() > len(features) // 2
         assert len(store.examples(plan.coder_id, kind="top")) > 0
         assert len(store.examples(plan.coder_id, kind="interval")) > 0
+
+
+@needs_gemma
+def test_replaying_model_answers_recorded_batches_and_runs_the_model_for_others(gemma_demo, gemma_model):
+    replaying = ReplayingModel.of(gemma_model)
+    hooks = ["model.layers.1.output", "model.layers.3.output"]
+    collect_activations(replaying, str(gemma_demo.corpus), hooks, 600, 64, progress=False)
+    assert len(replaying.recorded) >= 1
+
+    def first_batches(batch_size):
+        windows = iter_windows(str(gemma_demo.corpus), gemma_model.tokenizer, gemma_model.bos_token_id, 64)
+        return list(batches(windows, batch_size, 64, gemma_model.pad_token_id, 600, 0))
+
+    batch = first_batches(INDEX_BATCH)[0]
+    replayed = replaying.capture(batch.input_ids, batch.attention_mask, hooks[:1])
+    computed = gemma_model.capture(batch.input_ids, batch.attention_mask, hooks[:1])
+    assert replayed[hooks[0]] is replaying.recorded[next(iter(replaying.recorded))][hooks[0]]  # not recomputed
+    torch.testing.assert_close(replayed[hooks[0]], computed[hooks[0]], rtol=0, atol=0)
+    other = first_batches(3)[0]  # batched otherwise: never recorded, so the model runs
+    recorded = dict(replaying.recorded)
+    torch.testing.assert_close(replaying.capture(other.input_ids, other.attention_mask, hooks)[hooks[1]],
+                               gemma_model.capture(other.input_ids, other.attention_mask, hooks)[hooks[1]])
+    assert replaying.recorded == recorded
+    unasked = replaying.capture(batch.input_ids, batch.attention_mask, ["model.layers.2.output"])  # a hook not recorded
+    assert unasked["model.layers.2.output"].shape[:2] == batch.input_ids.shape
+
+
+@needs_gemma
+def test_an_index_replayed_from_the_collection_equals_one_that_runs_the_model(gemma_demo, tmp_path):
+    """The demo indexes with the forward passes it recorded while collecting training activations;
+    a plain `index` of the same coders, corpus and tokens computes them again: the same catalogue."""
+    plans = plan_coders(gemma_demo)
+    dtype = model_dtype(gemma_demo)
+    replaying = ReplayingModel.of(load_model(_demo_model(), dtype=dtype))
+    collect_activations(replaying, str(gemma_demo.corpus), list({h for p in plans for h in p.hooks_in}),
+                        gemma_demo.train_tokens, gemma_demo.context, progress=False)
+    for name, model in (("replayed", replaying), ("plain", None)):
+        run_index(IndexConfig(
+            model=_demo_model(), coders=[p.index_spec for p in plans], corpus=str(gemma_demo.corpus),
+            db=str(tmp_path / name), tokens=3000, context=gemma_demo.context, batch_size=INDEX_BATCH,
+            dtype=str(dtype).removeprefix("torch."), outlier_ratio=gemma_demo.outlier_ratio, progress=False),
+            model=model)
+    assert replaying.replayed == 1  # 3,000 tokens: one whole batch of 32 windows, then one cut short (computed)
+    replayed, plain = FeatureStore(str(tmp_path / "replayed")), FeatureStore(str(tmp_path / "plain"))
+    columns = ["feature", "active_count", "max_activation", "mean_activation", "top_tokens"]
+    top = ["feature", "rank", "max_value", "context_index"]
+    for plan in plans:
+        assert replayed.features(plan.coder_id, columns).sort("feature").equals(
+            plain.features(plan.coder_id, columns).sort("feature"))
+        assert replayed.examples(plan.coder_id, kind="top").select(top).sort(top).equals(
+            plain.examples(plan.coder_id, kind="top").select(top).sort(top))
+
+
+def _demo_model() -> str:
+    from featuredb.demo.subject import gemma3_270m_folder
+
+    return str(gemma3_270m_folder(progress=False))
 
 
 @needs_gemma

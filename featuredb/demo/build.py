@@ -24,7 +24,7 @@ import datetime as dt
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import click
@@ -202,11 +202,47 @@ def plan_coders(config: DemoConfig) -> list[CoderPlan]:
 # --- activations ------------------------------------------------------------------------------------
 
 
+@dataclass
+class ReplayingModel(SubjectModel):
+    """The subject model, answering `capture` for a batch it has seen from what it recorded then.
+
+    The demo trains its coders on the corpus stream's first tokens and then indexes the same
+    tokens, batched the same way (`INDEX_BATCH`), through the normal index path: the index's
+    forward passes are the collection's again, so they are replayed instead of recomputed (a third
+    of the index stage). A batch not recorded (another batching, a resumed index) runs the model."""
+
+    recorded: dict[bytes, dict[str, torch.Tensor]] = field(default_factory=dict)
+    replayed: int = 0  # batches answered from `recorded`
+
+    @classmethod
+    def of(cls, model: SubjectModel) -> "ReplayingModel":
+        return cls(**{f.name: getattr(model, f.name) for f in fields(SubjectModel)})
+
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hooks) -> dict[str, torch.Tensor]:
+        seen = self.recorded.get(_batch_key(input_ids, attention_mask), {})
+        if all(hook in seen for hook in hooks):
+            self.replayed += 1
+            return {hook: seen[hook] for hook in hooks}
+        return super().capture(input_ids, attention_mask, hooks)
+
+    def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
+        self.recorded[_batch_key(input_ids, attention_mask)] = acts
+
+
+def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
+    ids, mask = input_ids.cpu().numpy(), attention_mask.cpu().numpy()
+    return bytes(str(ids.shape), "ascii") + ids.astype("int64").tobytes() + mask.astype("int8").tobytes()
+
+
+INDEX_BATCH = 32  # windows per batch when the demo collects and when it indexes (see ReplayingModel)
+
+
 def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], tokens: int, context: int,
-                        batch_size: int = 32, dtype: torch.dtype = torch.float32,
+                        batch_size: int = INDEX_BATCH, dtype: torch.dtype = torch.float32,
                         progress: bool = True) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Activations [n, d] per hook for the first `tokens` counted tokens (BOS and padding left out),
-    and the token count at each window boundary (so held-out splits can fall between windows)."""
+    and the token count at each window boundary (so held-out splits can fall between windows).
+    A ReplayingModel also records each batch's activations as they came."""
     dims = model.hook_dims(hooks)
     room = tokens + batch_size * context
     out = {h: torch.empty(room, dims[h], dtype=dtype) for h in hooks}
@@ -218,6 +254,8 @@ def collect_activations(model: SubjectModel, corpus: str, hooks: list[str], toke
               disable=not progress) as bar:
         for batch in batches(windows, batch_size, context, model.pad_token_id, tokens, 0):
             acts = model.capture(batch.input_ids.to(model.device), batch.attention_mask.to(model.device), hooks)
+            if isinstance(model, ReplayingModel):
+                model.record(batch.input_ids, batch.attention_mask, acts)
             mask = batch.count_mask.to(model.device)
             m = int(mask.sum())
             for h in hooks:
@@ -416,8 +454,9 @@ def run_demo(config: DemoConfig) -> None:
 
     t = step(f"3/6 coders: {title}")
     reports_path = config.coders_dir / "training.json"
+    model = None  # kept for the index, which replays its recorded forward passes
     if todo:
-        model = load_model(weights, dtype=dtype)
+        model = ReplayingModel.of(load_model(weights, dtype=dtype))
         click.echo(f"  {spec.title} loaded ({model.dtype}); collecting {config.train_tokens + config.eval_tokens:,} "
                    f"tokens of activations ({config.eval_tokens:,} held out)")
         if spec.coder_format == "gemma-scope-2":
@@ -428,7 +467,6 @@ def run_demo(config: DemoConfig) -> None:
         new_ids = {r.get("coder_id", r.get("layer")) for r in reports}
         kept = [r for r in old if r.get("coder_id", r.get("layer")) not in new_ids]
         reports_path.write_text(json.dumps(kept + reports, indent=2))
-        del model
     else:
         click.echo(f"  cached: {config.coders_dir}")
     timings["train"] = time.perf_counter() - t
@@ -440,13 +478,14 @@ def run_demo(config: DemoConfig) -> None:
     else:
         result = run_index(IndexConfig(
             model=weights, coders=coder_specs, corpus=str(config.corpus), db=str(config.db), tokens=config.tokens,
-            context=config.context, batch_size=16, dtype=str(dtype).removeprefix("torch."), resume=True,
+            context=config.context, batch_size=INDEX_BATCH, dtype=str(dtype).removeprefix("torch."), resume=True,
             replace=True,  # the demo owns its catalogue: more --tokens re-index its own coders
             outlier_ratio=config.outlier_ratio,  # the tokens the coders were trained without
-            checkpoint_seconds=60, progress=config.progress))
+            checkpoint_seconds=60, progress=config.progress), model=model)
         click.echo(f"  indexed {result.tokens:,} tokens in {result.seconds:.0f}s "
                    f"({result.stream_seconds:.0f}s of it the model and statistics; loading, logit tables and writing "
                    f"the rest; features firing together: {result.cooccurrence_seconds:.0f}s)")
+    del model
     timings["index"] = time.perf_counter() - t
 
     t = step("5/6 describe: an offline description of every feature (what it fires on, in words), embedded with MiniLM")

@@ -136,12 +136,13 @@ def say_on_stderr(line: str) -> None:
 
 
 def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None,
-              notify: Callable[[str], None] = say_on_stderr) -> IndexResult:
+              notify: Callable[[str], None] = say_on_stderr, *, model: SubjectModel | None = None) -> IndexResult:
     """Index a corpus. `on_batch(n)` is called after each batch this process indexed (tests use it
-    to interrupt a run); `notify` gets what the run says before it starts (coders it replaces)."""
+    to interrupt a run); `notify` gets what the run says before it starts (coders it replaces);
+    `model` is config.model loaded already (the demo's, which has just trained the coders on it)."""
     new_dir = None if is_remote(config.db) or Path(config.db).expanduser().exists() else Path(config.db).expanduser()
     try:
-        return _run_index(replace(config, model=model_reference(config.model)), on_batch, notify)
+        return _run_index(replace(config, model=model_reference(config.model)), on_batch, notify, model)
     except BaseException:
         if new_dir is not None and new_dir.is_dir() and not any(new_dir.iterdir()):
             new_dir.rmdir()  # a run that failed before writing anything leaves no empty catalogue behind
@@ -149,7 +150,7 @@ def run_index(config: IndexConfig, on_batch: Callable[[int], None] | None = None
 
 
 def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None,
-               notify: Callable[[str], None]) -> IndexResult:
+               notify: Callable[[str], None], loaded: SubjectModel | None = None) -> IndexResult:
     start_time = time.perf_counter()
     check_config(config)
     shard = _shard(config)
@@ -164,7 +165,8 @@ def _run_index(config: IndexConfig, on_batch: Callable[[int], None] | None,
         if shard.is_writer and config.progress:  # the plan first, before anything loads
             for line in plan.lines():
                 notify(line)
-        model = load_model(config.model, device=device, dtype=DTYPES[config.dtype] if config.dtype else None)
+        model = loaded if loaded is not None and loaded.device == device else \
+            load_model(config.model, device=device, dtype=DTYPES[config.dtype] if config.dtype else None)
         check_context(model, config.context)
         if shard.is_writer:  # said once everything has loaded: the run starts now
             for note in notes:
