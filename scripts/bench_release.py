@@ -320,9 +320,11 @@ class RssSampler:
             best = rss
         return best
 
-    def peak(self, start: float, stop: float) -> int | None:
+    def peak(self, start: float, stop: float) -> int:
+        """The most of the samples taken from `start` to `stop`; for a phase shorter than the sampling
+        interval (a fast machine, tiny coders), the last sample before its end."""
         inside = [rss for when, rss in self.samples if start <= when <= stop]
-        return max(inside) if inside else None
+        return max(inside) if inside else self.at(stop)
 
 
 def release_memory(device: str | torch.device | None) -> None:

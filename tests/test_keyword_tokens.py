@@ -112,11 +112,20 @@ def test_an_old_default_index_is_rebuilt(tmp_path):
     path = tmp_path / "db"
     FeatureStore(path).write_coder(*_rows())
     run_describe(DescribeConfig(db=str(path), progress=False), embedder=fake_embed)
-    FeatureStore(path).table("features").create_index("description", config=FTS())  # LanceDB's defaults
-    old = featuredb.open(str(path))
-    assert old.keyword("not").to_polars().height == 0  # "not" is a stop word there
+    # LanceDB's defaults before 0.41: stemmed, stop words dropped (which words a stop list drops
+    # changes between versions, so the options recorded with the index are what is checked)
+    features = FeatureStore(path).table("features")
+    features.create_index("description", config=FTS(stem=True, remove_stop_words=True))
+
+    def options() -> dict:
+        details = next(c.index_details for c in features.list_indices() if list(c.columns) == ["description"])
+        return {k: details.get(k) for k in FTS_OPTIONS}
+
+    assert options() != FTS_OPTIONS
     created = create_indexes(str(path))
     assert "description_idx" in created["features"]
+    features.checkout_latest()
+    assert options() == FTS_OPTIONS
     assert top_feature(featuredb.open(str(path)), "not") == 0
 
 
