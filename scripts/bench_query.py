@@ -181,6 +181,9 @@ class Synth:
             "description_model": pa.array([None] * m, pa.string()),
             "embedding_model": pa.array(np.full(m, "sentence-transformers/all-MiniLM-L6-v2", dtype=object), pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), DIM),
+            # every description is scored (issue 24): around the demo's distribution (median 0.6)
+            "description_score": pa.array(rng.beta(6, 4, m)),
+            "description_score_method": pa.array(np.full(m, "embedding", dtype=object), pa.string()),
             "layer_write": pa.nulls(m, pa.list_(pa.float32())),
             **{c: pa.nulls(m, features_schema(DIM).field(c).type) for c in COOCCURRENCE_COLUMNS},
         }, schema=features_schema(DIM))
