@@ -121,6 +121,16 @@ def test_replaying_model_answers_recorded_batches_and_runs_the_model_for_others(
     unasked = replaying.capture(batch.input_ids, batch.attention_mask, ["model.layers.2.output"])  # a hook not recorded
     assert unasked["model.layers.2.output"].shape[:2] == batch.input_ids.shape
 
+    narrow = ReplayingModel.of(gemma_model)
+    narrow.keep = frozenset(hooks[:1])  # what the index will read
+    collect_activations(narrow, str(gemma_demo.corpus), hooks, 3000, 64, progress=False)  # two batches
+    assert len(narrow.recorded) == 2 and all(set(acts) == {hooks[0]} for acts in narrow.recorded.values())
+    first = next(iter(narrow.recorded.values()))[hooks[0]]
+    bounded = ReplayingModel.of(gemma_model, budget_bytes=first.numel() * first.element_size())
+    bounded.keep = narrow.keep
+    collect_activations(bounded, str(gemma_demo.corpus), hooks, 3000, 64, progress=False)
+    assert len(bounded.recorded) == 1 and bounded.recorded_bytes <= bounded.budget_bytes  # the rest is computed
+
 
 @needs_gemma
 def test_an_index_replayed_from_the_collection_equals_one_that_runs_the_model(gemma_demo, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -211,12 +212,18 @@ class ReplayingModel(SubjectModel):
     forward passes are the collection's again, so they are replayed instead of recomputed (a third
     of the index stage). A batch not recorded (another batching, a resumed index) runs the model."""
 
+    keep: frozenset[str] | None = None  # the hooks worth recording (what the index reads); None: all
+    budget_bytes: int = 1 << 62  # record no more than this (later batches are computed again)
     recorded: dict[bytes, dict[str, torch.Tensor]] = field(default_factory=dict)
+    recorded_bytes: int = 0
     replayed: int = 0  # batches answered from `recorded`
 
     @classmethod
-    def of(cls, model: SubjectModel) -> "ReplayingModel":
-        return cls(**{f.name: getattr(model, f.name) for f in fields(SubjectModel)})
+    def of(cls, model: SubjectModel, budget_bytes: int | None = None) -> "ReplayingModel":
+        """`model` replaying what it records, within `budget_bytes` (default: a quarter of the
+        memory available now: ~0.7 GB for the default demo, more with --clt's 18 sites)."""
+        budget = _available_memory() // 4 if budget_bytes is None else budget_bytes
+        return cls(**{f.name: getattr(model, f.name) for f in fields(SubjectModel)}, budget_bytes=budget)
 
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hooks) -> dict[str, torch.Tensor]:
         seen = self.recorded.get(_batch_key(input_ids, attention_mask), {})
@@ -226,7 +233,18 @@ class ReplayingModel(SubjectModel):
         return super().capture(input_ids, attention_mask, hooks)
 
     def record(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
-        self.recorded[_batch_key(input_ids, attention_mask)] = acts
+        kept = {hook: a for hook, a in acts.items() if self.keep is None or hook in self.keep}
+        size = sum(a.numel() * a.element_size() for a in kept.values())
+        if kept and self.recorded_bytes + size <= self.budget_bytes:
+            self.recorded[_batch_key(input_ids, attention_mask)] = kept
+            self.recorded_bytes += size
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: assume little
+        return 4 << 30
 
 
 def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bytes:
@@ -288,6 +306,8 @@ def step(title: str):
 def train_gemma_scope_coders(config: DemoConfig, model: SubjectModel, plans: list[CoderPlan]) -> list[dict]:
     """Collect the activations every plan needs in one pass, then train, evaluate and save each coder."""
     hooks = list(dict.fromkeys(h for p in plans for h in p.hooks_in + p.hooks_out))
+    if isinstance(model, ReplayingModel):  # the index encodes from the input sites only
+        model.keep = frozenset(h for p in plans for h in p.hooks_in)
     started = time.perf_counter()
     # bfloat16 storage: the model runs in bf16 already, and it halves the memory
     acts, _ = collect_activations(model, str(config.corpus), hooks, config.train_tokens + config.eval_tokens,
