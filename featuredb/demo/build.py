@@ -209,8 +209,8 @@ class ReplayingModel(SubjectModel):
 
     The demo trains its coders on the corpus stream's first tokens and then indexes the same
     tokens, batched the same way (`INDEX_BATCH`), through the normal index path: the index's
-    forward passes are the collection's again, so they are replayed instead of recomputed (a third
-    of the index stage). A batch not recorded (another batching, a resumed index) runs the model."""
+    forward passes are the collection's again, so they are replayed instead of recomputed (half of
+    the index stage's time). A batch not recorded (another batching, a resumed index) runs the model."""
 
     keep: frozenset[str] | None = None  # the hooks worth recording (what the index reads); None: all
     budget_bytes: int = 1 << 62  # record no more than this (later batches are computed again)
