@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +40,7 @@ class Context:
     kind: str = "top"  # "top", "interval" or "none" (non-activating)
     rank: int = 0
 
-    @property
+    @cached_property  # asked for again and again while labelling and scoring; values never change
     def max_value(self) -> float:
         return max(self.values, default=0.0)
 
