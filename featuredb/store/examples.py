@@ -298,12 +298,15 @@ def context_strings(contexts: pa.Table, context_row: pa.Array, token_ids: pa.Lis
     own = contexts["tokens"].combine_chunks().take(context_row)
     models = contexts["model"].combine_chunks().take(context_row)
     offsets, flat_ids = _flat(token_ids, np.int64)
-    flat_models = np.repeat(np.asarray(models.to_pylist(), dtype=object), np.diff(offsets))
     flat = pa.nulls(len(flat_ids), pa.string())
     for model, vocabulary in vocabularies.items():
-        mine = flat_models == model
-        if mine.any():
-            flat = pc.if_else(pa.array(mine), vocabulary.take(flat_ids), flat)
+        # which rows are this model's, compared once a row (not once a token: a Python string
+        # comparison per token was most of the time), then spread over each row's tokens
+        mine_rows = pc.fill_null(pc.equal(models, model), False).to_numpy(zero_copy_only=False)
+        if mine_rows.all():
+            flat = vocabulary.take(flat_ids)
+        elif mine_rows.any():
+            flat = pc.if_else(pa.array(np.repeat(mine_rows, np.diff(offsets))), vocabulary.take(flat_ids), flat)
     from_vocabulary = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
     return pc.if_else(own.is_valid(), own, from_vocabulary)
 
