@@ -315,6 +315,17 @@ def test_import_of_neuronpedia_rows_is_searchable(neuronpedia_export, tmp_path):
     assert (descriptions[1]["explainer_source"], descriptions[1]["prompt_version"]) == ("neuronpedia", "oai_token-act-pair")
 
 
+def test_describing_an_import_reads_each_example_with_its_own_tokens(neuronpedia_export, tmp_path):
+    """Imported contexts all have context_index -1: evidence must not take one for another."""
+    from featuredb.describe.evidence import load_evidence
+
+    db = tmp_path / "db"
+    import_neuronpedia(neuronpedia_export, db)
+    ev = load_evidence(FeatureStore(db, read_only=True), f"{NP_MODEL}/{NP_SOURCE}", [1], top_k=2)[1]
+    assert [c.tokens for c in ev.top] == [("Lyon", " and", " Paris"), ("I", " love", " Paris")]  # BOS dropped
+    assert [c.tokens for c in ev.interval] == [(" Paris", " is")]
+
+
 def test_neuronpedia_import_exports_back_with_their_type_names(neuronpedia_export, tmp_path):
     import_neuronpedia(neuronpedia_export, tmp_path / "db")
     export_neuronpedia(tmp_path / "db", tmp_path / "out")

@@ -116,17 +116,20 @@ def load_evidence(store: FeatureStore, coder_id: str, features: list[int], top_k
     examples = store.read_examples(where, _EXAMPLE_COLUMNS)
     # Python objects once per context, not once per example (the coders of a run share their
     # contexts: 852 contexts behind 700k examples on the demo), and the values through numpy.
+    # An indexed context has its stream index; an imported one has -1 and its own tokens.
     context_of = examples["context_index"].to_numpy()
     contexts, first = np.unique(context_of, return_index=True)
-    tokens_of = dict(zip(contexts.tolist(), map(tuple, examples["tokens"].take(pa.array(first)).to_pylist())))
+    tokens_of = {c: tuple(t) for c, t in zip(contexts.tolist(), examples["tokens"].take(pa.array(first)).to_pylist())
+                 if c >= 0}
     values = examples["values"].combine_chunks()
     offsets, flat_values = values.offsets.to_numpy(), values.values.to_numpy(zero_copy_only=False)
     columns = ["feature", "kind", "rank", "bin_min", "max_position", "context_index"]
     for i, r in enumerate(examples.select(columns).to_pylist()):
         if r["feature"] not in evidence:
             continue
+        tokens = tokens_of.get(r["context_index"]) or tuple(examples["tokens"][i].as_py())
         tokens, values, max_position = _strip_bos(
-            tokens_of[r["context_index"]], flat_values[offsets[i]:offsets[i + 1]].tolist(), r["max_position"])
+            tokens, flat_values[offsets[i]:offsets[i + 1]].tolist(), r["max_position"])
         ctx = Context(tokens, values, max_position, r["context_index"], r["kind"], r["rank"])
         if r["kind"] == "top":
             top[r["feature"]].append(ctx)
