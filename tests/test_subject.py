@@ -121,6 +121,27 @@ def test_converted_folder_loads_with_identical_activations(tiny_gguf, converted)
     assert not list(converted.parent.glob(".partial-*"))
 
 
+def test_the_shared_reader_reads_what_gguf_reads(tiny_gguf):
+    """Inside a load, GGUFReader is one reader per path slicing a plain array of the mapped file:
+    the same fields (every part) and tensors as gguf's own reader."""
+    import gguf
+
+    from featuredb.runtime.model import _gguf_parsed_once
+
+    plain = gguf.GGUFReader(tiny_gguf)
+    with _gguf_parsed_once():
+        shared = gguf.GGUFReader(tiny_gguf)
+        assert gguf.GGUFReader(str(tiny_gguf)) is shared
+    assert gguf.GGUFReader is not type(shared) and not isinstance(shared.data, np.memmap)
+    assert list(shared.fields) == list(plain.fields)
+    for name, field in plain.fields.items():
+        other = shared.fields[name]
+        assert (other.data, other.types, other.offset) == (field.data, field.types, field.offset)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(other.parts, field.parts))
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in shared.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in plain.tensors]
+
+
 def test_a_converted_folder_is_reused_without_loading_anything(tiny_gguf, converted, monkeypatch):
     def no_load(*_args, **_kwargs):
         raise AssertionError("the cached folder should have been reused")

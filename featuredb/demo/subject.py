@@ -60,7 +60,7 @@ def gemma3_270m_folder(cache_dir: str | Path | None = None, *, progress: bool = 
     try:
         _assemble_gguf(gguf)
         if progress:
-            click.echo(f"  Gemma 3 270M: converting its GGUF once into {folder}; reading the GGUF takes 75-95 s "
+            click.echo(f"  Gemma 3 270M: converting its GGUF once into {folder}; reading the GGUF takes 20-60 s "
                        "on a 2-core CPU, loading the folder later a few seconds")
         return gguf_to_folder(gguf, folder, progress=progress)
     finally:
