@@ -491,6 +491,10 @@ def run_demo(config: DemoConfig) -> None:
         click.echo(f"  cached: {config.coders_dir}")
     timings["train"] = time.perf_counter() - t
 
+    from featuredb.store.feature_map import compile_umap_in_background
+
+    # the index and the labels leave a core idle at times: the map's compilation runs there
+    umap_compiling = compile_umap_in_background()
     t = step(f"4/6 index: {config.tokens:,} tokens through the model and {len(coder_specs)} coders")
     indexed = _indexed_ids(config.db)
     if all(indexed.get(coder_id, 0) >= config.tokens for coder_id in coder_ids):
@@ -520,6 +524,8 @@ def run_demo(config: DemoConfig) -> None:
     from featuredb.store.feature_map import umap_available, update_map
     from featuredb.store.indexes import finalize
 
+    if umap_compiling is not None:
+        umap_compiling.wait()
     if umap_available():  # finalize maps too; done first here to time it on its own
         mapped = update_map(FeatureStore(str(config.db)))
         if mapped.groups:

@@ -133,6 +133,7 @@ class WindowEmbeddings:
         if len(self.rows) + len(missing) > self.max_cached:
             self.rows, self.vectors = {}, self.vectors[:0]  # start again: memory stays bounded
             missing = list(dict.fromkeys(texts))
+        missing.sort(key=len)  # batches of like length pad little (the embedder sorts within a call only)
         new = [np.asarray(self.embedder(missing[i:i + self.batch_size], self.model), dtype=np.float32)
                for i in range(0, len(missing), self.batch_size)]
         block = np.concatenate(new).astype(np.float16)

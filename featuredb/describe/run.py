@@ -25,7 +25,8 @@ from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL
 from featuredb.store import FeatureStore
 from featuredb.describe.evidence import FeatureEvidence, NegativePool, corpus_tokens, load_evidence
 from featuredb.describe.explainers import TOKENS_METHOD, TOKENS_VERSION, ChatExplainer, tokens_label
-from featuredb.describe.words import WORDS_METHOD, WORDS_VERSION, analyse, evidence_record, supported, words_label
+from featuredb.describe.words import (WORDS_METHOD, WORDS_VERSION, analyse, evidence_record, forget_peak_facts,
+                                     supported, words_label)
 from featuredb.describe.llm_client import (
     ChatBackend,
     LLMError,
@@ -213,6 +214,7 @@ def _describe(store: FeatureStore, coders: list[str], config: DescribeConfig, ba
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
+        forget_peak_facts()
         if embed_scorer is not None:
             result.embedding_scored, result.score_seconds = embed_scorer.scored, embed_scorer.seconds
             result.windows_embedded = embed_scorer.windows.embedded

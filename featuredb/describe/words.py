@@ -25,12 +25,14 @@ shares for the LLM prompt and for the record kept with each description.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 
 from featuredb.describe.evidence import Context, FeatureEvidence
 from featuredb.describe.token_classes import (
@@ -342,11 +344,20 @@ def _named(token: str) -> str:
     return show_token(token)
 
 
-def facts_of(ctx: Context) -> dict[str, _Fact]:
-    """What is true of one example's peak token (keyed so examples can be counted together)."""
-    tokens, p = ctx.tokens, ctx.max_position
+def facts_of(ctx: Context) -> Mapping[str, _Fact]:
+    """What is true of one example's peak token (keyed so examples can be counted together).
+    Read-only: one mapping per distinct (context, peak), shared by every example that has it."""
+    return _peak_facts(ctx.tokens, ctx.max_position)
+
+
+# The facts depend on the window and the peak only, and features of a catalogue peak at the same
+# places again and again (the demo's first 1,024 features of each coder: 219k examples, 68k
+# distinct peaks). Keyed by the token tuple, which evidence shares per indexed context, so a hit
+# compares by identity. At most 65k peaks (~100 MB); a describe run empties it when it ends.
+@functools.lru_cache(maxsize=1 << 16)
+def _peak_facts(tokens: tuple[str, ...], p: int) -> Mapping[str, _Fact]:
     if not tokens or not 0 <= p < len(tokens):
-        return {}
+        return MappingProxyType({})
     token = tokens[p]
     before_line, _, after_line = line_of(tokens, p)
     after_text = "".join(tokens[p + 1:])
@@ -373,7 +384,12 @@ def facts_of(ctx: Context) -> dict[str, _Fact]:
         if where_from:
             facts.update(_class_facts([where_from]))
     facts.update(_where_facts(tokens, p, code, before_line, after_line, after_text))
-    return facts
+    return MappingProxyType(facts)
+
+
+def forget_peak_facts() -> None:
+    """Empty the cache of facts_of (a describe run calls it when it ends)."""
+    _peak_facts.cache_clear()
 
 
 # --- counting claims over examples ----------------------------------------------------------------

@@ -128,6 +128,20 @@ def umap_available() -> bool:
     return importlib.util.find_spec("umap") is not None
 
 
+def compile_umap_in_background():
+    """Start importing umap-learn in a low-priority process of its own and return it (None where
+    umap-learn is not installed). Its import compiles pynndescent's numba functions (~15 s of one
+    core on a fresh install) into numba's on-disk cache, so a job that maps later, after stages
+    that leave a core idle, imports it from the cache instead. Wait for it before importing."""
+    if not umap_available():
+        return None
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import os; os.nice(10); import umap"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def update_map(store: FeatureStore, config: MapConfig = MapConfig(), *, force: bool = False) -> MapResult:
     """Map the groups that are not mapped yet (force=True: every group) and drop the map rows of
     groups that no longer exist."""
