@@ -20,6 +20,7 @@ import pyarrow as pa
 from featuredb.errors import QueryError
 from featuredb.query.builder import QueryBuilder
 from featuredb.store.indexes import keyword_terms
+from featuredb.store.scan import text_search
 
 # Columns of every search result row (score is added). description_score: the current description's
 # own score (its embedding AUROC; null when unscored, and in catalogues written before scores existed).
@@ -115,13 +116,13 @@ class SearchQuery(QueryBuilder):
         plan = reader.vector_plan(self.conditions, self.probes, self.refine, self.exact_search)
         table = reader.features_table()
 
-        def build(limit: int, prefilter: bool):
+        def run(limit: int, prefilter: bool) -> pa.Table:
             query = plan.apply(table.search(vector, vector_column_name="vector").distance_type("cosine"))
             if condition is not None:
                 query = query.where(condition, prefilter=prefilter)
-            return query.select(reader.stored_columns(FETCHED_COLUMNS) + ["_distance"]).limit(limit)
+            return query.select(reader.stored_columns(FETCHED_COLUMNS) + ["_distance"]).limit(limit).to_arrow()
 
-        frame = reader.with_coder_columns(_frame(self._filtered(build, k)))
+        frame = reader.with_coder_columns(_frame(self._filtered(run, k)))
         return _finish(frame.with_columns(score=(1.0 - pl.col("_distance").cast(pl.Float64))).drop("_distance"))
 
     def _keyword_leg(self, condition: str | None, k: int) -> pl.DataFrame:
@@ -130,16 +131,14 @@ class SearchQuery(QueryBuilder):
         if not terms.strip():
             return empty_results()
 
-        def build(limit: int, prefilter: bool):
-            query = table.search(terms, query_type="fts", fts_columns="description")
-            if condition is not None:
-                query = query.where(condition, prefilter=prefilter)
-            return query.select(self.reader.stored_columns(FETCHED_COLUMNS) + ["_score"]).limit(limit)  # `_finish` nulls the rest
+        def run(limit: int, prefilter: bool) -> pa.Table:
+            columns = self.reader.stored_columns(FETCHED_COLUMNS) + ["_score"]  # `_finish` nulls the rest
+            return text_search(table, terms, "description", condition, columns, limit, prefilter)
 
-        frame = self.reader.with_coder_columns(_frame(self._filtered(build, k)))
+        frame = self.reader.with_coder_columns(_frame(self._filtered(run, k)))
         return _finish(frame.rename({"_score": "score"}).with_columns(pl.col("score").cast(pl.Float64)))
 
-    def _filtered(self, build, k: int) -> pa.Table:
+    def _filtered(self, run, k: int) -> pa.Table:
         """Run a search whose filter is evaluated inside the index (prefilter).
 
         One exception, for speed with the same answer: a filter made only of ranges
@@ -149,10 +148,10 @@ class SearchQuery(QueryBuilder):
         passing rows (every passing row further down ranks lower). Otherwise the search runs
         again with the prefilter."""
         if self.conditions.ranges and not self.conditions.eq:
-            first = build(OVERFETCH * k, False).to_arrow()
+            first = run(OVERFETCH * k, False)
             if first.num_rows >= k:
                 return first.slice(0, k)
-        return build(k, True).to_arrow()
+        return run(k, True)
 
     def _hybrid(self, condition: str | None, k: int) -> pl.DataFrame:
         depth = max(2 * k, 20)  # each leg returns more than asked, so fusion has room

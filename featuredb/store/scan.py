@@ -47,6 +47,27 @@ def scan(table: Any, where: str | None = None, columns: list[str] | None = None,
     return LOOP.run(_async_query(table, where, columns, limit).to_arrow())
 
 
+def text_search(table: Any, text: str, column: str, where: str | None = None, columns: list[str] | None = None,
+                limit: int = 10, prefilter: bool = True) -> pa.Table:
+    """The `limit` rows of `table` whose `column` best matches `text` by BM25 (its full-text index),
+    best first, with `columns` and `_score`; `where` (rendered by store.filters) filters before the
+    search, or after it with prefilter=False. The synchronous builder also looks for a legacy
+    Tantivy index on every query (a file system or object store round trip)."""
+    if not _has_async(table):
+        query = table.search(text, query_type="fts", fts_columns=column)
+        if where:
+            query = query.where(where, prefilter=prefilter)
+        return (query.select(list(columns)) if columns is not None else query).limit(limit).to_arrow()
+    query = getattr(table, "_table").query().nearest_to_text(text, columns=column)
+    if where:
+        query = query.where(where)
+        if not prefilter:
+            query = query.postfilter()
+    if columns is not None:
+        query = query.select(list(columns))
+    return LOOP.run(query.limit(limit).to_arrow())
+
+
 def scan_batches(table: Any, where: str | None = None, columns: list[str] | None = None,
                  batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
     """`scan` in record batches of at most `batch_rows` (memory bounded by a batch)."""
@@ -62,4 +83,4 @@ def scan_batches(table: Any, where: str | None = None, columns: list[str] | None
         yield batch
 
 
-__all__ = ["scan", "scan_batches"]
+__all__ = ["scan", "scan_batches", "text_search"]
