@@ -1,4 +1,4 @@
-"""Filtered reads of a LanceDB table without the per-query schema round trips.
+"""Filtered reads and full-text searches of a LanceDB table without the per-query round trips.
 
 LanceDB's synchronous query builder asks the table for its schema twice for every query (to see
 whether blob columns need row ids), and each ask is a hop to LanceDB's event-loop thread: 5-13 ms
