@@ -10,7 +10,7 @@ time only; loading the model is not counted).
 
 With --db: describes a copy of that catalogue (its descriptions removed first; the catalogue itself
 is never written) with `words` labels and embeddings. --compare describes two copies in this one
-process, first by the path before issue 24 (every label analysed twice, embedded in float32 by
+process, first by the path before issue 24 (every label analysed twice, no cache of a peak's facts, embedded in float32 by
 sentence-transformers in batches of 128, duplicates included) then by today's, checks that the
 labels are identical, and prints features/s of each with the quality guard (cosine of the stored
 vectors, top-5 neighbours). Then the embeddings/s of a sample of the labels in each precision
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import featuredb.describe.run as describe_run
+import featuredb.describe.words as words
 from featuredb.describe.explainers import TOKENS_METHOD, tokens_label
 from featuredb.describe.words import evidence_record, words_label
 from featuredb.runtime.embedding import DEFAULT_EMBEDDING_MODEL, embed, embedding_device, load_embedder
@@ -116,12 +117,13 @@ def describe_copy(path: Path, limit: int | None, old: bool, embedding_model: str
         config["embedding_score"] = False  # item 1 measures labels + their embeddings only
     if not old:
         return run_describe(DescribeConfig(**config))
-    current = describe_run.offline_label
+    current, cached_facts = describe_run.offline_label, words._peak_facts
     describe_run.offline_label = old_offline_label
+    words._peak_facts = getattr(cached_facts, "__wrapped__", cached_facts)  # no facts cache before issue 24
     try:
         return run_describe(DescribeConfig(**config), embedder=float32_embedder)
     finally:
-        describe_run.offline_label = current
+        describe_run.offline_label, words._peak_facts = current, cached_facts
 
 
 def described(path: Path) -> dict[tuple[str, int], tuple[str, np.ndarray]]:
