@@ -188,13 +188,17 @@ class Reader:
             self.coder_table(refresh=True)
             coders = self._coder_rows()
             frame = frame.filter(pl.col("coder_id").is_in(list(coders)))
-        ids, features = frame["coder_id"].to_numpy(), frame["feature"].to_numpy()
-        layers, sites = np.zeros(frame.height, dtype=np.int32), np.empty(frame.height, dtype=object)
-        for coder_id in set(ids.tolist()):
-            rows = ids == coder_id
-            layers[rows] = slot_of_features(coders[coder_id], features[rows])[0]
-            sites[rows] = coders[coder_id]["site"]
-        return frame.with_columns(layer=pl.Series(layers, dtype=pl.Int32), site=pl.Series(sites.tolist(), dtype=pl.String))
+        ids = frame["coder_id"].to_list()
+        # a dict lookup per row; only a multi-layer coder's rows need their slot worked out
+        layers = np.asarray([0 if coders[c].get("layers") else coders[c]["layer"] for c in ids], dtype=np.int32)
+        multi = {c for c in ids if coders[c].get("layers")}
+        if multi:
+            id_array, features = np.asarray(ids, dtype=object), frame["feature"].to_numpy()
+            for coder_id in multi:
+                rows = id_array == coder_id
+                layers[rows] = slot_of_features(coders[coder_id], features[rows])[0]
+        return frame.with_columns(layer=pl.Series(layers, dtype=pl.Int32),
+                                  site=pl.Series([coders[c]["site"] for c in ids], dtype=pl.String))
 
     # --- tables -------------------------------------------------------------------------------
 
