@@ -118,13 +118,14 @@ def describe_copy(path: Path, limit: int | None, old: bool, embedding_model: str
         config["embedding_score"] = False  # item 1 measures labels + their embeddings only
     if not old:
         return run_describe(DescribeConfig(**config))
-    current, cached_facts = describe_run.offline_label, words._peak_facts
+    current, cached_facts, forget = describe_run.offline_label, words._peak_facts, describe_run.forget_peak_facts
     describe_run.offline_label = old_offline_label
     words._peak_facts = getattr(cached_facts, "__wrapped__", cached_facts)  # no facts cache before issue 24
+    describe_run.forget_peak_facts = lambda: None
     try:
         return run_describe(DescribeConfig(**config), embedder=float32_embedder)
     finally:
-        describe_run.offline_label, words._peak_facts = current, cached_facts
+        describe_run.offline_label, words._peak_facts, describe_run.forget_peak_facts = current, cached_facts, forget
 
 
 def described(path: Path) -> dict[tuple[str, int], tuple[str, np.ndarray]]:
