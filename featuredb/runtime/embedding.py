@@ -25,7 +25,7 @@ DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 PRECISION_ENV = "FEATUREDB_EMBEDDING_PRECISION"  # overrides "auto" (e.g. float32 to compare)
 # Texts per forward pass. Sorted by length, a batch pads little; a GPU wants large ones.
-CPU_BATCH_SIZE = 64
+CPU_BATCH_SIZE = 32  # 1.05-1.15x the texts/s of 64 on 2 cores, bf16 and float32 (docs/benchmarks.md)
 GPU_BATCH_SIZE = 512
 
 
