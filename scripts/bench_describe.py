@@ -12,10 +12,9 @@ With --db: describes a copy of that catalogue (its descriptions removed first; t
 is never written) with `words` labels and embeddings. --compare describes two copies in this one
 process, first by the path before issue 24 (every label analysed twice, no cache of a peak's facts,
 embedded in float32 by sentence-transformers in batches of 128, duplicates included) then by
-today's, checks that the
-labels are identical, and prints features/s of each with the quality guard (cosine of the stored
-vectors, top-5 neighbours). Then the embeddings/s of a sample of the labels in each precision
-(--precisions) against float32, with the same guard.
+today's, checks that the labels are identical, and prints features/s of each with the quality
+guard (cosine of the stored vectors, top-5 neighbours). Then the embeddings/s of a sample of the
+labels in each precision (--precisions) against float32, with the same guard.
 """
 
 from __future__ import annotations
