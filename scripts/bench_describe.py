@@ -117,14 +117,14 @@ def describe_copy(path: Path, limit: int | None, old: bool, embedding_model: str
         config["embedding_score"] = False  # item 1 measures labels + their embeddings only
     if not old:
         return run_describe(DescribeConfig(**config))
-    current, cached_facts, forget = describe_run.offline_label, words._peak_facts, describe_run.forget_peak_facts
+    current, cached_facts_of = describe_run.offline_label, words.facts_of
     describe_run.offline_label = old_offline_label
-    words._peak_facts = getattr(cached_facts, "__wrapped__", cached_facts)  # no facts cache before issue 24
-    describe_run.forget_peak_facts = lambda: None
+    uncached = getattr(words._peak_facts, "__wrapped__", words._peak_facts)  # no facts cache before issue 24
+    words.facts_of = lambda ctx: uncached(ctx.tokens, ctx.max_position)
     try:
         return run_describe(DescribeConfig(**config), embedder=float32_embedder)
     finally:
-        describe_run.offline_label, words._peak_facts, describe_run.forget_peak_facts = current, cached_facts, forget
+        describe_run.offline_label, words.facts_of = current, cached_facts_of
 
 
 def described(path: Path) -> dict[tuple[str, int], tuple[str, np.ndarray]]:

@@ -190,8 +190,8 @@ class Reader:
             frame = frame.filter(pl.col("coder_id").is_in(list(coders)))
         ids = frame["coder_id"].to_list()
         # a dict lookup per row; only a multi-layer coder's rows need their slot worked out
-        layers = np.asarray([0 if coders[c].get("layers") else coders[c]["layer"] for c in ids], dtype=np.int32)
-        multi = {c for c in ids if coders[c].get("layers")}
+        multi = {c for c in set(ids) if coders[c].get("layers")}
+        layers = np.asarray([0 if c in multi else coders[c]["layer"] for c in ids], dtype=np.int32)
         if multi:
             id_array, features = np.asarray(ids, dtype=object), frame["feature"].to_numpy()
             for coder_id in multi:
